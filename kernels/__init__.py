@@ -1,0 +1,1 @@
+"""Triton kernels, installed as sparsemem.kernels; imported lazily by the triton backend."""

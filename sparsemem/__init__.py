@@ -1,0 +1,12 @@
+"""sparsemem: fast, exact external memories (NTM, DNC, SAM, SDNC) for PyTorch."""
+
+from sparsemem import _backends, ops, reference
+from sparsemem._backends import backends
+
+__version__ = "0.1.0"
+
+# The compiled kernels register themselves with torch.ops.sparsemem on import;
+# a missing extension only makes the cpp/cuda backends unavailable.
+_backends.extension()
+
+__all__ = ["backends", "ops", "reference"]

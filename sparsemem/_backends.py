@@ -1,0 +1,146 @@
+"""Backend dispatch: which implementation of an op runs on which device.
+
+Per device an ordered preference (cuda: triton > cuda > torch; cpu: cpp > torch);
+the first backend that is available on this machine and implements the op runs.
+SPARSEMEM_BACKEND=torch|triton|cpp|cuda forces one backend for every op it
+implements (the others keep using torch). Importing sparsemem never fails because
+an extension is missing: availability() says why a backend cannot run.
+"""
+
+import functools
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("torch", "cpp", "triton", "cuda")
+PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A forward and its backward: backward(grads, inputs, outputs) -> a grad (or None) per input."""
+
+    forward: Callable[..., Tensor | tuple[Tensor, ...]]
+    backward: Callable[..., tuple[Tensor | None, ...]]
+
+
+_KERNELS: dict[str, dict[str, Kernel]] = {}
+
+
+def register(op: str, backend: str, kernel: Kernel) -> None:
+    """Add one backend's kernel for `op` to the table (ops/ and kernels/ call this at import)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _KERNELS.setdefault(op, {})[backend] = kernel
+    _select.cache_clear()
+
+
+def extension() -> object | None:
+    """The compiled extension sparsemem._C (its ops live in torch.ops.sparsemem), or None."""
+    try:
+        return importlib.import_module("sparsemem._C")
+    except ImportError:
+        return None
+
+
+@functools.cache
+def _extension_error() -> str | None:
+    try:
+        importlib.import_module("sparsemem._C")
+    except ImportError as error:
+        return f"the C++ extension sparsemem._C is not built ({error}); reinstall with SPARSEMEM_BUILD_EXT=1"
+    return None
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _unavailable(backend: str) -> str | None:
+    """None when `backend` can run on this machine, else why it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "cpp":
+        return _extension_error()
+    if backend == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device (torch.cuda.is_available() is False)"
+        if _extension_error():
+            return _extension_error()
+        if "cuda" not in torch.ops.sparsemem.ext_info():
+            return "sparsemem._C was built without CUDA (torch without CUDA, or no nvcc at build time)"
+        return None
+    if backend == "triton":
+        try:
+            importlib.import_module("triton")
+        except ImportError:
+            return "triton is not installed (pip install triton)"
+        if not torch.cuda.is_available() and not _triton_interpreted():
+            return "no GPU for triton (set TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)"
+        return None
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def _runs_on(backend: str, device_type: str) -> bool:
+    if backend == "torch":
+        return True
+    if backend == "triton":
+        return device_type == "cuda" or (device_type == "cpu" and _triton_interpreted())
+    return device_type == ("cpu" if backend == "cpp" else "cuda")
+
+
+def availability() -> dict[str, str | None]:
+    """backend -> None when it can run here, else the reason it cannot."""
+    return {backend: _unavailable(backend) for backend in BACKENDS}
+
+
+def forced_backend() -> str | None:
+    forced = os.environ.get("SPARSEMEM_BACKEND", "").strip() or None
+    if forced is not None and forced not in BACKENDS:
+        raise ValueError(f"SPARSEMEM_BACKEND={forced!r}; expected one of {BACKENDS}")
+    return forced
+
+
+def kernel(op: str, device: torch.device) -> Kernel:
+    """The kernel of `op` that runs for tensors on `device`."""
+    return _KERNELS[op][backend_for(op, device)]
+
+
+def backend_for(op: str, device: torch.device) -> str:
+    """The name of the backend that runs `op` on `device`."""
+    return _select(op, device.type, forced_backend())
+
+
+@functools.cache
+def _select(op: str, device_type: str, forced: str | None) -> str:
+    kernels = _KERNELS[op]
+    if forced is not None:
+        reason = _unavailable(forced)
+        if reason is not None:
+            raise RuntimeError(f"SPARSEMEM_BACKEND={forced}, but it cannot run here: {reason}")
+        return forced if forced in kernels and _runs_on(forced, device_type) else "torch"
+    for backend in PREFERENCE.get(device_type, ("torch",)):
+        if backend in kernels and _unavailable(backend) is None and _runs_on(backend, device_type):
+            return backend
+    return "torch"
+
+
+def backends() -> str:
+    """A report of the backends on this machine and which one runs each op; also printed."""
+    lines = ["backend  status"]
+    for backend, reason in availability().items():
+        lines.append(f"{backend:<8} {'available' if reason is None else 'unavailable: ' + reason}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    lines.append("")
+    lines.append("op" + " " * 22 + "".join(f"{d:<10}" for d in devices) + "implemented by")
+    for op in sorted(_KERNELS):
+        chosen = "".join(f"{_select(op, d, forced_backend()):<10}" for d in devices)
+        lines.append(f"{op:<24}{chosen}{', '.join(sorted(_KERNELS[op]))}")
+    report = "\n".join(lines)
+    print(report)
+    return report

@@ -1,0 +1,103 @@
+"""Input validation at the public boundary, with errors named in glossary letters.
+
+Shape, dtype and device checks always run. Value checks (NaN, out-of-range
+indices) need a device sync, so on the GPU they run only with SPARSEMEM_DEBUG=1,
+and never inside torch.compile.
+"""
+
+import os
+
+import torch
+from torch import Tensor
+
+
+def debug() -> bool:
+    return os.environ.get("SPARSEMEM_DEBUG") == "1"
+
+
+class Shapes:
+    """Checks a call's tensors against glossary shapes, binding each letter on first sight.
+
+    >>> Shapes().check("memory", memory, "B N W").check("keys", keys, "B R W")
+    """
+
+    def __init__(self) -> None:
+        self.sizes: dict[str, tuple[int, str]] = {}
+        self.float_dtype: tuple[torch.dtype, str] | None = None
+        self.device: tuple[torch.device, str] | None = None
+
+    def check(self, name: str, tensor: object, dims: str, kind: str = "float") -> "Shapes":
+        """kind: "float" (any floating dtype, the same for all float tensors), "index" (int64), "bool"."""
+        letters = dims.split()
+        expected = f"[{', '.join(letters)}]"
+        if not isinstance(tensor, Tensor):
+            raise ValueError(f"{name} must be a tensor {expected}; got {type(tensor).__name__}")
+        if tensor.dim() != len(letters):
+            raise ValueError(f"{name} must be {expected}; got {list(tensor.shape)}")
+        for letter, size in zip(letters, tensor.shape, strict=True):
+            bound, source = self.sizes.setdefault(letter, (size, name))
+            if bound != size:
+                raise ValueError(
+                    f"{name} must be {expected} with {letter}={bound} (from {source}); got {list(tensor.shape)}"
+                )
+        self._check_dtype(name, tensor, kind)
+        if self.device is None:
+            self.device = (tensor.device, name)
+        elif tensor.device != self.device[0]:
+            raise ValueError(
+                f"{name} is on {tensor.device} but {self.device[1]} is on {self.device[0]}; "
+                "put all inputs on one device"
+            )
+        return self
+
+    def _check_dtype(self, name: str, tensor: Tensor, kind: str) -> None:
+        if kind == "index":
+            if tensor.dtype != torch.int64:
+                raise ValueError(f"{name} must be int64 indices; got {tensor.dtype}")
+        elif kind == "bool":
+            if tensor.dtype != torch.bool:
+                raise ValueError(f"{name} must be a bool mask; got {tensor.dtype}")
+        elif not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor; got {tensor.dtype}")
+        elif self.float_dtype is None:
+            self.float_dtype = (tensor.dtype, name)
+        elif tensor.dtype != self.float_dtype[0]:
+            raise ValueError(
+                f"{name} is {tensor.dtype} but {self.float_dtype[1]} is {self.float_dtype[0]}; use one dtype"
+            )
+
+    def size(self, letter: str) -> int:
+        return self.sizes[letter][0]
+
+
+def _values_checked(tensor: Tensor) -> bool:
+    # Inside torch.compile a value check would be a data-dependent graph break: eager mode checks.
+    return (tensor.device.type == "cpu" or debug()) and not torch.compiler.is_compiling()
+
+
+def check_finite(name: str, tensor: Tensor, state: bool = False) -> None:
+    """ValueError if `tensor` holds NaN or inf (on the GPU only with SPARSEMEM_DEBUG=1).
+
+    state=True marks a large state tensor (memory, links) that is checked only with
+    SPARSEMEM_DEBUG=1 on any device: a full pass over it would cost as much as the op.
+    """
+    if state and not debug():
+        return
+    if _values_checked(tensor) and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_range(name: str, tensor: Tensor, low: float, high: float) -> None:
+    """ValueError unless low <= tensor <= high everywhere (checked like check_finite)."""
+    if _values_checked(tensor):
+        check_finite(name, tensor)
+        if tensor.numel() and (bool((tensor < low).any()) or bool((tensor > high).any())):
+            raise ValueError(f"{name} must lie in [{low}, {high}]; got values in [{tensor.min()}, {tensor.max()}]")
+
+
+def check_indices(name: str, indices: Tensor, num_slots: int) -> None:
+    """ValueError unless every index is a slot id in [0, N)."""
+    if _values_checked(indices) and indices.numel():
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= num_slots:
+            raise ValueError(f"{name} must hold slot ids in [0, N={num_slots}); got values in [{low}, {high}]")

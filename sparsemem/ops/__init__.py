@@ -1,0 +1,24 @@
+"""Public ops: validated at the boundary, registered as torch.ops.sparsemem.*, backend-dispatched."""
+
+from sparsemem.ops.allocation import allocation_weights
+from sparsemem.ops.content import content_read, content_weights
+from sparsemem.ops.links import link_update, temporal_reads
+from sparsemem.ops.memory_rw import memory_read, memory_write
+from sparsemem.ops.ntm import ntm_address
+from sparsemem.ops.sparse import sparse_read, sparse_write, topk_content
+from sparsemem.ops.usage import usage_update
+
+__all__ = [
+    "allocation_weights",
+    "content_read",
+    "content_weights",
+    "link_update",
+    "memory_read",
+    "memory_write",
+    "ntm_address",
+    "sparse_read",
+    "sparse_write",
+    "temporal_reads",
+    "topk_content",
+    "usage_update",
+]

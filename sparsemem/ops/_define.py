@@ -1,0 +1,120 @@
+"""One registration path for every op: custom_op + register_fake + register_autograd.
+
+The registered forward and backward look up the kernel of the backend that runs
+on the inputs' device (sparsemem._backends); the torch backend of every op is its
+reference in sparsemem/reference, differentiated by torch.func.vjp, so each op is
+correct on every device before any fast kernel exists.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from sparsemem import _backends
+
+
+def torch_kernel(reference: Callable, differentiable: Sequence[int]) -> _backends.Kernel:
+    """The torch backend of an op: its reference forward, and the vjp of that reference.
+
+    differentiable: positions of the float inputs that get gradients. Only the
+    floating-point outputs are differentiated (topk's indices are not).
+    """
+
+    def forward(*inputs):
+        with torch.no_grad():
+            return reference(*inputs)
+
+    def backward(grads, inputs, outputs):
+        def float_outputs(*diff_inputs):
+            args = list(inputs)
+            for position, value in zip(differentiable, diff_inputs, strict=True):
+                args[position] = value
+            result = reference(*args)
+            result = result if isinstance(result, tuple) else (result,)
+            return tuple(out for out in result if out.is_floating_point())
+
+        float_grads = tuple(g for g, out in zip(grads, outputs, strict=True) if out.is_floating_point())
+        _, vjp = torch.func.vjp(float_outputs, *(inputs[i] for i in differentiable))
+        input_grads: list[Tensor | None] = [None] * len(inputs)
+        for position, grad in zip(differentiable, vjp(float_grads), strict=True):
+            input_grads[position] = grad
+        return tuple(input_grads)
+
+    return _backends.Kernel(forward, backward)
+
+
+def extension_kernel(name: str, schema: str, differentiable: Sequence[int]) -> _backends.Kernel:
+    """The kernel of a compiled op pair torch.ops.sparsemem.ext_<name> / ext_<name>_backward.
+
+    Convention (csrc/): ext_<name> takes the op's inputs; ext_<name>_backward takes
+    (*grads, *inputs, *outputs) and returns a Tensor[] with one grad per differentiable input.
+    """
+    forward_op = getattr(torch.ops.sparsemem, f"ext_{name}")
+    backward_op = getattr(torch.ops.sparsemem, f"ext_{name}_backward")
+    num_outputs = schema.split("->")[1].count("Tensor")
+
+    @torch.library.register_fake(f"sparsemem::ext_{name}_backward")
+    def _(*args):
+        inputs = args[num_outputs : len(args) - num_outputs]
+        return [torch.empty_like(inputs[i]) for i in differentiable]
+
+    def backward(grads, inputs, outputs):
+        input_grads: list[Tensor | None] = [None] * len(inputs)
+        for position, grad in zip(differentiable, backward_op(*grads, *inputs, *outputs), strict=True):
+            input_grads[position] = grad
+        return tuple(input_grads)
+
+    return _backends.Kernel(forward_op, backward)
+
+
+def _register_extension(name: str, schema: str, differentiable: Sequence[int]) -> None:
+    """Registers the compiled kernels of `name` for the devices the extension built them for."""
+    if _backends.extension() is None or not hasattr(torch.ops.sparsemem, f"ext_{name}"):
+        return
+    kernel = extension_kernel(name, schema, differentiable)
+    for backend, dispatch_key in (("cpp", "CPU"), ("cuda", "CUDA")):
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsemem::ext_{name}", dispatch_key):
+            _backends.register(name, backend, kernel)
+
+
+def define_op(name: str, schema: str, reference: Callable, fake: Callable, differentiable: Sequence[int]):
+    """Register torch.ops.sparsemem.<name> with the torch backend; other backends add kernels later.
+
+    schema: the argument and return part of a torch schema, e.g. "(Tensor usage) -> Tensor".
+    Returns the custom op, callable like a function.
+    """
+    _backends.register(name, "torch", torch_kernel(reference, differentiable))
+    _register_extension(name, schema, differentiable)
+
+    def forward(*inputs):
+        return _backends.kernel(name, _device(inputs)).forward(*inputs)
+
+    op = torch.library.custom_op(f"sparsemem::{name}", forward, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+
+    def setup_context(ctx, inputs, output):
+        outputs = output if isinstance(output, tuple) else (output,)
+        tensor_positions = [i for i, value in enumerate(inputs) if isinstance(value, Tensor)]
+        ctx.constants = {i: value for i, value in enumerate(inputs) if not isinstance(value, Tensor)}
+        ctx.tensor_positions = tensor_positions
+        ctx.num_outputs = len(outputs)
+        ctx.save_for_backward(*(inputs[i] for i in tensor_positions), *outputs)
+
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        inputs = [None] * (len(ctx.tensor_positions) + len(ctx.constants))
+        for position, value in zip(ctx.tensor_positions, saved, strict=False):
+            inputs[position] = value
+        for position, value in ctx.constants.items():
+            inputs[position] = value
+        outputs = saved[len(ctx.tensor_positions) :]
+        kernel = _backends.kernel(name, _device(inputs))
+        return kernel.backward(grads, inputs, outputs)
+
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+def _device(inputs: Sequence[object]) -> torch.device:
+    return next(value.device for value in inputs if isinstance(value, Tensor))

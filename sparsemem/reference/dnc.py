@@ -1,0 +1,109 @@
+"""Dense DNC memory operations: the specification every fast path is tested against.
+
+Each function is plain, differentiable PyTorch that works in any float dtype
+(float64 for gradcheck). Shapes use the glossary of DESIGN.md: B batch, N slots,
+W word size, R read heads. Clarity over speed: no in-place tricks, no fusion.
+"""
+
+import torch
+from torch import Tensor
+
+EPS = 1e-6
+"""Added to squared norms before the square root, so cosine similarity of a zero
+word (a fresh memory) is 0 with a finite gradient."""
+
+
+def safe_norm(x: Tensor) -> Tensor:
+    """||x||_eps = sqrt(sum_w x_w^2 + EPS) over the last dimension."""
+    return torch.sqrt((x * x).sum(-1) + EPS)
+
+
+def cosine_similarity_ref(memory: Tensor, keys: Tensor) -> Tensor:
+    """D(k_r, M_i) = k_r . M_i / (||k_r||_eps ||M_i||_eps).
+
+    memory [B, N, W], keys [B, R, W] -> [B, R, N].
+    """
+    dots = keys @ memory.transpose(1, 2)
+    return dots / (safe_norm(keys).unsqueeze(-1) * safe_norm(memory).unsqueeze(1))
+
+
+def content_weights_ref(memory: Tensor, keys: Tensor, strengths: Tensor) -> Tensor:
+    """C(M, k, b)[i] = softmax_i(b * D(k, M[i])).
+
+    memory [B, N, W], keys [B, R, W], strengths [B, R] -> weights [B, R, N].
+    """
+    similarity = cosine_similarity_ref(memory, keys)
+    return torch.softmax(strengths.unsqueeze(-1) * similarity, dim=-1)
+
+
+def content_read_ref(memory: Tensor, keys: Tensor, strengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Content weights and the read vectors they give: (C(M, k, b), C(M, k, b) M).
+
+    -> weights [B, R, N], reads [B, R, W].
+    """
+    weights = content_weights_ref(memory, keys, strengths)
+    return weights, memory_read_ref(memory, weights)
+
+
+def usage_update_ref(usage: Tensor, write_w: Tensor, read_w: Tensor, free_gates: Tensor) -> Tensor:
+    """u_t = (u + w^w - u * w^w) * psi, with retention psi = prod_r (1 - f_r w^r).
+
+    usage [B, N], write_w [B, N] (the previous step's write weights),
+    read_w [B, R, N] (the previous step's read weights), free_gates [B, R] -> [B, N].
+    """
+    retention = torch.prod(1 - free_gates.unsqueeze(-1) * read_w, dim=1)
+    return (usage + write_w - usage * write_w) * retention
+
+
+def allocation_weights_ref(usage: Tensor) -> Tensor:
+    """a[phi_j] = (1 - u[phi_j]) prod_{i<j} u[phi_i], phi = argsort(u) ascending.
+
+    usage [B, N] -> [B, N]. Ties are broken by slot index (stable sort). The
+    gradient flows through the exclusive cumulative product into the sorted
+    usages, never through the permutation phi (the DNC convention).
+    """
+    sorted_usage, phi = torch.sort(usage, dim=-1, stable=True)
+    ones = torch.ones_like(sorted_usage[..., :1])
+    exclusive_product = torch.cumprod(torch.cat([ones, sorted_usage[..., :-1]], dim=-1), dim=-1)
+    sorted_allocation = (1 - sorted_usage) * exclusive_product
+    return torch.zeros_like(usage).scatter(-1, phi, sorted_allocation)
+
+
+def memory_write_ref(memory: Tensor, write_w: Tensor, erase: Tensor, add: Tensor) -> Tensor:
+    """M_t = M * (1 - w^w e^T) + w^w v^T.
+
+    memory [B, N, W], write_w [B, N], erase [B, W] (in [0, 1]), add [B, W] -> [B, N, W].
+    """
+    write_w = write_w.unsqueeze(-1)
+    return memory * (1 - write_w * erase.unsqueeze(1)) + write_w * add.unsqueeze(1)
+
+
+def memory_read_ref(memory: Tensor, read_w: Tensor) -> Tensor:
+    """r^r = M^T w^r.  memory [B, N, W], read_w [B, R, N] -> [B, R, W]."""
+    return read_w @ memory
+
+
+def link_update_ref(link: Tensor, precedence: Tensor, write_w: Tensor) -> tuple[Tensor, Tensor]:
+    """Temporal link matrix and precedence after a write.
+
+    L_t[i, j] = (1 - w[i] - w[j]) L[i, j] + w[i] p[j], with L_t[i, i] = 0;
+    p_t = (1 - sum_i w[i]) p + w.
+    link [B, N, N], precedence [B, N], write_w [B, N] -> (link [B, N, N], precedence [B, N]).
+    """
+    w_i = write_w.unsqueeze(-1)
+    w_j = write_w.unsqueeze(-2)
+    new_link = (1 - w_i - w_j) * link + w_i * precedence.unsqueeze(-2)
+    off_diagonal = 1 - torch.eye(link.shape[-1], dtype=link.dtype, device=link.device)
+    new_link = new_link * off_diagonal
+    new_precedence = (1 - write_w.sum(-1, keepdim=True)) * precedence + write_w
+    return new_link, new_precedence
+
+
+def temporal_reads_ref(link: Tensor, read_w: Tensor) -> tuple[Tensor, Tensor]:
+    """Forward f = L w^r and backward b = L^T w^r weightings.
+
+    link [B, N, N], read_w [B, R, N] -> (forward [B, R, N], backward [B, R, N]).
+    """
+    forward = read_w @ link.transpose(1, 2)
+    backward = read_w @ link
+    return forward, backward

@@ -1,0 +1,84 @@
+"""Valid inputs for every registered op, at any size and dtype, for tests and benchmarks.
+
+op_inputs(op, dtype, B, N, W, R) -> positional arguments of sparsemem.ops.<op>.
+Values are in the ranges the ops expect (weights are distributions, gates in [0, 1],
+sharpening >= 1) and usages are distinct so sorts have no ties.
+"""
+
+import torch
+
+K = 4
+S = 3
+
+
+def _distribution(*shape, generator, dtype):
+    return torch.softmax(torch.randn(*shape, generator=generator, dtype=dtype) * 2, dim=-1)
+
+
+def op_inputs(op: str, dtype: torch.dtype = torch.float64, B=3, N=7, W=5, R=3, seed=0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, dtype=dtype)
+
+    def distribution(*shape):
+        return _distribution(*shape, generator=g, dtype=dtype)
+
+    memory = randn(B, N, W)
+    if op in ("content_weights", "content_read"):
+        return memory, randn(B, R, W), rand(B, R) * 5
+    if op == "usage_update":
+        return rand(B, N), distribution(B, N) * 0.9, distribution(B, R, N), rand(B, R)
+    if op == "allocation_weights":
+        # distinct usages (a random permutation of a grid) so the sort has no ties
+        grid = (torch.arange(N, dtype=dtype) + 0.5) / N
+        return (torch.stack([grid[torch.randperm(N, generator=g)] for _ in range(B)]),)
+    if op == "memory_write":
+        return memory, distribution(B, N), rand(B, W), randn(B, W)
+    if op == "memory_read":
+        return memory, distribution(B, R, N)
+    if op == "link_update":
+        link = rand(B, N, N) / N * (1 - torch.eye(N, dtype=dtype))
+        return link, distribution(B, N) * 0.5, distribution(B, N) * 0.9
+    if op == "temporal_reads":
+        return rand(B, N, N) / N, distribution(B, R, N)
+    if op == "ntm_address":
+        return (
+            memory,
+            randn(B, R, W),
+            rand(B, R) * 5,
+            rand(B, R) * 0.8 + 0.1,
+            distribution(B, R, S),
+            1 + rand(B, R) * 2,
+            distribution(B, R, N),
+        )
+    if op == "topk_content":
+        return memory, randn(B, R, W), min(K, N)
+    if op == "sparse_read":
+        indices = torch.stack([torch.randperm(N, generator=g)[: min(K, N)] for _ in range(B * R)]).reshape(B, R, -1)
+        return memory, indices, randn(B, R, W), rand(B, R) * 5
+    if op == "sparse_write":
+        J = min(2 * K + 1, N)
+        erase = torch.zeros(B, J, dtype=torch.bool)
+        erase[:, -1] = True
+        return randn(B, J, W), distribution(B, J), randn(B, W), erase
+    raise KeyError(op)
+
+
+OPS = (
+    "content_weights",
+    "content_read",
+    "usage_update",
+    "allocation_weights",
+    "memory_write",
+    "memory_read",
+    "link_update",
+    "temporal_reads",
+    "ntm_address",
+    "topk_content",
+    "sparse_read",
+    "sparse_write",
+)
