@@ -1,0 +1,281 @@
+"""The index interface: nearest-neighbour search over B lazy memories of N slots of W dims.
+
+Lazy memory (DESIGN.md): a freshly reset memory is N copies of one initial word.
+Only written rows are given to an index (`update`); every slot never written
+since the last `reset` holds the shared initial word. The index owns that rule,
+so the memory module never materialises the unwritten slots: `search` scores
+the initial word once per query and, where it reaches the top K, returns
+concrete unwritten slot ids (the lowest ones), so the K candidates are exactly
+those of a top-K over the full memory of N slots. `unwritten(count)` gives
+the same ids to the memory module, e.g. to pick a least recently used slot
+(any unwritten slot is least recently used).
+"""
+
+import abc
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sparsemem._checks import check_finite, check_indices
+from sparsemem.reference.dnc import safe_norm
+
+
+@dataclass
+class IndexStats:
+    """What an index holds and what it has cost so far (summed over the B batch rows)."""
+
+    rows: int
+    """Slots holding written content (the rest hold the initial word)."""
+    buffered: int
+    """Of those, rows waiting in the exact buffer for a merge into the approximate index."""
+    tombstones: int
+    """Stale entries of overwritten rows still inside the approximate index (filtered at search)."""
+    merges: int
+    merge_seconds: float
+    """Time spent merging the exact buffer into the approximate index (incremental inserts)."""
+    rebuilds: int
+    build_seconds: float
+    """Time spent building an approximate index from scratch (first build, retraining, tombstone purges)."""
+    bytes: int
+    """Memory held by the index: stored vectors, graph or lists, id maps, buffer."""
+
+
+class Index(abc.ABC):
+    """Top-K cosine search over the slots of B independent memories (one per batch row).
+
+    Contract, for every implementation:
+    - `update(rows [B, J, W], ids [B, J])` sets the content of slots `ids` to `rows`
+      (an id written before is replaced; a repeated id within one call keeps its last row).
+      The next `search` sees it; no stale content of an overwritten slot is ever returned.
+    - `search(queries [B, R, W], k)` -> (scores [B, R, K], ids [B, R, K]), sorted by
+      score descending, ids distinct per query, cosine similarity
+      D(q, M_i) = q . M_i / (||q||_eps ||M_i||_eps), ||x||_eps = sqrt(sum x^2 + 1e-6)
+      (as reference/dnc.py), over all N slots: written rows and the initial word of the
+      unwritten ones. Exact for ExactIndex; approximate (recall < 1) for FaissIndex, whose
+      candidates are still scored exactly against the current rows. Not differentiable:
+      the scores rank; the memory module recomputes weights with ops.sparse_read on the ids.
+    - `rebuild()` rebuilds any approximate structure from the current rows now.
+    - `reset(mask [B] bool | None)` forgets the written rows of the masked batch rows
+      (all if None): they hold the initial word again. Costs O(rows written), not O(N).
+    - `stats()` -> IndexStats.
+    Indexes are not thread-safe; one memory module owns one.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_slots: int,
+        word_size: int,
+        *,
+        initial: Tensor | None = None,
+        map_device: torch.device | str = "cpu",
+    ) -> None:
+        for name, value in (("batch_size B", batch_size), ("num_slots N", num_slots), ("word_size W", word_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        self.batch_size = batch_size
+        self.num_slots = num_slots
+        self.word_size = word_size
+        # _slot[b, i]: where slot i of batch row b lives in the implementation's storage;
+        # -1 means unwritten (holds the initial word). Implementations define the other codes.
+        self._slot = torch.full((batch_size, num_slots), -1, dtype=torch.int64, device=map_device)
+        # _cursor[b]: every slot below it is written, so the search for unwritten ids starts there.
+        self._cursor = [0] * batch_size
+        self._rows = [0] * batch_size
+        self._merges = 0
+        self._merge_seconds = 0.0
+        self._rebuilds = 0
+        self._build_seconds = 0.0
+        self.initial = torch.zeros(word_size) if initial is None else initial
+
+    # ----- the initial word of unwritten slots
+
+    @property
+    def initial(self) -> Tensor:
+        """The word every unwritten slot holds: [B, W] (a [W] word is shared by all batch rows)."""
+        return self._initial
+
+    @initial.setter
+    def initial(self, word: Tensor) -> None:
+        if not isinstance(word, Tensor) or not word.is_floating_point():
+            raise ValueError(f"initial must be a float tensor [W] or [B, W]; got {word!r}")
+        if word.dim() == 1:
+            word = word.unsqueeze(0).expand(self.batch_size, -1)
+        if tuple(word.shape) != (self.batch_size, self.word_size):
+            raise ValueError(
+                f"initial must be [W] or [B, W] with B={self.batch_size}, W={self.word_size}; got {list(word.shape)}"
+            )
+        check_finite("initial", word)
+        self._initial = word.detach().to(torch.float64)
+
+    # ----- public interface
+
+    def update(self, rows: Tensor, ids: Tensor) -> None:
+        """Write rows [B, J, W] at slot ids [B, J] (int64): replaces any earlier content of those slots."""
+        self._check_batch("rows", rows, 3)
+        if rows.shape[2] != self.word_size:
+            raise ValueError(f"rows must be [B, J, W] with W={self.word_size}; got {list(rows.shape)}")
+        if not rows.is_floating_point():
+            raise ValueError(f"rows must be a floating-point tensor; got {rows.dtype}")
+        self._check_batch("ids", ids, 2)
+        if ids.dtype != torch.int64:
+            raise ValueError(f"ids must be int64 slot ids; got {ids.dtype}")
+        if ids.shape[1] != rows.shape[1]:
+            raise ValueError(f"ids must be [B, J] with J={rows.shape[1]} (from rows); got {list(ids.shape)}")
+        if ids.device != rows.device:
+            raise ValueError(f"ids is on {ids.device} but rows is on {rows.device}; put both on one device")
+        check_indices("ids", ids, self.num_slots)
+        check_finite("rows", rows)
+        if ids.numel() == 0:
+            return
+        batch, slots, order = _last_writes(ids, self.num_slots)
+        unit = _unit(rows.detach().reshape(-1, self.word_size)[order])
+        self._update(batch, slots, unit)
+
+    add = update
+
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The K most similar slots per query: queries [B, R, W] -> (scores [B, R, K], ids [B, R, K] int64).
+
+        Results are on the queries' device; scores are float32 (float64 for a float64 ExactIndex).
+        """
+        self._check_batch("queries", queries, 3)
+        if queries.shape[2] != self.word_size:
+            raise ValueError(f"queries must be [B, R, W] with W={self.word_size}; got {list(queries.shape)}")
+        if not queries.is_floating_point():
+            raise ValueError(f"queries must be a floating-point tensor; got {queries.dtype}")
+        if not isinstance(k, int) or not 1 <= k <= self.num_slots:
+            raise ValueError(f"k must be an int in [1, N={self.num_slots}]; got k={k!r}")
+        check_finite("queries", queries)
+        unit = _unit(queries.detach())
+        scores, ids = self._search(unit, k)
+        scores, ids = self._with_unwritten(unit, scores, ids, k)
+        return scores.to(queries.device), ids.to(queries.device)
+
+    @abc.abstractmethod
+    def rebuild(self) -> None:
+        """Rebuild the approximate structure from the current rows now (no-op for an exact index)."""
+
+    def reset(self, mask: Tensor | None = None) -> None:
+        """Forget the written rows of batch rows where mask [B] is True (all when None)."""
+        if mask is None:
+            rows = list(range(self.batch_size))
+        else:
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (self.batch_size,):
+                shape = list(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+                raise ValueError(f"mask must be a bool tensor [B] with B={self.batch_size}; got {shape}")
+            rows = mask.nonzero().flatten().tolist()
+        for b in rows:
+            self._reset_row(b)
+            self._cursor[b] = 0
+            self._rows[b] = 0
+
+    def unwritten(self, count: int) -> Tensor:
+        """The `count` lowest unwritten slot ids per batch row: [B, count] int64, padded with -1."""
+        out = torch.full((self.batch_size, count), -1, dtype=torch.int64)
+        for b in range(self.batch_size):
+            ids = self._unwritten_row(b, count)
+            out[b, : ids.numel()] = ids.cpu()
+        return out
+
+    def stats(self) -> IndexStats:
+        return IndexStats(
+            rows=sum(self._rows),
+            buffered=self._buffered(),
+            tombstones=self._tombstones(),
+            merges=self._merges,
+            merge_seconds=self._merge_seconds,
+            rebuilds=self._rebuilds,
+            build_seconds=self._build_seconds,
+            bytes=self._bytes() + self._slot.numel() * self._slot.element_size(),
+        )
+
+    # ----- what an implementation provides
+
+    @abc.abstractmethod
+    def _update(self, batch: Tensor, slots: Tensor, unit: Tensor) -> None:
+        """Store unit rows [J', W] (float64) at (batch [J'], slots [J']); pairs are distinct,
+        sorted by batch row then slot. Must keep _slot and _rows current."""
+
+    @abc.abstractmethod
+    def _search(self, unit: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-K over the written rows for unit queries [B, R, W] (float64): (scores, ids) [B, R, K],
+        padded with -inf and -1 where a batch row holds fewer than K written rows."""
+
+    @abc.abstractmethod
+    def _reset_row(self, b: int) -> None:
+        """Forget batch row b's written rows (and set their _slot entries back to -1)."""
+
+    def _buffered(self) -> int:
+        return 0
+
+    def _tombstones(self) -> int:
+        return 0
+
+    @abc.abstractmethod
+    def _bytes(self) -> int: ...
+
+    # ----- shared machinery
+
+    def _check_batch(self, name: str, tensor: object, dims: int) -> None:
+        if not isinstance(tensor, Tensor):
+            raise ValueError(f"{name} must be a tensor; got {type(tensor).__name__}")
+        letters = {"rows": "[B, J, W]", "ids": "[B, J]", "queries": "[B, R, W]"}[name]
+        if tensor.dim() != dims or tensor.shape[0] != self.batch_size:
+            raise ValueError(f"{name} must be {letters} with B={self.batch_size}; got {list(tensor.shape)}")
+
+    def _timed_merge(self, start: float) -> None:
+        self._merges += 1
+        self._merge_seconds += time.perf_counter() - start
+
+    def _timed_build(self, start: float) -> None:
+        self._rebuilds += 1
+        self._build_seconds += time.perf_counter() - start
+
+    def _unwritten_row(self, b: int, count: int) -> Tensor:
+        slots = self._slot[b]
+        # Every slot below the cursor is written. Writes usually fill slots from the bottom
+        # (the LRU slot is the lowest unwritten one), so the cursor advances and scans stay short.
+        position, window, found, first = self._cursor[b], max(64, 2 * count), [], None
+        while position < self.num_slots and sum(ids.numel() for ids in found) < count:
+            free = (slots[position : position + window] < 0).nonzero().flatten() + position
+            if free.numel():
+                first = int(free[0]) if first is None else first
+                found.append(free)
+            position, window = position + window, 2 * window
+        self._cursor[b] = self.num_slots if first is None else first
+        return torch.cat(found)[:count] if found else slots.new_empty(0)
+
+    def _with_unwritten(self, unit: Tensor, scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Merge the shared initial word of the unwritten slots into the written rows' top-K."""
+        if all(rows == self.num_slots for rows in self._rows):
+            return scores, ids
+        pool_ids = self.unwritten(k).to(ids.device)
+        initial = _unit(self._initial).to(unit.device)
+        pool_scores = torch.einsum("brw,bw->br", unit, initial).to(scores.dtype)
+        pool_scores = pool_scores.unsqueeze(-1).expand(-1, -1, k)
+        missing = (pool_ids < 0).unsqueeze(1).to(scores.device)
+        pool_scores = pool_scores.masked_fill(missing, float("-inf"))
+        pool_ids = pool_ids.unsqueeze(1).expand(-1, unit.shape[1], -1)
+        merged_scores, order = torch.cat([scores, pool_scores], -1).topk(k, dim=-1, sorted=True)
+        merged_ids = torch.cat([ids, pool_ids], -1).gather(-1, order)
+        return merged_scores, merged_ids
+
+
+def _unit(x: Tensor) -> Tensor:
+    """x / ||x||_eps in float64: then unit(q) . unit(m) is the eps-cosine D(q, m) of reference/dnc.py."""
+    x = x.to(torch.float64)
+    return x / safe_norm(x).unsqueeze(-1)
+
+
+def _last_writes(ids: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Distinct (batch row, slot) pairs of ids [B, J], sorted, each with the flat position of its
+    last occurrence: a slot written twice in one call keeps its last row, as two calls would."""
+    batch_size = ids.shape[0]
+    keys = (torch.arange(batch_size, device=ids.device).unsqueeze(1) * num_slots + ids).flatten()
+    unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    positions = torch.arange(keys.numel(), device=ids.device)
+    last = torch.full_like(unique, -1).scatter_reduce(0, inverse, positions, reduce="amax")
+    return unique // num_slots, unique % num_slots, last

@@ -1,0 +1,215 @@
+"""Every index against brute force on a materialised lazy memory: the contract of sparsemem.index.Index."""
+
+import pytest
+import torch
+
+from sparsemem.index import ExactIndex, make_index
+from sparsemem.reference.dnc import cosine_similarity_ref
+from sparsemem.reference.sparse import topk_content_ref
+from tests.tolerances import tolerance
+
+# Small sizes, so every index is exact here: faiss searches all of a tiny graph or every list.
+B, N, W, R = 3, 61, 7, 3
+INDEXES = {
+    "exact": {},
+    "exact-chunked": {"chunk_rows": 5},
+}
+
+
+def build(name: str, batch_size: int = B, num_slots: int = N, word_size: int = W, **options):
+    options = {**INDEXES[name], **options}
+    return make_index("exact" if name.startswith("exact") else name, batch_size, num_slots, word_size, **options)
+
+
+class LazyMemory:
+    """The dense memory an index stands for: the initial word everywhere, written rows on top."""
+
+    def __init__(self, initial: torch.Tensor | None = None, batch_size: int = B, num_slots: int = N):
+        word = torch.zeros(W, dtype=torch.float64) if initial is None else initial.double()
+        self.memory = word.expand(batch_size, num_slots, W).clone()
+
+    def update(self, rows: torch.Tensor, ids: torch.Tensor) -> None:
+        batch = torch.arange(ids.shape[0])
+        for j in range(ids.shape[1]):  # in order, so a repeated id keeps its last row
+            self.memory[batch, ids[:, j]] = rows[:, j].double()
+
+
+def check_search(index, memory: LazyMemory, queries: torch.Tensor, k: int) -> None:
+    """Scores equal the brute-force top-K; ids are distinct and score what the memory holds now."""
+    scores, ids = index.search(queries, k)
+    assert scores.shape == ids.shape == (queries.shape[0], queries.shape[1], k)
+    assert ids.dtype == torch.int64
+    expected, _ = topk_content_ref(memory.memory, queries.double(), k)
+    torch.testing.assert_close(scores.double(), expected, **tolerance(torch.float32))
+    assert (ids >= 0).all()
+    assert all(row.unique().numel() == k for row in ids.flatten(0, 1))
+    similarity = cosine_similarity_ref(memory.memory, queries.double())
+    torch.testing.assert_close(similarity.gather(-1, ids), scores.double(), **tolerance(torch.float32))
+
+
+def random_writes(generator: torch.Generator, writes: int, batch_size: int = B, num_slots: int = N):
+    ids = torch.randint(0, num_slots, (batch_size, writes), generator=generator)
+    return torch.randn(batch_size, writes, W, generator=generator), ids
+
+
+@pytest.mark.parametrize("name", INDEXES)
+@pytest.mark.parametrize("k", [1, 8, N])
+def test_matches_brute_force_as_rows_are_written(name, k):
+    g = torch.Generator().manual_seed(k)
+    index, memory = build(name), LazyMemory()
+    check_search(index, memory, torch.randn(B, R, W, generator=g), k)  # a fresh memory: all initial
+    for _ in range(12):
+        rows, ids = random_writes(g, 9)
+        index.update(rows, ids)
+        memory.update(rows, ids)
+        check_search(index, memory, torch.randn(B, R, W, generator=g), k)
+    # Every slot written: no initial word left.
+    rows, ids = torch.randn(B, N, W, generator=g), torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
+    index.update(rows, ids)
+    memory.update(rows, ids)
+    assert index.stats().rows == B * N
+    check_search(index, memory, torch.randn(B, R, W, generator=g), k)
+
+
+@pytest.mark.parametrize("name", INDEXES)
+def test_update_is_visible_and_overwritten_content_never_returned(name):
+    index = build(name)
+    word = torch.randn(B, 1, W, generator=torch.Generator().manual_seed(1))
+    slot = torch.full((B, 1), 17)
+    index.update(word, slot)
+    scores, ids = index.search(word, 1)
+    assert (ids == 17).all()
+    torch.testing.assert_close(scores, torch.ones(B, 1, 1), atol=1e-5, rtol=0)
+    index.update(-word, slot)
+    scores, ids = index.search(word, 4)
+    assert (ids[..., 0] != 17).all()  # the old content is gone: an unwritten slot (score 0) ranks first
+    assert (scores[..., 0] == 0).all()
+    scores, ids = index.search(-word, 1)
+    assert (ids == 17).all()
+
+
+@pytest.mark.parametrize("name", INDEXES)
+def test_repeated_id_in_one_update_keeps_the_last_row(name):
+    index = build(name)
+    rows = torch.randn(B, 3, W, generator=torch.Generator().manual_seed(2))
+    index.update(rows, torch.full((B, 3), 5))
+    assert index.stats().rows == B
+    scores, ids = index.search(rows[:, 2:], 1)
+    assert (ids == 5).all()
+    torch.testing.assert_close(scores, torch.ones(B, 1, 1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", INDEXES)
+def test_batch_rows_are_independent(name):
+    g = torch.Generator().manual_seed(3)
+    index = build(name)
+    rows, ids = random_writes(g, 20)
+    index.update(rows, ids)
+    queries = torch.randn(B, R, W, generator=g)
+    before = index.search(queries, 6)
+    other = torch.randn(B, 20, W, generator=g)
+    other[1:] = rows[1:]  # batch row 0 gets new content, the others are rewritten unchanged
+    index.update(other, ids)
+    after = index.search(queries, 6)
+    for got, was in zip(after, before, strict=True):
+        torch.testing.assert_close(got[1:], was[1:])
+    memory = LazyMemory()
+    memory.update(other, ids)
+    check_search(index, memory, queries, 6)
+
+
+@pytest.mark.parametrize("name", INDEXES)
+def test_reset_forgets_only_masked_batch_rows(name):
+    g = torch.Generator().manual_seed(4)
+    initial = torch.randn(W, generator=g)
+    index, memory = build(name, initial=initial), LazyMemory(initial)
+    rows, ids = random_writes(g, 30)
+    index.update(rows, ids)
+    memory.update(rows, ids)
+    kept = index.stats().rows
+    index.reset(torch.tensor([True, False, True]))
+    memory.memory[0] = initial
+    memory.memory[2] = initial
+    assert kept == sum(row.unique().numel() for row in ids)
+    assert index.stats().rows == ids[1].unique().numel()
+    check_search(index, memory, torch.randn(B, R, W, generator=g), 8)
+    index.reset()
+    assert index.stats().rows == 0
+    _, ids = index.search(torch.randn(B, R, W, generator=g), 5)
+    assert (ids.sort(-1).values == torch.arange(5)).all()  # the lowest unwritten slots stand for the initial word
+
+
+@pytest.mark.parametrize("name", INDEXES)
+def test_unwritten_slots_are_concrete_lowest_ids(name):
+    initial = torch.ones(W)
+    index = build(name, initial=initial)
+    index.update(torch.randn(B, 3, W, generator=torch.Generator().manual_seed(5)), torch.tensor([[0, 1, 3]] * B))
+    scores, ids = index.search(initial.expand(B, 1, W), 4)
+    assert ids.sort(-1).values.tolist() == [[[2, 4, 5, 6]]] * B
+    torch.testing.assert_close(scores, torch.ones(B, 1, 4), atol=1e-5, rtol=0)
+    assert index.unwritten(3).tolist() == [[2, 4, 5]] * B
+
+
+def test_unwritten_scan_finds_slots_past_a_written_prefix():
+    index = ExactIndex(1, 1000, W)
+    index.update(torch.randn(1, 900, W), torch.arange(900).unsqueeze(0))
+    assert index.unwritten(3).tolist() == [[900, 901, 902]]
+    index.update(torch.randn(1, 1, W), torch.tensor([[901]]))
+    assert index.unwritten(3).tolist() == [[900, 902, 903]]
+    index.update(torch.randn(1, 100, W), torch.arange(900, 1000).unsqueeze(0))
+    assert index.unwritten(2).tolist() == [[-1, -1]]
+
+
+def test_exact_index_float64_equals_reference_to_float64_tolerance():
+    g = torch.Generator().manual_seed(6)
+    index = ExactIndex(B, N, W, dtype=torch.float64, chunk_rows=7)
+    memory = LazyMemory()
+    rows, ids = random_writes(g, 40)
+    rows = rows.double()
+    index.update(rows, ids)
+    memory.update(rows, ids)
+    queries = torch.randn(B, R, W, generator=g, dtype=torch.float64)
+    scores, _ = index.search(queries, 10)
+    expected, _ = topk_content_ref(memory.memory, queries, 10)
+    torch.testing.assert_close(scores, expected, **tolerance(torch.float64))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda ix: ix.update(torch.randn(B, 2, W), torch.zeros(B, 3, dtype=torch.int64)), "ids must be"),
+        (lambda ix: ix.update(torch.randn(B + 1, 2, W), torch.zeros(B + 1, 2, dtype=torch.int64)), "rows must be"),
+        (lambda ix: ix.update(torch.randn(B, 2, W + 1), torch.zeros(B, 2, dtype=torch.int64)), "W=7"),
+        (lambda ix: ix.update(torch.randn(B, 2, W), torch.zeros(B, 2, dtype=torch.int32)), "int64"),
+        (lambda ix: ix.update(torch.randn(B, 2, W), torch.full((B, 2), N)), "slot ids in"),
+        (lambda ix: ix.update(torch.full((B, 2, W), float("nan")), torch.zeros(B, 2, dtype=torch.int64)), "NaN"),
+        (lambda ix: ix.update(torch.ones(B, 2, W, dtype=torch.int64), torch.zeros(B, 2, dtype=torch.int64)), "float"),
+        (lambda ix: ix.search(torch.randn(B, R, W), 0), "k must be"),
+        (lambda ix: ix.search(torch.randn(B, R, W), N + 1), "k must be"),
+        (lambda ix: ix.search(torch.randn(B, W), 2), "queries must be"),
+        (lambda ix: ix.search(torch.randn(B, R, W + 2), 2), "W=7"),
+        (lambda ix: ix.reset(torch.ones(B, dtype=torch.int64)), "mask must be"),
+        (lambda ix: setattr(ix, "initial", torch.zeros(W + 1)), "initial must be"),
+    ],
+)
+@pytest.mark.parametrize("name", INDEXES)
+def test_bad_input_errors(name, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(build(name))
+
+
+def test_bad_construction_errors():
+    with pytest.raises(ValueError, match="num_slots N"):
+        ExactIndex(2, 0, 4)
+    with pytest.raises(ValueError, match="dtype"):
+        ExactIndex(2, 8, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="index must be one of"):
+        make_index("annoy", 2, 8, 4)
+
+
+def test_stats_report_rows_and_bytes():
+    index = ExactIndex(2, 100, W)
+    index.update(torch.randn(2, 10, W), torch.arange(10).expand(2, -1))
+    stats = index.stats()
+    assert stats.rows == 20 and stats.tombstones == 0 and stats.buffered == 0
+    assert stats.bytes >= 20 * W * 4
