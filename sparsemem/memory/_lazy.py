@@ -1,0 +1,349 @@
+"""The sparse memories' storage: lazy rows, an in-place journaled autograd, an O(1) LRU.
+
+LazyMemory keeps B*N rows of W in one flat buffer that is never initialised: a row is
+real once written, every other slot reads as the shared initial word. torch.empty does
+not touch its pages, so a fresh memory of a million slots costs what its written rows
+cost, and reset clears only the rows written since (DESIGN.md, "Lazy memory").
+
+JournaledMemory is one BPTT segment over a LazyMemory. Reads gather rows and writes
+scatter rows in place, through two autograd Functions chained by a "version token", so
+autograd runs their backwards in exactly the reverse order of the forward:
+
+    source -> gather -> scatter -> gather -> ... -> token held by the state
+
+What a step overwrites is kept by autograd as the gathered rows its write was computed
+from (J*W per step; the journal proper holds only row ids), so backward never reads the
+memory: it leaves the memory holding the end-of-forward state, bit-identical to a
+forward-only run, and needs no undo/redo pass. Gradients live in a row-keyed buffer
+(one row per slot the segment touched, never [B, N, W]); a scatter's backward hands the
+gradient of the rows it wrote to the math that computed them and zeroes those rows (the
+old contents did not reach later steps), a gather's backward adds into it. The initial
+memory gets a gradient only when it was passed in with requires_grad. Under no_grad
+nothing is recorded.
+"""
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+from sparsemem.reference.dnc import cosine_similarity_ref
+
+SEARCH_CHUNK = 1 << 16
+"""Slots scored at once by the exact search, so its temporary memory stays bounded."""
+
+
+def group_sum(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum values over equal indices along the last dimension.
+
+    indices [..., E] int64, values [..., E] -> (total [..., E]: each entry's group sum,
+    first [..., E] bool: one entry per group, the first in sorted order). Differentiable in values.
+    """
+    sorted_indices, order = indices.sort(dim=-1, stable=True)
+    first_sorted = torch.ones_like(sorted_indices, dtype=torch.bool)
+    first_sorted[..., 1:] = sorted_indices[..., 1:] != sorted_indices[..., :-1]
+    group = first_sorted.long().cumsum(-1) - 1
+    sums = torch.zeros_like(values).scatter_add(-1, group, values.gather(-1, order))
+    total = torch.zeros_like(values).scatter(-1, order, sums.gather(-1, group))
+    first = torch.zeros_like(first_sorted).scatter(-1, order, first_sorted)
+    return total, first
+
+
+class LRU:
+    """Least recently used slot per batch row in O(1) per access (Rae et al.'s LRU list).
+
+    Touched slots sit in an access-ordered dict; never-touched slots are all older than
+    any touched one and come out in slot order from a cursor, so nothing is O(N).
+    Ties (slots accessed in the same step) go to the lowest slot id, as in lru_ref.
+    """
+
+    def __init__(self, batch: int, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.order: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(batch)]
+        self.cursor = [0] * batch
+
+    def least_recent(self) -> list[int]:
+        slots = []
+        for b, order in enumerate(self.order):
+            while self.cursor[b] < self.num_slots and self.cursor[b] in order:
+                self.cursor[b] += 1
+            slots.append(self.cursor[b] if self.cursor[b] < self.num_slots else next(iter(order)))
+        return slots
+
+    def touch(self, accessed: list[list[int]]) -> None:
+        """accessed[b]: the slots of batch row b accessed this step, ascending."""
+        for order, slots in zip(self.order, accessed, strict=True):
+            for slot in slots:
+                order[slot] = None
+                order.move_to_end(slot)
+
+    def reset(self, rows: list[int]) -> None:
+        for b in rows:
+            self.order[b].clear()
+            self.cursor[b] = 0
+
+
+class LazyMemory:
+    """B*N rows of W, each written row real, every other slot the shared initial word.
+
+    Flat keys b*N + slot address rows. memory [B, N, W] (optional) starts every row as
+    written (a preloaded memory, or the full regime of the benchmarks).
+    """
+
+    def __init__(self, batch: int, num_slots: int, initial_word: Tensor, memory: Tensor | None = None) -> None:
+        self.batch, self.num_slots, self.word_size = batch, num_slots, initial_word.shape[-1]
+        self.initial_word = initial_word
+        flat = (batch * num_slots, self.word_size)
+        if memory is None:
+            self.rows = torch.empty(flat, dtype=initial_word.dtype, device=initial_word.device)
+            self.written = torch.zeros(batch * num_slots, dtype=torch.bool, device=initial_word.device)
+            self.num_written = [0] * batch
+        else:
+            self.rows = memory.detach().reshape(flat).clone()
+            self.written = torch.ones(batch * num_slots, dtype=torch.bool, device=memory.device)
+            self.num_written = [num_slots] * batch
+        # Keys written since the last reset, so a reset costs O(rows written).
+        self._written_keys: list[Tensor] = []
+        self._fresh_cursor = [0] * batch
+
+    def keys(self, slots: Tensor) -> Tensor:
+        """slots [B, ...] -> flat keys [B * ...]."""
+        offsets = torch.arange(self.batch, device=slots.device) * self.num_slots
+        return (slots + offsets.view(-1, *([1] * (slots.dim() - 1)))).reshape(-1)
+
+    def read(self, keys: Tensor) -> Tensor:
+        """keys [M] -> rows [M, W], the initial word where a slot was never written."""
+        return torch.where(self.written[keys].unsqueeze(-1), self.rows[keys], self.initial_word)
+
+    def write(self, keys: Tensor, rows: Tensor) -> None:
+        """rows [M, W] into keys [M] in place; duplicate keys must carry identical rows."""
+        fresh = torch.unique(keys[~self.written[keys]])
+        self.rows[keys] = rows
+        if fresh.numel():
+            self.written[fresh] = True
+            self._written_keys.append(fresh)
+            for b, count in enumerate(torch.bincount(fresh // self.num_slots, minlength=self.batch).tolist()):
+                self.num_written[b] += count
+
+    def written_keys(self, rows: list[int]) -> Tensor:
+        """The flat keys written since the last reset in the given batch rows."""
+        if not self._written_keys:
+            return torch.empty(0, dtype=torch.int64, device=self.rows.device)
+        keys = torch.cat(self._written_keys)
+        selected = torch.zeros(self.batch, dtype=torch.bool, device=keys.device)
+        selected[rows] = True
+        return keys[selected[keys // self.num_slots]]
+
+    def forget(self, rows: list[int]) -> None:
+        """Batch rows back to the initial word everywhere, in O(rows written)."""
+        keys = self.written_keys(rows)
+        self.written[keys] = False
+        if self._written_keys:
+            remaining = torch.cat(self._written_keys)
+            self._written_keys = [remaining[self.written[remaining]]]
+        for b in rows:
+            self.num_written[b] = 0
+            self._fresh_cursor[b] = 0
+
+    def dense(self) -> Tensor:
+        """The whole memory [B, N, W] (O(N): for tests and plots, never on the sparse path)."""
+        return self.read(torch.arange(self.batch * self.num_slots, device=self.rows.device)).view(
+            self.batch, self.num_slots, self.word_size
+        )
+
+    def search(self, keys: Tensor, k: int) -> Tensor:
+        """The K slots most similar (cosine) to each key: keys [B, R, W] -> slots [B, R, K].
+
+        Written rows are searched exactly; the unwritten slots all hold the initial word,
+        so they are scored once and, where that score reaches the top K, concrete
+        unwritten slot ids are returned, so a softmax over the K equals one over all N.
+        """
+        scores, slots = self._search_written(keys, k)
+        fresh, valid = self._fresh_slots(k)
+        pool = cosine_similarity_ref(self.initial_word.expand(self.batch, 1, -1), keys)  # [B, R, 1]
+        pool = pool.expand(-1, -1, k).masked_fill(~valid.unsqueeze(1), float("-inf"))
+        scores = torch.cat([scores, pool], dim=-1)
+        slots = torch.cat([slots, fresh.unsqueeze(1).expand_as(pool)], dim=-1)
+        return slots.gather(-1, torch.topk(scores, k, dim=-1).indices)
+
+    def _search_written(self, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Exact top-K over written rows, chunked over N: (scores [B, R, K], slots [B, R, K]), -inf padded."""
+        memory = self.rows.view(self.batch, self.num_slots, self.word_size)
+        written = self.written.view(self.batch, 1, self.num_slots)
+        best_scores, best_slots = [], []
+        for start in range(0, self.num_slots, SEARCH_CHUNK):
+            end = min(start + SEARCH_CHUNK, self.num_slots)
+            scores = cosine_similarity_ref(memory[:, start:end], keys)
+            scores = torch.where(written[..., start:end], scores, float("-inf"))
+            top = torch.topk(scores, min(k, end - start), dim=-1)
+            best_scores.append(top.values)
+            best_slots.append(top.indices + start)
+        scores, slots = torch.cat(best_scores, -1), torch.cat(best_slots, -1)
+        top = torch.topk(scores, k, dim=-1).indices
+        return scores.gather(-1, top), slots.gather(-1, top)
+
+    def _fresh_slots(self, k: int) -> tuple[Tensor, Tensor]:
+        """Up to K never-written slots per batch row, lowest first: (slots [B, K], valid [B, K])."""
+        slots = torch.zeros(self.batch, k, dtype=torch.int64, device=self.rows.device)
+        valid = torch.zeros(self.batch, k, dtype=torch.bool, device=self.rows.device)
+        for b in range(self.batch):
+            start, span, found = self._fresh_cursor[b], 4 * k, []
+            base = b * self.num_slots
+            while sum(len(f) for f in found) < k and start < self.num_slots:
+                end = min(start + span, self.num_slots)
+                found.append((~self.written[base + start : base + end]).nonzero().squeeze(1) + start)
+                start, span = end, 2 * span
+            free = torch.cat(found)[:k] if found else slots[b, :0]
+            # written slots stay written until a reset, so the cursor only moves forward
+            self._fresh_cursor[b] = int(free[0]) if len(free) else self.num_slots
+            slots[b, : len(free)] = free
+            valid[b, : len(free)] = True
+        return slots, valid
+
+
+class Journal:
+    """A segment's touched row ids and, during backward, the row-keyed gradient buffer."""
+
+    def __init__(self, store: LazyMemory) -> None:
+        self.store = store
+        self._logged: list[Tensor] = []
+        self._keys: Tensor | None = None
+        self._grad: Tensor | None = None
+        self._task = -1
+
+    def log(self, keys: Tensor) -> None:
+        self._logged.append(keys)
+
+    def _positions(self, keys: Tensor, dtype: torch.dtype) -> Tensor:
+        # One buffer per backward pass: a pass that skips the source (autograd.grad with
+        # inputs that do not need it) must not leave its gradients to the next pass.
+        task = torch._C._current_graph_task_id()
+        if self._grad is None or task != self._task:
+            self._task = task
+            self._keys = torch.unique(torch.cat(self._logged))
+            self._grad = torch.zeros(len(self._keys), self.store.word_size, dtype=dtype, device=keys.device)
+        return torch.searchsorted(self._keys, keys)
+
+    def accumulate(self, keys: Tensor, grad: Tensor) -> None:
+        positions = self._positions(keys, grad.dtype)
+        self._grad.index_add_(0, positions, grad)
+
+    def take(self, keys: Tensor, first: Tensor, dtype: torch.dtype) -> Tensor:
+        """The gradient of rows just written, once per distinct key; those rows' buffer is zeroed."""
+        positions = self._positions(keys, dtype)
+        grad = self._grad[positions] * first.unsqueeze(-1)
+        self._grad.index_fill_(0, positions, 0)
+        return grad
+
+    def finish(self) -> tuple[Tensor | None, Tensor | None]:
+        """(keys, grad) left for the initial memory; the buffer is dropped."""
+        keys, grad = self._keys, self._grad
+        self._keys = self._grad = None
+        return keys, grad
+
+
+class _Source(torch.autograd.Function):
+    """The first version token of a segment; its backward runs last and ends the segment's pass."""
+
+    @staticmethod
+    def forward(ctx, journal: Journal, anchor: Tensor) -> Tensor:
+        ctx.journal = journal
+        ctx.anchor_shape = anchor.shape
+        return anchor.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _grad_token: Tensor):
+        keys, grad = ctx.journal.finish()
+        if not ctx.needs_input_grad[1] or len(ctx.anchor_shape) != 3:
+            return None, None
+        store = ctx.journal.store
+        dense = grad.new_zeros(store.batch * store.num_slots, store.word_size)
+        if keys is not None:
+            dense[keys] = grad
+        return None, dense.view(ctx.anchor_shape)
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, journal: Journal, token: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.journal = journal
+        ctx.save_for_backward(keys)
+        journal.log(keys)
+        return journal.store.read(keys), token.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor, _grad_token: Tensor):
+        (keys,) = ctx.saved_tensors
+        ctx.journal.accumulate(keys, grad_rows)
+        return None, None, None
+
+
+class _Scatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, journal: Journal, token: Tensor, keys: Tensor, rows: Tensor, first: Tensor) -> Tensor:
+        ctx.journal = journal
+        ctx.save_for_backward(keys, first)
+        journal.log(keys)
+        journal.store.write(keys, rows.detach())
+        return token.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _grad_token: Tensor):
+        keys, first = ctx.saved_tensors
+        return None, None, None, ctx.journal.take(keys, first, ctx.journal.store.rows.dtype), None
+
+
+class JournaledMemory:
+    """One BPTT segment over a LazyMemory: differentiable gather and in-place scatter of rows.
+
+    initial: the memory passed to init_state; with requires_grad it receives the gradient
+    of the rows the segment read before overwriting them (dense, as the user asked for it).
+    """
+
+    def __init__(self, store: LazyMemory, initial: Tensor | None = None) -> None:
+        self.store = store
+        self.journal = Journal(store)
+        self._initial = initial if initial is not None and initial.requires_grad else None
+        self._token: Tensor | None = None
+
+    def token(self) -> Tensor:
+        if self._token is None:
+            anchor = self._initial
+            if anchor is None:
+                anchor = torch.zeros((), dtype=self.store.rows.dtype, requires_grad=True)
+            self._token = _Source.apply(self.journal, anchor)
+        return self._token
+
+    def gather(self, slots: Tensor) -> Tensor:
+        """slots [B, Q] -> rows [B, Q, W]."""
+        keys = self.store.keys(slots)
+        if torch.is_grad_enabled():
+            rows, self._token = _Gather.apply(self.journal, self.token(), keys)
+        else:
+            rows = self.store.read(keys)
+        return rows.view(*slots.shape, self.store.word_size)
+
+    def scatter(self, slots: Tensor, rows: Tensor, first: Tensor) -> None:
+        """rows [B, J, W] into slots [B, J] in place; first [B, J] marks one entry per distinct slot
+        (duplicates must carry identical rows)."""
+        keys = self.store.keys(slots)
+        flat_rows = rows.reshape(-1, self.store.word_size)
+        if torch.is_grad_enabled():
+            self._token = _Scatter.apply(self.journal, self.token(), keys, flat_rows, first.reshape(-1))
+        else:
+            self.store.write(keys, flat_rows)
+
+    def detached(self) -> "JournaledMemory":
+        """The same rows, a new segment: no gradient flows to what came before."""
+        return JournaledMemory(self.store)
+
+    def reset(self, rows: list[int]) -> None:
+        """Batch rows back to the initial word. Under grad the rows are first overwritten by a
+        journaled write of the initial word, so no gradient crosses the reset."""
+        if torch.is_grad_enabled():
+            keys = self.store.written_keys(rows)
+            if keys.numel():
+                initial = self.store.initial_word.expand(len(keys), -1)
+                first = torch.ones(len(keys), dtype=torch.bool, device=keys.device)
+                self._token = _Scatter.apply(self.journal, self.token(), keys, initial, first)
+        self.store.forget(rows)

@@ -1,0 +1,176 @@
+"""SAMMemory: sparse access memory (Rae et al. 2016) with O(R*K) reads and writes per step.
+
+The step is reference/sam.py's sam_step_ref computed on gathered rows only: the write
+touches J <= R*K + 1 rows (the rows read at t-1 plus the LRU row), the read K rows per
+head found by a top-K search, and usage is an LRU list. No [B, N] or [B, R, N] tensor is
+formed; the memory is written in place through the journal of memory/_lazy.py.
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from sparsemem import ops
+from sparsemem.memory._lazy import LRU, JournaledMemory, LazyMemory, group_sum
+from sparsemem.reference.sam import DELTA
+
+
+@dataclass
+class SparseWeights:
+    """A sparse weighting: weights[..., k] on slot indices[..., k] (duplicate slots add up)."""
+
+    indices: Tensor
+    weights: Tensor
+
+    def detach(self) -> "SparseWeights":
+        return SparseWeights(self.indices, self.weights.detach())
+
+    def dense(self, num_slots: int) -> Tensor:
+        """[..., N] (O(N): for tests and plots)."""
+        shape = (*self.indices.shape[:-1], num_slots)
+        return self.weights.new_zeros(shape).scatter_add(-1, self.indices, self.weights)
+
+
+@dataclass
+class SAMInterface:
+    """One step's controller output for SAM, split and squashed.
+
+    keys [B, R, W], strengths [B, R] (>= 1), add [B, W], write_gate alpha [B] and
+    interp_gate gamma [B] in [0, 1].
+    """
+
+    keys: Tensor
+    strengths: Tensor
+    add: Tensor
+    write_gate: Tensor
+    interp_gate: Tensor
+
+
+@dataclass
+class SAMState:
+    """memory: the rows (written in place); usage: the LRU list; read_weights [B, R, K] and
+    write_weights [B, J] as (indices, weights); step: steps since init_state."""
+
+    memory: JournaledMemory
+    usage: LRU
+    read_weights: SparseWeights
+    write_weights: SparseWeights
+    step: int = 0
+
+    def detach(self) -> "SAMState":
+        """The same state cut from the graph (truncated BPTT); the rows stay where they are."""
+        return replace(
+            self,
+            memory=self.memory.detached(),
+            read_weights=self.read_weights.detach(),
+            write_weights=self.write_weights.detach(),
+        )
+
+    def reset(self, mask: Tensor) -> "SAMState":
+        """Samples where mask [B] is True start afresh: initial memory, no access history."""
+        rows = mask.nonzero().flatten().tolist()
+        self.memory.reset(rows)
+        self.usage.reset(rows)
+        return replace(
+            self, read_weights=_cleared(self.read_weights, mask), write_weights=_cleared(self.write_weights, mask)
+        )
+
+
+def _cleared(weights: SparseWeights, mask: Tensor) -> SparseWeights:
+    """The weighting of init_state (slot 0, weight 0) where mask [B] is True."""
+    where = mask.view(-1, *([1] * (weights.indices.dim() - 1)))
+    return SparseWeights(weights.indices.masked_fill(where, 0), weights.weights.masked_fill(where, 0))
+
+
+def _oneplus(x: Tensor) -> Tensor:
+    return 1 + nn.functional.softplus(x)
+
+
+class SAMMemory(nn.Module):
+    """Sparse access memory: N slots of W, R read heads reading K slots each.
+
+    Interface per step [B, R*W + R + W + 2]: read keys, read strengths (oneplus), add
+    vector, write gate and interpolation gate (sigmoid).
+    """
+
+    def __init__(self, num_slots: int, word_size: int, num_reads: int, k: int = 8) -> None:
+        super().__init__()
+        if not 1 <= k <= num_slots:
+            raise ValueError(f"k must be in [1, N={num_slots}]; got k={k}")
+        self.num_slots, self.word_size, self.num_reads, self.k = num_slots, word_size, num_reads, k
+        # Every unwritten slot holds this word (zero: cosine 0 with any key).
+        self.register_buffer("initial_word", torch.zeros(word_size), persistent=False)
+
+    @property
+    def interface_size(self) -> int:
+        return self.num_reads * self.word_size + self.num_reads + self.word_size + 2
+
+    def parse(self, interface: Tensor) -> SAMInterface:
+        R, W = self.num_reads, self.word_size
+        keys, strengths, add, gates = interface.split([R * W, R, W, 2], dim=-1)
+        gates = torch.sigmoid(gates)
+        return SAMInterface(keys.view(-1, R, W), _oneplus(strengths), add, gates[:, 0], gates[:, 1])
+
+    def init_state(self, batch: int, memory: Tensor | None = None) -> SAMState:
+        """A fresh memory (every slot the initial word), or memory [B, N, W] with every row written."""
+        if memory is not None and memory.shape != (batch, self.num_slots, self.word_size):
+            raise ValueError(
+                f"memory must be [B, N, W] = [{batch}, {self.num_slots}, {self.word_size}]; got {list(memory.shape)}"
+            )
+        word = self.initial_word if memory is None else self.initial_word.to(memory.dtype)
+        store = LazyMemory(batch, self.num_slots, word, memory)
+        zeros = torch.zeros(batch, self.num_reads, self.k, dtype=word.dtype, device=word.device)
+        slots = torch.zeros(batch, self.num_reads, self.k, dtype=torch.int64, device=word.device)
+        return SAMState(
+            memory=JournaledMemory(store, memory),
+            usage=LRU(batch, self.num_slots),
+            read_weights=SparseWeights(slots, zeros),
+            write_weights=SparseWeights(slots[:, 0, :1], zeros[:, 0, :1]),
+        )
+
+    def write(self, state: SAMState, add: Tensor, write_gate: Tensor, interp_gate: Tensor) -> SparseWeights:
+        """M_t = M (1 - I^U 1^T) + w^W a^T on the J rows read at t-1 plus the LRU row.
+
+        Returns the write weights as J entries (a slot read by several heads appears
+        several times; each entry carries its share).
+        """
+        batch = add.shape[0]
+        lru = torch.tensor(state.usage.least_recent(), device=add.device).unsqueeze(-1)
+        previous = state.read_weights
+        slots = torch.cat([previous.indices.reshape(batch, -1), lru], dim=-1)  # [B, J]
+        # w^W = alpha (gamma mean_r w^R_{t-1} + (1 - gamma) I^U), one entry per (head, k) and the LRU
+        read_share = (write_gate * interp_gate).unsqueeze(-1) * previous.weights.reshape(batch, -1) / self.num_reads
+        weights = torch.cat([read_share, (write_gate * (1 - interp_gate)).unsqueeze(-1)], dim=-1)
+        total, first = group_sum(slots, weights)
+        rows = state.memory.gather(slots)
+        new_rows = ops.sparse_write(rows, total, add, slots == lru)
+        state.memory.scatter(slots, new_rows, first)
+        return SparseWeights(slots, weights)
+
+    def content_read(self, state: SAMState, keys: Tensor, strengths: Tensor) -> tuple[SparseWeights, Tensor]:
+        """Top-K search, then sparsemem.ops.sparse_read over the gathered rows (softmax over K)."""
+        batch, heads, _ = keys.shape
+        slots = state.memory.store.search(keys.detach(), self.k)  # [B, R, K]
+        rows = state.memory.gather(slots.reshape(batch, -1))  # [B, R*K, W]
+        local = torch.arange(heads * self.k, device=keys.device).view(1, heads, self.k).expand(batch, -1, -1)
+        weights, reads = ops.sparse_read(rows, local, keys, strengths)
+        return SparseWeights(slots, weights), reads
+
+    def record_access(self, state: SAMState, write_w: SparseWeights, read_w: SparseWeights) -> None:
+        """Slots with w^W(i) + sum_r w^R_r(i) > DELTA move to the back of the LRU list."""
+        batch = write_w.indices.shape[0]
+        slots = torch.cat([write_w.indices, read_w.indices.reshape(batch, -1)], dim=-1)
+        weights = torch.cat([write_w.weights, read_w.weights.reshape(batch, -1)], dim=-1).detach()
+        total, first = group_sum(slots, weights)
+        accessed = first & (total > DELTA)
+        ordered = slots.masked_fill(~accessed, -1).sort(dim=-1).values
+        state.usage.touch([[s for s in row if s >= 0] for row in ordered.tolist()])
+
+    def step(self, state: SAMState, interface: Tensor | SAMInterface) -> tuple[Tensor, SAMState]:
+        """One SAM step (reference/sam.py's order): -> (reads [B, R, W], state)."""
+        parts = interface if isinstance(interface, SAMInterface) else self.parse(interface)
+        write_w = self.write(state, parts.add, parts.write_gate, parts.interp_gate)
+        read_w, reads = self.content_read(state, parts.keys, parts.strengths)
+        self.record_access(state, write_w, read_w)
+        return reads, replace(state, read_weights=read_w, write_weights=write_w, step=state.step + 1)
