@@ -240,7 +240,7 @@ class Index(abc.ABC):
         # (the LRU slot is the lowest unwritten one), so the cursor advances and scans stay short.
         position, window, found, first = self._cursor[b], max(64, 2 * count), [], None
         while position < self.num_slots and sum(ids.numel() for ids in found) < count:
-            free = (slots[position : position + window] < 0).nonzero().flatten() + position
+            free = (slots[position : position + window] == -1).nonzero().flatten() + position
             if free.numel():
                 first = int(free[0]) if first is None else first
                 found.append(free)

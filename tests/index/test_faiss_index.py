@@ -1,0 +1,135 @@
+"""FaissIndex: buffer merges, tombstones and rebuilds, recall against ExactIndex, threads, missing faiss."""
+
+import sys
+
+import pytest
+import torch
+
+from sparsemem.index import ExactIndex, make_index
+from sparsemem.index.faiss_index import FaissIndex, load_faiss
+from sparsemem.index.memories import clustered_words, near_queries, recall
+from tests.index.test_index import LazyMemory, check_search
+
+pytest.importorskip("faiss")
+
+W = 7
+
+
+def overwrite(index, memory, g, writes, batch_size, num_slots):
+    """Writes new rows at `writes` distinct random slots per batch row; returns what they held before."""
+    ids = torch.stack([torch.randperm(num_slots, generator=g)[:writes] for _ in range(batch_size)])
+    old = memory.memory.gather(1, ids.unsqueeze(-1).expand(-1, -1, W)).float()
+    rows = torch.randn(batch_size, writes, W, generator=g)
+    index.update(rows, ids)
+    memory.update(rows, ids)
+    return old
+
+
+def test_hnsw_tombstones_are_filtered_then_purged_by_a_rebuild():
+    g = torch.Generator().manual_seed(0)
+    batch_size, num_slots = 2, 200
+    index = FaissIndex(batch_size, num_slots, W, buffer_rows=16, ef_search=256)
+    memory = LazyMemory(batch_size=batch_size, num_slots=num_slots)
+    overwrite(index, memory, g, num_slots, batch_size, num_slots)
+    assert index.stats().buffered == 8 * batch_size  # 200 = 12 merges of 16 + 8 buffered
+    assert index.stats().tombstones == 0
+    builds = index.stats().rebuilds
+    old_rows = overwrite(index, memory, g, 40, batch_size, num_slots)
+    stats = index.stats()
+    assert 0 < stats.tombstones <= 40 * batch_size and stats.rebuilds == builds
+    # The old content of an overwritten slot is never found, only its new content.
+    check_search(index, memory, old_rows[:, :5], 8)
+    check_search(index, memory, torch.randn(batch_size, 4, W, generator=g), 8)
+    for _ in range(3):  # past 25% tombstones: the graph is rebuilt from live rows
+        overwrite(index, memory, g, 40, batch_size, num_slots)
+    stats = index.stats()
+    assert stats.rebuilds > builds and stats.tombstones < 0.25 * num_slots * batch_size
+    assert stats.rows == num_slots * batch_size and stats.build_seconds > 0 and stats.merge_seconds > 0
+    check_search(index, memory, torch.randn(batch_size, 4, W, generator=g), 8)
+
+
+def test_ivf_removes_overwritten_rows_at_once():
+    g = torch.Generator().manual_seed(1)
+    batch_size, num_slots = 2, 300
+    index = FaissIndex(batch_size, num_slots, W, kind="ivf", buffer_rows=64, nprobe=64)
+    memory = LazyMemory(batch_size=batch_size, num_slots=num_slots)
+    overwrite(index, memory, g, num_slots, batch_size, num_slots)
+    old_rows = overwrite(index, memory, g, 100, batch_size, num_slots)
+    assert index.stats().tombstones == 0
+    assert sum(ann.ntotal for ann in index._ann) + index.stats().buffered == num_slots * batch_size
+    check_search(index, memory, old_rows[:, :5], 8)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_rebuild_merges_the_buffer_and_keeps_results(kind):
+    g = torch.Generator().manual_seed(2)
+    batch_size, num_slots = 2, 150
+    index = FaissIndex(batch_size, num_slots, W, kind=kind, buffer_rows=32, ef_search=256, nprobe=64)
+    memory = LazyMemory(batch_size=batch_size, num_slots=num_slots)
+    for _ in range(4):
+        overwrite(index, memory, g, 50, batch_size, num_slots)
+    queries = torch.randn(batch_size, 4, W, generator=g)
+    check_search(index, memory, queries, 8)
+    index.rebuild()
+    stats = index.stats()
+    assert stats.buffered == 0 and stats.tombstones == 0
+    check_search(index, memory, queries, 8)
+    index.reset(torch.tensor([True, False]))
+    memory.memory[0] = 0
+    check_search(index, memory, queries, 8)
+
+
+@pytest.mark.parametrize("name", ["faiss-hnsw", "faiss-ivf"])
+def test_recall_at_8_on_a_realistic_memory(name):
+    """Clustered words, keys near stored words; overwrites leave tombstones (HNSW) and buffered rows."""
+    batch_size, num_slots, word_size, k = 2, 2**13, 32, 8
+    index = make_index(name, batch_size, num_slots, word_size, buffer_rows=1024)
+    exact = ExactIndex(batch_size, num_slots, word_size)
+    words = clustered_words(batch_size, num_slots, word_size, seed=3)
+    ids = torch.arange(num_slots).expand(batch_size, -1)
+    for index_ in (index, exact):
+        index_.update(words, ids)
+    assert recall(index, exact, near_queries(words, 64, seed=4), k) >= 0.95
+    rewritten = clustered_words(batch_size, 1500, word_size, seed=5)
+    for index_ in (index, exact):
+        index_.update(rewritten, ids[:, :1500])
+    stats = index.stats()
+    assert stats.buffered > 0 and (stats.tombstones > 0 if name == "faiss-hnsw" else stats.rebuilds > 1)
+    memory = torch.cat([rewritten, words[:, 1500:]], 1)
+    assert recall(index, exact, near_queries(memory, 64, seed=6), k) >= 0.95
+
+
+def test_deterministic_builds_give_identical_results():
+    words = clustered_words(1, 3000, 16, seed=7)
+    queries = near_queries(words, 16, seed=8)
+    results = []
+    for _ in range(2):
+        index = FaissIndex(1, 3000, 16, buffer_rows=1000, ef_search=16, deterministic=True)
+        index.update(words, torch.arange(3000).unsqueeze(0))
+        results.append(index.search(queries, 8))
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_threads_follow_sparsemem_threads(monkeypatch):
+    faiss = load_faiss()
+    before = faiss.omp_get_max_threads()
+    monkeypatch.setenv("SPARSEMEM_THREADS", "1")
+    try:
+        assert load_faiss().omp_get_max_threads() == 1
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def test_missing_faiss_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        make_index("faiss-hnsw", 1, 8, 4)
+
+
+def test_bad_options_errors():
+    with pytest.raises(ValueError, match="kind must be"):
+        FaissIndex(1, 8, 4, kind="pq")
+    with pytest.raises(ValueError, match="rebuild_fraction"):
+        FaissIndex(1, 8, 4, rebuild_fraction=0)
+    with pytest.raises(ValueError, match="buffer_rows"):
+        FaissIndex(1, 8, 4, buffer_rows=0)
