@@ -1,7 +1,8 @@
 """sparsemem: fast, exact external memories (NTM, DNC, SAM, SDNC) for PyTorch."""
 
-from sparsemem import _backends, ops, reference
+from sparsemem import _backends, memory, ops, reference
 from sparsemem._backends import backends
+from sparsemem.models import DNC, NTM, MemoryModel, ModelState
 
 __version__ = "0.1.0"
 
@@ -9,4 +10,4 @@ __version__ = "0.1.0"
 # a missing extension only makes the cpp/cuda backends unavailable.
 _backends.extension()
 
-__all__ = ["backends", "ops", "reference"]
+__all__ = ["DNC", "NTM", "MemoryModel", "ModelState", "backends", "memory", "ops", "reference"]

@@ -1,0 +1,147 @@
+"""DNCMemory: the Differentiable Neural Computer's memory (Graves et al. 2016).
+
+Dynamic allocation by usage, content lookup, and temporal links between slots
+written one after another; each step in the order of DESIGN.md's equations, on
+the public ops so the fastest backend of each runs.
+"""
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsemem import ops
+from sparsemem.memory.base import DenseState, Memory
+
+
+def oneplus(x: Tensor) -> Tensor:
+    """1 + softplus(x): strengths in [1, inf), as in the DNC paper."""
+    return 1 + F.softplus(x)
+
+
+@dataclasses.dataclass
+class DNCInterface:
+    """One step's interface vector, split and squashed (the DNC paper's xi_t).
+
+    read_keys [B, R, W], read_strengths [B, R] >= 1, write_key [B, 1, W], write_strength [B, 1] >= 1,
+    erase [B, W] in [0, 1], write_vector [B, W], free_gates [B, R], allocation_gate [B, 1],
+    write_gate [B, 1] in [0, 1], read_modes [B, R, 3] (backward, content, forward; sums to 1).
+    """
+
+    read_keys: Tensor
+    read_strengths: Tensor
+    write_key: Tensor
+    write_strength: Tensor
+    erase: Tensor
+    write_vector: Tensor
+    free_gates: Tensor
+    allocation_gate: Tensor
+    write_gate: Tensor
+    read_modes: Tensor
+
+
+@dataclasses.dataclass
+class DNCState(DenseState):
+    """memory [B, N, W], usage [B, N], link [B, N, N], precedence [B, N], and the last
+    read_weights [B, R, N] and write_weights [B, N]. initial_memory: the rows reset() restores
+    (None: zeros)."""
+
+    memory: Tensor
+    usage: Tensor
+    link: Tensor
+    precedence: Tensor
+    read_weights: Tensor
+    write_weights: Tensor
+    initial_memory: Tensor | None = dataclasses.field(default=None, metadata={"constant": True})
+
+    def fresh(self) -> "DNCState":
+        zeros = {name: torch.zeros_like(getattr(self, name)) for name in self._recurrent_fields()}
+        if self.initial_memory is not None:
+            # A preloaded memory counts as written: allocation leaves it alone until freed.
+            zeros.update(memory=self.initial_memory.expand_as(self.memory), usage=torch.ones_like(self.usage))
+        return DNCState(**zeros, initial_memory=self.initial_memory)
+
+
+class DNCMemory(Memory):
+    """DNC memory of N slots of W with R read heads and one write head.
+
+    Interface size R*W + 3W + 5R + 3 (read keys and strengths, write key and strength,
+    erase, write vector, free gates, allocation and write gates, 3 read modes per head).
+    """
+
+    @property
+    def interface_size(self) -> int:
+        R, W = self.num_reads, self.word_size
+        return R * W + 3 * W + 5 * R + 3
+
+    def split_interface(self, interface: Tensor) -> DNCInterface:
+        B, R, W = interface.shape[0], self.num_reads, self.word_size
+        parts = interface.split([R * W, R, W, 1, W, W, R, 1, 1, 3 * R], dim=-1)
+        read_keys, read_strengths, write_key, write_strength, erase, write_vector = parts[:6]
+        free_gates, allocation_gate, write_gate, read_modes = parts[6:]
+        return DNCInterface(
+            read_keys=read_keys.view(B, R, W),
+            read_strengths=oneplus(read_strengths),
+            write_key=write_key.view(B, 1, W),
+            write_strength=oneplus(write_strength),
+            erase=torch.sigmoid(erase),
+            write_vector=write_vector,
+            free_gates=torch.sigmoid(free_gates),
+            allocation_gate=torch.sigmoid(allocation_gate),
+            write_gate=torch.sigmoid(write_gate),
+            read_modes=torch.softmax(read_modes.view(B, R, 3), dim=-1),
+        )
+
+    def init_state(
+        self,
+        batch_size: int,
+        memory: Tensor | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> DNCState:
+        """A fresh memory: zeros, nothing used, no links, no reads yet. A given memory
+        [B, N, W] (or [N, W]) is the starting content, every row counted as written."""
+        B, N, R = batch_size, self.num_slots, self.num_reads
+        initial = self.initial_memory(B, memory, device, dtype)
+        if initial is not None:
+            device, dtype = initial.device, initial.dtype
+        dtype = dtype or torch.get_default_dtype()
+        state = DNCState(
+            memory=torch.zeros(B, N, self.word_size, device=device, dtype=dtype),
+            usage=torch.zeros(B, N, device=device, dtype=dtype),
+            link=torch.zeros(B, N, N, device=device, dtype=dtype),
+            precedence=torch.zeros(B, N, device=device, dtype=dtype),
+            read_weights=torch.zeros(B, R, N, device=device, dtype=dtype),
+            write_weights=torch.zeros(B, N, device=device, dtype=dtype),
+            initial_memory=initial,
+        )
+        return state if initial is None else state.fresh()
+
+    def step(self, state: DNCState, interface: DNCInterface) -> tuple[Tensor, DNCState]:
+        """One DNC step, in the paper's order: usage, allocation, write weights, write, links,
+        temporal and content read weights, read. -> (reads [B, R, W], state)."""
+        usage = ops.usage_update(state.usage, state.write_weights, state.read_weights, interface.free_gates)
+        allocation = ops.allocation_weights(usage)
+        write_content = ops.content_weights(state.memory, interface.write_key, interface.write_strength)[:, 0]
+        # w^w = g_w (g_a a + (1 - g_a) c^w)
+        gate_a = interface.allocation_gate
+        write_weights = interface.write_gate * (gate_a * allocation + (1 - gate_a) * write_content)
+        memory = ops.memory_write(state.memory, write_weights, interface.erase, interface.write_vector)
+        link, precedence = ops.link_update(state.link, state.precedence, write_weights)
+        forward, backward = ops.temporal_reads(link, state.read_weights)
+        read_content = ops.content_weights(memory, interface.read_keys, interface.read_strengths)
+        # w^r = pi_1 b + pi_2 c^r + pi_3 f
+        modes = interface.read_modes
+        read_weights = modes[..., 0:1] * backward + modes[..., 1:2] * read_content + modes[..., 2:3] * forward
+        reads = ops.memory_read(memory, read_weights)
+        new_state = DNCState(
+            memory=memory,
+            usage=usage,
+            link=link,
+            precedence=precedence,
+            read_weights=read_weights,
+            write_weights=write_weights,
+            initial_memory=state.initial_memory,
+        )
+        return reads, new_state

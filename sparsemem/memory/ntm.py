@@ -1,0 +1,144 @@
+"""NTMMemory: the Neural Turing Machine's memory (Graves et al. 2014).
+
+One write head and R read heads, each addressed by content, interpolation with its
+previous weights, a circular shift over S offsets and sharpening (ops.ntm_address).
+The write comes first, so a step's reads see what it wrote (as in the DNC).
+"""
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsemem import ops
+from sparsemem.memory.base import DenseState, Memory
+from sparsemem.memory.dnc import oneplus
+
+INITIAL_WORD = 1e-6
+"""Every slot of a fresh NTM memory holds this constant: the initialisation Collier and
+Beel (2018) found to learn fastest, and nonzero so content addressing starts defined."""
+
+
+@dataclasses.dataclass
+class HeadInterface:
+    """Addressing of H heads: key [B, H, W], strength [B, H] >= 0, gate [B, H] in [0, 1],
+    shift [B, H, S] (a distribution over offsets -S//2 .. S//2), sharpen [B, H] >= 1."""
+
+    key: Tensor
+    strength: Tensor
+    gate: Tensor
+    shift: Tensor
+    sharpen: Tensor
+
+
+@dataclasses.dataclass
+class NTMInterface:
+    """read: the R read heads; write: the write head (H = 1); erase [B, W] in [0, 1]; add [B, W]."""
+
+    read: HeadInterface
+    write: HeadInterface
+    erase: Tensor
+    add: Tensor
+
+
+@dataclasses.dataclass
+class NTMState(DenseState):
+    """memory [B, N, W], read_weights [B, R, N], write_weights [B, N]. initial_memory: the
+    rows reset() restores (None: every slot INITIAL_WORD)."""
+
+    memory: Tensor
+    read_weights: Tensor
+    write_weights: Tensor
+    initial_memory: Tensor | None = dataclasses.field(default=None, metadata={"constant": True})
+
+    def fresh(self) -> "NTMState":
+        # Heads start focused on slot 0, so shifts alone can walk the memory.
+        read_weights = torch.zeros_like(self.read_weights)
+        read_weights[..., 0] = 1
+        write_weights = torch.zeros_like(self.write_weights)
+        write_weights[..., 0] = 1
+        if self.initial_memory is None:
+            memory = torch.full_like(self.memory, INITIAL_WORD)
+        else:
+            memory = self.initial_memory.expand_as(self.memory)
+        return NTMState(memory, read_weights, write_weights, self.initial_memory)
+
+
+class NTMMemory(Memory):
+    """NTM memory of N slots of W with R read heads, one write head and shifts over S offsets.
+
+    Interface size R*(W + S + 3) + (3W + S + 3): per head a key, strength, gate, S shift
+    logits and sharpening; for the write head also erase and add vectors.
+    """
+
+    def __init__(self, num_slots: int, word_size: int, num_reads: int = 1, shift_range: int = 3) -> None:
+        super().__init__(num_slots, word_size, num_reads)
+        if shift_range < 1 or shift_range % 2 == 0 or shift_range > num_slots:
+            raise ValueError(f"shift_range S must be odd and in [1, N={num_slots}]; got {shift_range}")
+        self.shift_range = shift_range
+
+    @property
+    def interface_size(self) -> int:
+        head = self.word_size + self.shift_range + 3
+        return self.num_reads * head + head + 2 * self.word_size
+
+    def _heads(self, x: Tensor, heads: int) -> HeadInterface:
+        B, W, S = x.shape[0], self.word_size, self.shift_range
+        key, strength, gate, shift, sharpen = x.view(B, heads, -1).split([W, 1, 1, S, 1], dim=-1)
+        return HeadInterface(
+            key=key,
+            strength=F.softplus(strength[..., 0]),
+            gate=torch.sigmoid(gate[..., 0]),
+            shift=torch.softmax(shift, dim=-1),
+            sharpen=oneplus(sharpen[..., 0]),
+        )
+
+    def split_interface(self, interface: Tensor) -> NTMInterface:
+        R, W, S = self.num_reads, self.word_size, self.shift_range
+        read, write, erase, add = interface.split([R * (W + S + 3), W + S + 3, W, W], dim=-1)
+        return NTMInterface(self._heads(read, R), self._heads(write, 1), torch.sigmoid(erase), add)
+
+    def init_state(
+        self,
+        batch_size: int,
+        memory: Tensor | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> NTMState:
+        """A fresh memory (every slot INITIAL_WORD, or the given [B, N, W] / [N, W] rows), heads on slot 0."""
+        B, N = batch_size, self.num_slots
+        initial = self.initial_memory(B, memory, device, dtype)
+        if initial is not None:
+            device, dtype = initial.device, initial.dtype
+        dtype = dtype or torch.get_default_dtype()
+        empty = NTMState(
+            memory=torch.empty(B, N, self.word_size, device=device, dtype=dtype),
+            read_weights=torch.empty(B, self.num_reads, N, device=device, dtype=dtype),
+            write_weights=torch.empty(B, N, device=device, dtype=dtype),
+            initial_memory=initial,
+        )
+        return empty.fresh()
+
+    def step(self, state: NTMState, interface: NTMInterface) -> tuple[Tensor, NTMState]:
+        """Address and write with the write head, then address and read with the R read heads."""
+        write = interface.write
+        write_weights = ops.ntm_address(
+            state.memory,
+            write.key,
+            write.strength,
+            write.gate,
+            write.shift,
+            write.sharpen,
+            state.write_weights.unsqueeze(1),
+        )[:, 0]
+        memory = ops.memory_write(state.memory, write_weights, interface.erase, interface.add)
+        read = interface.read
+        read_weights = ops.ntm_address(
+            memory, read.key, read.strength, read.gate, read.shift, read.sharpen, state.read_weights
+        )
+        reads = ops.memory_read(memory, read_weights)
+        return reads, NTMState(memory, read_weights, write_weights, state.initial_memory)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, S={self.shift_range}"

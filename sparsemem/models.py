@@ -1,0 +1,251 @@
+"""Memory-augmented models with an nn.LSTM-like API: NTM, DNC (and, on the same base, SAM, SDNC).
+
+    model = sm.DNC(input_size=10, hidden_size=64, num_slots=32, word_size=16, num_reads=2)
+    y, state = model(x)            # x [B, T, input_size] -> y [B, T, output_size or hidden_size]
+    y, state = model(x2, state)    # carry on; state.detach() for truncated BPTT
+
+MemoryModel is the whole recurrence; a model is MemoryModel with a memory module
+(sparsemem.memory.Memory). Each time step t:
+
+    h_t, c_t   = controller([x_t ; r_{t-1}], c_{t-1})      # read vectors fed back
+    reads, m_t = memory.step(m_{t-1}, memory.split_interface(interface(h_t)))
+    y_t        = output([h_t ; r_t])                        # as in the DNC paper
+
+A new memory type plugs in by subclassing MemoryModel and passing its Memory to
+MemoryModel.__init__ (see DNC below); the loop, controller handling, read feedback,
+output layer, state handling and input checks are shared.
+"""
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sparsemem.memory import DNCMemory, Memory, NTMMemory
+from sparsemem.memory.base import check_mask
+
+_CELLS = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+
+
+@dataclasses.dataclass
+class ModelState:
+    """The recurrent state of a MemoryModel, batch first in every tensor.
+
+    controller: the controller's state, a tuple of tensors [B, ...] ((h, c) for the default
+    LSTM cell, () for a feed-forward controller); access: the memory module's state (memory,
+    usage, links, ...); reads [B, R, W]: the last read vectors, fed to the controller next step.
+    memory, read_weights and write_weights are the access state's, for inspection and plots.
+    """
+
+    controller: tuple[Tensor, ...]
+    access: Any
+    reads: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.reads.shape[0]
+
+    @property
+    def memory(self) -> Any:
+        return self.access.memory
+
+    @property
+    def read_weights(self) -> Any:
+        return self.access.read_weights
+
+    @property
+    def write_weights(self) -> Any:
+        return self.access.write_weights
+
+    def detach(self) -> "ModelState":
+        """The same values cut from the autograd graph: the next forward's backward stops here
+        (truncated BPTT)."""
+        return ModelState(tuple(c.detach() for c in self.controller), self.access.detach(), self.reads.detach())
+
+    def reset(self, mask: Tensor) -> "ModelState":
+        """A state where batch rows with mask[B] True restart (fresh memory, controller state
+        and reads zero) and the other rows carry on: for streams whose episodes end at different steps."""
+        mask = check_mask(mask, self.batch_size)
+
+        def zero_rows(value: Tensor) -> Tensor:
+            return value.masked_fill(mask.view(-1, *([1] * (value.dim() - 1))), 0)
+
+        return ModelState(tuple(zero_rows(c) for c in self.controller), self.access.reset(mask), zero_rows(self.reads))
+
+
+class MemoryModel(nn.Module):
+    """A controller, a memory module, and the output layer y_t = Linear([h_t ; r_t]).
+
+    controller: any nn.Module mapping [B, input_size + R*W] -> [B, hidden_size]. Default:
+    nn.LSTMCell. nn.LSTMCell, nn.GRUCell and nn.RNNCell carry their state; any other module
+    is feed-forward (called as controller(x)) unless it has init_state(B) -> a tuple of
+    tensors [B, ...] and forward(x, state) -> (h, state). reset() zeros a controller state.
+    output_size: features of y (default hidden_size). batch_first: x and y are [B, T, ...]
+    (else [T, B, ...]); the state is always batch first.
+
+    Extension point: a subclass builds its Memory and passes it here; nothing else is needed.
+    """
+
+    def __init__(
+        self,
+        memory: Memory,
+        input_size: int,
+        hidden_size: int,
+        controller: nn.Module | None = None,
+        output_size: int | None = None,
+        batch_first: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("output_size", output_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if controller is not None and not isinstance(controller, nn.Module):
+            raise ValueError(f"controller must be an nn.Module; got {type(controller).__name__}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.output_size = output_size or hidden_size
+        self.batch_first = batch_first
+        self.memory = memory
+        read_size = memory.num_reads * memory.word_size
+        self.controller = controller if controller is not None else nn.LSTMCell(input_size + read_size, hidden_size)
+        self.interface = nn.Linear(hidden_size, memory.interface_size)
+        self.output = nn.Linear(hidden_size + read_size, self.output_size)
+
+    def init_state(self, batch_size: int, memory: Tensor | None = None) -> ModelState:
+        """A fresh state for a batch of B, on the model's device and dtype.
+
+        memory [B, N, W] (or [N, W], shared by the batch): start from these rows, e.g. a
+        preloaded knowledge base; they count as written."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size B must be a positive int; got {batch_size!r}")
+        weight = self.output.weight
+        device, dtype = weight.device, weight.dtype
+        if memory is not None and memory.dtype != dtype:
+            raise ValueError(f"memory is {memory.dtype} but the model's parameters are {dtype}; convert one of them")
+        access = self.memory.init_state(batch_size, memory, device=device, dtype=dtype)
+        R, W = self.memory.num_reads, self.memory.word_size
+        reads = torch.zeros(batch_size, R, W, device=device, dtype=dtype)
+        return ModelState(self._controller_init(batch_size, device, dtype), access, reads)
+
+    def forward(self, x: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
+        """x [B, T, input_size] ([T, B, input_size] if not batch_first) -> (y [B, T, output_size], state)."""
+        self._check_input(x, state)
+        if state is None:
+            state = self.init_state(x.shape[0] if self.batch_first else x.shape[1])
+        time_dim = 1 if self.batch_first else 0
+        outputs = []
+        for x_t in x.unbind(time_dim):
+            y_t, state = self._step(x_t, state)
+            outputs.append(y_t)
+        return torch.stack(outputs, dim=time_dim), state
+
+    def _step(self, x: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        controller_in = torch.cat([x, state.reads.flatten(1)], dim=-1)
+        hidden, controller_state = self._controller_step(controller_in, state.controller)
+        reads, access = self.memory.step(state.access, self.memory.split_interface(self.interface(hidden)))
+        y = self.output(torch.cat([hidden, reads.flatten(1)], dim=-1))
+        return y, ModelState(controller_state, access, reads)
+
+    def _controller_init(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        controller = self.controller
+        if isinstance(controller, _CELLS):
+            zeros = torch.zeros(batch_size, controller.hidden_size, device=device, dtype=dtype)
+            return (zeros, zeros.clone()) if isinstance(controller, nn.LSTMCell) else (zeros,)
+        if hasattr(controller, "init_state"):
+            return tuple(controller.init_state(batch_size))
+        return ()
+
+    def _controller_step(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        controller = self.controller
+        if isinstance(controller, nn.LSTMCell):
+            hidden, cell = controller(x, state)
+            new_state = (hidden, cell)
+        elif isinstance(controller, _CELLS):
+            hidden = controller(x, state[0])
+            new_state = (hidden,)
+        elif hasattr(controller, "init_state"):
+            hidden, new_state = controller(x, state)
+        else:
+            hidden, new_state = controller(x), ()
+        expected = (x.shape[0], self.hidden_size)
+        if not isinstance(hidden, Tensor) or tuple(hidden.shape) != expected:
+            got = list(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
+            raise ValueError(
+                f"controller must map [B, input_size + R*W] to [B, hidden_size] = {list(expected)}; got {got}"
+            )
+        return hidden, tuple(new_state)
+
+    def _check_input(self, x: object, state: ModelState | None) -> None:
+        layout = "[B, T, input_size]" if self.batch_first else "[T, B, input_size]"
+        if not isinstance(x, Tensor):
+            raise ValueError(f"x must be a tensor {layout}; got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.input_size:
+            raise ValueError(f"x must be {layout} with input_size={self.input_size}; got {list(x.shape)}")
+        time_steps = x.shape[1] if self.batch_first else x.shape[0]
+        if time_steps == 0:
+            raise ValueError(f"x must have at least one time step; got {list(x.shape)}")
+        weight = self.output.weight
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor; got {x.dtype}")
+        if x.dtype != weight.dtype:
+            raise ValueError(f"x is {x.dtype} but the model's parameters are {weight.dtype}; convert one of them")
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the model is on {weight.device}")
+        if state is None:
+            return
+        if not isinstance(state, ModelState):
+            raise ValueError(f"state must be a ModelState from this model (or None); got {type(state).__name__}")
+        batch = x.shape[0] if self.batch_first else x.shape[1]
+        if state.batch_size != batch:
+            raise ValueError(
+                f"state is for a batch of B={state.batch_size} but x has B={batch}; "
+                "start one with model.init_state(B) or pass state=None"
+            )
+        if state.reads.dtype != x.dtype or state.reads.device != x.device:
+            raise ValueError(
+                f"state is {state.reads.dtype} on {state.reads.device} but x is {x.dtype} on {x.device}; "
+                "start one with model.init_state(B)"
+            )
+
+    def extra_repr(self) -> str:
+        return f"input_size={self.input_size}, hidden_size={self.hidden_size}, output_size={self.output_size}"
+
+
+class DNC(MemoryModel):
+    """Differentiable Neural Computer (Graves et al. 2016): MemoryModel with a DNCMemory
+    of N slots of W and R read heads."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_slots: int = 64,
+        word_size: int = 32,
+        num_reads: int = 4,
+        controller: nn.Module | None = None,
+        output_size: int | None = None,
+        batch_first: bool = True,
+    ) -> None:
+        memory = DNCMemory(num_slots, word_size, num_reads)
+        super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first)
+
+
+class NTM(MemoryModel):
+    """Neural Turing Machine (Graves et al. 2014): MemoryModel with an NTMMemory of N slots
+    of W, R read heads, one write head and shifts over shift_range S offsets."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_slots: int = 128,
+        word_size: int = 20,
+        num_reads: int = 1,
+        controller: nn.Module | None = None,
+        output_size: int | None = None,
+        batch_first: bool = True,
+        shift_range: int = 3,
+    ) -> None:
+        memory = NTMMemory(num_slots, word_size, num_reads, shift_range)
+        super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first)
