@@ -35,8 +35,9 @@ format: $(STAMP)
 test: lint
 	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_ARGS)
 
+# The scaling profiler (bench/scaling.py): BENCH_ARGS="--full" or "--device cuda" pass through.
 bench: $(STAMP)
-	$(PY) -m bench.ops.bench_ops
+	$(PY) -m bench.scaling $(BENCH_ARGS)
 
 bench-ops: $(STAMP)
 	$(PY) -m bench.ops.bench_ops

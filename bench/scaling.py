@@ -1,0 +1,744 @@
+"""Memory-size scaling: time and peak memory per step against the number of slots N.
+
+    python -m bench.scaling                # the default run (`make bench`), under 5 minutes on 2 cores
+    python -m bench.scaling --full         # the full regime up to --max-slots as well (HNSW builds: minutes)
+    python -m bench.scaling --device cuda  # the same on a GPU
+
+NTM and DNC (dense), SAM and SDNC (sparse, once per index backend), for N = 2^10,
+2^11, ... up to --max-slots, in the two regimes of DESIGN.md ("Two regimes, both measured"):
+
+  fresh  an episode from a reset memory, model.init_state(B): cost follows the rows written
+  full   every slot written and indexed, model.init_state(B, memory=M) with M random unit
+         words; repeats continue from the state the last run left (the steady state)
+
+Each case (model, index, regime, N) runs in its own process, so its peak memory is its own,
+under --timeout seconds. It reports forward and forward+backward time per step (the time of
+a T-step run divided by T; median over repeats after a first, warm-up run), the time and
+memory of init_state apart from the steps (the index build in the full regime), and peak
+memory above the process's baseline (RSS on the CPU, torch.cuda.max_memory_allocated on a
+GPU). A case whose estimated memory exceeds what the machine has is skipped up front ("needs
+X GiB"), and a series stops once its next size is predicted to run past the timeout. Models
+or index backends the installed sparsemem does not have are reported as "not available".
+
+Default config (fixed, so that runs compare): B=8, W=64, R=4, K=8, T=16, the models' LSTM
+controller with 128 hidden units, 8 input features, float32, the full regime up to 2^18.
+Writes bench/results/scaling-<device>.json (with header), scaling-<device>.md (the table),
+scaling-<device>-time.png and scaling-<device>-memory.png (log-log, fitted slopes in the legend).
+"""
+
+import argparse
+import math
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+import sparsemem as sm
+from bench.common import RESULTS, header, write_json
+
+DENSE = ("NTM", "DNC")
+SPARSE = ("SAM", "SDNC")
+INDEXES = ("exact", "faiss-hnsw", "faiss-ivf")
+REGIMES = ("fresh", "full")
+FIT_POINTS = 4
+"""Slopes are fitted over the largest sizes measured, where fixed per-step costs matter least."""
+
+GIB = 2**30
+
+# Each case process re-runs this module as __mp_main__ (multiprocessing's spawn preparation)
+# after the fork server has imported it; runpy warns about that, harmlessly, once per case.
+warnings.filterwarnings("ignore", message="'bench.scaling' found in sys.modules", category=RuntimeWarning)
+
+
+@dataclass(frozen=True)
+class Config:
+    batch: int = 8
+    word: int = 64
+    reads: int = 4
+    k: int = 8
+    steps: int = 16
+    hidden: int = 128
+    inputs: int = 8
+    device: str = "cpu"
+    threads: int = 0  # 0: torch's default
+    min_run_time: float = 0.5  # seconds of timed runs per phase after the warm-up run
+    max_runs: int = 10
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    index: str | None  # None for the dense models
+    regime: str
+    num_slots: int
+
+    @property
+    def series(self) -> str:
+        return self.model if self.index is None else f"{self.model}/{self.index}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory estimate: decides up front which sizes fit, so a run never dies of memory.
+# ---------------------------------------------------------------------------------------------
+
+
+def estimate_bytes(case: Case, config: Config) -> int:
+    """Peak bytes a case needs for forward+backward over T steps (its largest phase), float32.
+
+    Dense (torch autograd keeps every step's outputs for backward):
+      NTM  (T + 4) memories [B, N, W]: one per step saved, plus the state and the content
+           addressing temporaries; 12 [B, R, N] weight vectors per step.
+      DNC  the same memories, plus (T + 6) link matrices [B, N, N]: each step's saved,
+           and the link update's backward temporaries.
+    Sparse (lazy memory: only written rows are real):
+      full  4 memories (M, the model's copy, the index's vectors and graph) + 48 bytes per slot
+      fresh 48 bytes per slot (written mask, usage / LRU bookkeeping); rows written are O(T*J*W).
+    The full regime adds M itself to the dense models.
+    """
+    B, N, W, R, T = config.batch, case.num_slots, config.word, config.reads, config.steps
+    word = 4
+    memories, links, vectors, per_slot = 0, 0, 0, 0
+    if case.model in DENSE:
+        memories = T + 4 + (case.regime == "full")
+        vectors = 12 * T
+        links = (T + 6) if case.model == "DNC" else 0
+    else:
+        memories = 4 if case.regime == "full" else 0
+        per_slot = 48
+    return word * (memories * B * N * W + links * B * N * N + vectors * B * R * N) + per_slot * B * N
+
+
+def available_bytes(device: str) -> int:
+    """What the machine has now: MemAvailable on the CPU, free memory on the GPU."""
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return free
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+# ---------------------------------------------------------------------------------------------
+# One case, in its own process.
+# ---------------------------------------------------------------------------------------------
+
+
+class NotAvailable(Exception):
+    """The installed sparsemem has no such model or index backend."""
+
+
+class PeakMemory:
+    """Current and peak memory of this process on one device, with a resettable peak.
+
+    CPU: VmRSS / VmHWM from /proc/self/status; writing 5 to /proc/self/clear_refs resets
+    the peak (Linux >= 4.0). Elsewhere the peak is ru_maxrss, which cannot be reset, so
+    later phases report the peak so far ("rss-cumulative"). GPU: the caching allocator's
+    allocated bytes.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cuda":
+            self.kind = "cuda-allocated"
+        else:
+            self.kind = "rss" if self._can_reset_rss() else "rss-cumulative"
+
+    @staticmethod
+    def _can_reset_rss() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    def current(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        if self.kind == "rss":
+            return self._status("VmRSS")
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.kind == "rss":
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.kind == "rss":
+            return self._status("VmHWM")
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    @staticmethod
+    def _status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def build_model(case: Case, config: Config) -> torch.nn.Module:
+    """The model of a case with the fixed API of DESIGN.md; NotAvailable says why it cannot be built."""
+    model_class = getattr(sm, case.model, None)
+    if model_class is None:
+        raise NotAvailable(f"sparsemem {sm.__version__} has no sm.{case.model}")
+    kwargs = {"num_slots": case.num_slots, "word_size": config.word, "num_reads": config.reads}
+    if case.index is not None:
+        kwargs.update(k=config.k, index=case.index)
+    try:
+        return model_class(config.inputs, config.hidden, **kwargs)
+    except (ImportError, NotImplementedError, ValueError) as error:
+        # a missing optional package (faiss) or an index backend this version does not have
+        raise NotAvailable(f"{type(error).__name__}: {error}") from error
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _repeat(prepare, run, device: torch.device, config: Config) -> dict:
+    """Seconds per step of run(T steps): at least one timed run, more until min_run_time is spent.
+
+    prepare() runs untimed before each run (a reset in the fresh regime); the caller has
+    warmed up with a one-step run, so one-time costs stay out of the first timed run.
+    """
+    times = []
+    while not times or (sum(times) < config.min_run_time and len(times) < config.max_runs):
+        prepare()
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    steps = config.steps
+    return {
+        "median": statistics.median(times) / steps,
+        "min": min(times) / steps,
+        "max": max(times) / steps,
+        "runs": len(times),
+    }
+
+
+def measure(case: Case, config: Config) -> dict:
+    """Runs one case in this process: init, forward, forward+backward; times and memory.
+
+    Each phase starts with an untimed one-step run (lazy initialisation, allocator warm-up,
+    backend selection); its memory counts in the phase's peak, as a first step would.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(0)
+    device = torch.device(config.device)
+    model = build_model(case, config).to(device)
+    B = config.batch
+    inputs = torch.randn(B, config.steps, config.inputs, device=device)
+    memory = PeakMemory(device)
+    baseline = memory.current()
+    full = case.regime == "full"
+    words = F.normalize(torch.randn(B, case.num_slots, config.word, device=device), dim=-1) if full else None
+
+    before_init = memory.current()
+    _sync(device)
+    start = time.perf_counter()
+    state = model.init_state(B, memory=words) if full else model.init_state(B)
+    _sync(device)
+    init = {"seconds": time.perf_counter() - start, "bytes": memory.current() - before_init}
+    del words  # the model holds what it needs of M
+
+    holder = {"state": state}
+
+    def prepare_forward() -> None:
+        if not full:  # drop the last episode's state before the reset, so two never coexist
+            holder["state"] = None
+            holder["state"] = model.init_state(B)
+
+    def forward(x: Tensor = inputs) -> None:
+        with torch.no_grad():
+            holder["state"] = model(x, holder["state"])[1]
+
+    def prepare_backward() -> None:
+        model.zero_grad(set_to_none=True)
+        prepare_forward()
+
+    def forward_backward(x: Tensor = inputs) -> None:
+        outputs, state = model(x, holder["state"])
+        outputs.square().mean().backward()
+        holder["state"] = state.detach()
+
+    phases = {}
+    peaks = {}
+    for name, prepare, run in (
+        ("forward", prepare_forward, forward),
+        ("forward_backward", prepare_backward, forward_backward),
+    ):
+        if not full:
+            holder["state"] = None
+        memory.reset_peak()
+        prepare()
+        run(inputs[:, :1])
+        phases[name] = _repeat(prepare, run, device, config)
+        peaks[name] = memory.peak() - baseline
+    return {
+        "status": "ok",
+        "init": init,
+        **phases,
+        "memory": {"kind": memory.kind, "baseline": baseline, **peaks},
+    }
+
+
+def _address_space_limit(config: Config, budget: int) -> None:
+    """On the CPU, caps the case's address space at its start plus the memory budget, so an
+    estimate that was too low fails that case with an allocation error instead of calling
+    the kernel's OOM killer onto a shared machine."""
+    if config.device != "cpu":
+        return
+    size = PeakMemory._status("VmSize") if Path("/proc/self/status").exists() else 0
+    limit = size + budget + 2 * GIB  # slack for thread stacks and allocator arenas
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _child(case: Case, config: Config, budget: int, connection) -> None:
+    try:
+        _address_space_limit(config, budget)
+        result = measure(case, config)
+    except NotAvailable as error:
+        result = {"status": "not available", "reason": str(error)}
+    except Exception as error:  # whatever a case raises is its result, reported in the table
+        result = {"status": "error", "reason": f"{type(error).__name__}: {error}"}
+    connection.send(result)
+    connection.close()
+
+
+def run_in_process(case: Case, config: Config, budget: int, timeout: float) -> dict:
+    """measure(case) in a fresh process (forked from a server that has imported torch), killed after timeout."""
+    context = multiprocessing.get_context("forkserver")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(case, config, budget, sender), daemon=True)
+    process.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout):
+            return {"status": "timeout", "reason": f"over {timeout:g} s"}
+        return receiver.recv()
+    except EOFError:
+        process.join()
+        code = process.exitcode
+        cause = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return {"status": "error", "reason": f"the case's process died ({cause})"}
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join()
+        receiver.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: plan, skip, measure, summarise.
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_slope(sizes: list[float], values: list[float]) -> float | None:
+    """Least-squares slope of log(value) against log(N): value ~ c * N^slope.
+
+    Points with a non-positive value are left out; fewer than two points give None.
+    """
+    points = [(math.log(n), math.log(v)) for n, v in zip(sizes, values, strict=True) if v > 0]
+    if len(points) < 2:
+        return None
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    if spread == 0:
+        return None
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+
+
+def predict_seconds(done: list[tuple[int, float]], num_slots: int) -> float | None:
+    """A case's wall time at num_slots, extrapolated from the last two of its series (slope >= 0)."""
+    if len(done) < 2:
+        return None
+    (n1, t1), (n2, t2) = done[-2:]
+    slope = max(0.0, math.log(t2 / t1) / math.log(n2 / n1))
+    return t2 * (num_slots / n2) ** slope
+
+
+def plan(args: argparse.Namespace) -> list[Case]:
+    """Every case of the run, series by series, N ascending within a series."""
+    sizes = [2**e for e in range(int(math.log2(args.min_slots)), int(math.log2(args.max_slots)) + 1)]
+    full_top = args.max_slots if args.full else min(args.max_slots, args.max_full_slots)
+    cases = []
+    for model in args.models:
+        for index in args.indexes if model in SPARSE else [None]:
+            for regime in args.regimes:
+                top = full_top if regime == "full" else args.max_slots
+                cases += [Case(model, index, regime, n) for n in sizes if n <= top]
+    return cases
+
+
+def run_cases(
+    cases: list[Case], config: Config, memory_budget: int, timeout: float, time_budget: float | None = None
+) -> list[dict]:
+    """Measures every case that fits; the others get their reason. Results in the order of cases.
+
+    Cases run smallest N first across all series, so a spent time_budget (seconds for the
+    whole run) cuts the largest sizes of every series, not whole series. A series stops at
+    its first failure (timeout, error, not available); a case is skipped up front when its
+    estimated memory exceeds memory_budget or its predicted time exceeds what is left of
+    the timeout and the time budget.
+    """
+    results: dict[Case, dict] = {}
+    stopped: dict[tuple, str] = {}
+    done: dict[tuple, list[tuple[int, float]]] = {}
+    start = time.perf_counter()
+    progress = tqdm(sorted(cases, key=lambda c: c.num_slots), desc="scaling", unit="case")
+    for case in progress:
+        key = (case.model, case.index, case.regime)
+        progress.set_postfix_str(f"{case.series} {case.regime} N={_log2(case.num_slots)}")
+        estimate = estimate_bytes(case, config)
+        result = {**asdict(case), "series": case.series, "estimate_bytes": estimate}
+        left = math.inf if time_budget is None else time_budget - (time.perf_counter() - start)
+        limit = min(timeout, left)
+        predicted = predict_seconds(done.get(key, []), case.num_slots)
+        if not hasattr(sm, case.model):
+            result.update(status="not available", reason=f"sparsemem {sm.__version__} has no sm.{case.model}")
+        elif key in stopped:
+            result.update(status="skipped", reason=stopped[key])
+        elif estimate > memory_budget:
+            result.update(status="skipped", reason=f"needs {estimate / GIB:.1f} GiB (have {memory_budget / GIB:.1f})")
+        elif left <= 0:
+            result.update(status="skipped", reason=f"the run's time budget ({time_budget:g} s) is spent")
+        elif predicted is not None and predicted > limit:
+            why = f"timeout {timeout:g} s" if limit == timeout else f"{left:.0f} s left of the run's budget"
+            result.update(status="skipped", reason=f"predicted {predicted:.0f} s ({why})")
+        else:
+            started = time.perf_counter()
+            result.update(run_in_process(case, config, memory_budget, limit))
+            result["wall_seconds"] = time.perf_counter() - started
+            if result["status"] == "ok":
+                done.setdefault(key, []).append((case.num_slots, result["wall_seconds"]))
+            elif result["status"] == "not available":
+                stopped[key] = result["reason"]
+            else:
+                stopped[key] = f"after {result['status']} at N={_log2(case.num_slots)}"
+        results[case] = result
+    return [results[case] for case in cases]
+
+
+def slopes(results: list[dict]) -> list[dict]:
+    """Per series and regime: fitted slopes of time (forward, forward+backward) and of peak memory."""
+    rows = []
+    keys = dict.fromkeys((r["series"], r["regime"]) for r in results)
+    for series, regime in keys:
+        ok = [r for r in results if (r["series"], r["regime"]) == (series, regime) and r["status"] == "ok"]
+        ok = ok[-FIT_POINTS:]
+        sizes = [r["num_slots"] for r in ok]
+        rows.append(
+            {
+                "series": series,
+                "regime": regime,
+                "sizes": sizes,
+                "forward": fit_slope(sizes, [r["forward"]["median"] for r in ok]),
+                "forward_backward": fit_slope(sizes, [r["forward_backward"]["median"] for r in ok]),
+                "memory": fit_slope(sizes, [r["memory"]["forward_backward"] for r in ok]),
+            }
+        )
+    return rows
+
+
+def crossovers(results: list[dict]) -> list[dict]:
+    """Per regime, for each sparse series against each dense one: the smallest N measured for
+    both at which the sparse model's forward+backward step is faster (None if at none)."""
+    rows = []
+    ok = [r for r in results if r["status"] == "ok"]
+    for regime in REGIMES:
+        times = {}
+        for r in ok:
+            if r["regime"] == regime:
+                times.setdefault(r["series"], {})[r["num_slots"]] = r["forward_backward"]["median"]
+        dense = [s for s in times if s in DENSE]
+        sparse = [s for s in times if s not in DENSE]
+        for s in sparse:
+            for d in dense:
+                common = sorted(set(times[s]) & set(times[d]))
+                faster = [n for n in common if times[s][n] < times[d][n]]
+                rows.append(
+                    {
+                        "regime": regime,
+                        "sparse": s,
+                        "dense": d,
+                        "N": faster[0] if faster else None,
+                        "compared": [common[0], common[-1]] if common else None,
+                    }
+                )
+    return rows
+
+
+def _log2(n: int) -> str:
+    return f"2^{int(math.log2(n))}" if n & (n - 1) == 0 else str(n)
+
+
+def table(results: list[dict]) -> str:
+    """A markdown table: one row per measured case; a series' run of skipped sizes on one row."""
+    lines = [
+        "| model | regime | N | fwd ms/step | fwd+bwd ms/step | init s | init MiB | peak MiB | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    index = 0
+    while index < len(results):
+        r = results[index]
+        if r["status"] == "ok":
+            lines.append(
+                f"| {r['series']} | {r['regime']} | {_log2(r['num_slots'])} "
+                f"| {r['forward']['median'] * 1e3:.2f} | {r['forward_backward']['median'] * 1e3:.2f} "
+                f"| {r['init']['seconds']:.2f} | {r['init']['bytes'] / 2**20:.0f} "
+                f"| {r['memory']['forward_backward'] / 2**20:.0f} | |"
+            )
+            index += 1
+            continue
+        last = index
+        while (
+            last + 1 < len(results)
+            and results[last + 1]["status"] == r["status"]
+            and (results[last + 1]["series"], results[last + 1]["regime"]) == (r["series"], r["regime"])
+        ):
+            last += 1
+        sizes = _log2(r["num_slots"])
+        if last > index:
+            sizes += f"..{_log2(results[last]['num_slots'])}"
+        note = r["reason"] if r["status"] == "skipped" else f"{r['status']}: {r['reason']}"
+        lines.append(f"| {r['series']} | {r['regime']} | {sizes} | | | | | | {note.replace('|', '/')} |")
+        index = last + 1
+    return "\n".join(lines)
+
+
+def summary(slope_rows: list[dict], crossover_rows: list[dict]) -> str:
+    def fmt(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}"
+
+    lines = [
+        f"Slopes (log-log, largest {FIT_POINTS} sizes measured):",
+        "",
+        "| model | regime | sizes | fwd | fwd+bwd | peak memory |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for s in slope_rows:
+        if s["sizes"]:
+            sizes = f"{_log2(s['sizes'][0])}..{_log2(s['sizes'][-1])}"
+            lines.append(
+                f"| {s['series']} | {s['regime']} | {sizes} | {fmt(s['forward'])} "
+                f"| {fmt(s['forward_backward'])} | {fmt(s['memory'])} |"
+            )
+    if crossover_rows:
+        lines += ["", "Crossover (smallest N where the sparse fwd+bwd step is faster than the dense one):", ""]
+        for c in crossover_rows:
+            if c["compared"] is None:
+                found = "no size measured for both"
+            elif c["N"] is None:
+                found = f"not faster at any N in {_log2(c['compared'][0])}..{_log2(c['compared'][1])}"
+            else:
+                found = f"N = {_log2(c['N'])}"
+            lines.append(f"- {c['regime']}: {c['sparse']} vs {c['dense']}: {found}")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], slope_rows: list[dict], stem: Path) -> list[Path]:
+    """Log-log plots of time per step and of peak memory against N, the slope of each series in its label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slope_of = {(s["series"], s["regime"]): s for s in slope_rows}
+    series = list(dict.fromkeys(r["series"] for r in results))
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(series)}
+
+    def draw(axis, regime: str, metric: str, value) -> None:
+        for name in series:
+            ok = [r for r in results if (r["series"], r["regime"]) == (name, regime) and r["status"] == "ok"]
+            if not ok:
+                continue
+            slope = slope_of[(name, regime)][metric]
+            label = name if slope is None else f"{name} (slope {slope:.2f})"
+            style = "-" if "/" not in name or name.endswith("exact") else ("--" if "hnsw" in name else ":")
+            axis.loglog(
+                [r["num_slots"] for r in ok],
+                [value(r) for r in ok],
+                style,
+                marker="o",
+                ms=3,
+                color=colors[name],
+                label=label,
+                base=2,
+            )
+        axis.set_xlabel("N (memory slots)")
+        axis.grid(True, which="both", alpha=0.3)
+        if axis.has_data():
+            axis.legend(fontsize=7)
+        else:
+            axis.text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=axis.transAxes)
+
+    paths = []
+    figure, axes = plt.subplots(2, 2, figsize=(12, 9), squeeze=False)
+    for row, regime in enumerate(REGIMES):
+        for column, (metric, title) in enumerate((("forward", "forward"), ("forward_backward", "forward+backward"))):
+            axis = axes[row][column]
+            draw(axis, regime, metric, lambda r, m=metric: r[m]["median"] * 1e3)
+            axis.set_title(f"{regime} memory: {title} time per step")
+            axis.set_ylabel("ms per step")
+    figure.tight_layout()
+    paths.append(_save(figure, stem.with_name(stem.name + "-time.png")))
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+    for column, regime in enumerate(REGIMES):
+        axis = axes[0][column]
+        draw(axis, regime, "memory", lambda r: r["memory"]["forward_backward"] / 2**20)
+        axis.set_title(f"{regime} memory: peak memory of forward+backward")
+        axis.set_ylabel("MiB above the process baseline")
+    figure.tight_layout()
+    paths.append(_save(figure, stem.with_name(stem.name + "-memory.png")))
+    plt.close("all")
+    return paths
+
+
+def _save(figure, path: Path) -> Path:
+    """Atomic like write_json: a temporary file, then a rename."""
+    temporary = path.with_name(path.name + ".tmp.png")
+    figure.savefig(temporary, dpi=110)
+    os.replace(temporary, path)
+    return path
+
+
+def _slots(text: str) -> int:
+    """N as 1048576, 2^20 or 2**20; a power of two."""
+    base, _, exponent = text.replace("**", "^").partition("^")
+    value = int(base) ** int(exponent) if exponent else int(base)
+    if value < 1 or value & (value - 1):
+        raise argparse.ArgumentTypeError(f"{text} is not a power of two")
+    return value
+
+
+def _names(allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {','.join(allowed)}")
+        return names
+
+    return parse
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = Config()
+    parser.add_argument("--models", type=_names(DENSE + SPARSE), default=list(DENSE + SPARSE))
+    parser.add_argument("--indexes", type=_names(INDEXES), default=list(INDEXES), help="for SAM and SDNC")
+    parser.add_argument("--regimes", type=_names(REGIMES), default=list(REGIMES))
+    parser.add_argument("--min-slots", type=_slots, default=2**10)
+    parser.add_argument("--max-slots", type=_slots, default=2**20)
+    parser.add_argument("--max-full-slots", type=_slots, default=2**18, help="top N of the full regime")
+    parser.add_argument("--full", action="store_true", help="the full regime up to --max-slots too")
+    parser.add_argument("--batch", type=int, default=defaults.batch, help="B")
+    parser.add_argument("--word", type=int, default=defaults.word, help="W")
+    parser.add_argument("--reads", type=int, default=defaults.reads, help="R")
+    parser.add_argument("--k", type=int, default=defaults.k, help="K, sparse models")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="T")
+    parser.add_argument("--hidden", type=int, default=defaults.hidden, help="LSTM controller units")
+    parser.add_argument("--inputs", type=int, default=defaults.inputs, help="input features")
+    parser.add_argument("--device", default=defaults.device, help="cpu or cuda[:i]")
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (0: default)")
+    parser.add_argument("--min-run-time", type=float, default=defaults.min_run_time)
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per case")
+    parser.add_argument(
+        "--time-budget", type=float, default=270.0, help="seconds for the whole run, 0: none (--full: none)"
+    )
+    parser.add_argument("--memory-gib", type=float, help="memory budget (default: what the machine has now)")
+    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/scaling-<device>.json)")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: torch here has no CUDA device")
+
+    config = Config(
+        batch=args.batch,
+        word=args.word,
+        reads=args.reads,
+        k=args.k,
+        steps=args.steps,
+        hidden=args.hidden,
+        inputs=args.inputs,
+        device=args.device,
+        threads=args.threads,
+        min_run_time=args.min_run_time,
+    )
+    budget = int(args.memory_gib * GIB) if args.memory_gib else available_bytes(args.device)
+    out = args.out or RESULTS / f"scaling-{args.device.replace(':', '')}.json"
+    cases = plan(args)
+    # OpenMP threads that spin while they wait for each other cost 10x and more on a machine
+    # busier than its cores (measured here: content_read 83 ms spinning, 21 ms passive);
+    # set before the fork server starts, as libgomp reads it once when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The server that forks each case imports torch and sparsemem once, not once per case, and
+    # torch._dynamo, which the first call of a custom op imports (~4 s here; imports only: no
+    # compute runs in the server, so no thread pool is forked).
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch._dynamo", "bench.scaling"])
+
+    time_budget = None if args.full or args.time_budget <= 0 else args.time_budget
+    run_config = {
+        **asdict(config),
+        "dtype": "float32",
+        "timeout": args.timeout,
+        "time_budget": time_budget,
+        "memory_budget_gib": round(budget / GIB, 2),
+        "full_regime_max_slots": args.max_slots if args.full else min(args.max_slots, args.max_full_slots),
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "load_average_at_start": os.getloadavg()[0],  # other work on the machine slows every case
+        "command": " ".join(["python -m bench.scaling", *(sys.argv[1:] if argv is None else argv)]),
+    }
+    start = time.perf_counter()
+    results = run_cases(cases, config, budget, args.timeout, time_budget)
+    wall = time.perf_counter() - start
+    slope_rows, crossover_rows = slopes(results), crossovers(results)
+    text = f"{table(results)}\n\n{summary(slope_rows, crossover_rows)}"
+    payload = {
+        "header": header(run_config),
+        "wall_seconds": wall,
+        "cases": results,
+        "slopes": slope_rows,
+        "crossovers": crossover_rows,
+        "plots": [],
+    }
+    stem = out.with_suffix("")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.no_plot:
+        payload["plots"] = [p.name for p in plot(results, slope_rows, stem)]
+    write_json(out, payload)
+    markdown = stem.with_name(stem.name + ".md")
+    temporary = markdown.with_name(markdown.name + ".tmp")
+    temporary.write_text(text + "\n")
+    os.replace(temporary, markdown)
+    written = ", ".join([markdown.name, *payload["plots"]])
+    print(f"\n{text}\n\n{len(cases)} cases in {wall:.0f} s; wrote {out} and {written}")
+    return payload
+
+
+if __name__ == "__main__":
+    # Run under the module's own name, not __main__, so that the case processes can
+    # unpickle Case, Config and _child by reference.
+    from bench import scaling
+
+    scaling.main()
