@@ -74,11 +74,14 @@ class ExactIndex(Index):
         best_scores = unit.new_full((self.batch_size, heads, k), float("-inf"))
         best_rows = torch.full((self.batch_size, heads, k), -1, dtype=torch.int64, device=self.device)
         counts = torch.tensor(self._rows, device=self.device)
+        full = min(self._rows)
         for start in range(0, max(self._rows), self.chunk_rows):
             chunk = self._store[:, start : start + self.chunk_rows]
-            scores = unit @ chunk.transpose(1, 2)
-            rows = torch.arange(start, start + chunk.shape[1], device=self.device)
-            scores = scores.masked_fill((rows >= counts.unsqueeze(1)).unsqueeze(1), float("-inf"))
+            # [B, C, W] @ [B, W, R]: the long side as the GEMM's M is ~2x faster than [B, R, W] @ [B, W, C].
+            scores = torch.bmm(chunk, unit.transpose(1, 2)).transpose(1, 2)
+            if start + chunk.shape[1] > full:  # some batch row has fewer rows than this chunk holds
+                rows = torch.arange(start, start + chunk.shape[1], device=self.device)
+                scores = scores.masked_fill((rows >= counts.unsqueeze(1)).unsqueeze(1), float("-inf"))
             top_scores, top = scores.topk(min(k, chunk.shape[1]), dim=-1)
             merged, order = torch.cat([best_scores, top_scores], -1).topk(k, dim=-1)
             best_rows = torch.cat([best_rows, top + start], -1).gather(-1, order)

@@ -270,22 +270,28 @@ class FaissIndex(Index):
 
     def _search_ann(self, b: int, queries: np.ndarray, k: int) -> tuple[Tensor, Tensor]:
         ann = self._ann[b]
-        live = ann.ntotal - self._dead[b]
+        count = min(k, ann.ntotal - self._dead[b])
         effort = self.ef_search if self.kind == "hnsw" else self.nprobe
         while True:
-            params = self._search_params(b, effort)
-            scores, labels = ann.search(queries, min(k, live), params=params)
+            scores, labels = ann.search(queries, count, params=self._search_params(b, effort))
+            found = (labels >= 0).all()
             # Too few live entries reached (many tombstones near the queries, or short
             # IVF lists): search again, wider, until K are found or everything was searched.
-            if (labels >= 0).all() or effort >= self._effort_limit(b):
+            if found or effort >= self._effort_limit(b):
                 break
             effort *= 2
-        ids = np.where(labels >= 0, self._label_ids[b][labels], -1) if self.kind == "hnsw" else labels
-        scores = np.where(labels >= 0, scores, -np.inf)
+        if found:
+            ids = self._label_ids[b][labels] if self.kind == "hnsw" else labels
+            scores, ids = torch.from_numpy(scores), torch.from_numpy(ids)
+        else:
+            # Some live entries are unreachable even by a full-width search (an inner-product
+            # graph need not be connected): a brute-force pass, only ever when K nears the row count.
+            slots, vectors = self._indexed(b)
+            scores, rows = (torch.from_numpy(queries) @ torch.from_numpy(vectors).T).topk(count, dim=-1)
+            ids = torch.from_numpy(slots)[rows]
         padded_scores = torch.full((queries.shape[0], k), float("-inf"))
         padded_ids = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
-        padded_scores[:, : scores.shape[1]] = torch.from_numpy(scores)
-        padded_ids[:, : ids.shape[1]] = torch.from_numpy(ids)
+        padded_scores[:, :count], padded_ids[:, :count] = scores, ids
         return padded_scores, padded_ids
 
     def _search_params(self, b: int, effort: int):

@@ -133,3 +133,14 @@ def test_bad_options_errors():
         FaissIndex(1, 8, 4, rebuild_fraction=0)
     with pytest.raises(ValueError, match="buffer_rows"):
         FaissIndex(1, 8, 4, buffer_rows=0)
+
+
+def test_brute_force_fallback_when_the_search_reaches_too_few_rows(monkeypatch):
+    """IVF lists of ~39 rows, one probed, K = 64, widening disabled: the fallback still finds K."""
+    g = torch.Generator().manual_seed(9)
+    batch_size, num_slots = 1, 4096
+    index = FaissIndex(batch_size, num_slots, W, kind="ivf", buffer_rows=num_slots, nprobe=1)
+    memory = LazyMemory(batch_size=batch_size, num_slots=num_slots)
+    overwrite(index, memory, g, num_slots, batch_size, num_slots)
+    monkeypatch.setattr(index, "_effort_limit", lambda b: 1)
+    check_search(index, memory, torch.randn(batch_size, 3, W, generator=g), 64)

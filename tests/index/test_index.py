@@ -216,3 +216,18 @@ def test_stats_report_rows_and_bytes():
     stats = index.stats()
     assert stats.rows == 20 and stats.tombstones == 0 and stats.buffered == 0
     assert stats.bytes >= 20 * W * 4
+
+
+@pytest.mark.gpu
+def test_exact_index_on_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(7)
+    indexes = [ExactIndex(B, N, W, device=device, chunk_rows=16) for device in ("cpu", "cuda")]
+    for _ in range(5):
+        rows, ids = random_writes(g, 9)
+        for index in indexes:
+            index.update(rows.to(index.device), ids.to(index.device))
+    queries = torch.randn(B, R, W, generator=g)
+    (cpu_scores, cpu_ids), (gpu_scores, gpu_ids) = (ix.search(queries.to(ix.device), 8) for ix in indexes)
+    assert gpu_ids.device.type == "cuda"
+    torch.testing.assert_close(gpu_scores.cpu(), cpu_scores, **tolerance(torch.float32))
+    assert torch.equal(gpu_ids.sort(-1).values.cpu(), cpu_ids.sort(-1).values)
