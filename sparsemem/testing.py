@@ -43,6 +43,9 @@ def op_inputs(op: str, dtype: torch.dtype = torch.float64, B=3, N=7, W=5, R=3, s
     if op == "link_update":
         link = rand(B, N, N) / N * (1 - torch.eye(N, dtype=dtype))
         return link, distribution(B, N) * 0.5, distribution(B, N) * 0.9
+    if op == "link_update_reads":
+        link = rand(B, N, N) / N * (1 - torch.eye(N, dtype=dtype))
+        return link, distribution(B, N) * 0.5, distribution(B, N) * 0.9, distribution(B, R, N)
     if op == "temporal_reads":
         return rand(B, N, N) / N, distribution(B, R, N)
     if op == "ntm_address":
@@ -77,6 +80,7 @@ OPS = (
     "memory_read",
     "link_update",
     "temporal_reads",
+    "link_update_reads",
     "ntm_address",
     "topk_content",
     "sparse_read",

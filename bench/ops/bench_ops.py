@@ -17,7 +17,7 @@ from bench.common import RESULTS, header, time_cpu, write_json
 from sparsemem import _backends
 from sparsemem.testing import OPS, op_inputs
 
-QUADRATIC = {"link_update", "temporal_reads"}  # [B, N, N] inputs: capped lower
+QUADRATIC = {"link_update", "temporal_reads", "link_update_reads"}  # [B, N, N] inputs: capped lower
 
 
 def run_case(op: str, backend: str, num_slots: int, config: dict) -> dict:

@@ -2,7 +2,7 @@
 
 from sparsemem.ops.allocation import allocation_weights
 from sparsemem.ops.content import content_read, content_weights
-from sparsemem.ops.links import link_update, temporal_reads
+from sparsemem.ops.links import link_update, link_update_reads, temporal_reads
 from sparsemem.ops.memory_rw import memory_read, memory_write
 from sparsemem.ops.ntm import ntm_address
 from sparsemem.ops.sparse import sparse_read, sparse_write, topk_content
@@ -13,6 +13,7 @@ __all__ = [
     "content_read",
     "content_weights",
     "link_update",
+    "link_update_reads",
     "memory_read",
     "memory_write",
     "ntm_address",

@@ -107,3 +107,16 @@ def temporal_reads_ref(link: Tensor, read_w: Tensor) -> tuple[Tensor, Tensor]:
     forward = read_w @ link.transpose(1, 2)
     backward = read_w @ link
     return forward, backward
+
+
+def link_update_reads_ref(
+    link: Tensor, precedence: Tensor, write_w: Tensor, read_w: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """link_update, then temporal_reads through the new links (one DNC step's link work).
+
+    link [B, N, N], precedence [B, N], write_w [B, N], read_w [B, R, N]
+    -> (link [B, N, N], precedence [B, N], forward [B, R, N], backward [B, R, N]).
+    """
+    new_link, new_precedence = link_update_ref(link, precedence, write_w)
+    forward, backward = temporal_reads_ref(new_link, read_w)
+    return new_link, new_precedence, forward, backward

@@ -1,0 +1,404 @@
+// DNC temporal links on the CPU: link_update, temporal_reads and the fused link_update_reads.
+//   L'[i, j] = (1 - w_i - w_j) L[i, j] + w_i p_j  (i != j),  L'[i, i] = 0
+//   p' = (1 - sum_i w_i) p + w
+//   f[r, i] = sum_j L'[i, j] wr[r, j]   (forward),   b[r, j] = sum_i L'[i, j] wr[r, i]   (backward)
+//
+// One kernel per direction, templated on what it does (kUpdate: the link update; kReads: the two
+// reads), so the fused op touches the N x N link matrix once per step: the forward reads L and
+// writes L', the backward reads L and grad L' and writes grad L (L' is recomputed, not re-read).
+//
+// Tiling: the rows of each batch row are cut into blocks and the (b, block) pieces run in
+// parallel. A piece works on one row i at a time, kept in an acc_t buffer (L1-resident for the
+// N this op is used at). Row reductions (f, the row part of grad w) are dot products; column
+// reductions (b, the column parts of grad w, grad p, grad wr) go to per-piece partial vectors
+// of length N, summed after the parallel loop, so no two threads write the same element.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace sparsemem {
+
+namespace {
+
+// Blocks of rows per batch row: enough pieces for every thread when B is small, one when B is large.
+int64_t row_blocks(int64_t B, int64_t N) {
+  const int64_t wanted = (2 * int64_t(at::get_num_threads()) + B - 1) / B;
+  return std::max<int64_t>(1, std::min<int64_t>(N, wanted));
+}
+
+void check_link(const at::Tensor& link) {
+  TORCH_CHECK(link.dim() == 3 && link.size(1) == link.size(2), "link must be [B, N, N]; got ", link.sizes());
+}
+
+void check_vector(const char* name, const at::Tensor& x, const at::Tensor& link) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == link.size(0) && x.size(1) == link.size(1), name,
+              " must be [B, N] matching link [B, N, N]; got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == link.scalar_type(), name, " must have link's dtype");
+}
+
+void check_read_w(const at::Tensor& read_w, const at::Tensor& link) {
+  TORCH_CHECK(read_w.dim() == 3 && read_w.size(0) == link.size(0) && read_w.size(2) == link.size(1),
+              "read_w must be [B, R, N] matching link [B, N, N]; got ", read_w.sizes());
+  TORCH_CHECK(read_w.scalar_type() == link.scalar_type(), "read_w must have link's dtype");
+}
+
+// Raw pointers of one call; the ones a variant does not use stay null.
+template <typename scalar_t>
+struct Links {
+  int64_t B = 0, N = 0, R = 0;
+  const scalar_t* link = nullptr;        // [B, N, N]
+  const scalar_t* precedence = nullptr;  // [B, N]
+  const scalar_t* write_w = nullptr;     // [B, N]
+  const scalar_t* read_w = nullptr;      // [B, R, N]
+};
+
+template <typename acc_t, typename scalar_t>
+acc_t dot(const acc_t* a, const scalar_t* b, int64_t N) {
+  acc_t sum = 0;
+  for (int64_t j = 0; j < N; ++j) sum += a[j] * acc_t(b[j]);
+  return sum;
+}
+
+// row[j] = L'[i, j] with kUpdate, else L[i, j].
+template <bool kUpdate, typename acc_t, typename scalar_t>
+void link_row(const Links<scalar_t>& x, int64_t b, int64_t i, acc_t* row) {
+  const int64_t N = x.N;
+  const scalar_t* L = x.link + (b * N + i) * N;
+  if constexpr (kUpdate) {
+    const scalar_t* w = x.write_w + b * N;
+    const scalar_t* p = x.precedence + b * N;
+    const acc_t wi = acc_t(w[i]);
+    for (int64_t j = 0; j < N; ++j) row[j] = (1 - wi - acc_t(w[j])) * acc_t(L[j]) + wi * acc_t(p[j]);
+    row[i] = 0;
+  } else {
+    for (int64_t j = 0; j < N; ++j) row[j] = acc_t(L[j]);
+  }
+}
+
+template <bool kUpdate, bool kReads, typename scalar_t>
+void links_forward(const Links<scalar_t>& x, scalar_t* new_link, scalar_t* new_precedence, scalar_t* forward,
+                   scalar_t* backward) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = x.B, N = x.N, R = x.R;
+  const int64_t blocks = row_blocks(B, N), rows_per_block = (N + blocks - 1) / blocks;
+  // Per piece: its partial b[r, :] = sum over its rows i of L'[i, :] wr[r, i].
+  std::vector<acc_t> partial_backward(kReads ? B * blocks * R * N : 0);
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(N);
+    for (int64_t piece = begin; piece < end; ++piece) {
+      const int64_t b = piece / blocks, first = (piece % blocks) * rows_per_block;
+      const int64_t last = std::min(N, first + rows_per_block);
+      acc_t* column = kReads ? &partial_backward[piece * R * N] : nullptr;
+      if constexpr (kReads) std::fill(column, column + R * N, acc_t(0));
+      for (int64_t i = first; i < last; ++i) {
+        link_row<kUpdate>(x, b, i, row.data());
+        if constexpr (kUpdate) {
+          scalar_t* out = new_link + (b * N + i) * N;
+          for (int64_t j = 0; j < N; ++j) out[j] = scalar_t(row[j]);
+        }
+        if constexpr (kReads) {
+          for (int64_t r = 0; r < R; ++r) {
+            const scalar_t* wr = x.read_w + (b * R + r) * N;
+            forward[(b * R + r) * N + i] = scalar_t(dot(row.data(), wr, N));
+            const acc_t weight = acc_t(wr[i]);
+            acc_t* col = column + r * N;
+            for (int64_t j = 0; j < N; ++j) col[j] += weight * row[j];
+          }
+        }
+      }
+    }
+  });
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      if constexpr (kReads) {
+        for (int64_t at = 0; at < R * N; ++at) {
+          acc_t sum = 0;
+          for (int64_t block = 0; block < blocks; ++block) sum += partial_backward[(b * blocks + block) * R * N + at];
+          backward[b * R * N + at] = scalar_t(sum);
+        }
+      }
+      if constexpr (kUpdate) {
+        const scalar_t* w = x.write_w + b * N;
+        const scalar_t* p = x.precedence + b * N;
+        acc_t written = 0;
+        for (int64_t n = 0; n < N; ++n) written += acc_t(w[n]);
+        for (int64_t n = 0; n < N; ++n) new_precedence[b * N + n] = scalar_t((1 - written) * acc_t(p[n]) + acc_t(w[n]));
+      }
+    }
+  });
+}
+
+// Gradients of one call; the ones a variant does not use stay null.
+template <typename scalar_t>
+struct LinkGrads {
+  const scalar_t* new_link = nullptr;        // grad L' [B, N, N]
+  const scalar_t* new_precedence = nullptr;  // grad p' [B, N]
+  const scalar_t* forward = nullptr;         // grad f [B, R, N]
+  const scalar_t* backward = nullptr;        // grad b [B, R, N]
+};
+
+// With G = dLoss/dL' (grad L' plus, with kReads, the reads' share
+//   G[i, j] += sum_r grad_f[r, i] wr[r, j] + grad_b[r, j] wr[r, i]):
+//   grad L[i, j] = G[i, j] (1 - w_i - w_j) (i != j), 0 on the diagonal   (kUpdate; else G)
+//   grad w_k = sum_{j != k} G[k, j] (p_j - L[k, j]) - sum_{i != k} G[i, k] L[i, k] + gp'_k - gp' . p
+//   grad p_j = sum_{i != j} G[i, j] w_i + gp'_j (1 - sum w)
+//   grad wr[r, n] = sum_j L'[n, j] grad_b[r, j] + sum_i L'[i, n] grad_f[r, i]
+template <bool kUpdate, bool kReads, typename scalar_t>
+void links_backward(const Links<scalar_t>& x, const LinkGrads<scalar_t>& g, scalar_t* grad_link,
+                    scalar_t* grad_precedence, scalar_t* grad_write_w, scalar_t* grad_read_w) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = x.B, N = x.N, R = x.R;
+  const int64_t blocks = row_blocks(B, N), rows_per_block = (N + blocks - 1) / blocks;
+  // Per piece, column partials: [sum_i G L, sum_i G w_i] (kUpdate), then [sum_i L' grad_f[r, i]]_r (kReads).
+  const int64_t columns = (kUpdate ? 2 : 0) + (kReads ? R : 0);
+  std::vector<acc_t> partial(B * blocks * columns * N);
+  // Row parts, written once per row: grad w's first sum (kUpdate); grad wr's first sum (kReads).
+  std::vector<acc_t> row_write(kUpdate ? B * N : 0), row_read(kReads ? B * R * N : 0);
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(N), G(N);
+    for (int64_t piece = begin; piece < end; ++piece) {
+      const int64_t b = piece / blocks, first = (piece % blocks) * rows_per_block;
+      const int64_t last = std::min(N, first + rows_per_block);
+      acc_t* column = &partial[piece * columns * N];
+      std::fill(column, column + columns * N, acc_t(0));
+      for (int64_t i = first; i < last; ++i) {
+        link_row<kUpdate>(x, b, i, row.data());
+        if constexpr (kUpdate) {
+          const scalar_t* gL = g.new_link + (b * N + i) * N;
+          for (int64_t j = 0; j < N; ++j) G[j] = acc_t(gL[j]);
+        } else {
+          std::fill(G.begin(), G.end(), acc_t(0));
+        }
+        if constexpr (kReads) {
+          acc_t* read_column = column + (kUpdate ? 2 : 0) * N;
+          for (int64_t r = 0; r < R; ++r) {
+            const scalar_t* wr = x.read_w + (b * R + r) * N;
+            const scalar_t* gb = g.backward + (b * R + r) * N;
+            const acc_t gf_i = acc_t(g.forward[(b * R + r) * N + i]);
+            const acc_t wr_i = acc_t(wr[i]);
+            for (int64_t j = 0; j < N; ++j) G[j] += gf_i * acc_t(wr[j]) + wr_i * acc_t(gb[j]);
+            row_read[(b * R + r) * N + i] = dot(row.data(), gb, N);
+            acc_t* col = read_column + r * N;
+            for (int64_t j = 0; j < N; ++j) col[j] += gf_i * row[j];
+          }
+        }
+        scalar_t* out = grad_link + (b * N + i) * N;
+        if constexpr (kUpdate) {
+          const scalar_t* L = x.link + (b * N + i) * N;
+          const scalar_t* w = x.write_w + b * N;
+          const scalar_t* p = x.precedence + b * N;
+          const acc_t wi = acc_t(w[i]);
+          acc_t* col_link = column;
+          acc_t* col_write = column + N;
+          acc_t row_sum = 0;
+          // j < i and j > i: the diagonal is a constant 0 and passes no gradient.
+          auto off_diagonal = [&](int64_t from, int64_t to) {
+            for (int64_t j = from; j < to; ++j) {
+              const acc_t Lij = acc_t(L[j]);
+              out[j] = scalar_t(G[j] * (1 - wi - acc_t(w[j])));
+              row_sum += G[j] * (acc_t(p[j]) - Lij);
+              col_link[j] += G[j] * Lij;
+              col_write[j] += G[j] * wi;
+            }
+          };
+          off_diagonal(0, i);
+          off_diagonal(i + 1, N);
+          out[i] = scalar_t(0);
+          row_write[b * N + i] = row_sum;
+        } else {
+          for (int64_t j = 0; j < N; ++j) out[j] = scalar_t(G[j]);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(columns * N);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      for (int64_t block = 0; block < blocks; ++block) {
+        const acc_t* column = &partial[(b * blocks + block) * columns * N];
+        for (int64_t at = 0; at < columns * N; ++at) sum[at] += column[at];
+      }
+      if constexpr (kUpdate) {
+        const scalar_t* w = x.write_w + b * N;
+        const scalar_t* p = x.precedence + b * N;
+        const scalar_t* gp = g.new_precedence + b * N;
+        acc_t written = 0, gp_dot_p = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          written += acc_t(w[n]);
+          gp_dot_p += acc_t(gp[n]) * acc_t(p[n]);
+        }
+        for (int64_t n = 0; n < N; ++n) {
+          grad_write_w[b * N + n] = scalar_t(row_write[b * N + n] - sum[n] + acc_t(gp[n]) - gp_dot_p);
+          grad_precedence[b * N + n] = scalar_t(sum[N + n] + acc_t(gp[n]) * (1 - written));
+        }
+      }
+      if constexpr (kReads) {
+        const acc_t* read_sum = sum.data() + (kUpdate ? 2 : 0) * N;
+        for (int64_t at = 0; at < R * N; ++at) grad_read_w[b * R * N + at] = scalar_t(row_read[b * R * N + at] + read_sum[at]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+Links<scalar_t> links_of(const at::Tensor& link, const at::Tensor* precedence, const at::Tensor* write_w,
+                         const at::Tensor* read_w) {
+  Links<scalar_t> x;
+  x.B = link.size(0);
+  x.N = link.size(1);
+  x.R = read_w ? read_w->size(1) : 0;
+  x.link = link.data_ptr<scalar_t>();
+  x.precedence = precedence ? precedence->data_ptr<scalar_t>() : nullptr;
+  x.write_w = write_w ? write_w->data_ptr<scalar_t>() : nullptr;
+  x.read_w = read_w ? read_w->data_ptr<scalar_t>() : nullptr;
+  return x;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> ext_link_update(const at::Tensor& link_in, const at::Tensor& precedence_in,
+                                                   const at::Tensor& write_w_in) {
+  check_link(link_in);
+  check_vector("precedence", precedence_in, link_in);
+  check_vector("write_w", write_w_in, link_in);
+  const auto link = link_in.contiguous(), precedence = precedence_in.contiguous(), write_w = write_w_in.contiguous();
+  auto new_link = at::empty_like(link);
+  auto new_precedence = at::empty_like(precedence);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, link.scalar_type(), "ext_link_update", [&] {
+    links_forward<true, false>(links_of<scalar_t>(link, &precedence, &write_w, nullptr), new_link.data_ptr<scalar_t>(),
+                               new_precedence.data_ptr<scalar_t>(), static_cast<scalar_t*>(nullptr),
+                               static_cast<scalar_t*>(nullptr));
+  });
+  return {new_link, new_precedence};
+}
+
+std::vector<at::Tensor> ext_link_update_backward(const at::Tensor& grad_link, const at::Tensor& grad_precedence,
+                                                 const at::Tensor& link_in, const at::Tensor& precedence_in,
+                                                 const at::Tensor& write_w_in, const at::Tensor& /*new_link*/,
+                                                 const at::Tensor& /*new_precedence*/) {
+  check_link(link_in);
+  const auto link = link_in.contiguous(), precedence = precedence_in.contiguous(), write_w = write_w_in.contiguous();
+  const auto grad_link_c = grad_link.contiguous(), grad_precedence_c = grad_precedence.contiguous();
+  auto d_link = at::empty_like(link), d_precedence = at::empty_like(precedence), d_write_w = at::empty_like(write_w);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, link.scalar_type(), "ext_link_update_backward", [&] {
+    LinkGrads<scalar_t> g;
+    g.new_link = grad_link_c.data_ptr<scalar_t>();
+    g.new_precedence = grad_precedence_c.data_ptr<scalar_t>();
+    links_backward<true, false>(links_of<scalar_t>(link, &precedence, &write_w, nullptr), g,
+                                d_link.data_ptr<scalar_t>(), d_precedence.data_ptr<scalar_t>(),
+                                d_write_w.data_ptr<scalar_t>(), static_cast<scalar_t*>(nullptr));
+  });
+  return {d_link, d_precedence, d_write_w};
+}
+
+std::tuple<at::Tensor, at::Tensor> ext_temporal_reads(const at::Tensor& link_in, const at::Tensor& read_w_in) {
+  check_link(link_in);
+  check_read_w(read_w_in, link_in);
+  const auto link = link_in.contiguous(), read_w = read_w_in.contiguous();
+  auto forward = at::empty_like(read_w), backward = at::empty_like(read_w);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, link.scalar_type(), "ext_temporal_reads", [&] {
+    links_forward<false, true>(links_of<scalar_t>(link, nullptr, nullptr, &read_w), static_cast<scalar_t*>(nullptr),
+                               static_cast<scalar_t*>(nullptr), forward.data_ptr<scalar_t>(),
+                               backward.data_ptr<scalar_t>());
+  });
+  return {forward, backward};
+}
+
+std::vector<at::Tensor> ext_temporal_reads_backward(const at::Tensor& grad_forward, const at::Tensor& grad_backward,
+                                                    const at::Tensor& link_in, const at::Tensor& read_w_in,
+                                                    const at::Tensor& /*forward*/, const at::Tensor& /*backward*/) {
+  check_link(link_in);
+  check_read_w(read_w_in, link_in);
+  const auto link = link_in.contiguous(), read_w = read_w_in.contiguous();
+  const auto grad_forward_c = grad_forward.contiguous(), grad_backward_c = grad_backward.contiguous();
+  auto d_link = at::empty_like(link), d_read_w = at::empty_like(read_w);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, link.scalar_type(), "ext_temporal_reads_backward", [&] {
+    LinkGrads<scalar_t> g;
+    g.forward = grad_forward_c.data_ptr<scalar_t>();
+    g.backward = grad_backward_c.data_ptr<scalar_t>();
+    links_backward<false, true>(links_of<scalar_t>(link, nullptr, nullptr, &read_w), g, d_link.data_ptr<scalar_t>(),
+                                static_cast<scalar_t*>(nullptr), static_cast<scalar_t*>(nullptr),
+                                d_read_w.data_ptr<scalar_t>());
+  });
+  return {d_link, d_read_w};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_link_update_reads(const at::Tensor& link_in,
+                                                                                 const at::Tensor& precedence_in,
+                                                                                 const at::Tensor& write_w_in,
+                                                                                 const at::Tensor& read_w_in) {
+  check_link(link_in);
+  check_vector("precedence", precedence_in, link_in);
+  check_vector("write_w", write_w_in, link_in);
+  check_read_w(read_w_in, link_in);
+  const auto link = link_in.contiguous(), precedence = precedence_in.contiguous(), write_w = write_w_in.contiguous();
+  const auto read_w = read_w_in.contiguous();
+  auto new_link = at::empty_like(link), new_precedence = at::empty_like(precedence);
+  auto forward = at::empty_like(read_w), backward = at::empty_like(read_w);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, link.scalar_type(), "ext_link_update_reads", [&] {
+    links_forward<true, true>(links_of<scalar_t>(link, &precedence, &write_w, &read_w), new_link.data_ptr<scalar_t>(),
+                              new_precedence.data_ptr<scalar_t>(), forward.data_ptr<scalar_t>(),
+                              backward.data_ptr<scalar_t>());
+  });
+  return {new_link, new_precedence, forward, backward};
+}
+
+std::vector<at::Tensor> ext_link_update_reads_backward(
+    const at::Tensor& grad_link, const at::Tensor& grad_precedence, const at::Tensor& grad_forward,
+    const at::Tensor& grad_backward, const at::Tensor& link_in, const at::Tensor& precedence_in,
+    const at::Tensor& write_w_in, const at::Tensor& read_w_in, const at::Tensor& /*new_link*/,
+    const at::Tensor& /*new_precedence*/, const at::Tensor& /*forward*/, const at::Tensor& /*backward*/) {
+  check_link(link_in);
+  check_read_w(read_w_in, link_in);
+  const auto link = link_in.contiguous(), precedence = precedence_in.contiguous(), write_w = write_w_in.contiguous();
+  const auto read_w = read_w_in.contiguous();
+  const auto grad_link_c = grad_link.contiguous(), grad_precedence_c = grad_precedence.contiguous();
+  const auto grad_forward_c = grad_forward.contiguous(), grad_backward_c = grad_backward.contiguous();
+  auto d_link = at::empty_like(link), d_precedence = at::empty_like(precedence), d_write_w = at::empty_like(write_w);
+  auto d_read_w = at::empty_like(read_w);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, link.scalar_type(), "ext_link_update_reads_backward", [&] {
+    LinkGrads<scalar_t> g;
+    g.new_link = grad_link_c.data_ptr<scalar_t>();
+    g.new_precedence = grad_precedence_c.data_ptr<scalar_t>();
+    g.forward = grad_forward_c.data_ptr<scalar_t>();
+    g.backward = grad_backward_c.data_ptr<scalar_t>();
+    links_backward<true, true>(links_of<scalar_t>(link, &precedence, &write_w, &read_w), g,
+                               d_link.data_ptr<scalar_t>(), d_precedence.data_ptr<scalar_t>(),
+                               d_write_w.data_ptr<scalar_t>(), d_read_w.data_ptr<scalar_t>());
+  });
+  return {d_link, d_precedence, d_write_w, d_read_w};
+}
+
+TORCH_LIBRARY_FRAGMENT(sparsemem, m) {
+  m.def("ext_link_update(Tensor link, Tensor precedence, Tensor write_w) -> (Tensor, Tensor)");
+  m.def(
+      "ext_link_update_backward(Tensor grad_link, Tensor grad_precedence, Tensor link, Tensor precedence, "
+      "Tensor write_w, Tensor new_link, Tensor new_precedence) -> Tensor[]");
+  m.def("ext_temporal_reads(Tensor link, Tensor read_w) -> (Tensor, Tensor)");
+  m.def(
+      "ext_temporal_reads_backward(Tensor grad_forward, Tensor grad_backward, Tensor link, Tensor read_w, "
+      "Tensor forward, Tensor backward) -> Tensor[]");
+  m.def(
+      "ext_link_update_reads(Tensor link, Tensor precedence, Tensor write_w, Tensor read_w) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ext_link_update_reads_backward(Tensor grad_link, Tensor grad_precedence, Tensor grad_forward, "
+      "Tensor grad_backward, Tensor link, Tensor precedence, Tensor write_w, Tensor read_w, Tensor new_link, "
+      "Tensor new_precedence, Tensor forward, Tensor backward) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(sparsemem, CPU, m) {
+  m.impl("ext_link_update", &ext_link_update);
+  m.impl("ext_link_update_backward", &ext_link_update_backward);
+  m.impl("ext_temporal_reads", &ext_temporal_reads);
+  m.impl("ext_temporal_reads_backward", &ext_temporal_reads_backward);
+  m.impl("ext_link_update_reads", &ext_link_update_reads);
+  m.impl("ext_link_update_reads_backward", &ext_link_update_reads_backward);
+}
+
+}  // namespace sparsemem
