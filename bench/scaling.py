@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 import sparsemem as sm
 from bench.common import RESULTS, header, write_json
+from sparsemem.index import Index
 
 DENSE = ("NTM", "DNC")
 SPARSE = ("SAM", "SDNC")
@@ -95,25 +96,26 @@ class Case:
 def estimate_bytes(case: Case, config: Config) -> int:
     """Peak bytes a case needs for forward+backward over T steps (its largest phase), float32.
 
-    Dense (torch autograd keeps every step's outputs for backward):
-      NTM  (T + 4) memories [B, N, W]: one per step saved, plus the state and the content
-           addressing temporaries; 12 [B, R, N] weight vectors per step.
-      DNC  the same memories, plus (T + 6) link matrices [B, N, N]: each step's saved,
-           and the link update's backward temporaries.
-    Sparse (lazy memory: only written rows are real):
-      full  4 memories (M, the model's copy, the index's vectors and graph) + 48 bytes per slot
-      fresh 48 bytes per slot (written mask, usage / LRU bookkeeping); rows written are O(T*J*W).
-    The full regime adds M itself to the dense models.
+    An upper bound from the shapes, checked against the peaks measured here (torch backend,
+    B=8, W=64, T=16: NTM 0.9 GiB at N=2^13, DNC 0.94 GiB at 2^10, where these give 1.2 and
+    1.3): dense autograd keeps several [B, N, W] memories per step (the written memory,
+    the normalised one of content addressing) and, in the DNC, about two [B, N, N] link
+    matrices per step (the updated links and the backward of the link update).
+      NTM  4T + 8 memories [B, N, W] and 12 [B, R, N] weight vectors per step
+      DNC  the same, plus 2T + 8 link matrices [B, N, N]
+    Sparse (lazy memory: only written rows are real; rows written per episode are O(T*J*W)):
+      full  6 memories (M, the model's copy, the index's float64 unit rows, search buffers)
+      both  48 bytes per slot (written mask, slot maps, usage / LRU bookkeeping)
     """
     B, N, W, R, T = config.batch, case.num_slots, config.word, config.reads, config.steps
     word = 4
     memories, links, vectors, per_slot = 0, 0, 0, 0
     if case.model in DENSE:
-        memories = T + 4 + (case.regime == "full")
+        memories = 4 * T + 8
         vectors = 12 * T
-        links = (T + 6) if case.model == "DNC" else 0
+        links = (2 * T + 8) if case.model == "DNC" else 0
     else:
-        memories = 4 if case.regime == "full" else 0
+        memories = 6 if case.regime == "full" else 0
         per_slot = 48
     return word * (memories * B * N * W + links * B * N * N + vectors * B * R * N) + per_slot * B * N
 
@@ -210,27 +212,75 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _repeat(prepare, run, device: torch.device, config: Config) -> dict:
+def find_index(state: object) -> Index | None:
+    """The nearest-neighbour index inside a sparse model's state; None for the dense models.
+
+    Where it sits (state -> memory state -> lazy rows -> index) is the memory module's
+    business, so this looks for it breadth first instead of naming the path.
+    """
+    frontier, seen = [state], set()
+    for _depth in range(6):
+        following = []
+        for value in frontier:
+            if isinstance(value, Index):
+                return value
+            if id(value) in seen or isinstance(value, Tensor | str | int | float | bool | None):
+                continue
+            seen.add(id(value))
+            if isinstance(value, list | tuple):
+                following.extend(value)
+            elif hasattr(value, "__dict__"):
+                following.extend(vars(value).values())
+        frontier = following
+    return None
+
+
+INDEX_COUNTERS = ("merges", "merge_seconds", "rebuilds", "build_seconds")
+
+
+def _index_counters(state: object) -> dict[str, float]:
+    index = find_index(state)
+    if index is None:
+        return {}
+    stats = index.stats()
+    return {name: getattr(stats, name) for name in INDEX_COUNTERS}
+
+
+def _repeat(prepare, run, state, device: torch.device, config: Config) -> dict:
     """Seconds per step of run(T steps): at least one timed run, more until min_run_time is spent.
 
     prepare() runs untimed before each run (a reset in the fresh regime); the caller has
     warmed up with a one-step run, so one-time costs stay out of the first timed run.
+    state() is the current model state: the work its index did during the timed runs
+    (merges of the exact buffer, builds) is counted, untimed, and reported per step; it
+    is part of the step time.
     """
     times = []
+    index = dict.fromkeys(INDEX_COUNTERS, 0.0)
     while not times or (sum(times) < config.min_run_time and len(times) < config.max_runs):
         prepare()
+        before = _index_counters(state())
         _sync(device)
         start = time.perf_counter()
         run()
         _sync(device)
         times.append(time.perf_counter() - start)
-    steps = config.steps
-    return {
-        "median": statistics.median(times) / steps,
-        "min": min(times) / steps,
-        "max": max(times) / steps,
+        for name, value in _index_counters(state()).items():
+            index[name] += value - before[name]
+    steps = config.steps * len(times)
+    result = {
+        "median": statistics.median(times) / config.steps,
+        "min": min(times) / config.steps,
+        "max": max(times) / config.steps,
         "runs": len(times),
     }
+    if before:
+        result["index"] = {
+            "merges": index["merges"],
+            "rebuilds": index["rebuilds"],
+            "seconds_per_step": (index["merge_seconds"] + index["build_seconds"]) / steps,
+        }
+    return result
 
 
 def measure(case: Case, config: Config) -> dict:
@@ -258,6 +308,10 @@ def measure(case: Case, config: Config) -> dict:
     _sync(device)
     init = {"seconds": time.perf_counter() - start, "bytes": memory.current() - before_init}
     del words  # the model holds what it needs of M
+    index = find_index(state)
+    if index is not None:
+        stats = index.stats()
+        init["index"] = {"build_seconds": stats.build_seconds, "bytes": stats.bytes, "rows": stats.rows}
 
     holder = {"state": state}
 
@@ -290,8 +344,11 @@ def measure(case: Case, config: Config) -> dict:
         memory.reset_peak()
         prepare()
         run(inputs[:, :1])
-        phases[name] = _repeat(prepare, run, device, config)
+        phases[name] = _repeat(prepare, run, lambda: holder["state"], device, config)
         peaks[name] = memory.peak() - baseline
+    index = find_index(holder["state"])
+    if index is not None:
+        peaks["index"] = index.stats().bytes
     return {
         "status": "ok",
         "init": init,
@@ -317,6 +374,8 @@ def _child(case: Case, config: Config, budget: int, connection) -> None:
         result = measure(case, config)
     except NotAvailable as error:
         result = {"status": "not available", "reason": str(error)}
+    except ImportError as error:  # an optional package (faiss) that the case needs only once it runs
+        result = {"status": "not available", "reason": f"{type(error).__name__}: {error}"}
     except Exception as error:  # whatever a case raises is its result, reported in the table
         result = {"status": "error", "reason": f"{type(error).__name__}: {error}"}
     connection.send(result)
@@ -332,7 +391,7 @@ def run_in_process(case: Case, config: Config, budget: int, timeout: float) -> d
     sender.close()
     try:
         if not receiver.poll(timeout):
-            return {"status": "timeout", "reason": f"over {timeout:g} s"}
+            return {"status": "timeout", "reason": f"over {timeout:.3g} s"}
         return receiver.recv()
     except EOFError:
         process.join()
@@ -394,19 +453,29 @@ def run_cases(
 ) -> list[dict]:
     """Measures every case that fits; the others get their reason. Results in the order of cases.
 
-    Cases run smallest N first across all series, so a spent time_budget (seconds for the
-    whole run) cuts the largest sizes of every series, not whole series. A series stops at
+    Each series (model, index, regime) runs its sizes in ascending order, and of all series
+    the one whose next case is predicted cheapest goes first, so a spent time_budget (seconds
+    for the whole run) cuts the most expensive cases, not whole series. A series stops at
     its first failure (timeout, error, not available); a case is skipped up front when its
     estimated memory exceeds memory_budget or its predicted time exceeds what is left of
     the timeout and the time budget.
     """
+    queues: dict[tuple, list[Case]] = {}
+    for case in cases:
+        queues.setdefault((case.model, case.index, case.regime), []).append(case)
     results: dict[Case, dict] = {}
     stopped: dict[tuple, str] = {}
     done: dict[tuple, list[tuple[int, float]]] = {}
+
+    def expected(key: tuple) -> float:
+        history = done.get(key, [])
+        return predict_seconds(history, queues[key][0].num_slots) or (history[-1][1] if history else 0.0)
+
     start = time.perf_counter()
-    progress = tqdm(sorted(cases, key=lambda c: c.num_slots), desc="scaling", unit="case")
-    for case in progress:
-        key = (case.model, case.index, case.regime)
+    progress = tqdm(total=len(cases), desc="scaling", unit="case")
+    while any(queues.values()):
+        key = min((k for k in queues if queues[k]), key=lambda k: (expected(k), queues[k][0].num_slots))
+        case = queues[key].pop(0)
         progress.set_postfix_str(f"{case.series} {case.regime} N={_log2(case.num_slots)}")
         estimate = estimate_bytes(case, config)
         result = {**asdict(case), "series": case.series, "estimate_bytes": estimate}
@@ -435,6 +504,8 @@ def run_cases(
             else:
                 stopped[key] = f"after {result['status']} at N={_log2(case.num_slots)}"
         results[case] = result
+        progress.update()
+    progress.close()
     return [results[case] for case in cases]
 
 
@@ -494,22 +565,25 @@ def _log2(n: int) -> str:
 def table(results: list[dict]) -> str:
     """A markdown table: one row per measured case; a series' run of skipped sizes on one row."""
     lines = [
-        "| model | regime | N | fwd ms/step | fwd+bwd ms/step | init s | init MiB | peak MiB | note |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| model | regime | N | fwd ms/step | fwd+bwd ms/step | index ms/step | init s | peak MiB | index MiB | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    index = 0
-    while index < len(results):
-        r = results[index]
+    position = 0
+    while position < len(results):
+        r = results[position]
         if r["status"] == "ok":
+            index = r["forward_backward"].get("index")
+            index_time = f"{index['seconds_per_step'] * 1e3:.2f}" if index else ""
+            index_bytes = f"{r['memory']['index'] / 2**20:.0f}" if "index" in r["memory"] else ""
             lines.append(
                 f"| {r['series']} | {r['regime']} | {_log2(r['num_slots'])} "
                 f"| {r['forward']['median'] * 1e3:.2f} | {r['forward_backward']['median'] * 1e3:.2f} "
-                f"| {r['init']['seconds']:.2f} | {r['init']['bytes'] / 2**20:.0f} "
-                f"| {r['memory']['forward_backward'] / 2**20:.0f} | |"
+                f"| {index_time} | {r['init']['seconds']:.2f} "
+                f"| {r['memory']['forward_backward'] / 2**20:.0f} | {index_bytes} | |"
             )
-            index += 1
+            position += 1
             continue
-        last = index
+        last = position
         while (
             last + 1 < len(results)
             and results[last + 1]["status"] == r["status"]
@@ -517,11 +591,11 @@ def table(results: list[dict]) -> str:
         ):
             last += 1
         sizes = _log2(r["num_slots"])
-        if last > index:
+        if last > position:
             sizes += f"..{_log2(results[last]['num_slots'])}"
         note = r["reason"] if r["status"] == "skipped" else f"{r['status']}: {r['reason']}"
-        lines.append(f"| {r['series']} | {r['regime']} | {sizes} | | | | | | {note.replace('|', '/')} |")
-        index = last + 1
+        lines.append(f"| {r['series']} | {r['regime']} | {sizes} | | | | | | | {note.replace('|', '/')} |")
+        position = last + 1
     return "\n".join(lines)
 
 
@@ -549,8 +623,10 @@ def summary(slope_rows: list[dict], crossover_rows: list[dict]) -> str:
                 found = "no size measured for both"
             elif c["N"] is None:
                 found = f"not faster at any N in {_log2(c['compared'][0])}..{_log2(c['compared'][1])}"
+            elif c["N"] == c["compared"][0]:
+                found = f"faster from the smallest N compared, {_log2(c['N'])} (up to {_log2(c['compared'][1])})"
             else:
-                found = f"N = {_log2(c['N'])}"
+                found = f"N = {_log2(c['N'])} (compared {_log2(c['compared'][0])}..{_log2(c['compared'][1])})"
             lines.append(f"- {c['regime']}: {c['sparse']} vs {c['dense']}: {found}")
     return "\n".join(lines)
 
@@ -664,7 +740,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-run-time", type=float, default=defaults.min_run_time)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per case")
     parser.add_argument(
-        "--time-budget", type=float, default=270.0, help="seconds for the whole run, 0: none (--full: none)"
+        "--time-budget", type=float, default=240.0, help="seconds for all cases, 0: none (--full: none)"
     )
     parser.add_argument("--memory-gib", type=float, help="memory budget (default: what the machine has now)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/scaling-<device>.json)")
