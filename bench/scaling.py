@@ -640,7 +640,9 @@ def plot(results: list[dict], slope_rows: list[dict], stem: Path) -> list[Path]:
 
     slope_of = {(s["series"], s["regime"]): s for s in slope_rows}
     series = list(dict.fromkeys(r["series"] for r in results))
-    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(series)}
+    # colour by model, line style by index backend
+    colors = {model: plt.get_cmap("tab10")(i) for i, model in enumerate(DENSE + SPARSE)}
+    styles = {None: "-", "exact": "-", "faiss-hnsw": "--", "faiss-ivf": ":"}
 
     def draw(axis, regime: str, metric: str, value) -> None:
         for name in series:
@@ -649,14 +651,13 @@ def plot(results: list[dict], slope_rows: list[dict], stem: Path) -> list[Path]:
                 continue
             slope = slope_of[(name, regime)][metric]
             label = name if slope is None else f"{name} (slope {slope:.2f})"
-            style = "-" if "/" not in name or name.endswith("exact") else ("--" if "hnsw" in name else ":")
             axis.loglog(
                 [r["num_slots"] for r in ok],
                 [value(r) for r in ok],
-                style,
+                styles[ok[0]["index"]],
                 marker="o",
                 ms=3,
-                color=colors[name],
+                color=colors[ok[0]["model"]],
                 label=label,
                 base=2,
             )
