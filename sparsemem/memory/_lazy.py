@@ -27,10 +27,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from sparsemem.reference.dnc import cosine_similarity_ref
-
-SEARCH_CHUNK = 1 << 16
-"""Slots scored at once by the exact search, so its temporary memory stays bounded."""
+from sparsemem.index import make_index
 
 
 def group_sum(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
@@ -87,24 +84,31 @@ class LazyMemory:
     """B*N rows of W, each written row real, every other slot the shared initial word.
 
     Flat keys b*N + slot address rows. memory [B, N, W] (optional) starts every row as
-    written (a preloaded memory, or the full regime of the benchmarks).
+    written (a preloaded memory, or the full regime of the benchmarks). index: a
+    sparsemem.index name ("exact", "faiss-hnsw", "faiss-ivf"); it holds the written rows
+    and finds the top K over all N slots, unwritten ones included.
     """
 
-    def __init__(self, batch: int, num_slots: int, initial_word: Tensor, memory: Tensor | None = None) -> None:
+    def __init__(
+        self, batch: int, num_slots: int, initial_word: Tensor, memory: Tensor | None = None, index: str = "exact"
+    ) -> None:
         self.batch, self.num_slots, self.word_size = batch, num_slots, initial_word.shape[-1]
         self.initial_word = initial_word
         flat = (batch * num_slots, self.word_size)
+        options = {"dtype": initial_word.dtype, "device": initial_word.device} if index == "exact" else {}
+        self.index = make_index(index, batch, num_slots, self.word_size, initial=initial_word.detach(), **options)
         if memory is None:
             self.rows = torch.empty(flat, dtype=initial_word.dtype, device=initial_word.device)
             self.written = torch.zeros(batch * num_slots, dtype=torch.bool, device=initial_word.device)
-            self.num_written = [0] * batch
         else:
             self.rows = memory.detach().reshape(flat).clone()
             self.written = torch.ones(batch * num_slots, dtype=torch.bool, device=memory.device)
-            self.num_written = [num_slots] * batch
-        # Keys written since the last reset, so a reset costs O(rows written).
+            slots = torch.arange(num_slots, device=memory.device).expand(batch, -1)
+            self.index.update(self.rows.view(batch, num_slots, -1), slots)
+        # Keys written since the last reset, so a reset costs O(rows written); a preloaded
+        # batch row counts as written everywhere until its first reset.
         self._written_keys: list[Tensor] = []
-        self._fresh_cursor = [0] * batch
+        self._preloaded = [memory is not None] * batch
 
     def keys(self, slots: Tensor) -> Tensor:
         """slots [B, ...] -> flat keys [B * ...]."""
@@ -115,24 +119,26 @@ class LazyMemory:
         """keys [M] -> rows [M, W], the initial word where a slot was never written."""
         return torch.where(self.written[keys].unsqueeze(-1), self.rows[keys], self.initial_word)
 
-    def write(self, keys: Tensor, rows: Tensor) -> None:
-        """rows [M, W] into keys [M] in place; duplicate keys must carry identical rows."""
+    def write(self, keys: Tensor, rows: Tensor, update_index: bool = True) -> None:
+        """rows [M, W] into keys [M] (M = B*J, J per batch row) in place; duplicate keys must
+        carry identical rows. update_index=False for rows about to be forgotten (a reset)."""
         fresh = torch.unique(keys[~self.written[keys]])
         self.rows[keys] = rows
         if fresh.numel():
             self.written[fresh] = True
             self._written_keys.append(fresh)
-            for b, count in enumerate(torch.bincount(fresh // self.num_slots, minlength=self.batch).tolist()):
-                self.num_written[b] += count
+        if update_index:
+            slots = (keys % self.num_slots).view(self.batch, -1)
+            self.index.update(rows.view(self.batch, -1, self.word_size), slots)
 
     def written_keys(self, rows: list[int]) -> Tensor:
         """The flat keys written since the last reset in the given batch rows."""
-        if not self._written_keys:
-            return torch.empty(0, dtype=torch.int64, device=self.rows.device)
-        keys = torch.cat(self._written_keys)
-        selected = torch.zeros(self.batch, dtype=torch.bool, device=keys.device)
+        device = self.rows.device
+        keys = torch.cat([torch.empty(0, dtype=torch.int64, device=device), *self._written_keys])
+        selected = torch.zeros(self.batch, dtype=torch.bool, device=device)
         selected[rows] = True
-        return keys[selected[keys // self.num_slots]]
+        preloaded = [torch.arange(b * self.num_slots, (b + 1) * self.num_slots) for b in rows if self._preloaded[b]]
+        return torch.cat([keys[selected[keys // self.num_slots]], *preloaded])
 
     def forget(self, rows: list[int]) -> None:
         """Batch rows back to the initial word everywhere, in O(rows written)."""
@@ -142,8 +148,10 @@ class LazyMemory:
             remaining = torch.cat(self._written_keys)
             self._written_keys = [remaining[self.written[remaining]]]
         for b in rows:
-            self.num_written[b] = 0
-            self._fresh_cursor[b] = 0
+            self._preloaded[b] = False
+        mask = torch.zeros(self.batch, dtype=torch.bool)
+        mask[rows] = True
+        self.index.reset(mask)
 
     def dense(self) -> Tensor:
         """The whole memory [B, N, W] (O(N): for tests and plots, never on the sparse path)."""
@@ -152,53 +160,8 @@ class LazyMemory:
         )
 
     def search(self, keys: Tensor, k: int) -> Tensor:
-        """The K slots most similar (cosine) to each key: keys [B, R, W] -> slots [B, R, K].
-
-        Written rows are searched exactly; the unwritten slots all hold the initial word,
-        so they are scored once and, where that score reaches the top K, concrete
-        unwritten slot ids are returned, so a softmax over the K equals one over all N.
-        """
-        scores, slots = self._search_written(keys, k)
-        fresh, valid = self._fresh_slots(k)
-        pool = cosine_similarity_ref(self.initial_word.expand(self.batch, 1, -1), keys)  # [B, R, 1]
-        pool = pool.expand(-1, -1, k).masked_fill(~valid.unsqueeze(1), float("-inf"))
-        scores = torch.cat([scores, pool], dim=-1)
-        slots = torch.cat([slots, fresh.unsqueeze(1).expand_as(pool)], dim=-1)
-        return slots.gather(-1, torch.topk(scores, k, dim=-1).indices)
-
-    def _search_written(self, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Exact top-K over written rows, chunked over N: (scores [B, R, K], slots [B, R, K]), -inf padded."""
-        memory = self.rows.view(self.batch, self.num_slots, self.word_size)
-        written = self.written.view(self.batch, 1, self.num_slots)
-        best_scores, best_slots = [], []
-        for start in range(0, self.num_slots, SEARCH_CHUNK):
-            end = min(start + SEARCH_CHUNK, self.num_slots)
-            scores = cosine_similarity_ref(memory[:, start:end], keys)
-            scores = torch.where(written[..., start:end], scores, float("-inf"))
-            top = torch.topk(scores, min(k, end - start), dim=-1)
-            best_scores.append(top.values)
-            best_slots.append(top.indices + start)
-        scores, slots = torch.cat(best_scores, -1), torch.cat(best_slots, -1)
-        top = torch.topk(scores, k, dim=-1).indices
-        return scores.gather(-1, top), slots.gather(-1, top)
-
-    def _fresh_slots(self, k: int) -> tuple[Tensor, Tensor]:
-        """Up to K never-written slots per batch row, lowest first: (slots [B, K], valid [B, K])."""
-        slots = torch.zeros(self.batch, k, dtype=torch.int64, device=self.rows.device)
-        valid = torch.zeros(self.batch, k, dtype=torch.bool, device=self.rows.device)
-        for b in range(self.batch):
-            start, span, found = self._fresh_cursor[b], 4 * k, []
-            base = b * self.num_slots
-            while sum(len(f) for f in found) < k and start < self.num_slots:
-                end = min(start + span, self.num_slots)
-                found.append((~self.written[base + start : base + end]).nonzero().squeeze(1) + start)
-                start, span = end, 2 * span
-            free = torch.cat(found)[:k] if found else slots[b, :0]
-            # written slots stay written until a reset, so the cursor only moves forward
-            self._fresh_cursor[b] = int(free[0]) if len(free) else self.num_slots
-            slots[b, : len(free)] = free
-            valid[b, : len(free)] = True
-        return slots, valid
+        """The K slots most similar (cosine) to each key over all N: keys [B, R, W] -> slots [B, R, K]."""
+        return self.index.search(keys.detach(), k)[1]
 
 
 class Journal:
@@ -280,17 +243,19 @@ class _Gather(torch.autograd.Function):
 
 class _Scatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, journal: Journal, token: Tensor, keys: Tensor, rows: Tensor, first: Tensor) -> Tensor:
+    def forward(
+        ctx, journal: Journal, token: Tensor, keys: Tensor, rows: Tensor, first: Tensor, update_index: bool
+    ) -> Tensor:
         ctx.journal = journal
         ctx.save_for_backward(keys, first)
         journal.log(keys)
-        journal.store.write(keys, rows.detach())
+        journal.store.write(keys, rows.detach(), update_index)
         return token.new_empty(0)
 
     @staticmethod
     def backward(ctx, _grad_token: Tensor):
         keys, first = ctx.saved_tensors
-        return None, None, None, ctx.journal.take(keys, first, ctx.journal.store.rows.dtype), None
+        return None, None, None, ctx.journal.take(keys, first, ctx.journal.store.rows.dtype), None, None
 
 
 class JournaledMemory:
@@ -329,7 +294,7 @@ class JournaledMemory:
         keys = self.store.keys(slots)
         flat_rows = rows.reshape(-1, self.store.word_size)
         if torch.is_grad_enabled():
-            self._token = _Scatter.apply(self.journal, self.token(), keys, flat_rows, first.reshape(-1))
+            self._token = _Scatter.apply(self.journal, self.token(), keys, flat_rows, first.reshape(-1), True)
         else:
             self.store.write(keys, flat_rows)
 
@@ -345,5 +310,5 @@ class JournaledMemory:
             if keys.numel():
                 initial = self.store.initial_word.expand(len(keys), -1)
                 first = torch.ones(len(keys), dtype=torch.bool, device=keys.device)
-                self._token = _Scatter.apply(self.journal, self.token(), keys, initial, first)
+                self._token = _Scatter.apply(self.journal, self.token(), keys, initial, first, False)
         self.store.forget(rows)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsemem import ops
+from sparsemem.index import INDEXES
 from sparsemem.memory._lazy import LRU, JournaledMemory, LazyMemory, group_sum
 from sparsemem.reference.sam import DELTA
 
@@ -94,11 +95,13 @@ class SAMMemory(nn.Module):
     vector, write gate and interpolation gate (sigmoid).
     """
 
-    def __init__(self, num_slots: int, word_size: int, num_reads: int, k: int = 8) -> None:
+    def __init__(self, num_slots: int, word_size: int, num_reads: int, k: int = 8, index: str = "exact") -> None:
         super().__init__()
         if not 1 <= k <= num_slots:
             raise ValueError(f"k must be in [1, N={num_slots}]; got k={k}")
-        self.num_slots, self.word_size, self.num_reads, self.k = num_slots, word_size, num_reads, k
+        if index not in INDEXES:
+            raise ValueError(f"index must be one of {', '.join(INDEXES)}; got {index!r}")
+        self.num_slots, self.word_size, self.num_reads, self.k, self.index = num_slots, word_size, num_reads, k, index
         # Every unwritten slot holds this word (zero: cosine 0 with any key).
         self.register_buffer("initial_word", torch.zeros(word_size), persistent=False)
 
@@ -119,7 +122,7 @@ class SAMMemory(nn.Module):
                 f"memory must be [B, N, W] = [{batch}, {self.num_slots}, {self.word_size}]; got {list(memory.shape)}"
             )
         word = self.initial_word if memory is None else self.initial_word.to(memory.dtype)
-        store = LazyMemory(batch, self.num_slots, word, memory)
+        store = LazyMemory(batch, self.num_slots, word, memory, self.index)
         zeros = torch.zeros(batch, self.num_reads, self.k, dtype=word.dtype, device=word.device)
         slots = torch.zeros(batch, self.num_reads, self.k, dtype=torch.int64, device=word.device)
         return SAMState(
@@ -151,7 +154,7 @@ class SAMMemory(nn.Module):
     def content_read(self, state: SAMState, keys: Tensor, strengths: Tensor) -> tuple[SparseWeights, Tensor]:
         """Top-K search, then sparsemem.ops.sparse_read over the gathered rows (softmax over K)."""
         batch, heads, _ = keys.shape
-        slots = state.memory.store.search(keys.detach(), self.k)  # [B, R, K]
+        slots = state.memory.store.search(keys, self.k)  # [B, R, K]
         rows = state.memory.gather(slots.reshape(batch, -1))  # [B, R*K, W]
         local = torch.arange(heads * self.k, device=keys.device).view(1, heads, self.k).expand(batch, -1, -1)
         weights, reads = ops.sparse_read(rows, local, keys, strengths)

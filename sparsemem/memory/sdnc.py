@@ -224,8 +224,10 @@ class SDNCMemory(SAMMemory):
     Interface per step [B, R*W + R + W + 2 + 3R]: SAM's, then read modes (softmax over 3 per head).
     """
 
-    def __init__(self, num_slots: int, word_size: int, num_reads: int, k: int = 8, link_k: int = 8) -> None:
-        super().__init__(num_slots, word_size, num_reads, k)
+    def __init__(
+        self, num_slots: int, word_size: int, num_reads: int, k: int = 8, index: str = "exact", link_k: int = 8
+    ) -> None:
+        super().__init__(num_slots, word_size, num_reads, k, index)
         if not 1 <= link_k <= num_slots:
             raise ValueError(f"link_k must be in [1, N={num_slots}]; got link_k={link_k}")
         self.link_k = link_k
@@ -268,7 +270,7 @@ class SDNCMemory(SAMMemory):
         forward, backward = sparse_temporal_reads(links, state.read_weights, self.k)
 
         batch, heads, k = parts.keys.shape[0], self.num_reads, self.k
-        content_slots = state.memory.store.search(parts.keys.detach(), k)
+        content_slots = state.memory.store.search(parts.keys, k)
         slots = torch.cat([backward.indices, content_slots, forward.indices], dim=-1)  # [B, R, 3K]
         rows = state.memory.gather(slots.reshape(batch, -1))  # [B, R*3K, W]
         # the content part of head r sits at rows r*3K + K ... r*3K + 2K - 1

@@ -148,7 +148,7 @@ def test_gradient_buffer_holds_only_touched_rows(monkeypatch):
     loss_of(torch.stack(reads)).backward()
     # each step touches at most R*K + 1 write rows and R*K read rows per sample
     assert 0 < sizes[0] <= 2 * T * (2 * (2 * 4) + 1)
-    assert sum(state.memory.store.num_written) <= 2 * T * (2 * 4 + 1)
+    assert state.memory.store.index.stats().rows <= 2 * T * (2 * 4 + 1)
 
 
 def test_lru_list_matches_argmin_of_last_access():
@@ -214,7 +214,7 @@ def test_fresh_memory_is_lazy():
     with torch.no_grad():
         for part in interfaces(torch.float32, batch=2, heads=2, word=8, steps=3):
             _, state = module.step(state, part)
-    assert sum(state.memory.store.num_written) <= 3 * 2 * (2 * 4 + 1)
+    assert state.memory.store.index.stats().rows <= 3 * 2 * (2 * 4 + 1)
 
 
 def test_topk_read_with_k_n_is_the_dense_content_read():
@@ -223,3 +223,12 @@ def test_topk_read_with_k_n_is_the_dense_content_read():
         topk_read_ref(memory, keys, strengths, N), content_read_ref(memory, keys, strengths), strict=True
     ):
         torch.testing.assert_close(got, want, **tolerance(torch.float64))
+
+
+def test_reset_of_a_preloaded_sample_forgets_all_its_rows():
+    module = SAMMemory(N, W, R, k=4).double()
+    state = module.init_state(B, initial_memory())
+    state = state.reset(torch.tensor([False, True, False]))
+    dense = state.memory.store.dense()
+    assert torch.equal(dense[1], torch.zeros(N, W, dtype=torch.float64))
+    assert torch.equal(dense[0], initial_memory()[0])
