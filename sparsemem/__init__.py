@@ -2,7 +2,7 @@
 
 from sparsemem import _backends, memory, ops, reference
 from sparsemem._backends import backends
-from sparsemem.models import DNC, NTM, MemoryModel, ModelState
+from sparsemem.models import DNC, NTM, SAM, SDNC, MemoryModel, ModelState
 
 __version__ = "0.1.0"
 
@@ -10,4 +10,4 @@ __version__ = "0.1.0"
 # a missing extension only makes the cpp/cuda backends unavailable.
 _backends.extension()
 
-__all__ = ["DNC", "NTM", "MemoryModel", "ModelState", "backends", "memory", "ops", "reference"]
+__all__ = ["DNC", "NTM", "SAM", "SDNC", "MemoryModel", "ModelState", "backends", "memory", "ops", "reference"]

@@ -1,4 +1,4 @@
-"""Memory-augmented models with an nn.LSTM-like API: NTM, DNC (and, on the same base, SAM, SDNC).
+"""Memory-augmented models with an nn.LSTM-like API: NTM, DNC and the sparse SAM, SDNC.
 
     model = sm.DNC(input_size=10, hidden_size=64, num_slots=32, word_size=16, num_reads=2)
     y, state = model(x)            # x [B, T, input_size] -> y [B, T, output_size or hidden_size]
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparsemem.memory import DNCMemory, Memory, NTMMemory
+from sparsemem.memory import DNCMemory, Memory, NTMMemory, SAMMemory, SDNCMemory
 from sparsemem.memory.base import check_mask
 
 _CELLS = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
@@ -248,4 +248,48 @@ class NTM(MemoryModel):
         shift_range: int = 3,
     ) -> None:
         memory = NTMMemory(num_slots, word_size, num_reads, shift_range)
+        super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first)
+
+
+class SAM(MemoryModel):
+    """Sparse Access Memory (Rae et al. 2016): MemoryModel with a SAMMemory of N slots of W,
+    R read heads reading K slots each, found by `index` ("exact", "faiss-hnsw", "faiss-ivf").
+    Cost per step grows with K and the index, not N; backward keeps O(T K W) extra memory."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_slots: int = 1024,
+        word_size: int = 32,
+        num_reads: int = 4,
+        k: int = 8,
+        index: str = "exact",
+        controller: nn.Module | None = None,
+        output_size: int | None = None,
+        batch_first: bool = True,
+    ) -> None:
+        memory = SAMMemory(num_slots, word_size, num_reads, k, index)
+        super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first)
+
+
+class SDNC(MemoryModel):
+    """Sparse DNC (Rae et al. 2016): SAM's memory plus temporal links with K_L = link_k
+    entries per row (SDNCMemory)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_slots: int = 1024,
+        word_size: int = 32,
+        num_reads: int = 4,
+        k: int = 8,
+        index: str = "exact",
+        link_k: int = 8,
+        controller: nn.Module | None = None,
+        output_size: int | None = None,
+        batch_first: bool = True,
+    ) -> None:
+        memory = SDNCMemory(num_slots, word_size, num_reads, k, index, link_k)
         super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first)

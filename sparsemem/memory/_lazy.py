@@ -23,6 +23,7 @@ nothing is recorded.
 """
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -97,18 +98,28 @@ class LazyMemory:
         flat = (batch * num_slots, self.word_size)
         options = {"dtype": initial_word.dtype, "device": initial_word.device} if index == "exact" else {}
         self.index = make_index(index, batch, num_slots, self.word_size, initial=initial_word.detach(), **options)
-        if memory is None:
-            self.rows = torch.empty(flat, dtype=initial_word.dtype, device=initial_word.device)
-            self.written = torch.zeros(batch * num_slots, dtype=torch.bool, device=initial_word.device)
-        else:
-            self.rows = memory.detach().reshape(flat).clone()
-            self.written = torch.ones(batch * num_slots, dtype=torch.bool, device=memory.device)
-            slots = torch.arange(num_slots, device=memory.device).expand(batch, -1)
-            self.index.update(self.rows.view(batch, num_slots, -1), slots)
         # Keys written since the last reset, so a reset costs O(rows written); a preloaded
         # batch row counts as written everywhere until its first reset.
         self._written_keys: list[Tensor] = []
-        self._preloaded = [memory is not None] * batch
+        self._preloaded = [False] * batch
+        # torch.empty leaves the pages untouched: only written rows ever take memory.
+        self.rows = torch.empty(flat, dtype=initial_word.dtype, device=initial_word.device)
+        self.written = torch.zeros(batch * num_slots, dtype=torch.bool, device=initial_word.device)
+        if memory is not None:
+            self.preload(lambda b, start, end: memory[b, start:end].detach())
+
+    def preload(self, rows: Callable[[int, int, int], Tensor], chunk: int = 1 << 16) -> None:
+        """Write every slot, rows(b, start, end) -> [end - start, W] at a time, and index them in one
+        update: a memory of any size is filled with no second full copy (the full regime)."""
+        view = self.rows.view(self.batch, self.num_slots, self.word_size)
+        for b in range(self.batch):
+            for start in range(0, self.num_slots, chunk):
+                end = min(start + chunk, self.num_slots)
+                view[b, start:end] = rows(b, start, end)
+        self.written.fill_(True)
+        self._written_keys = []
+        self._preloaded = [True] * self.batch
+        self.index.update(view, torch.arange(self.num_slots, device=view.device).expand(self.batch, -1))
 
     def keys(self, slots: Tensor) -> Tensor:
         """slots [B, ...] -> flat keys [B * ...]."""

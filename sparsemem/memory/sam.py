@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from sparsemem import ops
 from sparsemem.index import INDEXES
 from sparsemem.memory._lazy import LRU, JournaledMemory, LazyMemory, group_sum
+from sparsemem.memory.base import Memory, check_mask
 from sparsemem.reference.sam import DELTA
 
 
@@ -59,6 +60,10 @@ class SAMState:
     write_weights: SparseWeights
     step: int = 0
 
+    @property
+    def batch_size(self) -> int:
+        return self.memory.store.batch
+
     def detach(self) -> "SAMState":
         """The same state cut from the graph (truncated BPTT); the rows stay where they are."""
         return replace(
@@ -70,6 +75,7 @@ class SAMState:
 
     def reset(self, mask: Tensor) -> "SAMState":
         """Samples where mask [B] is True start afresh: initial memory, no access history."""
+        mask = check_mask(mask, self.batch_size)
         rows = mask.nonzero().flatten().tolist()
         self.memory.reset(rows)
         self.usage.reset(rows)
@@ -88,7 +94,7 @@ def _oneplus(x: Tensor) -> Tensor:
     return 1 + nn.functional.softplus(x)
 
 
-class SAMMemory(nn.Module):
+class SAMMemory(Memory):
     """Sparse access memory: N slots of W, R read heads reading K slots each.
 
     Interface per step [B, R*W + R + W + 2]: read keys, read strengths (oneplus), add
@@ -96,12 +102,12 @@ class SAMMemory(nn.Module):
     """
 
     def __init__(self, num_slots: int, word_size: int, num_reads: int, k: int = 8, index: str = "exact") -> None:
-        super().__init__()
-        if not 1 <= k <= num_slots:
+        super().__init__(num_slots, word_size, num_reads)
+        if not isinstance(k, int) or not 1 <= k <= num_slots:
             raise ValueError(f"k must be in [1, N={num_slots}]; got k={k}")
         if index not in INDEXES:
             raise ValueError(f"index must be one of {', '.join(INDEXES)}; got {index!r}")
-        self.num_slots, self.word_size, self.num_reads, self.k, self.index = num_slots, word_size, num_reads, k, index
+        self.k, self.index = k, index
         # Every unwritten slot holds this word (zero: cosine 0 with any key).
         self.register_buffer("initial_word", torch.zeros(word_size), persistent=False)
 
@@ -109,19 +115,24 @@ class SAMMemory(nn.Module):
     def interface_size(self) -> int:
         return self.num_reads * self.word_size + self.num_reads + self.word_size + 2
 
-    def parse(self, interface: Tensor) -> SAMInterface:
+    def split_interface(self, interface: Tensor) -> SAMInterface:
         R, W = self.num_reads, self.word_size
         keys, strengths, add, gates = interface.split([R * W, R, W, 2], dim=-1)
         gates = torch.sigmoid(gates)
         return SAMInterface(keys.view(-1, R, W), _oneplus(strengths), add, gates[:, 0], gates[:, 1])
 
-    def init_state(self, batch: int, memory: Tensor | None = None) -> SAMState:
-        """A fresh memory (every slot the initial word), or memory [B, N, W] with every row written."""
-        if memory is not None and memory.shape != (batch, self.num_slots, self.word_size):
-            raise ValueError(
-                f"memory must be [B, N, W] = [{batch}, {self.num_slots}, {self.word_size}]; got {list(memory.shape)}"
-            )
-        word = self.initial_word if memory is None else self.initial_word.to(memory.dtype)
+    def init_state(
+        self,
+        batch: int,
+        memory: Tensor | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> SAMState:
+        """A fresh memory (every slot the initial word), or memory [B, N, W] (or [N, W], shared
+        by the batch) with every row written. With requires_grad, memory receives a gradient."""
+        memory = self.initial_memory(batch, memory, device, dtype)
+        like = memory if memory is not None else self.initial_word
+        word = self.initial_word.to(device=device or like.device, dtype=dtype or like.dtype)
         store = LazyMemory(batch, self.num_slots, word, memory, self.index)
         zeros = torch.zeros(batch, self.num_reads, self.k, dtype=word.dtype, device=word.device)
         slots = torch.zeros(batch, self.num_reads, self.k, dtype=torch.int64, device=word.device)
@@ -172,7 +183,7 @@ class SAMMemory(nn.Module):
 
     def step(self, state: SAMState, interface: Tensor | SAMInterface) -> tuple[Tensor, SAMState]:
         """One SAM step (reference/sam.py's order): -> (reads [B, R, W], state)."""
-        parts = interface if isinstance(interface, SAMInterface) else self.parse(interface)
+        parts = interface if isinstance(interface, SAMInterface) else self.split_interface(interface)
         write_w = self.write(state, parts.add, parts.write_gate, parts.interp_gate)
         read_w, reads = self.content_read(state, parts.keys, parts.strengths)
         self.record_access(state, write_w, read_w)

@@ -228,7 +228,7 @@ class SDNCMemory(SAMMemory):
         self, num_slots: int, word_size: int, num_reads: int, k: int = 8, index: str = "exact", link_k: int = 8
     ) -> None:
         super().__init__(num_slots, word_size, num_reads, k, index)
-        if not 1 <= link_k <= num_slots:
+        if not isinstance(link_k, int) or not 1 <= link_k <= num_slots:
             raise ValueError(f"link_k must be in [1, N={num_slots}]; got link_k={link_k}")
         self.link_k = link_k
 
@@ -236,14 +236,20 @@ class SDNCMemory(SAMMemory):
     def interface_size(self) -> int:
         return super().interface_size + 3 * self.num_reads
 
-    def parse(self, interface: Tensor) -> SDNCInterface:
+    def split_interface(self, interface: Tensor) -> SDNCInterface:
         sam_part, modes = interface.split([super().interface_size, 3 * self.num_reads], dim=-1)
-        parts = super().parse(sam_part)
+        parts = super().split_interface(sam_part)
         modes = torch.softmax(modes.view(-1, self.num_reads, 3), dim=-1)
         return SDNCInterface(parts.keys, parts.strengths, parts.add, parts.write_gate, parts.interp_gate, modes)
 
-    def init_state(self, batch: int, memory: Tensor | None = None) -> SDNCState:
-        sam = super().init_state(batch, memory)
+    def init_state(
+        self,
+        batch: int,
+        memory: Tensor | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> SDNCState:
+        sam = super().init_state(batch, memory, device, dtype)
         dtype, device = sam.read_weights.weights.dtype, sam.read_weights.weights.device
         heads, width = self.num_reads, 3 * self.k
         reads = SparseWeights(
@@ -264,7 +270,7 @@ class SDNCMemory(SAMMemory):
 
     def step(self, state: SDNCState, interface: Tensor | SDNCInterface) -> tuple[Tensor, SDNCState]:
         """One SDNC step (reference/sdnc.py's order): -> (reads [B, R, W], state)."""
-        parts = interface if isinstance(interface, SDNCInterface) else self.parse(interface)
+        parts = interface if isinstance(interface, SDNCInterface) else self.split_interface(interface)
         write_w = self.write(state, parts.add, parts.write_gate, parts.interp_gate)
         links = sparse_link_update(state.links, write_w, self.link_k)
         forward, backward = sparse_temporal_reads(links, state.read_weights, self.k)

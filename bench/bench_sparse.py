@@ -1,0 +1,179 @@
+"""SAM and SDNC forward+backward: time per step, peak RSS and backward memory against N and T.
+
+    python -m bench.bench_sparse                       # N = 2^10 and 2^20, fresh and full regimes
+    python -m bench.bench_sparse --log2-slots 10 16 20 --regimes fresh --index exact
+    python -m bench.bench_sparse --backward-memory     # saved-for-backward bytes vs T at N = 2^16, 2^20
+
+Config (issue 6): B = 8, W = 64, R = 4, K = 8, K_L = 8, T = 16, LSTM controller of 128.
+Every (model, N, regime) runs in its own process, so peak RSS (ru_maxrss) is per size.
+Regimes (DESIGN.md "Two regimes"): fresh starts each episode from a reset memory; full
+preloads every slot with random unit words (filled in place, chunk by chunk, and indexed
+once: the index build is timed on its own) and carries the state across episodes.
+"Per step" is the median time of one T-step forward+backward divided by T.
+"Saved for backward" sums the bytes autograd keeps for one T-step episode (saved tensor
+hooks): the journal's O(T K W) rows and the controller's activations; it must not grow with N.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sparsemem as sm
+from bench.common import RESULTS, header, write_json
+
+CONFIG = dict(batch=8, word_size=64, num_reads=4, k=8, link_k=8, steps=16, hidden=128, input_size=8)
+
+
+def _model(name: str, num_slots: int, index: str) -> sm.MemoryModel:
+    c = CONFIG
+    options = dict(num_slots=num_slots, word_size=c["word_size"], num_reads=c["num_reads"], k=c["k"], index=index)
+    if name == "sdnc":
+        options["link_k"] = c["link_k"]
+    cls = sm.SAM if name == "sam" else sm.SDNC
+    return cls(c["input_size"], c["hidden"], output_size=c["input_size"], **options)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def _saved_bytes(model: sm.MemoryModel, x: torch.Tensor, state) -> tuple[int, object]:
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y, state = model(x, state)
+    y.square().mean().backward()
+    return total, state
+
+
+def run_one(name: str, log2_slots: int, regime: str, index: str, repeats: int) -> dict:
+    """One process: build, warm up, then time `repeats` episodes of T steps."""
+    torch.manual_seed(0)
+    c = CONFIG
+    num_slots = 1 << log2_slots
+    model = _model(name, num_slots, index)
+    rss_start = _rss_bytes()
+    start = time.perf_counter()
+    state = model.init_state(c["batch"])
+    build_seconds = 0.0
+    if regime == "full":
+        generator = torch.Generator().manual_seed(1)
+
+        def random_words(b: int, first: int, end: int) -> torch.Tensor:
+            words = torch.randn(end - first, c["word_size"], generator=generator)
+            return words / words.norm(dim=-1, keepdim=True)
+
+        state.access.memory.store.preload(random_words)
+        build_seconds = time.perf_counter() - start
+    x = torch.randn(c["batch"], c["steps"], c["input_size"], generator=torch.Generator().manual_seed(2))
+    episode_seconds, saved = [], []
+    for episode in range(repeats + 1):
+        if regime == "fresh":
+            state = state.reset(torch.ones(c["batch"], dtype=torch.bool))
+        index_before = state.access.memory.store.index.stats()
+        start = time.perf_counter()
+        saved_bytes, state = _saved_bytes(model, x, state)
+        elapsed = time.perf_counter() - start
+        index_after = state.access.memory.store.index.stats()
+        model.zero_grad(set_to_none=True)
+        state = state.detach()
+        rebuild = index_after.build_seconds - index_before.build_seconds
+        if episode:  # the first episode warms up
+            episode_seconds.append(elapsed - rebuild)
+            saved.append(saved_bytes)
+    stats = state.access.memory.store.index.stats()
+    matrix = c["batch"] * num_slots * c["word_size"] * 4
+    per_step = sorted(episode_seconds)[len(episode_seconds) // 2] / c["steps"]
+    return {
+        "model": name,
+        "log2_slots": log2_slots,
+        "regime": regime,
+        "index": index,
+        "seconds_per_step": per_step,
+        "episode_seconds": episode_seconds,
+        "index_build_seconds": build_seconds,
+        "index_rebuild_seconds_total": stats.build_seconds,
+        "index_merge_seconds_total": stats.merge_seconds,
+        "index_bytes": stats.bytes,
+        "memory_matrix_bytes": matrix,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_at_start_bytes": rss_start,
+        "peak_rss_over_matrix": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / matrix,
+        "saved_for_backward_bytes": max(saved),
+    }
+
+
+def backward_memory(name: str, log2_slots: int, steps: int) -> dict:
+    """Bytes autograd saves for one fresh T-step episode (no timing)."""
+    torch.manual_seed(0)
+    c = CONFIG
+    model = _model(name, 1 << log2_slots, "exact")
+    x = torch.randn(c["batch"], steps, c["input_size"], generator=torch.Generator().manual_seed(2))
+    saved, _ = _saved_bytes(model, x, model.init_state(c["batch"]))
+    return {"model": name, "log2_slots": log2_slots, "steps": steps, "saved_for_backward_bytes": saved}
+
+
+def _in_process(args: list[str]) -> dict:
+    command = [sys.executable, "-m", "bench.bench_sparse", *args]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        return {"args": args, "error": done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["sam", "sdnc"], choices=["sam", "sdnc"])
+    parser.add_argument("--log2-slots", nargs="+", type=int, default=[10, 20])
+    parser.add_argument("--regimes", nargs="+", default=["fresh", "full"], choices=["fresh", "full"])
+    parser.add_argument("--index", default="exact", help='"exact", "faiss-hnsw" or "faiss-ivf"')
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backward-memory", action="store_true", help="saved bytes vs T at N = 2^16, 2^20")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(RESULTS / "sparse.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one:
+        kind, *rest = args.one
+        if kind == "step":
+            name, log2_slots, regime, index, repeats = rest
+            result = run_one(name, int(log2_slots), regime, index, int(repeats))
+        else:
+            name, log2_slots, steps = rest
+            result = backward_memory(name, int(log2_slots), int(steps))
+        print(json.dumps(result))
+        return
+    threads = ["--threads", str(args.threads)]
+    results = []
+    if args.backward_memory:
+        for name in args.models:
+            for log2_slots in (16, 20):
+                for steps in (4, 8, 16, 32):
+                    results.append(_in_process([*threads, "--one", "memory", name, str(log2_slots), str(steps)]))
+                    print(json.dumps(results[-1]), flush=True)
+    else:
+        for name in args.models:
+            for regime in args.regimes:
+                for log2_slots in args.log2_slots:
+                    one = ["step", name, str(log2_slots), regime, args.index, str(args.repeats)]
+                    results.append(_in_process([*threads, "--one", *one]))
+                    print(json.dumps(results[-1]), flush=True)
+    config = {**CONFIG, "index": args.index, "threads": args.threads, "repeats": args.repeats}
+    print(write_json(Path(args.out), {"header": header(config), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
