@@ -115,14 +115,17 @@ def run_one(name: str, log2_slots: int, regime: str, index: str, repeats: int) -
     }
 
 
-def backward_memory(name: str, log2_slots: int, steps: int) -> dict:
-    """Bytes autograd saves for one fresh T-step episode (no timing)."""
+def backward_memory(name: str, log2_slots: int, steps: list[int]) -> dict:
+    """Bytes autograd saves for one fresh T-step episode, for each T (no timing)."""
     torch.manual_seed(0)
     c = CONFIG
     model = _model(name, 1 << log2_slots, "exact")
-    x = torch.randn(c["batch"], steps, c["input_size"], generator=torch.Generator().manual_seed(2))
-    saved, _ = _saved_bytes(model, x, model.init_state(c["batch"]))
-    return {"model": name, "log2_slots": log2_slots, "steps": steps, "saved_for_backward_bytes": saved}
+    saved = {}
+    for length in steps:
+        x = torch.randn(c["batch"], length, c["input_size"], generator=torch.Generator().manual_seed(2))
+        saved[length], _ = _saved_bytes(model, x, model.init_state(c["batch"]))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"model": name, "log2_slots": log2_slots, "saved_for_backward_bytes": saved, "peak_rss_bytes": peak}
 
 
 def _in_process(args: list[str]) -> dict:
@@ -152,8 +155,8 @@ def main() -> None:
             name, log2_slots, regime, index, repeats = rest
             result = run_one(name, int(log2_slots), regime, index, int(repeats))
         else:
-            name, log2_slots, steps = rest
-            result = backward_memory(name, int(log2_slots), int(steps))
+            name, log2_slots, *steps = rest
+            result = backward_memory(name, int(log2_slots), [int(length) for length in steps])
         print(json.dumps(result))
         return
     threads = ["--threads", str(args.threads)]
@@ -161,9 +164,8 @@ def main() -> None:
     if args.backward_memory:
         for name in args.models:
             for log2_slots in (16, 20):
-                for steps in (4, 8, 16, 32):
-                    results.append(_in_process([*threads, "--one", "memory", name, str(log2_slots), str(steps)]))
-                    print(json.dumps(results[-1]), flush=True)
+                results.append(_in_process([*threads, "--one", "memory", name, str(log2_slots), "4", "8", "16", "32"]))
+                print(json.dumps(results[-1]), flush=True)
     else:
         for name in args.models:
             for regime in args.regimes:

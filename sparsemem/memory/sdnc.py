@@ -139,23 +139,30 @@ def sparse_link_update(links: SparseLinks, write_w: SparseWeights, link_k: int) 
 
 
 def _with_rows_for(links: SparseLinks, slots: Tensor, link_k: int) -> SparseLinks:
-    """links with an (empty) row for each slot in slots [B, J] (-1 skipped) that has none yet."""
+    """links with a row for each slot in slots [B, J] (-1 skipped) that has none yet: free rows
+    (slot -1: padding, or cleared by a reset; their values are 0) first, then new empty rows."""
     stored = links.slots.sort(dim=-1).values
     new = (slots >= 0) & (_lookup(stored, torch.ones_like(stored), slots) == 0)
-    count = int(new.sum(-1).max()) if new.numel() else 0
-    if count == 0:
+    counts = new.sum(-1)
+    if not new.any():
         return links
-    added = slots.masked_fill(~new, -1).sort(dim=-1, descending=True).values[:, :count]  # [B, count]
-    empty_indices = added.new_full((*added.shape, link_k), -1)
-    empty_values = links.forward_values.new_zeros((*added.shape, link_k))
-    return replace(
-        links,
-        slots=torch.cat([links.slots, added], dim=1),
-        forward_indices=torch.cat([links.forward_indices, empty_indices], dim=1),
-        forward_values=torch.cat([links.forward_values, empty_values], dim=1),
-        backward_indices=torch.cat([links.backward_indices, empty_indices], dim=1),
-        backward_values=torch.cat([links.backward_values, empty_values], dim=1),
-    )
+    grow = int((counts - (links.slots < 0).sum(-1)).clamp(min=0).max())
+    if grow:
+        empty_indices = slots.new_full((slots.shape[0], grow, link_k), -1)
+        empty_values = links.forward_values.new_zeros((slots.shape[0], grow, link_k))
+        links = replace(
+            links,
+            slots=torch.cat([links.slots, slots.new_full((slots.shape[0], grow), -1)], dim=1),
+            forward_indices=torch.cat([links.forward_indices, empty_indices], dim=1),
+            forward_values=torch.cat([links.forward_values, empty_values], dim=1),
+            backward_indices=torch.cat([links.backward_indices, empty_indices], dim=1),
+            backward_values=torch.cat([links.backward_values, empty_values], dim=1),
+        )
+    free = links.slots < 0
+    # the i-th new slot of a batch row takes its i-th free row (row-major order on both sides)
+    target = free & (free.long().cumsum(-1) <= counts.unsqueeze(-1))
+    added = slots.masked_fill(~new, -1).sort(dim=-1, descending=True).values
+    return replace(links, slots=links.slots.masked_scatter(target, added[added >= 0]))
 
 
 def sparse_temporal_reads(links: SparseLinks, read_w: SparseWeights, k: int) -> tuple[SparseWeights, SparseWeights]:
