@@ -2,14 +2,16 @@
 // similarity D(k, M_n) = k . M_n / (||k||_eps ||M_n||_eps), ||x||_eps = sqrt(sum x^2 + 1e-6),
 // and (content_read) the read vectors reads[b, r, :] = sum_n w[b, r, n] M_n.
 //
-// Tiling: the slots of each batch row are cut into tiles of kTile slots, and the (b, tile)
+// Tiling: the slots of each batch row are cut into pieces of kPiece slots, and the (b, piece)
 // pieces run in parallel (at::parallel_for), so a single batch row still uses every thread.
-// A piece reads each word M_n once: its norm and its R dot products come from the same load.
-// Per head it keeps an online softmax state -- running max m, running sum l of exp(z - m) and,
-// for content_read, the running sum of exp(z - m) M_n -- rescaled by exp(m_old - m_new) when the
-// max grows. The logits go to the output (or an fp32 buffer for half types); the pieces of a row
-// are merged afterwards and one pass over [B, R, N] turns logits into weights. Memory [B, N, W]
-// is read once; reads need no second pass over [B, R, N].
+// A piece walks its slots in sub-tiles of kSub: it reads each word M_n once for its norm and its
+// R logits z, then per head turns the sub-tile's logits into exp(z - sub-tile max) in place and
+// keeps the sub-tile's max and sum (one exp per slot). content_read also folds the sub-tile into
+// an online softmax state per head -- running max and running sum of exp(z - max) M_n, rescaled
+// by exp(old max - new max) when the max grows -- looking again at the sub-tile's words while they
+// are still in cache. The sub-tiles of a row are merged afterwards, and one multiply per slot
+// turns exp(z - sub-tile max) into weights. Memory [B, N, W] is read from DRAM once; the reads need
+// no second pass over memory or over [B, R, N].
 //
 // The backward reads memory once too, recomputing norms and similarities instead of saving them.
 #include <ATen/ATen.h>
@@ -23,12 +25,21 @@
 #include <type_traits>
 #include <vector>
 
+// Compiles the piece loops twice, for x86-64-v3 (AVX2 + FMA) and for the baseline, picked at load
+// time (GCC function multi-versioning): the extension stays portable and the hot loops get 256-bit vectors.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SPARSEMEM_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define SPARSEMEM_VECTOR_CLONES
+#endif
+
 namespace sparsemem {
 
 namespace {
 
 constexpr double kEps = 1e-6;  // the reference's eps on squared norms (sparsemem/reference/dnc.py)
-constexpr int64_t kTile = 2048;
+constexpr int64_t kPiece = 2048;  // slots per parallel piece
+constexpr int64_t kSub = 128;     // slots per sub-tile (kPiece is a multiple): 32 KiB of words at W=64, float32
 
 void check_inputs(const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& strengths) {
   TORCH_CHECK(memory.dim() == 3 && keys.dim() == 3 && strengths.dim() == 2,
@@ -42,9 +53,11 @@ void check_inputs(const at::Tensor& memory, const at::Tensor& keys, const at::Te
               "memory, keys and strengths must share a dtype");
 }
 
+// The simd reductions let the compiler vectorise the sums, which it may not otherwise reorder.
 template <typename acc_t, typename scalar_t>
 acc_t safe_norm(const scalar_t* x, int64_t W) {
   acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < W; ++i) sum += acc_t(x[i]) * acc_t(x[i]);
   return std::sqrt(sum + acc_t(kEps));
 }
@@ -52,8 +65,73 @@ acc_t safe_norm(const scalar_t* x, int64_t W) {
 template <typename acc_t, typename scalar_t>
 acc_t dot(const acc_t* a, const scalar_t* b, int64_t W) {
   acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < W; ++i) sum += a[i] * acc_t(b[i]);
   return sum;
+}
+
+// The pointers and sizes a forward piece works on (see content_forward).
+template <typename scalar_t, typename acc_t>
+struct ForwardPieces {
+  int64_t N, W, R, pieces, subs;
+  const scalar_t* memory;    // [B, N, W]
+  const acc_t* scaled_keys;  // [B, R, W]: s_r k_r / ||k_r||
+  acc_t* exps;               // [B, R, N]: exp(z - sub-tile max)
+  acc_t* sub_max;            // [B, R, subs]
+  acc_t* sub_sum;            // [B, R, subs]
+  acc_t* piece_max;          // [B, pieces, R], content_read only (else null)
+  acc_t* piece_acc;          // [B, pieces, R, W], content_read only (else null)
+};
+
+// One (b, piece): logits, exp per sub-tile, and with reads the online softmax state of its sub-tiles.
+template <typename scalar_t, typename acc_t>
+SPARSEMEM_VECTOR_CLONES void forward_piece(const ForwardPieces<scalar_t, acc_t>& c, int64_t piece) {
+  const int64_t N = c.N, W = c.W, R = c.R;
+  const int64_t b = piece / c.pieces, first = (piece % c.pieces) * kPiece, last = std::min(N, first + kPiece);
+  const bool with_reads = c.piece_acc != nullptr;
+  acc_t* run_max = with_reads ? c.piece_max + piece * R : nullptr;
+  acc_t* run_acc = with_reads ? c.piece_acc + piece * R * W : nullptr;
+  if (with_reads) {
+    std::fill(run_max, run_max + R, -std::numeric_limits<acc_t>::infinity());
+    std::fill(run_acc, run_acc + R * W, acc_t(0));
+  }
+  for (int64_t sub_first = first; sub_first < last; sub_first += kSub) {
+    const int64_t sub_last = std::min(last, sub_first + kSub), sub = sub_first / kSub;
+    for (int64_t n = sub_first; n < sub_last; ++n) {
+      const scalar_t* word = c.memory + (b * N + n) * W;
+      const acc_t inv_norm = acc_t(1) / safe_norm<acc_t>(word, W);
+      for (int64_t r = 0; r < R; ++r) {
+        c.exps[(b * R + r) * N + n] = dot(c.scaled_keys + (b * R + r) * W, word, W) * inv_norm;
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      acc_t* z = c.exps + (b * R + r) * N;
+      acc_t max = z[sub_first];
+      for (int64_t n = sub_first + 1; n < sub_last; ++n) max = std::max(max, z[n]);
+      acc_t sum = 0;
+      for (int64_t n = sub_first; n < sub_last; ++n) {
+        z[n] = std::exp(z[n] - max);
+        sum += z[n];
+      }
+      c.sub_max[(b * R + r) * c.subs + sub] = max;
+      c.sub_sum[(b * R + r) * c.subs + sub] = sum;
+      if (!with_reads) continue;
+      // Online softmax across sub-tiles: rescale the running sum when the max grows; the
+      // sub-tile's words are still in cache from the logits above.
+      if (max > run_max[r]) {
+        const acc_t rescale = std::exp(run_max[r] - max);
+        for (int64_t i = 0; i < W; ++i) run_acc[r * W + i] *= rescale;
+        run_max[r] = max;
+      }
+      const acc_t to_run = std::exp(max - run_max[r]);
+      acc_t* acc = run_acc + r * W;
+      for (int64_t n = sub_first; n < sub_last; ++n) {
+        const acc_t e = to_run * z[n];
+        const scalar_t* word = c.memory + (b * N + n) * W;
+        for (int64_t i = 0; i < W; ++i) acc[i] += e * acc_t(word[i]);
+      }
+    }
+  }
 }
 
 // Forward of content_weights (with_reads = false) and content_read (with_reads = true).
@@ -62,13 +140,13 @@ void content_forward(const at::Tensor& memory, const at::Tensor& keys, const at:
                      at::Tensor& weights, at::Tensor* reads) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = memory.size(0), N = memory.size(1), W = memory.size(2), R = keys.size(1);
-  const int64_t tiles = (N + kTile - 1) / kTile;
+  const int64_t pieces = (N + kPiece - 1) / kPiece, subs = (N + kSub - 1) / kSub;
   const bool with_reads = reads != nullptr;
-  // Logits are kept in acc_t: written straight into the output when it has that type.
-  constexpr bool kLogitsInOutput = std::is_same_v<scalar_t, acc_t>;
-  at::Tensor logits_buffer =
-      kLogitsInOutput ? weights : at::empty({B, R, N}, weights.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  acc_t* logits = logits_buffer.data_ptr<acc_t>();
+  // exp(z - sub-tile max) per slot, kept in acc_t: written straight into the output when it has that type.
+  constexpr bool kInOutput = std::is_same_v<scalar_t, acc_t>;
+  at::Tensor exps_buffer =
+      kInOutput ? weights : at::empty({B, R, N}, weights.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* exps = exps_buffer.data_ptr<acc_t>();
   const scalar_t* m = memory.data_ptr<scalar_t>();
   // Keys pre-scaled by s_r / ||k_r||: the logit is then scaled_key . M_n / ||M_n||.
   std::vector<acc_t> scaled_keys(B * R * W);
@@ -78,79 +156,116 @@ void content_forward(const at::Tensor& memory, const at::Tensor& keys, const at:
     const acc_t scale = acc_t(s[row]) / safe_norm<acc_t>(k + row * W, W);
     for (int64_t i = 0; i < W; ++i) scaled_keys[row * W + i] = scale * acc_t(k[row * W + i]);
   }
-  // Per (b, tile, r): running max, running sum, and (reads) the running weighted sum of words.
-  std::vector<acc_t> tile_max(B * tiles * R), tile_sum(B * tiles * R);
-  std::vector<acc_t> tile_acc(with_reads ? B * tiles * R * W : 0);
+  // Per (b, r, sub-tile): max and sum of exp(z - max). Per (b, piece, r) with reads: the running
+  // max and running sum of exp(z - max) M_n over the piece's sub-tiles.
+  std::vector<acc_t> sub_max(B * R * subs), sub_sum(B * R * subs);
+  std::vector<acc_t> piece_max(with_reads ? B * pieces * R : 0), piece_acc(with_reads ? B * pieces * R * W : 0);
 
-  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> z(R);
-    for (int64_t piece = begin; piece < end; ++piece) {
-      const int64_t b = piece / tiles, first = (piece % tiles) * kTile, last = std::min(N, first + kTile);
-      acc_t* run_max = &tile_max[piece * R];
-      acc_t* run_sum = &tile_sum[piece * R];
-      acc_t* run_acc = with_reads ? &tile_acc[piece * R * W] : nullptr;
-      std::fill(run_max, run_max + R, -std::numeric_limits<acc_t>::infinity());
-      std::fill(run_sum, run_sum + R, acc_t(0));
-      if (with_reads) std::fill(run_acc, run_acc + R * W, acc_t(0));
-      for (int64_t n = first; n < last; ++n) {
-        const scalar_t* word = m + (b * N + n) * W;
-        const acc_t inv_norm = acc_t(1) / safe_norm<acc_t>(word, W);
-        for (int64_t r = 0; r < R; ++r) {
-          z[r] = dot(&scaled_keys[(b * R + r) * W], word, W) * inv_norm;
-          logits[(b * R + r) * N + n] = z[r];
-        }
-        for (int64_t r = 0; r < R; ++r) {
-          if (z[r] > run_max[r]) {
-            const acc_t rescale = std::exp(run_max[r] - z[r]);
-            run_sum[r] *= rescale;
-            if (with_reads) {
-              for (int64_t i = 0; i < W; ++i) run_acc[r * W + i] *= rescale;
-            }
-            run_max[r] = z[r];
-          }
-          const acc_t e = std::exp(z[r] - run_max[r]);
-          run_sum[r] += e;
-          if (with_reads) {
-            for (int64_t i = 0; i < W; ++i) run_acc[r * W + i] += e * acc_t(word[i]);
-          }
-        }
-      }
-    }
+  const ForwardPieces<scalar_t, acc_t> work{
+      N, W, R, pieces, subs, m, scaled_keys.data(), exps, sub_max.data(), sub_sum.data(),
+      with_reads ? piece_max.data() : nullptr, with_reads ? piece_acc.data() : nullptr};
+  at::parallel_for(0, B * pieces, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t piece = begin; piece < end; ++piece) forward_piece(work, piece);
   });
 
-  // Merge the tiles of each (b, r), then normalise the logits into weights.
+  // Merge the sub-tiles of each (b, r) into its max and sum, and the pieces into its read vector.
   std::vector<acc_t> row_max(B * R), row_inv_sum(B * R);
   scalar_t* out_reads = with_reads ? reads->data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(W);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / R, r = row % R;
-      acc_t max = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t t = 0; t < tiles; ++t) max = std::max(max, tile_max[(b * tiles + t) * R + r]);
+      const acc_t* maxes = &sub_max[row * subs];
+      const acc_t* sums = &sub_sum[row * subs];
+      const acc_t max = *std::max_element(maxes, maxes + subs);
       acc_t sum = 0;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t at = (b * tiles + t) * R + r;
-        const acc_t rescale = std::exp(tile_max[at] - max);
-        sum += tile_sum[at] * rescale;
-        if (with_reads) {
-          for (int64_t i = 0; i < W; ++i) acc[i] += tile_acc[at * W + i] * rescale;
-        }
-      }
+      for (int64_t sub = 0; sub < subs; ++sub) sum += sums[sub] * std::exp(maxes[sub] - max);
       row_max[row] = max;
       row_inv_sum[row] = acc_t(1) / sum;
+      if (!with_reads) continue;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t piece = 0; piece < pieces; ++piece) {
+        const int64_t at = (b * pieces + piece) * R + r;
+        const acc_t rescale = std::exp(piece_max[at] - max);
+        for (int64_t i = 0; i < W; ++i) acc[i] += piece_acc[at * W + i] * rescale;
+      }
+      for (int64_t i = 0; i < W; ++i) out_reads[row * W + i] = scalar_t(acc[i] * row_inv_sum[row]);
+    }
+  });
+  // w_n = exp(z_n - sub max) * exp(sub max - row max) / row sum: one multiply per slot.
+  scalar_t* w = weights.data_ptr<scalar_t>();
+  at::parallel_for(0, B * R * subs, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t at = begin; at < end; ++at) {
+      const int64_t row = at / subs, sub_first = (at % subs) * kSub, sub_last = std::min(N, sub_first + kSub);
+      const acc_t factor = std::exp(sub_max[at] - row_max[row]) * row_inv_sum[row];
+      const acc_t* e = exps + row * N;
+      scalar_t* out = w + row * N;
+      for (int64_t n = sub_first; n < sub_last; ++n) out[n] = scalar_t(e[n] * factor);
+    }
+  });
+}
+
+// The pointers and sizes a backward piece works on (see content_backward).
+template <typename scalar_t, typename acc_t>
+struct BackwardPieces {
+  int64_t N, W, R, pieces;
+  const scalar_t* memory;        // [B, N, W]
+  const scalar_t* strengths;     // [B, R]
+  const scalar_t* weights;       // [B, R, N]
+  const scalar_t* grad_weights;  // [B, R, N]
+  const acc_t* unit_keys;        // [B, R, W]: k_r / ||k_r||
+  const acc_t* grad_read;        // [B, R, W], content_read only (else null)
+  const acc_t* c;                // [B, R]
+  scalar_t* grad_memory;         // [B, N, W]
+  acc_t* part_strength;          // [B, pieces, R]
+  acc_t* part_key_scalar;        // [B, pieces, R]
+  acc_t* part_key;               // [B, pieces, R, W]
+};
+
+// One (b, piece): grad M for its slots, and its partial sums for grad k and grad s.
+template <typename scalar_t, typename acc_t>
+SPARSEMEM_VECTOR_CLONES void backward_piece(const BackwardPieces<scalar_t, acc_t>& x, int64_t piece,
+                                            acc_t* word_grad) {
+  const int64_t N = x.N, W = x.W, R = x.R;
+  const int64_t b = piece / x.pieces, first = (piece % x.pieces) * kPiece, last = std::min(N, first + kPiece);
+  const bool with_reads = x.grad_read != nullptr;
+  acc_t* p_strength = x.part_strength + piece * R;
+  acc_t* p_key_scalar = x.part_key_scalar + piece * R;
+  acc_t* p_key = x.part_key + piece * R * W;
+  std::fill(p_strength, p_strength + R, acc_t(0));
+  std::fill(p_key_scalar, p_key_scalar + R, acc_t(0));
+  std::fill(p_key, p_key + R * W, acc_t(0));
+  for (int64_t n = first; n < last; ++n) {
+    const scalar_t* word = x.memory + (b * N + n) * W;
+    const acc_t inv_norm = acc_t(1) / safe_norm<acc_t>(word, W);
+    std::fill(word_grad, word_grad + W, acc_t(0));
+    acc_t word_scalar = 0;  // sum_r dD_rn D_rn
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t row = b * R + r;
+      const acc_t* unit_key = x.unit_keys + row * W;
+      const acc_t similarity = dot(unit_key, word, W) * inv_norm;
+      acc_t grad = acc_t(x.grad_weights[row * N + n]);
+      if (with_reads) grad += dot(x.grad_read + row * W, word, W);
+      const acc_t weight = acc_t(x.weights[row * N + n]);
+      const acc_t dz = weight * (grad - x.c[row]);
+      const acc_t dD = acc_t(x.strengths[row]) * dz;
+      p_strength[r] += dz * similarity;
+      p_key_scalar[r] += dD * similarity;
+      word_scalar += dD * similarity;
+      const acc_t to_key = dD * inv_norm;
+      for (int64_t i = 0; i < W; ++i) {
+        p_key[r * W + i] += to_key * acc_t(word[i]);
+        word_grad[i] += to_key * unit_key[i];
+      }
       if (with_reads) {
-        for (int64_t i = 0; i < W; ++i) out_reads[row * W + i] = scalar_t(acc[i] * row_inv_sum[row]);
+        const acc_t* grad_read = x.grad_read + row * W;
+        for (int64_t i = 0; i < W; ++i) word_grad[i] += weight * grad_read[i];
       }
     }
-  });
-  scalar_t* w = weights.data_ptr<scalar_t>();
-  at::parallel_for(0, B * R * N, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t at = begin; at < end; ++at) {
-      const int64_t row = at / N;
-      w[at] = scalar_t(std::exp(logits[at] - row_max[row]) * row_inv_sum[row]);
-    }
-  });
+    const acc_t to_word = word_scalar * inv_norm * inv_norm;
+    scalar_t* out = x.grad_memory + (b * N + n) * W;
+    for (int64_t i = 0; i < W; ++i) out[i] = scalar_t(word_grad[i] - to_word * acc_t(word[i]));
+  }
 }
 
 // Backward of both ops; grad_reads (content_read) may be null.
@@ -166,7 +281,7 @@ std::vector<at::Tensor> content_backward(const at::Tensor& grad_weights, const a
                                          const at::Tensor* reads) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = memory.size(0), N = memory.size(1), W = memory.size(2), R = keys.size(1);
-  const int64_t tiles = (N + kTile - 1) / kTile;
+  const int64_t pieces = (N + kPiece - 1) / kPiece;
   const bool with_reads = grad_reads != nullptr;
   const scalar_t* m = memory.data_ptr<scalar_t>();
   const scalar_t* k = keys.data_ptr<scalar_t>();
@@ -182,6 +297,7 @@ std::vector<at::Tensor> content_backward(const at::Tensor& grad_weights, const a
       inv_key_norm[row] = acc_t(1) / safe_norm<acc_t>(k + row * W, W);
       for (int64_t i = 0; i < W; ++i) unit_keys[row * W + i] = acc_t(k[row * W + i]) * inv_key_norm[row];
       acc_t total = 0;
+#pragma omp simd reduction(+ : total)
       for (int64_t n = 0; n < N; ++n) total += acc_t(w[row * N + n]) * acc_t(gw[row * N + n]);
       if (with_reads) {
         const scalar_t* read = reads->data_ptr<scalar_t>() + row * W;
@@ -197,46 +313,25 @@ std::vector<at::Tensor> content_backward(const at::Tensor& grad_weights, const a
   auto grad_memory = at::empty_like(memory);
   scalar_t* gm = grad_memory.data_ptr<scalar_t>();
   // Per (b, tile, r): partial sums of dz D (strength), dD D (key, scalar part), dD M / ||M|| (key).
-  std::vector<acc_t> part_strength(B * tiles * R), part_key_scalar(B * tiles * R), part_key(B * tiles * R * W);
-  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+  std::vector<acc_t> part_strength(B * pieces * R), part_key_scalar(B * pieces * R), part_key(B * pieces * R * W);
+  const BackwardPieces<scalar_t, acc_t> work{N,
+                                             W,
+                                             R,
+                                             pieces,
+                                             m,
+                                             s,
+                                             w,
+                                             gw,
+                                             unit_keys.data(),
+                                             with_reads ? grad_read.data() : nullptr,
+                                             c.data(),
+                                             gm,
+                                             part_strength.data(),
+                                             part_key_scalar.data(),
+                                             part_key.data()};
+  at::parallel_for(0, B * pieces, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> word_grad(W);
-    for (int64_t piece = begin; piece < end; ++piece) {
-      const int64_t b = piece / tiles, first = (piece % tiles) * kTile, last = std::min(N, first + kTile);
-      acc_t* p_strength = &part_strength[piece * R];
-      acc_t* p_key_scalar = &part_key_scalar[piece * R];
-      acc_t* p_key = &part_key[piece * R * W];
-      std::fill(p_strength, p_strength + R, acc_t(0));
-      std::fill(p_key_scalar, p_key_scalar + R, acc_t(0));
-      std::fill(p_key, p_key + R * W, acc_t(0));
-      for (int64_t n = first; n < last; ++n) {
-        const scalar_t* word = m + (b * N + n) * W;
-        const acc_t inv_norm = acc_t(1) / safe_norm<acc_t>(word, W);
-        std::fill(word_grad.begin(), word_grad.end(), acc_t(0));
-        acc_t word_scalar = 0;  // sum_r dD_rn D_rn
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t row = b * R + r;
-          const acc_t similarity = dot(&unit_keys[row * W], word, W) * inv_norm;
-          acc_t grad = acc_t(gw[row * N + n]);
-          if (with_reads) grad += dot(&grad_read[row * W], word, W);
-          const acc_t weight = acc_t(w[row * N + n]);
-          const acc_t dz = weight * (grad - c[row]);
-          const acc_t dD = acc_t(s[row]) * dz;
-          p_strength[r] += dz * similarity;
-          p_key_scalar[r] += dD * similarity;
-          word_scalar += dD * similarity;
-          const acc_t to_key = dD * inv_norm;
-          for (int64_t i = 0; i < W; ++i) {
-            p_key[r * W + i] += to_key * acc_t(word[i]);
-            word_grad[i] += to_key * unit_keys[row * W + i];
-          }
-          if (with_reads) {
-            for (int64_t i = 0; i < W; ++i) word_grad[i] += weight * grad_read[row * W + i];
-          }
-        }
-        const acc_t to_word = word_scalar * inv_norm * inv_norm;
-        for (int64_t i = 0; i < W; ++i) gm[(b * N + n) * W + i] = scalar_t(word_grad[i] - to_word * acc_t(word[i]));
-      }
-    }
+    for (int64_t piece = begin; piece < end; ++piece) backward_piece(work, piece, word_grad.data());
   });
 
   auto grad_keys = at::empty_like(keys);
@@ -249,8 +344,8 @@ std::vector<at::Tensor> content_backward(const at::Tensor& grad_weights, const a
       const int64_t b = row / R, r = row % R;
       acc_t strength = 0, key_scalar = 0;
       std::fill(key_sum.begin(), key_sum.end(), acc_t(0));
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t at = (b * tiles + t) * R + r;
+      for (int64_t t = 0; t < pieces; ++t) {
+        const int64_t at = (b * pieces + t) * R + r;
         strength += part_strength[at];
         key_scalar += part_key_scalar[at];
         for (int64_t i = 0; i < W; ++i) key_sum[i] += part_key[at * W + i];

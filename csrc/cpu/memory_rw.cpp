@@ -74,66 +74,80 @@ at::Tensor ext_memory_write(const at::Tensor& memory_in, const at::Tensor& write
   return new_memory;
 }
 
+namespace {
+
 // grad M[n, i] = g[n, i] (1 - w_n e_i);  grad w_n = sum_i g[n, i] (v_i - M[n, i] e_i);
 // grad e_i = -sum_n g[n, i] M[n, i] w_n;  grad v_i = sum_n g[n, i] w_n.
+template <typename scalar_t>
+void memory_write_backward(const at::Tensor& grad, const at::Tensor& memory, const at::Tensor& write_w,
+                           const at::Tensor& erase, const at::Tensor& add, at::Tensor& grad_memory,
+                           at::Tensor& grad_write_w, at::Tensor& grad_erase, at::Tensor& grad_add) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = memory.size(0), N = memory.size(1), W = memory.size(2);
+  const int64_t blocks = (N + kSlotBlock - 1) / kSlotBlock;
+  const scalar_t* g = grad.data_ptr<scalar_t>();
+  const scalar_t* m = memory.data_ptr<scalar_t>();
+  const scalar_t* w = write_w.data_ptr<scalar_t>();
+  const scalar_t* e = erase.data_ptr<scalar_t>();
+  const scalar_t* v = add.data_ptr<scalar_t>();
+  scalar_t* gm = grad_memory.data_ptr<scalar_t>();
+  scalar_t* gw = grad_write_w.data_ptr<scalar_t>();
+  // Per piece: partial grad e (first W) and grad v (next W).
+  std::vector<acc_t> partial(B * blocks * 2 * W);
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t piece = begin; piece < end; ++piece) {
+      const int64_t b = piece / blocks, first = (piece % blocks) * kSlotBlock;
+      const int64_t last = std::min(N, first + kSlotBlock);
+      acc_t* part_erase = &partial[piece * 2 * W];
+      acc_t* part_add = part_erase + W;
+      std::fill(part_erase, part_erase + 2 * W, acc_t(0));
+      const scalar_t* eb = e + b * W;
+      const scalar_t* vb = v + b * W;
+      for (int64_t n = first; n < last; ++n) {
+        const int64_t slot = b * N + n;
+        const acc_t weight = acc_t(w[slot]);
+        acc_t to_weight = 0;
+        // Lets the compiler vectorise the sum, which it may not otherwise reorder.
+#pragma omp simd reduction(+ : to_weight)
+        for (int64_t i = 0; i < W; ++i) {
+          const acc_t gi = acc_t(g[slot * W + i]), mi = acc_t(m[slot * W + i]), ei = acc_t(eb[i]);
+          gm[slot * W + i] = scalar_t(gi * (1 - weight * ei));
+          to_weight += gi * (acc_t(vb[i]) - mi * ei);
+          part_erase[i] -= gi * mi * weight;
+          part_add[i] += gi * weight;
+        }
+        gw[slot] = scalar_t(to_weight);
+      }
+    }
+  });
+  scalar_t* ge = grad_erase.data_ptr<scalar_t>();
+  scalar_t* gv = grad_add.data_ptr<scalar_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < W; ++i) {
+      acc_t to_erase = 0, to_add = 0;
+      for (int64_t block = 0; block < blocks; ++block) {
+        to_erase += partial[(b * blocks + block) * 2 * W + i];
+        to_add += partial[(b * blocks + block) * 2 * W + W + i];
+      }
+      ge[b * W + i] = scalar_t(to_erase);
+      gv[b * W + i] = scalar_t(to_add);
+    }
+  }
+}
+
+}  // namespace
+
 std::vector<at::Tensor> ext_memory_write_backward(const at::Tensor& grad_in, const at::Tensor& memory_in,
                                                   const at::Tensor& write_w_in, const at::Tensor& erase_in,
                                                   const at::Tensor& add_in, const at::Tensor& /*new_memory*/) {
   check_write_inputs(memory_in, write_w_in, erase_in, add_in);
   const auto grad = grad_in.contiguous(), memory = memory_in.contiguous(), write_w = write_w_in.contiguous();
   const auto erase = erase_in.contiguous(), add = add_in.contiguous();
-  const int64_t B = memory.size(0), N = memory.size(1), W = memory.size(2);
-  const int64_t blocks = (N + kSlotBlock - 1) / kSlotBlock;
   auto grad_memory = at::empty_like(memory), grad_write_w = at::empty_like(write_w);
   auto grad_erase = at::empty_like(erase), grad_add = at::empty_like(add);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "ext_memory_write_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* g = grad.data_ptr<scalar_t>();
-    const scalar_t* m = memory.data_ptr<scalar_t>();
-    const scalar_t* w = write_w.data_ptr<scalar_t>();
-    const scalar_t* e = erase.data_ptr<scalar_t>();
-    const scalar_t* v = add.data_ptr<scalar_t>();
-    scalar_t* gm = grad_memory.data_ptr<scalar_t>();
-    scalar_t* gw = grad_write_w.data_ptr<scalar_t>();
-    // Per piece: partial grad e (first W) and grad v (next W).
-    std::vector<acc_t> partial(B * blocks * 2 * W);
-    at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t piece = begin; piece < end; ++piece) {
-        const int64_t b = piece / blocks, first = (piece % blocks) * kSlotBlock;
-        const int64_t last = std::min(N, first + kSlotBlock);
-        acc_t* part_erase = &partial[piece * 2 * W];
-        acc_t* part_add = part_erase + W;
-        std::fill(part_erase, part_erase + 2 * W, acc_t(0));
-        const scalar_t* eb = e + b * W;
-        const scalar_t* vb = v + b * W;
-        for (int64_t n = first; n < last; ++n) {
-          const int64_t slot = b * N + n;
-          const acc_t weight = acc_t(w[slot]);
-          acc_t to_weight = 0;
-          for (int64_t i = 0; i < W; ++i) {
-            const acc_t gi = acc_t(g[slot * W + i]), mi = acc_t(m[slot * W + i]), ei = acc_t(eb[i]);
-            gm[slot * W + i] = scalar_t(gi * (1 - weight * ei));
-            to_weight += gi * (acc_t(vb[i]) - mi * ei);
-            part_erase[i] -= gi * mi * weight;
-            part_add[i] += gi * weight;
-          }
-          gw[slot] = scalar_t(to_weight);
-        }
-      }
-    });
-    scalar_t* ge = grad_erase.data_ptr<scalar_t>();
-    scalar_t* gv = grad_add.data_ptr<scalar_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t i = 0; i < W; ++i) {
-        acc_t to_erase = 0, to_add = 0;
-        for (int64_t block = 0; block < blocks; ++block) {
-          to_erase += partial[(b * blocks + block) * 2 * W + i];
-          to_add += partial[(b * blocks + block) * 2 * W + W + i];
-        }
-        ge[b * W + i] = scalar_t(to_erase);
-        gv[b * W + i] = scalar_t(to_add);
-      }
-    }
+    memory_write_backward<scalar_t>(grad, memory, write_w, erase, add, grad_memory, grad_write_w, grad_erase,
+                                    grad_add);
   });
   return {grad_memory, grad_write_w, grad_erase, grad_add};
 }
