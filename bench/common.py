@@ -45,9 +45,17 @@ def _cpu_name() -> str:
 
 
 def time_cpu(fn, min_run_time: float = 0.2) -> dict:
-    """Median and quartiles in seconds, from torch.utils.benchmark (adaptive repeats)."""
+    """Median, interquartile range and the 10/25/75/90% quantiles in seconds, from
+    torch.utils.benchmark (adaptive repeats)."""
     measurement = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    return {"median": measurement.median, "iqr": measurement.iqr, "runs": len(measurement.times)}
+    times = torch.tensor(measurement.times, dtype=torch.float64)
+    quantiles = torch.quantile(times, torch.tensor([0.1, 0.25, 0.75, 0.9], dtype=torch.float64)).tolist()
+    return {
+        "median": measurement.median,
+        "iqr": measurement.iqr,
+        **{f"q{int(q * 100)}": value for q, value in zip((0.1, 0.25, 0.75, 0.9), quantiles, strict=True)},
+        "runs": len(measurement.times),
+    }
 
 
 def write_json(path: Path, payload: dict) -> Path:

@@ -1,8 +1,14 @@
 """Time each op, each backend that runs here, vs N: forward and forward+backward.
 
-    python -m bench.ops.bench_ops [--ops allocation_weights,link_update] [--max-log2-slots 16]
+    python -m bench.ops.bench_ops                      # short: N = 2^10..2^14, links 2^10..2^11
+    python -m bench.ops.bench_ops --full               # N = 2^10..2^20, links (N x N) 2^10..2^13
+    python -m bench.ops.bench_ops --ops allocation_weights,link_update --max-log2-slots 12
 
-Prints a table and writes bench/results/ops.json (with header) and ops.png.
+Config: B = 8, W = 64, R = 4, float32, CPU. For each (op, N) the backends run back to back, so
+their ratio is measured under the same machine load. Each timing is torch.utils.benchmark's
+blocked_autorange: median and quantiles over its runs. Cases whose tensors would not fit in
+--max-memory-gb are skipped and listed. Prints a table with each backend's speed-up over the
+torch backend, and writes bench/results/ops.json (with header) and ops.png (log-log time vs N).
 """
 
 import argparse
@@ -18,6 +24,14 @@ from sparsemem import _backends
 from sparsemem.testing import OPS, op_inputs
 
 QUADRATIC = {"link_update", "temporal_reads", "link_update_reads"}  # [B, N, N] inputs: capped lower
+# Live tensors of the op's largest size during the torch backend's forward+backward (inputs,
+# outputs, gradients and the reference's temporaries): a rough bound for skipping.
+LIVE_TENSORS = 10
+
+
+def estimated_bytes(op: str, num_slots: int, config: dict) -> int:
+    largest = num_slots * num_slots if op in QUADRATIC else num_slots * config["W"]
+    return LIVE_TENSORS * config["B"] * largest * 4
 
 
 def run_case(op: str, backend: str, num_slots: int, config: dict) -> dict:
@@ -36,34 +50,111 @@ def run_case(op: str, backend: str, num_slots: int, config: dict) -> dict:
         loss = sum(o.float().sum() for o in outputs if o.is_floating_point())
         torch.autograd.grad(loss, leaves)
 
+    min_run_time = config["min_run_time"]
     return {
         "op": op,
         "backend": backend,
         "N": num_slots,
-        "forward": time_cpu(forward),
-        "forward_backward": time_cpu(forward_backward),
+        "forward": time_cpu(forward, min_run_time),
+        "forward_backward": time_cpu(forward_backward, min_run_time),
     }
+
+
+def speedups(results: list[dict]) -> list[dict]:
+    """Per (op, N, backend): torch backend time / this backend's time, forward and forward+backward."""
+    torch_times = {(r["op"], r["N"]): r for r in results if r["backend"] == "torch"}
+    rows = []
+    for r in results:
+        base = torch_times.get((r["op"], r["N"]))
+        if base is None or r["backend"] == "torch":
+            continue
+        rows.append(
+            {
+                "op": r["op"],
+                "N": r["N"],
+                "backend": r["backend"],
+                "forward": base["forward"]["median"] / r["forward"]["median"],
+                "forward_backward": base["forward_backward"]["median"] / r["forward_backward"]["median"],
+            }
+        )
+    return rows
+
+
+def plot(results: list[dict], path: Path) -> Path:
+    """One panel per op: log-log median time vs N, a colour per backend, forward solid, +backward dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = sorted({r["op"] for r in results})
+    columns = min(4, len(ops))
+    rows = (len(ops) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    colours = {backend: f"C{i}" for i, backend in enumerate(_backends.BACKENDS)}
+    for axis, op in zip(axes.flat, ops, strict=False):
+        for backend in _backends.BACKENDS:
+            cases = sorted((r for r in results if r["op"] == op and r["backend"] == backend), key=lambda r: r["N"])
+            if not cases:
+                continue
+            sizes = [r["N"] for r in cases]
+            for mode, style in (("forward", "-"), ("forward_backward", "--")):
+                label = f"{backend} {'fwd' if mode == 'forward' else 'fwd+bwd'}"
+                medians = [r[mode]["median"] * 1e3 for r in cases]
+                axis.plot(sizes, medians, style, marker="o", markersize=3, color=colours[backend], label=label)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_title(op, fontsize=10)
+        axis.set_xlabel("N (slots)")
+        axis.set_ylabel("ms (median)")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(ops) :]:
+        axis.set_visible(False)
+    figure.tight_layout()
+    temporary = path.with_suffix(".tmp.png")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated op names")
+    parser.add_argument("--full", action="store_true", help="N up to 2^20 (links 2^13)")
     parser.add_argument("--min-log2-slots", type=int, default=10)
-    parser.add_argument("--max-log2-slots", type=int, default=16)
-    parser.add_argument("--max-log2-slots-links", type=int, default=11)
+    parser.add_argument("--max-log2-slots", type=int, default=None, help="default 14, --full 20")
+    parser.add_argument("--max-log2-slots-links", type=int, default=None, help="default 11, --full 13")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--word", type=int, default=64)
     parser.add_argument("--reads", type=int, default=4)
+    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timing (blocked_autorange)")
+    parser.add_argument("--max-memory-gb", type=float, default=6.0, help="skip cases estimated above this")
     parser.add_argument("--out", default=str(RESULTS / "ops.json"))
     args = parser.parse_args(argv)
-    config = {"B": args.batch, "W": args.word, "R": args.reads, "dtype": "float32", "device": "cpu"}
+    top = args.max_log2_slots if args.max_log2_slots is not None else (20 if args.full else 14)
+    top_links = args.max_log2_slots_links if args.max_log2_slots_links is not None else (13 if args.full else 11)
+    config = {
+        "B": args.batch,
+        "W": args.word,
+        "R": args.reads,
+        "dtype": "float32",
+        "device": "cpu",
+        "min_run_time": args.min_run_time,
+        "max_memory_gb": args.max_memory_gb,
+    }
     forced = os.environ.get("SPARSEMEM_BACKEND")
-    cases = []
+    cases, skipped = [], []
     for op in args.ops.split(","):
-        top = args.max_log2_slots_links if op in QUADRATIC else args.max_log2_slots
         backends = [b for b in _backends._KERNELS[op] if _backends.availability()[b] is None]
         backends = [b for b in backends if _backends._runs_on(b, "cpu")]
-        cases += [(op, b, 2**e) for b in backends for e in range(args.min_log2_slots, top + 1)]
+        for exponent in range(args.min_log2_slots, (top_links if op in QUADRATIC else top) + 1):
+            if estimated_bytes(op, 2**exponent, config) > args.max_memory_gb * 2**30:
+                skipped.append({"op": op, "N": 2**exponent, "reason": f"estimated above {args.max_memory_gb} GB"})
+                continue
+            # backends of one (op, N) back to back: their ratio sees the same machine load
+            cases += [(op, backend, 2**exponent) for backend in backends]
     results = [run_case(op, b, n, config) for op, b, n in tqdm(cases, desc="ops", unit="case")]
     if forced is None:
         os.environ.pop("SPARSEMEM_BACKEND", None)
@@ -73,8 +164,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in results:
         fwd, fwd_bwd = r["forward"]["median"] * 1e3, r["forward_backward"]["median"] * 1e3
         print(f"{r['op']:<20}{r['backend']:<9}{r['N']:>9}{fwd:>10.3f}{fwd_bwd:>12.3f}")
-    path = write_json(Path(args.out), {"header": header(config), "results": results})
+    ratios = speedups(results)
+    if ratios:
+        print("\nspeed-up over the torch backend (torch time / backend time)")
+        print(f"{'op':<20}{'backend':<9}{'N':>9}{'fwd':>8}{'fwd+bwd':>9}")
+        for r in ratios:
+            print(f"{r['op']:<20}{r['backend']:<9}{r['N']:>9}{r['forward']:>7.2f}x{r['forward_backward']:>8.2f}x")
+    for s in skipped:
+        print(f"skipped {s['op']} N={s['N']}: {s['reason']}")
+    path = write_json(
+        Path(args.out), {"header": header(config), "results": results, "speedups": ratios, "skipped": skipped}
+    )
     print(f"\nwrote {path}")
+    if results:
+        print(f"wrote {plot(results, path.with_suffix('.png'))}")
     return results
 
 
