@@ -1,0 +1,21 @@
+"""Algorithmic tasks with seeded batch generators, a curriculum over difficulty, and the
+papers' metric (bits in error per sequence)."""
+
+from sparsemem.tasks.algorithmic import AssociativeRecall, Copy, PrioritySort, RepeatCopy
+from sparsemem.tasks.base import Batch, Curriculum, Task, bits_in_error, sequence_loss
+
+TASKS: dict[str, type[Task]] = {task.name: task for task in (Copy, RepeatCopy, AssociativeRecall, PrioritySort)}
+"""The tasks by their command-line name."""
+
+__all__ = [
+    "TASKS",
+    "AssociativeRecall",
+    "Batch",
+    "Copy",
+    "Curriculum",
+    "PrioritySort",
+    "RepeatCopy",
+    "Task",
+    "bits_in_error",
+    "sequence_loss",
+]

@@ -1,0 +1,144 @@
+"""The NTM paper's algorithmic tasks (Graves et al. 2014): copy, repeat copy, associative recall,
+priority sort. Bits are fair coin flips; extra input channels carry delimiters and scalars."""
+
+import torch
+
+from sparsemem.tasks.base import Batch, Task, random_bits
+
+
+class Copy(Task):
+    """See `level` vectors of `bits`, then a delimiter; output the same vectors.
+
+    input [B, 2L+1, bits+1] (channel `bits`: the delimiter), output [B, 2L+1, bits]; level = L.
+    """
+
+    name = "copy"
+
+    def __init__(self, bits: int = 8, min_length: int = 1, max_length: int = 5) -> None:
+        super().__init__(min_length, max_length)
+        self.bits = bits
+        self.input_size = bits + 1
+        self.output_size = bits
+
+    def sample(self, batch_size: int, level: int, generator: torch.Generator) -> Batch:
+        self._check_level(level)
+        B, L, bits = batch_size, level, self.bits
+        sequence = random_bits(B, L, bits, generator)
+        inputs = torch.zeros(B, 2 * L + 1, bits + 1)
+        inputs[:, :L, :bits] = sequence
+        inputs[:, L, bits] = 1
+        targets = torch.zeros(B, 2 * L + 1, bits)
+        targets[:, L + 1 :] = sequence
+        mask = torch.zeros(B, 2 * L + 1, dtype=torch.bool)
+        mask[:, L + 1 :] = True
+        return Batch(inputs, targets, mask)
+
+
+class RepeatCopy(Task):
+    """See `level` vectors, then a delimiter with the repeat count n / max_repeats on its own
+    channel; output the sequence n times, then an end marker (output channel `bits`).
+
+    n is drawn uniformly in [1, max_repeats] per batch. input [B, T, bits+2], output [B, T, bits+1],
+    T = L + 1 + n L + 1; level = L.
+    """
+
+    name = "repeat-copy"
+
+    def __init__(self, bits: int = 8, min_length: int = 1, max_length: int = 5, max_repeats: int = 3) -> None:
+        super().__init__(min_length, max_length)
+        self.bits = bits
+        self.max_repeats = max_repeats
+        self.input_size = bits + 2
+        self.output_size = bits + 1
+
+    def sample(self, batch_size: int, level: int, generator: torch.Generator) -> Batch:
+        self._check_level(level)
+        B, L, bits = batch_size, level, self.bits
+        repeats = int(torch.randint(1, self.max_repeats + 1, (), generator=generator))
+        sequence = random_bits(B, L, bits, generator)
+        T = L + 1 + repeats * L + 1
+        inputs = torch.zeros(B, T, bits + 2)
+        inputs[:, :L, :bits] = sequence
+        inputs[:, L, bits] = 1
+        inputs[:, L, bits + 1] = repeats / self.max_repeats
+        targets = torch.zeros(B, T, bits + 1)
+        targets[:, L + 1 : T - 1, :bits] = sequence.repeat(1, repeats, 1)
+        targets[:, T - 1, bits] = 1
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        mask[:, L + 1 :] = True
+        return Batch(inputs, targets, mask)
+
+
+class AssociativeRecall(Task):
+    """See `level` items of item_length vectors, each after a delimiter (channel `bits`); then a
+    query item between two query delimiters (channel bits+1); output the item that followed it.
+
+    input [B, T, bits+2], output [B, T, bits], T = level (item_length+1) + 2 item_length + 2;
+    level = the number of items (>= 2).
+    """
+
+    name = "associative-recall"
+
+    def __init__(self, bits: int = 8, min_items: int = 2, max_items: int = 6, item_length: int = 3) -> None:
+        if min_items < 2:
+            raise ValueError(f"associative recall needs min_items >= 2 (a query and its successor); got {min_items}")
+        super().__init__(min_items, max_items)
+        self.bits = bits
+        self.item_length = item_length
+        self.input_size = bits + 2
+        self.output_size = bits
+
+    def sample(self, batch_size: int, level: int, generator: torch.Generator) -> Batch:
+        self._check_level(level)
+        B, items, size, bits = batch_size, level, self.item_length, self.bits
+        stored = random_bits(B, items * size, bits, generator).view(B, items, size, bits)
+        query = torch.randint(0, items - 1, (B,), generator=generator)
+        rows = torch.arange(B)
+        T = items * (size + 1) + 2 * size + 2
+        inputs = torch.zeros(B, T, bits + 2)
+        for i in range(items):
+            start = i * (size + 1)
+            inputs[:, start, bits] = 1
+            inputs[:, start + 1 : start + 1 + size, :bits] = stored[:, i]
+        start = items * (size + 1)
+        inputs[:, start, bits + 1] = 1
+        inputs[:, start + 1 : start + 1 + size, :bits] = stored[rows, query]
+        inputs[:, start + 1 + size, bits + 1] = 1
+        answer = start + size + 2
+        targets = torch.zeros(B, T, bits)
+        targets[:, answer:] = stored[rows, query + 1]
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        mask[:, answer:] = True
+        return Batch(inputs, targets, mask)
+
+
+class PrioritySort(Task):
+    """See `level` vectors, each with a priority in [-1, 1] (channel `bits`), then a delimiter
+    (channel bits+1); output the vectors from the highest priority down.
+
+    input [B, 2L+1, bits+2], output [B, 2L+1, bits]; level = L.
+    """
+
+    name = "priority-sort"
+
+    def __init__(self, bits: int = 8, min_length: int = 1, max_length: int = 5) -> None:
+        super().__init__(min_length, max_length)
+        self.bits = bits
+        self.input_size = bits + 2
+        self.output_size = bits
+
+    def sample(self, batch_size: int, level: int, generator: torch.Generator) -> Batch:
+        self._check_level(level)
+        B, L, bits = batch_size, level, self.bits
+        sequence = random_bits(B, L, bits, generator)
+        priority = torch.rand(B, L, generator=generator) * 2 - 1
+        order = priority.argsort(dim=1, descending=True)
+        inputs = torch.zeros(B, 2 * L + 1, bits + 2)
+        inputs[:, :L, :bits] = sequence
+        inputs[:, :L, bits] = priority
+        inputs[:, L, bits + 1] = 1
+        targets = torch.zeros(B, 2 * L + 1, bits)
+        targets[:, L + 1 :] = sequence.gather(1, order.unsqueeze(-1).expand(B, L, bits))
+        mask = torch.zeros(B, 2 * L + 1, dtype=torch.bool)
+        mask[:, L + 1 :] = True
+        return Batch(inputs, targets, mask)

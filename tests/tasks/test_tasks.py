@@ -1,0 +1,120 @@
+"""The algorithmic tasks: layouts, answers, seeding, the metric and the curriculum."""
+
+import pytest
+import torch
+
+from sparsemem.tasks import (
+    TASKS,
+    AssociativeRecall,
+    Copy,
+    Curriculum,
+    PrioritySort,
+    RepeatCopy,
+    bits_in_error,
+    sequence_loss,
+)
+
+BITS = 6
+
+
+def generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_batches_are_seeded_and_shaped(name):
+    task = TASKS[name](BITS)
+    level = task.max_level
+    batch = task.sample(5, level, generator())
+    again = task.sample(5, level, generator())
+    other = task.sample(5, level, generator(1))
+    assert torch.equal(batch.inputs, again.inputs) and torch.equal(batch.targets, again.targets)
+    assert not torch.equal(batch.inputs, other.inputs)
+    T = batch.inputs.shape[1]
+    assert batch.inputs.shape == (5, T, task.input_size)
+    assert batch.targets.shape == (5, T, task.output_size)
+    assert batch.mask.shape == (5, T) and batch.mask.dtype == torch.bool
+    # Nothing is asked before the input ends, and every unscored target is blank.
+    assert not batch.mask[:, 0].any() and batch.mask[:, -1].all()
+    assert batch.targets[~batch.mask].abs().sum() == 0
+    with pytest.raises(ValueError, match="level must be in"):
+        task.sample(2, task.max_level + 1, generator())
+
+
+def test_copy_answers_with_its_input():
+    batch = Copy(BITS).sample(4, 3, generator())
+    assert batch.inputs.shape[1] == 7
+    torch.testing.assert_close(batch.targets[:, 4:], batch.inputs[:, :3, :BITS])
+    assert batch.inputs[:, 3, BITS].eq(1).all() and batch.inputs[:, 4:].abs().sum() == 0
+
+
+def test_repeat_copy_repeats_then_ends():
+    task = RepeatCopy(BITS, max_repeats=3)
+    batch = task.sample(2, 2, generator())
+    T = batch.inputs.shape[1]
+    repeats = round(float(batch.inputs[0, 2, BITS + 1]) * 3)
+    assert 2 + 1 + repeats * 2 + 1 == T
+    sequence = batch.inputs[:, :2, :BITS]
+    torch.testing.assert_close(batch.targets[:, 3 : T - 1, :BITS], sequence.repeat(1, repeats, 1))
+    assert batch.targets[:, T - 1, BITS].eq(1).all() and batch.targets[:, : T - 1, BITS].sum() == 0
+
+
+def test_associative_recall_answers_the_next_item():
+    task = AssociativeRecall(BITS, item_length=2)
+    items = 4
+    batch = task.sample(8, items, generator())
+    stored = torch.stack([batch.inputs[:, i * 3 + 1 : i * 3 + 3, :BITS] for i in range(items)], dim=1)
+    query = batch.inputs[:, items * 3 + 1 : items * 3 + 3, :BITS]
+    answer = batch.targets[batch.mask].view(8, 2, BITS)
+    for b in range(8):
+        position = next(i for i in range(items - 1) if torch.equal(stored[b, i], query[b]))
+        torch.testing.assert_close(answer[b], stored[b, position + 1])
+
+
+def test_priority_sort_orders_by_priority():
+    batch = PrioritySort(BITS).sample(3, 4, generator())
+    priority = batch.inputs[:, :4, BITS]
+    order = priority.argsort(dim=1, descending=True)
+    for b in range(3):
+        torch.testing.assert_close(batch.targets[b, 5:], batch.inputs[b, order[b], :BITS])
+
+
+def test_bits_in_error_and_loss():
+    batch = Copy(BITS).sample(4, 3, generator())
+    perfect = (batch.targets * 2 - 1) * 10
+    assert bits_in_error(perfect, batch) == 0
+    assert bits_in_error(-perfect, batch) == 3 * BITS
+    assert sequence_loss(perfect, batch) < 1e-3 < sequence_loss(-perfect, batch)
+    # Unscored steps count for nothing, whatever the model says there.
+    noisy = perfect.clone()
+    noisy[~batch.mask] = -noisy[~batch.mask] + 5
+    assert bits_in_error(noisy, batch) == 0
+    torch.testing.assert_close(sequence_loss(noisy, batch), sequence_loss(perfect, batch))
+
+
+def test_curriculum_advances_on_mastery_and_round_trips():
+    curriculum = Curriculum(1, 3, threshold=0.5, window=3)
+    draws = {curriculum.draw(generator(seed)) for seed in range(10)}
+    assert draws == {1}
+    for error in (1.5, 0.2, 0.2):
+        curriculum.update(1, error)
+    assert curriculum.level == 1  # the window mean is 0.63 until the 1.5 leaves it
+    curriculum.update(2, 0.0)  # below the top level: not counted
+    curriculum.update(1, 0.2)
+    assert curriculum.level == 2 and not curriculum.mastered
+    for _ in range(3):
+        curriculum.update(2, 0.0)
+    for _ in range(3):
+        curriculum.update(3, 0.1)
+    assert curriculum.level == 3 and curriculum.mastered
+    copy = Curriculum(1, 3, threshold=0.5, window=3)
+    copy.load_state_dict(curriculum.state_dict())
+    assert copy.level == 3 and copy.mastered
+    assert Curriculum(1, 3, enabled=False).level == 3
+
+
+def test_bad_levels_are_named():
+    with pytest.raises(ValueError, match="min_level <= max_level"):
+        Copy(BITS, 4, 2)
+    with pytest.raises(ValueError, match="min_items >= 2"):
+        AssociativeRecall(BITS, min_items=1)

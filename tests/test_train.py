@@ -1,0 +1,97 @@
+"""The training CLI: exact resume, divergence handling, its files."""
+
+import json
+
+import pytest
+import torch
+
+from sparsemem.train import CHECKPOINT, METRICS, Config, Trainer, TrainingDiverged, main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(tmp_path, **kwargs) -> Config:
+    options = dict(
+        task="copy",
+        steps=6,
+        batch_size=4,
+        hidden_size=8,
+        num_slots=5,
+        word_size=4,
+        bits=4,
+        max_level=3,
+        window=2,
+        threshold=10.0,  # the curriculum moves within a few steps
+        stop_at_threshold=False,
+        checkpoint_every=3,
+        log_every=1,
+        out=str(tmp_path),
+    )
+    return Config(**(options | kwargs))
+
+
+@pytest.mark.parametrize("model", ["dnc", "ntm"])
+def test_resume_continues_bit_exactly(tmp_path, model):
+    straight = Trainer(tiny(tmp_path / "straight", model=model))
+    straight.run(progress=False)
+
+    interrupted = Trainer(tiny(tmp_path / "resumed", model=model, steps=3))
+    interrupted.run(progress=False)
+    # An interrupted run may have logged past its checkpoint; resume drops those lines.
+    with open(tmp_path / "resumed" / METRICS, "a") as log:
+        log.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
+    resumed = Trainer(tiny(tmp_path / "resumed", model=model))
+    resumed.run(progress=False, resume=True)
+
+    assert resumed.step == straight.step == 6
+    assert resumed.curriculum.state_dict() == straight.curriculum.state_dict()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
+    lines = [json.loads(line) for line in (tmp_path / "resumed" / METRICS).read_text().splitlines()]
+    expected = [json.loads(line) for line in (tmp_path / "straight" / METRICS).read_text().splitlines()]
+    assert lines == expected
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = Trainer(tiny(tmp_path, steps=10))
+    for _ in range(3):
+        trainer.train_step()
+    trainer.save()
+    good = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    with torch.no_grad():
+        trainer.model.output.bias.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4: .*checkpoint .* \(step 3\) is kept"):
+        trainer.run(progress=False)
+    kept = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert kept["step"] == 3
+    assert torch.equal(kept["model"]["output.bias"], good["model"]["output.bias"])
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_cli_writes_metrics_checkpoint_and_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--model", "dnc", "--task", "associative-recall", "--steps", "4", "--batch-size", "2"]
+    argv += ["--hidden-size", "8", "--num-slots", "6", "--word-size", "4", "--bits", "3", "--max-level", "3"]
+    argv += ["--log-every", "2", "--checkpoint-every", "2", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    assert "dnc on associative-recall" in capsys.readouterr().out
+    names = {path.name for path in out.iterdir()}
+    assert names == {METRICS, CHECKPOINT, "summary.json", "learning_curve.png", "memory_access.png"}
+    records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and set(summary["eval_bits_error"]) == {"2", "3"}
+    for plot in ("learning_curve.png", "memory_access.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_rejects_unknown_names(tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'sorting'"):
+        main(["--task", "sorting", "--out", str(tmp_path)])
