@@ -1,29 +1,34 @@
 """Memory-size scaling: time and peak memory per step against the number of slots N.
 
-    python -m bench.scaling                # the default run (`make bench`), under 5 minutes on 2 cores
-    python -m bench.scaling --full         # the full regime up to --max-slots as well (HNSW builds: minutes)
+    python -m bench.scaling                # the default run (`make bench`): under 5 minutes on 2 cores
+    python -m bench.scaling --full         # the long run: every power of two up to 2^20, both regimes
     python -m bench.scaling --device cuda  # the same on a GPU
 
-NTM and DNC (dense), SAM and SDNC (sparse, once per index backend), for N = 2^10,
-2^11, ... up to --max-slots, in the two regimes of DESIGN.md ("Two regimes, both measured"):
+NTM and DNC (dense), SAM and SDNC (sparse, once per index backend), for N from 2^10 up to
+--max-slots (2^20), in the two regimes of DESIGN.md ("Two regimes, both measured"):
 
   fresh  an episode from a reset memory, model.init_state(B): cost follows the rows written
   full   every slot written and indexed, model.init_state(B, memory=M) with M random unit
          words; repeats continue from the state the last run left (the steady state)
 
 Each case (model, index, regime, N) runs in its own process, so its peak memory is its own,
-under --timeout seconds. It reports forward and forward+backward time per step (the time of
-a T-step run divided by T; median over repeats after a first, warm-up run), the time and
-memory of init_state apart from the steps (the index build in the full regime), and peak
-memory above the process's baseline (RSS on the CPU, torch.cuda.max_memory_allocated on a
-GPU). A case whose estimated memory exceeds what the machine has is skipped up front ("needs
-X GiB"), and a series stops once its next size is predicted to run past the timeout. Models
-or index backends the installed sparsemem does not have are reported as "not available".
+and is killed after --timeout seconds. It reports forward and forward+backward time per step
+(the time of a T-step run divided by T: median over runs, after an untimed one-step warm-up),
+the time of init_state apart from the steps (in the full regime: the index build), the
+index's own merge and build time within the steps, and peak memory above the process's
+baseline (RSS on the CPU, torch.cuda.max_memory_allocated on a GPU) with the index's bytes.
+A case whose estimated memory exceeds what the machine has is skipped up front ("needs X
+GiB"), never attempted; a series stops at a timeout or once its next size is predicted to
+run past it. Models or index backends the installed sparsemem lacks are "not available".
 
 Default config (fixed, so that runs compare): B=8, W=64, R=4, K=8, T=16, the models' LSTM
-controller with 128 hidden units, 8 input features, float32, the full regime up to 2^18.
-Writes bench/results/scaling-<device>.json (with header), scaling-<device>.md (the table),
-scaling-<device>-time.png and scaling-<device>-memory.png (log-log, fitted slopes in the legend).
+controller with 128 hidden units, 8 input features, float32. The default run takes N = 2^10,
+2^12, ..., 2^20 (the full regime up to 2^18) within a time budget of 240 s for all cases,
+cheapest cases first, so what does not fit is skipped with its reason; --full takes every
+power of two, the full regime up to --max-slots, and no budget (HNSW builds of 2^20 rows
+cost about a minute per batch row). Writes bench/results/scaling-<device>.json (with
+header), scaling-<device>.md (the table and slopes), scaling-<device>-time.png and
+scaling-<device>-memory.png (log-log, the fitted slope of each series in the legend).
 """
 
 import argparse
@@ -437,7 +442,7 @@ def predict_seconds(done: list[tuple[int, float]], num_slots: int) -> float | No
 
 def plan(args: argparse.Namespace) -> list[Case]:
     """Every case of the run, series by series, N ascending within a series."""
-    sizes = [2**e for e in range(int(math.log2(args.min_slots)), int(math.log2(args.max_slots)) + 1)]
+    sizes = [2**e for e in range(int(math.log2(args.min_slots)), int(math.log2(args.max_slots)) + 1, args.log2_step)]
     full_top = args.max_slots if args.full else min(args.max_slots, args.max_full_slots)
     cases = []
     for model in args.models:
@@ -496,6 +501,8 @@ def run_cases(
         else:
             started = time.perf_counter()
             result.update(run_in_process(case, config, memory_budget, limit))
+            if result["status"] == "timeout" and limit < timeout:
+                result["reason"] += " (the rest of the run's time budget)"
             result["wall_seconds"] = time.perf_counter() - started
             if result["status"] == "ok":
                 done.setdefault(key, []).append((case.num_slots, result["wall_seconds"]))
@@ -728,7 +735,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-slots", type=_slots, default=2**10)
     parser.add_argument("--max-slots", type=_slots, default=2**20)
     parser.add_argument("--max-full-slots", type=_slots, default=2**18, help="top N of the full regime")
-    parser.add_argument("--full", action="store_true", help="the full regime up to --max-slots too")
+    parser.add_argument(
+        "--log2-step", type=int, help="N grows by 2^step from one size to the next (default 2; --full: 1)"
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="the long run: every power of two, the full regime up to --max-slots, no time budget",
+    )
     parser.add_argument("--batch", type=int, default=defaults.batch, help="B")
     parser.add_argument("--word", type=int, default=defaults.word, help="W")
     parser.add_argument("--reads", type=int, default=defaults.reads, help="R")
@@ -747,6 +761,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/scaling-<device>.json)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
+    if args.log2_step is None:
+        args.log2_step = 1 if args.full else 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: torch here has no CUDA device")
 
@@ -782,6 +798,7 @@ def main(argv: list[str] | None = None) -> dict:
         "time_budget": time_budget,
         "memory_budget_gib": round(budget / GIB, 2),
         "full_regime_max_slots": args.max_slots if args.full else min(args.max_slots, args.max_full_slots),
+        "log2_step": args.log2_step,
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "load_average_at_start": os.getloadavg()[0],  # other work on the machine slows every case
         "command": " ".join(["python -m bench.scaling", *(sys.argv[1:] if argv is None else argv)]),
