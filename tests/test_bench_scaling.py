@@ -12,7 +12,7 @@ from bench import scaling
 TINY = [
     "--min-slots", "2^4", "--max-slots", "2^5", "--log2-step", "1",
     "--batch", "2", "--word", "8", "--reads", "2", "--k", "2", "--steps", "2", "--hidden", "8", "--inputs", "3",
-    "--min-run-time", "0", "--timeout", "120",
+    "--min-run-time", "0", "--timeout", "120", "--memory-gib", "1",
 ]  # fmt: skip
 
 
@@ -68,10 +68,11 @@ def test_slow_case_times_out_and_stops_its_series(tmp_path):
     if not hasattr(sm, "NTM"):
         pytest.skip("sparsemem has no NTM yet")
     out = tmp_path / "scaling.json"
-    sizes = ["--min-slots", "2^16", "--max-slots", "2^17", "--log2-step", "1"]  # the default config: seconds per case
-    args = [*sizes, "--models", "NTM", "--regimes", "fresh", "--timeout", "0.2", "--no-plot", "--out", str(out)]
+    # 5000 steps of a tiny NTM: far more than 0.2 s anywhere, a few MiB of memory
+    tiny = [*TINY, "--batch", "1", "--word", "4", "--steps", "5000"]
+    args = [*tiny, "--models", "NTM", "--regimes", "fresh", "--timeout", "0.2", "--no-plot", "--out", str(out)]
     statuses = [(r["status"], r.get("reason")) for r in scaling.main(args)["cases"]]
-    assert statuses == [("timeout", "over 0.2 s"), ("skipped", "after timeout at N=2^16")]
+    assert statuses == [("timeout", "over 0.2 s"), ("skipped", "after timeout at N=2^4")]
 
 
 def test_smoke_run_writes_json_table_and_plots(tmp_path):
