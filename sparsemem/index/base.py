@@ -21,6 +21,9 @@ from torch import Tensor
 from sparsemem._checks import check_finite, check_indices
 from sparsemem.reference.dnc import safe_norm
 
+UPDATE_CHUNK = 2**16
+"""Rows normalised and stored per step of a large update (bounds its temporary memory)."""
+
 
 @dataclass
 class IndexStats:
@@ -62,6 +65,9 @@ class Index(abc.ABC):
     - `stats()` -> IndexStats.
     Indexes are not thread-safe; one memory module owns one.
     """
+
+    row_dtype: torch.dtype = torch.float32
+    """The dtype rows are stored in (queries are normalised in float64, then cast to it)."""
 
     def __init__(
         self,
@@ -131,8 +137,11 @@ class Index(abc.ABC):
         if ids.numel() == 0:
             return
         batch, slots, order = _last_writes(ids, self.num_slots)
-        unit = _unit(rows.detach().reshape(-1, self.word_size)[order])
-        self._update(batch, slots, unit)
+        flat = rows.detach().reshape(-1, self.word_size)
+        # In chunks, so a whole preloaded memory (J = N) is never copied or widened at once.
+        for start in range(0, order.numel(), UPDATE_CHUNK):
+            chunk = slice(start, start + UPDATE_CHUNK)
+            self._update(batch[chunk], slots[chunk], _unit(flat[order[chunk]], self.row_dtype))
 
     add = update
 
@@ -149,7 +158,7 @@ class Index(abc.ABC):
         if not isinstance(k, int) or not 1 <= k <= self.num_slots:
             raise ValueError(f"k must be an int in [1, N={self.num_slots}]; got k={k!r}")
         check_finite("queries", queries)
-        unit = _unit(queries.detach())
+        unit = _unit(queries.detach(), torch.float64)
         scores, ids = self._search(unit, k)
         scores, ids = self._with_unwritten(unit, scores, ids, k)
         return scores.to(queries.device), ids.to(queries.device)
@@ -196,7 +205,7 @@ class Index(abc.ABC):
 
     @abc.abstractmethod
     def _update(self, batch: Tensor, slots: Tensor, unit: Tensor) -> None:
-        """Store unit rows [J', W] (float64) at (batch [J'], slots [J']); pairs are distinct,
+        """Store unit rows [J', W] (row_dtype) at (batch [J'], slots [J']); pairs are distinct,
         sorted by batch row then slot. Must keep _slot and _rows current."""
 
     @abc.abstractmethod
@@ -253,7 +262,7 @@ class Index(abc.ABC):
         if all(rows == self.num_slots for rows in self._rows):
             return scores, ids
         pool_ids = self.unwritten(k).to(ids.device)
-        initial = _unit(self._initial).to(unit.device)
+        initial = _unit(self._initial, torch.float64).to(unit.device)
         pool_scores = torch.einsum("brw,bw->br", unit, initial).to(scores.dtype)
         pool_scores = pool_scores.unsqueeze(-1).expand(-1, -1, k)
         missing = (pool_ids < 0).unsqueeze(1).to(scores.device)
@@ -264,9 +273,9 @@ class Index(abc.ABC):
         return merged_scores, merged_ids
 
 
-def _unit(x: Tensor) -> Tensor:
-    """x / ||x||_eps in float64: then unit(q) . unit(m) is the eps-cosine D(q, m) of reference/dnc.py."""
-    x = x.to(torch.float64)
+def _unit(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x / ||x||_eps in dtype: then unit(q) . unit(m) is the eps-cosine D(q, m) of reference/dnc.py."""
+    x = x.to(dtype)
     return x / safe_norm(x).unsqueeze(-1)
 
 

@@ -31,7 +31,7 @@ class ExactIndex(Index):
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be positive; got {chunk_rows}")
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype = self.row_dtype = dtype
         self.chunk_rows = chunk_rows
         super().__init__(batch_size, num_slots, word_size, initial=initial, map_device=self.device)
         self._store = torch.empty(batch_size, 0, word_size, dtype=dtype, device=self.device)

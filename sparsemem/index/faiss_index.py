@@ -127,6 +127,14 @@ class FaissIndex(Index):
         self._rows[b] += int((codes == -1).sum())
         appended = ~buffered
         slots, unit = slots[appended], unit[torch.from_numpy(appended)]
+        if len(slots) >= self.buffer_rows:
+            # A bulk write (a preloaded memory): into faiss at once, with what the buffer holds.
+            count = self._buffered_rows[b]
+            vectors = np.concatenate([self._buffer[b, :count].numpy(), unit.numpy()])
+            slots = np.concatenate([self._buffer_ids[b, :count].numpy(), slots])
+            self._buffered_rows[b] = 0
+            self._merge(b, vectors, slots)
+            return
         while len(slots):
             start = self._buffered_rows[b]
             take = min(len(slots), self.buffer_rows - start)
@@ -137,7 +145,8 @@ class FaissIndex(Index):
             self._buffered_rows[b] = start + take
             slots, unit = slots[take:], unit[take:]
             if self._buffered_rows[b] == self.buffer_rows:
-                self._merge(b)
+                self._merge(b, self._buffer[b].numpy(), self._buffer_ids[b].numpy().copy())
+                self._buffered_rows[b] = 0
 
     def _forget(self, b: int, labels: np.ndarray) -> None:
         """Drop faiss entries whose slot is being overwritten."""
@@ -147,21 +156,16 @@ class FaissIndex(Index):
         np.bitwise_and.at(self._live[b], labels >> 3, ~(1 << (labels & 7)).astype(np.uint8))
         self._dead[b] += len(labels)
 
-    def _merge(self, b: int) -> None:
-        """Move batch row b's buffer into its faiss index (building the index first if there is none)."""
-        count = self._buffered_rows[b]
-        if count == 0:
-            return
-        vectors = self._buffer[b, :count].numpy()
-        slots = self._buffer_ids[b, :count].numpy().copy()
-        if self._ann[b] is None or (self.kind == "ivf" and self._ann[b].ntotal + count >= 4 * self._trained_rows[b]):
+    def _merge(self, b: int, vectors: np.ndarray, slots: np.ndarray) -> None:
+        """Put unit rows `vectors` of `slots` into batch row b's faiss index (building it if there is none)."""
+        ann = self._ann[b]
+        if ann is None or (self.kind == "ivf" and ann.ntotal + len(slots) >= 4 * self._trained_rows[b]):
             self._build(b, vectors, slots)
         else:
             start = time.perf_counter()
             with self._build_threads():
                 self._add(b, vectors, slots)
             self._timed_merge(start)
-        self._buffered_rows[b] = 0
         if self.kind == "hnsw" and self._dead[b] > self.rebuild_fraction * self._ann[b].ntotal:
             self._build(b)
 
