@@ -3,6 +3,8 @@
     python -m bench.ops.bench_ops                      # short: N = 2^10..2^14, links 2^10..2^11
     python -m bench.ops.bench_ops --full               # N = 2^10..2^20, links (N x N) 2^10..2^13
     python -m bench.ops.bench_ops --ops allocation_weights,link_update --max-log2-slots 12
+    python -m bench.ops.bench_ops --threads 1    # on a shared, loaded machine: no thread waits on a
+                                                 # descheduled sibling, so ratios are per core
 
 Config: B = 8, W = 64, R = 4, float32, CPU. For each (op, N) the backends run back to back, so
 their ratio is measured under the same machine load. Each timing is torch.utils.benchmark's
@@ -129,10 +131,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--word", type=int, default=64)
     parser.add_argument("--reads", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None, help="torch and extension threads (default: torch's)")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timing (blocked_autorange)")
     parser.add_argument("--max-memory-gb", type=float, default=6.0, help="skip cases estimated above this")
     parser.add_argument("--out", default=str(RESULTS / "ops.json"))
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        # at::parallel_for in the extension shares torch's thread pool, so this sets both
+        torch.set_num_threads(args.threads)
     top = args.max_log2_slots if args.max_log2_slots is not None else (20 if args.full else 14)
     top_links = args.max_log2_slots_links if args.max_log2_slots_links is not None else (13 if args.full else 11)
     config = {
@@ -141,6 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "R": args.reads,
         "dtype": "float32",
         "device": "cpu",
+        "threads": torch.get_num_threads(),
         "min_run_time": args.min_run_time,
         "max_memory_gb": args.max_memory_gb,
     }
