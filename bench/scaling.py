@@ -606,6 +606,26 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pivot(results: list[dict], regime: str) -> str:
+    """Forward+backward ms per step of one regime as a markdown table: a row per N, a column per series."""
+    rows = [r for r in results if r["regime"] == regime]
+    series = list(dict.fromkeys(r["series"] for r in rows))
+    cells = {(r["series"], r["num_slots"]): r for r in rows}
+    lines = [f"| N | {' | '.join(series)} |", "|---|" + "---:|" * len(series)]
+    for n in sorted({r["num_slots"] for r in rows}):
+        row = []
+        for name in series:
+            case = cells.get((name, n))
+            if case is None:
+                row.append("")
+            elif case["status"] == "ok":
+                row.append(f"{case['forward_backward']['median'] * 1e3:.0f}")
+            else:
+                row.append("skipped" if case["status"] == "skipped" else case["status"])
+        lines.append(f"| {_log2(n)} | {' | '.join(row)} |")
+    return "\n".join(lines)
+
+
 def summary(slope_rows: list[dict], crossover_rows: list[dict]) -> str:
     def fmt(value: float | None) -> str:
         return "" if value is None else f"{value:.2f}"
@@ -807,7 +827,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = run_cases(cases, config, budget, args.timeout, time_budget)
     wall = time.perf_counter() - start
     slope_rows, crossover_rows = slopes(results), crossovers(results)
-    text = f"{table(results)}\n\n{summary(slope_rows, crossover_rows)}"
+    pivots = "\n\n".join(
+        f"Forward+backward ms per step, {regime} memory:\n\n{pivot(results, regime)}" for regime in REGIMES
+    )
+    text = f"{table(results)}\n\n{pivots}\n\n{summary(slope_rows, crossover_rows)}"
     payload = {
         "header": header(run_config),
         "wall_seconds": wall,

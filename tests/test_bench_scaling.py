@@ -114,3 +114,4 @@ def test_smoke_run_writes_json_table_and_plots(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "scaling.md").read_text()
     assert table.startswith("| model | regime | N |") and "Slopes" in table
+    assert "| N | NTM | DNC | SAM/exact |" in table  # the per-regime pivot
