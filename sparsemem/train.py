@@ -22,11 +22,14 @@ import torch
 from torch import Tensor, nn
 
 from sparsemem.models import DNC, NTM, MemoryModel
-from sparsemem.tasks import TASKS, Batch, Curriculum, Task, bits_in_error, sequence_loss
+from sparsemem.tasks import TASKS, AssociativeRecall, Batch, Curriculum, Task, bits_in_error, sequence_loss
 
 MODELS: dict[str, type[MemoryModel]] = {"dnc": DNC, "ntm": NTM}
 """The models by their command-line name; each takes (input_size, hidden_size, num_slots=N,
 word_size=W, num_reads=R, output_size=...)."""
+
+CONTROLLERS = ("lstm", "feedforward")
+"""--controller: an LSTM cell (the default), or Linear + tanh with no state of its own."""
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -34,7 +37,14 @@ METRICS = "metrics.jsonl"
 
 @dataclasses.dataclass
 class Config:
-    """Everything a run depends on; the command-line flags are these fields."""
+    """Everything a run depends on; the command-line flags are these fields.
+
+    controller: "lstm" or "feedforward" (CONTROLLERS). min_level, max_level: the task's
+    difficulty range (sequence length, or items for associative recall; None: the task's
+    default). item_length: vectors per item in associative recall. threshold: bits in
+    error per sequence, averaged over the last `window` batches at the top level, that
+    advance the curriculum and count as mastered.
+    """
 
     model: str = "dnc"
     task: str = "copy"
@@ -42,11 +52,13 @@ class Config:
     batch_size: int = 16
     lr: float = 3e-3
     clip: float = 10.0
+    controller: str = "lstm"
     hidden_size: int = 64
     num_slots: int = 16
     word_size: int = 16
     num_reads: int = 1
     bits: int = 8
+    item_length: int = 3
     min_level: int | None = None
     max_level: int | None = None
     curriculum: bool = True
@@ -72,12 +84,21 @@ def make_task(config: Config) -> Task:
     default = task_cls(config.bits)
     min_level = config.min_level if config.min_level is not None else default.min_level
     max_level = config.max_level if config.max_level is not None else default.max_level
+    if task_cls is AssociativeRecall:
+        return task_cls(config.bits, min_level, max_level, item_length=config.item_length)
     return task_cls(config.bits, min_level, max_level)
 
 
 def make_model(config: Config, task: Task) -> MemoryModel:
     if config.model not in MODELS:
         raise ValueError(f"unknown model {config.model!r}; expected one of {sorted(MODELS)}")
+    if config.controller not in CONTROLLERS:
+        raise ValueError(f"unknown controller {config.controller!r}; expected one of {CONTROLLERS}")
+    controller = None
+    if config.controller == "feedforward":
+        # Nothing crosses time steps but the memory: the DNC paper's feed-forward controller.
+        controller_in = task.input_size + config.num_reads * config.word_size
+        controller = nn.Sequential(nn.Linear(controller_in, config.hidden_size), nn.Tanh())
     return MODELS[config.model](
         task.input_size,
         config.hidden_size,
@@ -85,6 +106,7 @@ def make_model(config: Config, task: Task) -> MemoryModel:
         word_size=config.word_size,
         num_reads=config.num_reads,
         output_size=task.output_size,
+        controller=controller,
     )
 
 
@@ -285,10 +307,15 @@ def _plot_learning_curve(metrics: list[dict], path: Path, config: Config) -> Non
         return
     steps = [m["step"] for m in metrics]
     figure, (errors, levels) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(3, 1))
-    errors.plot(steps, [m["bits_error"] for m in metrics], lw=1, label="bits in error per sequence")
-    errors.plot(steps, [m["loss"] for m in metrics], lw=1, label="loss (BCE per bit)")
+    bits = [m["bits_error"] for m in metrics]
+    smooth = [sum(bits[max(0, i - 9) : i + 1]) / len(bits[max(0, i - 9) : i + 1]) for i in range(len(bits))]
+    errors.plot(steps, bits, lw=0.5, alpha=0.4, color="C0")
+    errors.plot(steps, smooth, lw=1.5, color="C0", label="bits in error per sequence (mean of 10 logs)")
+    errors.plot(steps, [m["loss"] for m in metrics], lw=1, color="C1", label="loss (BCE per bit)")
     errors.axhline(config.threshold, color="gray", ls="--", lw=1, label=f"threshold {config.threshold}")
-    errors.set_yscale("log")
+    # symlog: a batch with no error at all is a real value, 0, not a hole in the curve
+    errors.set_yscale("symlog", linthresh=1e-2)
+    errors.set_ylim(bottom=0)
     errors.legend()
     errors.set_title(f"{config.model} on {config.task}")
     levels.plot(steps, [m["top_level"] for m in metrics], lw=1, color="black")

@@ -79,6 +79,7 @@ def test_cli_writes_metrics_checkpoint_and_plots(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--model", "dnc", "--task", "associative-recall", "--steps", "4", "--batch-size", "2"]
     argv += ["--hidden-size", "8", "--num-slots", "6", "--word-size", "4", "--bits", "3", "--max-level", "3"]
+    argv += ["--item-length", "2", "--controller", "feedforward"]
     argv += ["--log-every", "2", "--checkpoint-every", "2", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     assert "dnc on associative-recall" in capsys.readouterr().out
@@ -95,3 +96,5 @@ def test_cli_writes_metrics_checkpoint_and_plots(tmp_path, capsys):
 def test_cli_rejects_unknown_names(tmp_path):
     with pytest.raises(ValueError, match="unknown task 'sorting'"):
         main(["--task", "sorting", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="unknown controller 'gru'"):
+        main(["--controller", "gru", "--out", str(tmp_path)])

@@ -1,0 +1,29 @@
+"""Ablations for the learning tests: a memory whose reads never reach the controller."""
+
+import torch
+from torch import Tensor
+
+from sparsemem.memory import Memory
+
+
+class ZeroReads(Memory):
+    """Wraps a memory and returns zero reads: the model is its controller alone, with the
+    same parameters and interface, so a task it still learns did not need the memory."""
+
+    def __init__(self, memory: Memory) -> None:
+        super().__init__(memory.num_slots, memory.word_size, memory.num_reads)
+        self.inner = memory
+
+    @property
+    def interface_size(self) -> int:
+        return self.inner.interface_size
+
+    def split_interface(self, interface: Tensor):
+        return self.inner.split_interface(interface)
+
+    def init_state(self, batch_size, memory=None, device=None, dtype=None):
+        return self.inner.init_state(batch_size, memory, device, dtype)
+
+    def step(self, state, interface) -> tuple[Tensor, object]:
+        reads, state = self.inner.step(state, interface)
+        return torch.zeros_like(reads), state

@@ -1,0 +1,83 @@
+"""Learning tests: real training, seeded, on CPU, each well under a minute of CPU time.
+
+Each is paired with an ablation: the same model, settings and step budget with the reads
+zeroed (tests/models/ablation.py), which must not reach the threshold. With an LSTM
+controller the ablation is an LSTM alone, which does not learn copy up to length 5 in the
+budget; with the feed-forward controller of the recall test nothing crosses time steps
+except through the memory, so the ablation stays at chance (4 bits of an 8-bit answer).
+If the memory were broken, the model would be its ablation and the first test would fail.
+"""
+
+import pytest
+import torch
+
+from sparsemem.train import Config, Trainer, evaluate, make_model, make_task
+from tests.models.ablation import ZeroReads
+
+pytestmark = pytest.mark.slow
+
+THRESHOLD = 0.1
+"""Bits in error per sequence on held-out batches, averaged over the task's levels."""
+
+TRAINING = dict(lr=1e-2, batch_size=32, curriculum=False, threshold=THRESHOLD, window=20, seed=0)
+COPY = dict(task="copy", bits=8, max_level=5, hidden_size=64, num_slots=16, word_size=16, num_reads=1, steps=800)
+RECALL = dict(
+    model="dnc",
+    task="associative-recall",
+    controller="feedforward",
+    bits=8,
+    item_length=1,
+    max_level=6,
+    hidden_size=64,
+    num_slots=16,
+    word_size=16,
+    num_reads=1,
+    steps=1000,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is fastest and never fights other processes
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(tmp_path, ablate: bool, **options) -> tuple[Trainer, float, dict[int, float]]:
+    """Train until mastered or, for the ablation, for the whole budget.
+    -> (trainer, held-out bits error averaged over levels, per level)."""
+    config = Config(out=str(tmp_path), **(TRAINING | options))
+    torch.manual_seed(config.seed)
+    model = make_model(config, make_task(config))
+    if ablate:
+        model.memory = ZeroReads(model.memory)
+    trainer = Trainer(config, model)
+    while trainer.step < config.steps and (ablate or trainer.steps_to_threshold is None):
+        trainer.train_step()
+    errors = evaluate(trainer.model, trainer.task, batch_size=64)
+    return trainer, sum(errors.values()) / len(errors), errors
+
+
+@pytest.mark.parametrize("model", ["dnc", "ntm"])
+def test_learns_copy(tmp_path, model):
+    trainer, error, per_level = train(tmp_path, ablate=False, model=model, **COPY)
+    assert trainer.steps_to_threshold is not None, f"not mastered in {COPY['steps']} steps: {per_level}"
+    assert error < THRESHOLD, per_level
+
+
+@pytest.mark.parametrize("model", ["dnc", "ntm"])
+def test_copy_is_not_learned_without_reads(tmp_path, model):
+    _, error, per_level = train(tmp_path, ablate=True, model=model, **COPY)
+    assert error > 10 * THRESHOLD, per_level
+
+
+def test_dnc_learns_associative_recall(tmp_path):
+    trainer, error, per_level = train(tmp_path, ablate=False, **RECALL)
+    assert trainer.steps_to_threshold is not None, f"not mastered in {RECALL['steps']} steps: {per_level}"
+    assert error < THRESHOLD, per_level
+
+
+def test_associative_recall_is_not_learned_without_reads(tmp_path):
+    _, error, per_level = train(tmp_path, ablate=True, **RECALL)
+    assert error > 3, per_level  # chance: 4 bits of the 8-bit answer
