@@ -109,17 +109,19 @@ class LazyMemory:
             self.preload(lambda b, start, end: memory[b, start:end].detach())
 
     def preload(self, rows: Callable[[int, int, int], Tensor], chunk: int = 1 << 16) -> None:
-        """Write every slot, rows(b, start, end) -> [end - start, W] at a time, and index them in one
-        update: a memory of any size is filled with no second full copy (the full regime)."""
+        """Write every slot, rows(b, start, end) -> [end - start, W] at a time, indexing each chunk
+        of slots as it lands: a memory of any size is filled with no second full copy, and the
+        index's temporaries stay the size of a chunk (the full regime)."""
         view = self.rows.view(self.batch, self.num_slots, self.word_size)
-        for b in range(self.batch):
-            for start in range(0, self.num_slots, chunk):
-                end = min(start + chunk, self.num_slots)
+        for start in range(0, self.num_slots, chunk):
+            end = min(start + chunk, self.num_slots)
+            for b in range(self.batch):
                 view[b, start:end] = rows(b, start, end)
+            slots = torch.arange(start, end, device=view.device).expand(self.batch, -1)
+            self.index.update(view[:, start:end], slots)
         self.written.fill_(True)
         self._written_keys = []
         self._preloaded = [True] * self.batch
-        self.index.update(view, torch.arange(self.num_slots, device=view.device).expand(self.batch, -1))
 
     def keys(self, slots: Tensor) -> Tensor:
         """slots [B, ...] -> flat keys [B * ...]."""
