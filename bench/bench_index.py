@@ -11,10 +11,12 @@ Full regime: every one of the N slots of each batch row written. Per index and N
 - recall@K against ExactIndex on the same rows, over 256 keys per batch row near stored words;
 - bytes: IndexStats.bytes.
 The default goes to N = 2^16; --full to 2^20 (HNSW builds ~1 min per batch row there).
-Writes bench/results/index.json (with header) and index.png.
+Writes bench/results/index.json (with header) and index.png, the JSON after every case,
+so an interrupted run keeps what it measured (--plot-only redraws its PNG).
 """
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -106,12 +108,16 @@ def plot(results: list[dict], path: Path) -> None:
         ("update_ms", "one step's update, ms", True),
         ("bytes", "index bytes", True),
     ]
+    names = list(dict.fromkeys(r["index"] for r in results))
+    colours = {name: f"C{i}" for i, name in enumerate(names)}
     figure, axes = plt.subplots(2, 3, figsize=(14, 8))
     for axis, (key, title, log) in zip(axes.flat, panels, strict=True):
-        for name in dict.fromkeys(r["index"] for r in results):
+        for name in names:
+            if name == "exact" and key in ("rebuild_seconds", "merge_ms_per_row"):
+                continue  # nothing to build or merge
             rows = [r for r in results if r["index"] == name and r.get(key) is not None]
             if rows:
-                axis.plot([r["N"] for r in rows], [r[key] for r in rows], marker="o", label=name)
+                axis.plot([r["N"] for r in rows], [r[key] for r in rows], marker="o", label=name, color=colours[name])
         axis.set_xscale("log", base=2)
         if log:
             axis.set_yscale("log")
@@ -138,7 +144,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--buffer-rows", type=int, default=4096)
     parser.add_argument("--memory", choices=["clustered", "random"], default="clustered")
     parser.add_argument("--out", default=str(RESULTS / "index.json"))
+    parser.add_argument("--plot-only", action="store_true", help="redraw --out's PNG (e.g. of an interrupted run)")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        results = json.loads(Path(args.out).read_text())["results"]
+        plot(results, Path(args.out).with_suffix(".png"))
+        return results
     if os.environ.get("SPARSEMEM_THREADS"):
         torch.set_num_threads(int(os.environ["SPARSEMEM_THREADS"]))
     top = 20 if args.full else args.max_log2_slots
