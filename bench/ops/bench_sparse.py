@@ -1,0 +1,190 @@
+"""The sparse ops' fast kernels against the torch backend, on the CPU.
+
+    python -m bench.ops.bench_sparse [--slots 4096] [--topk-log2-slots 20] [--threads 2]
+
+1. sparse_read, sparse_write and topk_content, forward and forward+backward, every backend that
+   runs here, at B=8, W=64, R=4, K=8 (sparse_write on J = R*K + 1 rows, SAM's write set).
+2. topk_content forward at N = 2^20 against the torch backend (cosine by matmul, then torch.topk):
+   each case in its own process, reporting time and peak RSS above the inputs, since the torch
+   path allocates [B, R, N] scores (and a [B, N, W] square for the norms) and the fused kernel
+   does not.
+
+Prints tables and writes bench/results/sparse_ops.json (with header) and sparse_ops.png.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import sparsemem as sm
+from bench.common import RESULTS, header, time_cpu, write_json
+from sparsemem import _backends
+
+B, W, R, K = 8, 64, 4, 8
+
+
+def cpu_backends(op: str) -> list[str]:
+    return [b for b in _backends._KERNELS[op] if _backends.availability()[b] is None and _backends._runs_on(b, "cpu")]
+
+
+def inputs(op: str, num_slots: int, seed: int = 0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    if op == "sparse_write":
+        J = R * K + 1
+        erase = torch.zeros(B, J, dtype=torch.bool)
+        erase[:, -1] = True  # the least recently used row
+        weights = torch.softmax(torch.randn(B, J, generator=g), -1)
+        return torch.randn(B, J, W, generator=g), weights, torch.randn(B, W, generator=g), erase
+    memory = torch.randn(B, num_slots, W, generator=g)
+    keys = torch.randn(B, R, W, generator=g)
+    if op == "topk_content":
+        return memory, keys, K
+    indices = torch.stack([torch.randperm(num_slots, generator=g)[:K] for _ in range(B * R)]).reshape(B, R, K)
+    return memory, indices, keys, torch.rand(B, R, generator=g) * 5
+
+
+def time_op(op: str, backend: str, num_slots: int) -> dict:
+    os.environ["SPARSEMEM_BACKEND"] = backend
+    fn = getattr(sm.ops, op)
+    args = inputs(op, num_slots)
+    leaves = [a.requires_grad_(True) for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    outputs = [o for o in fn(*args) if o.is_floating_point()] if op != "sparse_write" else [fn(*args)]
+    seeds = [torch.randn_like(o) for o in outputs]
+
+    def forward():
+        with torch.no_grad():
+            fn(*args)
+
+    def forward_backward():
+        result = fn(*args)
+        result = result if isinstance(result, tuple) else (result,)
+        torch.autograd.grad([o for o in result if o.is_floating_point()], leaves, seeds)
+
+    return {
+        "op": op,
+        "backend": backend,
+        "N": num_slots,
+        "forward": time_cpu(forward, min_run_time=0.5),
+        "forward_backward": time_cpu(forward_backward, min_run_time=0.5),
+    }
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def topk_child(backend: str, num_slots: int) -> dict:
+    """Runs in its own process: topk_content forward time and peak RSS beyond the inputs."""
+    os.environ["SPARSEMEM_BACKEND"] = backend
+    with torch.no_grad():  # the first call of an op imports and caches code: not the op's memory
+        sm.ops.topk_content(*inputs("topk_content", 64))
+    memory, keys, k = inputs("topk_content", num_slots)
+    before = peak_rss_bytes()
+    with torch.no_grad():
+        sm.ops.topk_content(memory, keys, k)  # the first call sets the peak
+        extra = peak_rss_bytes() - before
+        timing = time_cpu(lambda: sm.ops.topk_content(memory, keys, k), min_run_time=2.0)
+    return {
+        "op": "topk_content",
+        "backend": backend,
+        "N": num_slots,
+        "forward": timing,
+        "inputs_bytes": memory.nbytes + keys.nbytes,
+        "peak_rss_above_inputs_bytes": extra,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "scores_BRN_bytes": B * R * num_slots * memory.element_size(),
+    }
+
+
+def run_child(backend: str, num_slots: int, threads: int) -> dict:
+    command = [sys.executable, "-m", "bench.ops.bench_sparse", "--child", backend, "--slots", str(num_slots)]
+    command += ["--threads", str(threads)]
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=root)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def plot(results: list[dict], topk: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    labels, speedups = [], []
+    for r in results:
+        if r["backend"] == "torch":
+            continue
+        base = next(t for t in results if t["op"] == r["op"] and t["N"] == r["N"] and t["backend"] == "torch")
+        for phase in ("forward", "forward_backward"):
+            labels.append(f"{r['op']}\n{r['backend']} {phase.replace('forward_backward', 'fwd+bwd')[:7]}")
+            speedups.append(base[phase]["median"] / r[phase]["median"])
+    left.bar(range(len(speedups)), speedups)
+    left.axhline(3, color="red", linestyle="--", label="target 3x")
+    left.set_xticks(range(len(labels)), labels, fontsize=7)
+    left.set_ylabel("speed-up over the torch backend")
+    left.set_title(f"B={B} W={W} R={R} K={K}, CPU")
+    left.legend()
+    names = [f"{t['backend']}\nN=2^{t['N'].bit_length() - 1}" for t in topk]
+    right.bar(names, [t["forward"]["median"] * 1e3 for t in topk], color="tab:blue")
+    right.set_ylabel("topk_content forward, ms", color="tab:blue")
+    twin = right.twinx()
+    twin.plot(names, [t["peak_rss_above_inputs_bytes"] / 2**20 for t in topk], "o", color="tab:orange")
+    twin.set_ylabel("peak RSS above inputs, MiB", color="tab:orange")
+    right.set_title("topk_content vs matmul + torch.topk")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slots", type=int, default=4096, help="N for the per-op timings")
+    parser.add_argument("--topk-log2-slots", type=int, default=20, help="N = 2^this for the topk comparison")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one topk case, JSON on stdout
+    parser.add_argument("--out", default=str(RESULTS / "sparse_ops.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(topk_child(args.child, args.slots)))
+        return {}
+    config = {"B": B, "W": W, "R": R, "K": K, "J": R * K + 1, "dtype": "float32", "device": "cpu"}
+    config |= {"N": args.slots, "topk_N": 2**args.topk_log2_slots, "threads": args.threads}
+    results = [
+        time_op(op, backend, args.slots)
+        for op in ("sparse_read", "sparse_write", "topk_content")
+        for backend in cpu_backends(op)
+        if backend != "triton"  # interpreted triton on the CPU is a correctness check, not a timing
+    ]
+    os.environ.pop("SPARSEMEM_BACKEND", None)
+    print(f"\n{'op':<14}{'backend':<9}{'N':>8}{'fwd us':>10}{'fwd+bwd us':>12}{'fwd x':>7}{'f+b x':>7}")
+    for r in results:
+        base = next(t for t in results if t["op"] == r["op"] and t["backend"] == "torch")
+        fwd, fwd_bwd = r["forward"]["median"], r["forward_backward"]["median"]
+        ratios = base["forward"]["median"] / fwd, base["forward_backward"]["median"] / fwd_bwd
+        r["speedup"] = {"forward": ratios[0], "forward_backward": ratios[1]}
+        print(f"{r['op']:<14}{r['backend']:<9}{r['N']:>8}{fwd * 1e6:>10.1f}{fwd_bwd * 1e6:>12.1f}", end="")
+        print(f"{ratios[0]:>7.2f}{ratios[1]:>7.2f}")
+    topk_slots = 2**args.topk_log2_slots
+    topk = [run_child(backend, topk_slots, args.threads) for backend in cpu_backends("topk_content")]
+    topk = [t for t in topk if t["backend"] != "triton"]
+    print(f"\ntopk_content forward at B={B} N={topk_slots} W={W} R={R} K={K}")
+    print(f"{'backend':<9}{'ms':>10}{'peak RSS above inputs MiB':>28}{'[B,R,N] scores MiB':>20}")
+    for t in topk:
+        print(f"{t['backend']:<9}{t['forward']['median'] * 1e3:>10.1f}", end="")
+        print(f"{t['peak_rss_above_inputs_bytes'] / 2**20:>28.1f}{t['scores_BRN_bytes'] / 2**20:>20.1f}")
+    payload = {"header": header(config), "results": results, "topk_large": topk}
+    path = write_json(Path(args.out), payload)
+    plot(results, topk, path.with_suffix(".png"))
+    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

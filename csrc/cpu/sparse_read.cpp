@@ -1,0 +1,193 @@
+// Sparse content read on the CPU: per head, gather the K candidate rows, score them (cosine),
+// softmax over the K, and read r = sum_k w_k M[idx_k], in one pass over the K rows. The rows are
+// read in place from memory (no [B, R, K, W] gather), K scores live in a small buffer per task.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "vector_math.h"
+
+namespace sparsemem {
+
+namespace {
+
+void check_inputs(const at::Tensor& memory, const at::Tensor& indices, const at::Tensor& keys,
+                  const at::Tensor& strengths) {
+  TORCH_CHECK(memory.dim() == 3 && indices.dim() == 3 && keys.dim() == 3 && strengths.dim() == 2,
+              "memory must be [B, N, W], indices [B, R, K], keys [B, R, W] and strengths [B, R]");
+  const int64_t B = memory.size(0), R = keys.size(1);
+  TORCH_CHECK(keys.size(0) == B && keys.size(2) == memory.size(2), "keys must be [B, R, W] matching memory");
+  TORCH_CHECK(indices.size(0) == B && indices.size(1) == R, "indices must be [B, R, K] matching keys");
+  TORCH_CHECK(strengths.size(0) == B && strengths.size(1) == R, "strengths must be [B, R] matching keys");
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "indices must be int64");
+  TORCH_CHECK(memory.scalar_type() == keys.scalar_type() && memory.scalar_type() == strengths.scalar_type(),
+              "memory, keys and strengths must share a dtype");
+}
+
+// The slots are read without bounds checks inside the kernels: refuse bad ones here.
+void check_slots(const at::Tensor& indices, int64_t N) {
+  const int64_t* slots = indices.data_ptr<int64_t>();
+  const bool in_range = std::all_of(slots, slots + indices.numel(), [N](int64_t s) { return 0 <= s && s < N; });
+  TORCH_CHECK(in_range, "indices must be slot ids in [0, N=", N, ")");
+}
+
+// score_k = strength * D(key, M[idx_k]) for the K candidates of one head; returns ||key||_eps.
+template <typename scalar_t, typename acc_t>
+acc_t similarities(const scalar_t* memory_row0, const int64_t* slots, const scalar_t* key, int64_t K, int64_t W,
+                   acc_t* similarity) {
+  const acc_t key_norm = std::sqrt(dot<acc_t>(key, key, W) + acc_t(kNormEps));
+  for (int64_t j = 0; j < K; ++j) {
+    const scalar_t* word = memory_row0 + slots[j] * W;
+    const acc_t word_norm = std::sqrt(dot<acc_t>(word, word, W) + acc_t(kNormEps));
+    similarity[j] = dot<acc_t>(key, word, W) / (key_norm * word_norm);
+  }
+  return key_norm;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> ext_sparse_read(const at::Tensor& memory_in, const at::Tensor& indices_in,
+                                                    const at::Tensor& keys_in, const at::Tensor& strengths_in) {
+  check_inputs(memory_in, indices_in, keys_in, strengths_in);
+  const auto memory = memory_in.contiguous();
+  const auto indices = indices_in.contiguous();
+  const auto keys = keys_in.contiguous();
+  const auto strengths = strengths_in.contiguous();
+  const int64_t B = memory.size(0), N = memory.size(1), W = memory.size(2), R = keys.size(1), K = indices.size(2);
+  check_slots(indices, N);
+  auto weights = at::empty({B, R, K}, memory.options());
+  auto reads = at::empty({B, R, W}, memory.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "ext_sparse_read", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* m = memory.data_ptr<scalar_t>();
+    const int64_t* slots = indices.data_ptr<int64_t>();
+    const scalar_t* q = keys.data_ptr<scalar_t>();
+    const scalar_t* beta = strengths.data_ptr<scalar_t>();
+    scalar_t* out_weights = weights.data_ptr<scalar_t>();
+    scalar_t* out_reads = reads.data_ptr<scalar_t>();
+    at::parallel_for(0, B * R, grain(4 * K * W), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> score(K), read(W);
+      for (int64_t head = begin; head < end; ++head) {
+        const scalar_t* memory_row0 = m + (head / R) * N * W;
+        const int64_t* head_slots = slots + head * K;
+        similarities(memory_row0, head_slots, q + head * W, K, W, score.data());
+        // w = softmax_k(strength * D), shifted by the max for range.
+        const acc_t strength = beta[head];
+        acc_t top = -INFINITY, total = 0;
+        for (int64_t j = 0; j < K; ++j) top = std::max(top, score[j] *= strength);
+        for (int64_t j = 0; j < K; ++j) total += (score[j] = std::exp(score[j] - top));
+        std::fill(read.begin(), read.end(), acc_t(0));
+        for (int64_t j = 0; j < K; ++j) {
+          const acc_t weight = score[j] / total;
+          out_weights[head * K + j] = scalar_t(weight);
+          const scalar_t* word = memory_row0 + head_slots[j] * W;
+          for (int64_t i = 0; i < W; ++i) read[i] += weight * acc_t(word[i]);
+        }
+        for (int64_t i = 0; i < W; ++i) out_reads[head * W + i] = scalar_t(read[i]);
+      }
+    });
+  });
+  return {weights, reads};
+}
+
+// With x_k the K rows, s_k = D(key, x_k), w = softmax(b s), r = sum_k w_k x_k:
+//   u_k = gw_k + gr . x_k          (everything that reaches w_k)
+//   gz_k = w_k (u_k - sum_j w_j u_j),  grad_strength = sum_k gz_k s_k,  gs_k = b gz_k
+//   grad x_k = w_k gr + gs_k (key / (a m_k) - s_k x_k / m_k^2)
+//   grad key = sum_k gs_k (x_k / (a m_k) - s_k key / a^2)
+// Tasks are batch rows: a slot read by several heads (or twice by one) accumulates its grads in
+// the task that owns the batch row, so no two threads touch a row of grad_memory.
+std::vector<at::Tensor> ext_sparse_read_backward(const at::Tensor& grad_weights_in, const at::Tensor& grad_reads_in,
+                                                 const at::Tensor& memory_in, const at::Tensor& indices_in,
+                                                 const at::Tensor& keys_in, const at::Tensor& strengths_in,
+                                                 const at::Tensor& weights_in, const at::Tensor& /*reads*/) {
+  check_inputs(memory_in, indices_in, keys_in, strengths_in);
+  const auto memory = memory_in.contiguous();
+  const auto indices = indices_in.contiguous();
+  const auto keys = keys_in.contiguous();
+  const auto strengths = strengths_in.contiguous();
+  const auto weights = weights_in.contiguous();
+  const auto grad_weights = grad_weights_in.contiguous();
+  const auto grad_reads = grad_reads_in.contiguous();
+  const int64_t B = memory.size(0), N = memory.size(1), W = memory.size(2), R = keys.size(1), K = indices.size(2);
+  check_slots(indices, N);
+  auto grad_memory = at::zeros_like(memory);
+  auto grad_keys = at::empty_like(keys);
+  auto grad_strengths = at::empty_like(strengths);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "ext_sparse_read_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* m = memory.data_ptr<scalar_t>();
+    const int64_t* slots = indices.data_ptr<int64_t>();
+    const scalar_t* q = keys.data_ptr<scalar_t>();
+    const scalar_t* beta = strengths.data_ptr<scalar_t>();
+    const scalar_t* w = weights.data_ptr<scalar_t>();
+    const scalar_t* gw = grad_weights.data_ptr<scalar_t>();
+    const scalar_t* gr = grad_reads.data_ptr<scalar_t>();
+    scalar_t* gm = grad_memory.data_ptr<scalar_t>();
+    scalar_t* gq = grad_keys.data_ptr<scalar_t>();
+    scalar_t* gb = grad_strengths.data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain(6 * R * K * W), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> similarity(K), upstream(K), grad_key(W);
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* memory_row0 = m + b * N * W;
+        scalar_t* grad_row0 = gm + b * N * W;
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t head = b * R + r;
+          const int64_t* head_slots = slots + head * K;
+          const scalar_t* key = q + head * W;
+          const scalar_t* grad_read = gr + head * W;
+          const acc_t key_norm = similarities(memory_row0, head_slots, key, K, W, similarity.data());
+          acc_t expected = 0;  // sum_j w_j u_j
+          for (int64_t j = 0; j < K; ++j) {
+            upstream[j] = acc_t(gw[head * K + j]) + dot<acc_t>(grad_read, memory_row0 + head_slots[j] * W, W);
+            expected += acc_t(w[head * K + j]) * upstream[j];
+          }
+          const acc_t strength = beta[head];
+          acc_t grad_strength = 0, key_scale = 0;  // key_scale: sum_k gs_k s_k, the coefficient of -key / a^2
+          std::fill(grad_key.begin(), grad_key.end(), acc_t(0));
+          for (int64_t j = 0; j < K; ++j) {
+            const acc_t weight = w[head * K + j];
+            const acc_t grad_logit = weight * (upstream[j] - expected);
+            grad_strength += grad_logit * similarity[j];
+            const acc_t grad_similarity = strength * grad_logit;
+            key_scale += grad_similarity * similarity[j];
+            const scalar_t* word = memory_row0 + head_slots[j] * W;
+            const acc_t word_norm_sq = dot<acc_t>(word, word, W) + acc_t(kNormEps);
+            const acc_t cross = grad_similarity / (key_norm * std::sqrt(word_norm_sq));
+            const acc_t self = grad_similarity * similarity[j] / word_norm_sq;
+            scalar_t* grad_word = grad_row0 + head_slots[j] * W;
+            for (int64_t i = 0; i < W; ++i) {
+              const acc_t x = word[i];
+              grad_word[i] = scalar_t(acc_t(grad_word[i]) + weight * acc_t(grad_read[i]) + cross * acc_t(key[i]) -
+                                      self * x);
+              grad_key[i] += cross * x;
+            }
+          }
+          const acc_t self = key_scale / (key_norm * key_norm);
+          for (int64_t i = 0; i < W; ++i) gq[head * W + i] = scalar_t(grad_key[i] - self * acc_t(key[i]));
+          gb[head] = scalar_t(grad_strength);
+        }
+      }
+    });
+  });
+  return {grad_memory, grad_keys, grad_strengths};
+}
+
+TORCH_LIBRARY_FRAGMENT(sparsemem, m) {
+  m.def("ext_sparse_read(Tensor memory, Tensor indices, Tensor keys, Tensor strengths) -> (Tensor, Tensor)");
+  m.def(
+      "ext_sparse_read_backward(Tensor grad_weights, Tensor grad_reads, Tensor memory, Tensor indices, Tensor keys, "
+      "Tensor strengths, Tensor weights, Tensor reads) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(sparsemem, CPU, m) {
+  m.impl("ext_sparse_read", &ext_sparse_read);
+  m.impl("ext_sparse_read_backward", &ext_sparse_read_backward);
+}
+
+}  // namespace sparsemem

@@ -1,0 +1,48 @@
+// Small numeric helpers shared by the CPU kernels of the sparse ops.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace sparsemem {
+
+// Added to squared norms before the square root: ||x||_eps = sqrt(sum x^2 + 1e-6), the EPS of
+// sparsemem/reference/dnc.py, so a zero word has cosine 0 with a finite gradient.
+constexpr double kNormEps = 1e-6;
+
+// Compiles the function it marks twice, for AVX + FMA and for the baseline, picked at load time by
+// the CPU (GCC function multi-versioning): the wheel stays portable and the dot products of the
+// hot loops get 256-bit vectors where the machine has them.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SPARSEMEM_SIMD_CLONES __attribute__((target_clones("fma", "default")))
+#else
+#define SPARSEMEM_SIMD_CLONES
+#endif
+
+// sum_i a[i] b[i] in acc_t. Eight independent partial sums let the compiler vectorise the loop
+// without reassociating one float sum (which it may not do without -ffast-math).
+template <typename acc_t, typename A, typename B>
+inline acc_t dot(const A* a, const B* b, int64_t n) {
+  constexpr int64_t kLanes = 8;
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += acc_t(a[i + l]) * acc_t(b[i + l]);
+  }
+  acc_t total = 0;
+  for (; i < n; ++i) total += acc_t(a[i]) * acc_t(b[i]);
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+// The grain of at::parallel_for for tasks of `work` scalar operations each: a call with less than
+// at::internal::GRAIN_SIZE operations in all runs on the calling thread. The sparse ops are small
+// (tens of microseconds at B = 8, K = 8); waking a thread pool for them costs more than it saves,
+// and on a loaded machine a sleeping worker can stall the call for a scheduler tick.
+inline int64_t grain(int64_t work) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work));
+}
+
+}  // namespace sparsemem
