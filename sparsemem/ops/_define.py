@@ -6,6 +6,7 @@ reference in sparsemem/reference, differentiated by torch.func.vjp, so each op i
 correct on every device before any fast kernel exists.
 """
 
+import importlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -66,6 +67,36 @@ def extension_kernel(name: str, schema: str, differentiable: Sequence[int]) -> _
         return tuple(input_grads)
 
     return _backends.Kernel(forward_op, backward)
+
+
+def triton_kernel(module: str, name: str) -> _backends.Kernel:
+    """The triton backend of `name`: <name>_forward / <name>_backward in sparsemem.kernels.<module>.
+
+    The module (and with it triton) is imported on the first call, never by `import sparsemem`.
+    The backward runs as the custom op sparsemem::triton_<name>_backward, so autograd tracing
+    (torch.compile, opcheck) sees an op with a fake instead of a kernel launch; it returns one
+    grad per input, so every input of a triton op must be a differentiable tensor.
+    """
+
+    def load():
+        return importlib.import_module(f"sparsemem.kernels.{module}")
+
+    def forward(*inputs):
+        return getattr(load(), f"{name}_forward")(*inputs)
+
+    def run_backward(grads: list[Tensor], inputs: list[Tensor], outputs: list[Tensor]) -> list[Tensor]:
+        return list(getattr(load(), f"{name}_backward")(grads, inputs, outputs))
+
+    schema = "(Tensor[] grads, Tensor[] inputs, Tensor[] outputs) -> Tensor[]"
+    backward_op = torch.library.custom_op(
+        f"sparsemem::triton_{name}_backward", run_backward, mutates_args=(), schema=schema
+    )
+    backward_op.register_fake(lambda grads, inputs, outputs: [x.new_empty(x.shape) for x in inputs])
+
+    def backward(grads, inputs, outputs):
+        return tuple(backward_op(list(grads), list(inputs), list(outputs)))
+
+    return _backends.Kernel(forward, backward)
 
 
 def _register_extension(name: str, schema: str, differentiable: Sequence[int]) -> None:

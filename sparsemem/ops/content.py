@@ -3,8 +3,9 @@
 import torch
 from torch import Tensor
 
+from sparsemem import _backends
 from sparsemem._checks import Shapes, check_finite
-from sparsemem.ops._define import define_op
+from sparsemem.ops._define import define_op, triton_kernel
 from sparsemem.reference import content_read_ref, content_weights_ref
 
 
@@ -22,6 +23,7 @@ _content_weights = define_op(
     lambda memory, keys, strengths: keys.new_empty(keys.shape[0], keys.shape[1], memory.shape[1]),
     differentiable=(0, 1, 2),
 )
+_backends.register("content_weights", "triton", triton_kernel("content", "content_weights"))
 
 
 def content_weights(memory: Tensor, keys: Tensor, strengths: Tensor) -> Tensor:
@@ -41,6 +43,7 @@ _content_read = define_op(
     _content_read_fake,
     differentiable=(0, 1, 2),
 )
+_backends.register("content_read", "triton", triton_kernel("content", "content_read"))
 
 
 def content_read(memory: Tensor, keys: Tensor, strengths: Tensor) -> tuple[Tensor, Tensor]:

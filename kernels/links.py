@@ -1,0 +1,229 @@
+"""DNC temporal links: link and precedence update, and reads through the links, on [BLOCK_I, BLOCK_J] tiles.
+
+Every kernel reads each N x N matrix it needs once and writes each one it makes once.
+Sums over rows (over i) cross tiles: each row block writes its partial and torch adds the
+[B, N / BLOCK_I, ...] partials, which is deterministic and small next to N x N.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import TILE_ELEMENTS, accumulator_dtype, contiguous, pow2
+
+BLOCK = 32
+
+
+@triton.jit
+def link_update_kernel(
+    link_ptr,
+    precedence_ptr,
+    write_w_ptr,
+    new_link_ptr,
+    new_precedence_ptr,
+    N,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    # One program per (b, i block, j block): L'[i, j] = (1 - w_i - w_j) L[i, j] + w_i p_j, L'[i, i] = 0,
+    # one [BLOCK_I, BLOCK_J] tile in registers. The programs of the first row block also write
+    # p' = (1 - sum w) p + w for their j block, summing w over N in BLOCK_J chunks.
+    b = tl.program_id(0)
+    acc = new_precedence_ptr.dtype.element_ty
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    i_ok = i < N
+    j_ok = j < N
+    w_i = tl.load(write_w_ptr + b * N + i, mask=i_ok, other=0.0).to(acc)
+    w_j = tl.load(write_w_ptr + b * N + j, mask=j_ok, other=0.0).to(acc)
+    p_j = tl.load(precedence_ptr + b * N + j, mask=j_ok, other=0.0).to(acc)
+    at = (b * N + i[:, None]) * N + j[None, :]
+    mask = i_ok[:, None] & j_ok[None, :]
+    link = tl.load(link_ptr + at, mask=mask, other=0.0).to(acc)
+    new_link = (1 - w_i[:, None] - w_j[None, :]) * link + w_i[:, None] * p_j[None, :]
+    tl.store(new_link_ptr + at, tl.where(i[:, None] == j[None, :], 0.0, new_link), mask=mask)
+    if tl.program_id(1) == 0:
+        total = tl.zeros([BLOCK_J], acc)
+        for start in range(0, N, BLOCK_J):
+            n = start + tl.arange(0, BLOCK_J)
+            total += tl.load(write_w_ptr + b * N + n, mask=n < N, other=0.0).to(acc)
+        tl.store(new_precedence_ptr + b * N + j, (1 - tl.sum(total, 0)) * p_j + w_j, mask=j_ok)
+
+
+@triton.jit
+def link_update_backward_kernel(
+    link_ptr,
+    precedence_ptr,
+    write_w_ptr,
+    grad_new_link_ptr,
+    grad_link_ptr,
+    grad_w_rows_ptr,
+    column_part_ptr,
+    N,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    # One program per (b, i block), walking j tiles. With G = dL' off the diagonal:
+    #   dL = G (1 - w_i - w_j);  dw_i (row) = sum_j G (p_j - L);  dw_j (column) = -sum_i G L;
+    #   dp_j = sum_i G w_i. The row sum stays in registers [BLOCK_I]; the two column sums are
+    # this block's partials [2, BLOCK_J] per tile.
+    b = tl.program_id(0)
+    block = tl.program_id(1)
+    blocks = tl.num_programs(1)
+    acc = grad_w_rows_ptr.dtype.element_ty
+    i = block * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = i < N
+    w_i = tl.load(write_w_ptr + b * N + i, mask=i_ok, other=0.0).to(acc)
+    row = tl.zeros([BLOCK_I], acc)
+    for start in range(0, N, BLOCK_J):
+        j = start + tl.arange(0, BLOCK_J)
+        j_ok = j < N
+        w_j = tl.load(write_w_ptr + b * N + j, mask=j_ok, other=0.0).to(acc)
+        p_j = tl.load(precedence_ptr + b * N + j, mask=j_ok, other=0.0).to(acc)
+        at = (b * N + i[:, None]) * N + j[None, :]
+        mask = i_ok[:, None] & j_ok[None, :]
+        link = tl.load(link_ptr + at, mask=mask, other=0.0).to(acc)
+        grad = tl.load(grad_new_link_ptr + at, mask=mask, other=0.0).to(acc)
+        grad = tl.where(i[:, None] == j[None, :], 0.0, grad)
+        tl.store(grad_link_ptr + at, grad * (1 - w_i[:, None] - w_j[None, :]), mask=mask)
+        row += tl.sum(grad * (p_j[None, :] - link), 1)
+        part = ((b * blocks + block) * 2) * N + j
+        tl.store(column_part_ptr + part, -tl.sum(grad * link, 0), mask=j_ok)
+        tl.store(column_part_ptr + part + N, tl.sum(grad * w_i[:, None], 0), mask=j_ok)
+    tl.store(grad_w_rows_ptr + b * N + i, row, mask=i_ok)
+
+
+@triton.jit
+def link_reads_kernel(
+    link_ptr,
+    right_ptr,
+    left_ptr,
+    read_w_ptr,
+    rows_ptr,
+    column_part_ptr,
+    grad_link_ptr,
+    N,
+    R,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GRAD_LINK: tl.constexpr,
+):
+    # One program per (b, i block), walking j tiles, for R heads at once:
+    #   rows[r, i] = sum_j L[i, j] right[r, j]   (complete: kept in registers [BLOCK_R, BLOCK_I])
+    #   columns[r, j] = sum_i L[i, j] left[r, i] (this block's partial [BLOCK_R, BLOCK_J] per tile)
+    # Forward: right = left = w^r gives f = rows, b = columns. Backward: right = grad_b and
+    # left = grad_f give grad_w = rows + columns, and with GRAD_LINK the tile of
+    #   grad_L[i, j] = sum_r grad_f[r, i] w[r, j] + w[r, i] grad_b[r, j].
+    b = tl.program_id(0)
+    block = tl.program_id(1)
+    blocks = tl.num_programs(1)
+    acc = rows_ptr.dtype.element_ty
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    i = block * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = i < N
+    ri = (b * R + r[:, None]) * N + i[None, :]
+    ri_mask = r_ok[:, None] & i_ok[None, :]
+    left_i = tl.load(left_ptr + ri, mask=ri_mask, other=0.0).to(acc)
+    if GRAD_LINK:
+        read_i = tl.load(read_w_ptr + ri, mask=ri_mask, other=0.0).to(acc)
+    rows = tl.zeros([BLOCK_R, BLOCK_I], acc)
+    for start in range(0, N, BLOCK_J):
+        j = start + tl.arange(0, BLOCK_J)
+        j_ok = j < N
+        rj = (b * R + r[:, None]) * N + j[None, :]
+        rj_mask = r_ok[:, None] & j_ok[None, :]
+        at = (b * N + i[:, None]) * N + j[None, :]
+        mask = i_ok[:, None] & j_ok[None, :]
+        link = tl.load(link_ptr + at, mask=mask, other=0.0).to(acc)
+        right_j = tl.load(right_ptr + rj, mask=rj_mask, other=0.0).to(acc)
+        rows += tl.sum(link[None, :, :] * right_j[:, None, :], 2)
+        columns = tl.sum(link[None, :, :] * left_i[:, :, None], 1)
+        part = ((b * blocks + block) * R + r[:, None]) * N + j[None, :]
+        tl.store(column_part_ptr + part, columns, mask=rj_mask)
+        if GRAD_LINK:
+            read_j = tl.load(read_w_ptr + rj, mask=rj_mask, other=0.0).to(acc)
+            grad = left_i[:, :, None] * read_j[:, None, :] + read_i[:, :, None] * right_j[:, None, :]
+            tl.store(grad_link_ptr + at, tl.sum(grad, 0), mask=mask)
+    tl.store(rows_ptr + ri, rows, mask=ri_mask)
+
+
+def link_update_forward(link: Tensor, precedence: Tensor, write_w: Tensor) -> tuple[Tensor, Tensor]:
+    link, precedence, write_w = contiguous(link, precedence, write_w)
+    B, N, _ = link.shape
+    block = min(BLOCK, pow2(N))
+    new_link = torch.empty_like(link)
+    new_precedence = torch.empty(B, N, dtype=accumulator_dtype(link.dtype), device=link.device)
+    grid = (B, triton.cdiv(N, block), triton.cdiv(N, block))
+    link_update_kernel[grid](link, precedence, write_w, new_link, new_precedence, N, BLOCK_I=block, BLOCK_J=block)
+    return new_link, new_precedence.to(precedence.dtype)
+
+
+def link_update_backward(grads, inputs, outputs) -> tuple[Tensor, Tensor, Tensor]:
+    grad_new_link, grad_new_precedence = contiguous(*grads)
+    link, precedence, write_w = contiguous(*inputs)
+    B, N, _ = link.shape
+    acc = accumulator_dtype(link.dtype)
+    block = min(BLOCK, pow2(N))
+    blocks = triton.cdiv(N, block)
+    grad_link = torch.empty_like(link)
+    grad_w_rows = torch.empty(B, N, dtype=acc, device=link.device)
+    column_part = torch.empty(B, blocks, 2, N, dtype=acc, device=link.device)
+    link_update_backward_kernel[(B, blocks)](
+        link, precedence, write_w, grad_new_link, grad_link, grad_w_rows, column_part, N, BLOCK_I=block, BLOCK_J=block
+    )
+    columns = column_part.sum(1)
+    # p' = (1 - sum w) p + w adds dw_n = dp'_n - sum_m dp'_m p_m and dp = dp' (1 - sum w)
+    grad_new_precedence, precedence, write_w = (t.to(acc) for t in (grad_new_precedence, precedence, write_w))
+    grad_w = (
+        grad_w_rows + columns[:, 0] + grad_new_precedence - (grad_new_precedence * precedence).sum(-1, keepdim=True)
+    )
+    grad_precedence = columns[:, 1] + grad_new_precedence * (1 - write_w.sum(-1, keepdim=True))
+    return grad_link, grad_precedence.to(link.dtype), grad_w.to(link.dtype)
+
+
+def _link_reads(
+    link: Tensor, right: Tensor, left: Tensor, read_w: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(L right, L^T left, grad_L or None) for [B, R, N] right/left; grad_L when read_w is given."""
+    B, N, _ = link.shape
+    R = right.shape[1]
+    acc = accumulator_dtype(link.dtype)
+    BLOCK_R = pow2(R)
+    # a [BLOCK_R, block, block] product stays within TILE_ELEMENTS
+    block = min(BLOCK, pow2(N), 1 << (int((TILE_ELEMENTS // BLOCK_R) ** 0.5).bit_length() - 1))
+    blocks = triton.cdiv(N, block)
+    rows = torch.empty(B, R, N, dtype=acc, device=link.device)
+    column_part = torch.empty(B, blocks, R, N, dtype=acc, device=link.device)
+    grad_link = torch.empty_like(link) if read_w is not None else None
+    link_reads_kernel[(B, blocks)](
+        link,
+        right,
+        left,
+        read_w if read_w is not None else right,
+        rows,
+        column_part,
+        grad_link if grad_link is not None else link,
+        N,
+        R,
+        BLOCK_I=block,
+        BLOCK_J=block,
+        BLOCK_R=BLOCK_R,
+        GRAD_LINK=read_w is not None,
+    )
+    return rows, column_part.sum(1), grad_link
+
+
+def temporal_reads_forward(link: Tensor, read_w: Tensor) -> tuple[Tensor, Tensor]:
+    link, read_w = contiguous(link, read_w)
+    forward, backward, _ = _link_reads(link, read_w, read_w, None)
+    return forward.to(read_w.dtype), backward.to(read_w.dtype)
+
+
+def temporal_reads_backward(grads, inputs, outputs) -> tuple[Tensor, Tensor]:
+    grad_forward, grad_backward = contiguous(*grads)
+    link, read_w = contiguous(*inputs)
+    rows, columns, grad_link = _link_reads(link, grad_backward, grad_forward, read_w)
+    return grad_link, (rows + columns).to(read_w.dtype)

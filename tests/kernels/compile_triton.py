@@ -1,0 +1,101 @@
+"""Compiles every Triton kernel of sparsemem.kernels to a cubin for sm_90, without a GPU.
+
+    python -m tests.kernels.compile_triton [float32,bfloat16,float64]
+
+Runs each op's triton forward and backward on small CPU tensors with kernel launches
+replaced by a recorder, then compiles each distinct launch (argument types and constexprs)
+with triton.compile for an H100 target. The interpreter (TRITON_INTERPRET=1) accepts code the
+GPU compiler rejects; this catches that here. Must run with TRITON_INTERPRET unset.
+"""
+
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from sparsemem.testing import op_inputs
+
+TARGET = GPUTarget("cuda", 90, 32)
+TRITON_OPS = {
+    "content": ("content_weights", "content_read"),
+    "allocation": ("allocation_weights",),
+    "links": ("link_update", "temporal_reads"),
+    "memory_rw": ("memory_write", "memory_read"),
+}
+TYPES = {
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+}
+
+
+def _type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no triton type for {type(value).__name__}")
+
+
+def record_launches(dtypes: list[torch.dtype]) -> dict:
+    """{(kernel name, signature, constexprs): (kernel, signature, constexprs)} of every launch."""
+    launches = {}
+
+    def record(self, *args, grid, warmup, **kwargs):
+        bound = dict(zip(self.arg_names, args, strict=False)) | kwargs
+        signature, constexprs = {}, {}
+        for param in self.params:
+            if param.is_constexpr:
+                signature[param.name] = "constexpr"
+                constexprs[param.name] = bound[param.name]
+            else:
+                signature[param.name] = _type(bound[param.name])
+        key = (self.__name__, tuple(signature.items()), tuple(sorted(constexprs.items())))
+        launches[key] = (self, signature, constexprs)
+
+    original = JITFunction.run
+    JITFunction.run = record
+    try:
+        import importlib
+
+        for module_name, ops in TRITON_OPS.items():
+            module = importlib.import_module(f"sparsemem.kernels.{module_name}")
+            for op in ops:
+                for dtype in dtypes:
+                    inputs = op_inputs(op, dtype, B=2, N=40, W=5, R=3)
+                    outputs = getattr(module, f"{op}_forward")(*inputs)
+                    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+                    grads = [torch.ones(o.shape, dtype=dtype) for o in outputs]
+                    getattr(module, f"{op}_backward")(grads, inputs, outputs)
+            if module_name == "allocation":  # the multi-tile path as well
+                (usage,) = op_inputs("allocation_weights", dtypes[0], B=2, N=40)
+                out = module.allocation_weights_forward(usage, block=16)
+                module.allocation_weights_backward([torch.ones_like(out)], [usage], [out], block=16)
+    finally:
+        JITFunction.run = original
+    return launches
+
+
+def main(argv: list[str]) -> int:
+    dtypes = [getattr(torch, name) for name in (argv[0] if argv else "float32,bfloat16").split(",")]
+    launches = record_launches(dtypes)
+    for kernel, signature, constexprs in launches.values():
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET)
+        assert compiled.asm["cubin"], kernel.__name__
+    names = sorted({kernel.__name__ for kernel, _, _ in launches.values()})
+    print(f"compiled {len(launches)} launches of {len(names)} kernels for sm_90: {', '.join(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
