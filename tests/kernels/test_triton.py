@@ -11,6 +11,7 @@ import torch
 
 from sparsemem import _backends, reference
 from sparsemem.testing import op_inputs
+from tests.kernels.inputs import hard_usages
 from tests.tolerances import tolerance
 
 if _backends.availability()["triton"] is not None:
@@ -31,15 +32,6 @@ def nan_poisoned(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-
-
-def hard_usages(B: int, N: int, dtype: torch.dtype) -> torch.Tensor:
-    """Usages with exact 0s, exact 1s and ties, in a different order per row."""
-    g = torch.Generator().manual_seed(N)
-    levels = torch.tensor([0.0, 1.0, 0.5, 0.25, 0.9], dtype=dtype)
-    usage = torch.rand(B, N, generator=g, dtype=dtype)
-    hard = torch.rand(B, N, generator=g) < 0.5
-    return torch.where(hard, levels[torch.randint(len(levels), (B, N), generator=g)], usage)
 
 
 # the interpreter runs a custom scan element by element (~N python steps a row), so the big

@@ -1,0 +1,60 @@
+// What the CUDA kernels share: the current stream, launch checks, warp sums, split sizes.
+//
+// Only c10/cuda headers are used (no ATen/cuda/CUDAContext.h): that one pulls in cuBLAS and
+// cuSPARSE headers, which the syntax check on a machine with only nvcc and a CPU torch lacks.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace sparsemem {
+namespace cuda {
+
+constexpr int kWarp = 32;
+
+inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// float64 stays float64; every other float accumulates in float32 (at::opmath_type).
+inline at::ScalarType accumulator(at::ScalarType type) {
+  return type == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T value) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T value) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) value = max(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  return value;
+}
+
+// Programs per batch row when a reduction over N is split: about 4 blocks per multiprocessor
+// in all, never more than there are chunks of `chunk` slots.
+inline int64_t splits(int64_t N, int64_t B, int64_t chunk) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int multiprocessors = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  const int64_t target = std::max<int64_t>(1, (4 * multiprocessors + B - 1) / B);
+  return std::max<int64_t>(1, std::min<int64_t>(target, (N + chunk - 1) / chunk));
+}
+
+inline void check_cuda(const at::Tensor& tensor, const char* name) {
+  TORCH_CHECK(tensor.is_cuda(), name, " must be a CUDA tensor");
+}
+
+}  // namespace cuda
+}  // namespace sparsemem
