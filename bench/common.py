@@ -58,6 +58,21 @@ def time_cpu(fn, min_run_time: float = 0.2) -> dict:
     }
 
 
+def time_gpu(fn) -> dict:
+    """Median and 20/80% quantiles in seconds, from triton.testing.do_bench (CUDA events, L2 flushed)."""
+    from triton.testing import do_bench
+
+    q20, median, q80 = do_bench(fn, quantiles=[0.2, 0.5, 0.8])
+    return {"median": median / 1e3, "q20": q20 / 1e3, "q80": q80 / 1e3}
+
+
+def copy_bandwidth(num_bytes: int = 2**30) -> float:
+    """Device-to-device copy bandwidth in bytes per second (read + write), the GPU's roofline for ops."""
+    source = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    return 2 * num_bytes / time_gpu(lambda: target.copy_(source))["median"]
+
+
 def write_json(path: Path, payload: dict) -> Path:
     """Writes atomically (temp file + rename), so an interrupted run never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """DNC temporal links: link and precedence update, and reads through the links, on [BLOCK_I, BLOCK_J] tiles.
 
-Every kernel reads each N x N matrix it needs once and writes each one it makes once.
+Every kernel reads each N x N matrix it needs once and writes each one it makes once; the fused
+link_update_reads (one DNC step's link work) reads L once and writes L' once, forward and backward.
 Sums over rows (over i) cross tiles: each row block writes its partial and torch adds the
 [B, N / BLOCK_I, ...] partials, which is deterministic and small next to N x N.
 """
@@ -150,6 +151,142 @@ def link_reads_kernel(
     tl.store(rows_ptr + ri, rows, mask=ri_mask)
 
 
+@triton.jit
+def link_update_reads_kernel(
+    link_ptr,
+    precedence_ptr,
+    write_w_ptr,
+    read_w_ptr,
+    new_link_ptr,
+    new_precedence_ptr,
+    forward_ptr,
+    backward_part_ptr,
+    N,
+    R,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # One program per (b, i block), walking j tiles: each tile of L is read once, turned into
+    # L' = (1 - w_i - w_j) L + w_i p_j (0 on the diagonal), written once, and read through in
+    # registers: f[r, i] += sum_j L' w^r_j ([BLOCK_R, BLOCK_I], complete) and this block's
+    # partial of b[r, j] = sum_i L' w^r_i. The first row block also writes p'.
+    b = tl.program_id(0)
+    block = tl.program_id(1)
+    blocks = tl.num_programs(1)
+    acc = forward_ptr.dtype.element_ty
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    i = block * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = i < N
+    w_i = tl.load(write_w_ptr + b * N + i, mask=i_ok, other=0.0).to(acc)
+    ri = (b * R + r[:, None]) * N + i[None, :]
+    ri_mask = r_ok[:, None] & i_ok[None, :]
+    read_i = tl.load(read_w_ptr + ri, mask=ri_mask, other=0.0).to(acc)
+    # 1 - sum w, needed by the first row block only (the others sum nothing)
+    total = tl.zeros([BLOCK_J], acc)
+    if block == 0:
+        for start in range(0, N, BLOCK_J):
+            n = start + tl.arange(0, BLOCK_J)
+            total += tl.load(write_w_ptr + b * N + n, mask=n < N, other=0.0).to(acc)
+    keep = 1 - tl.sum(total, 0)
+    forward = tl.zeros([BLOCK_R, BLOCK_I], acc)
+    for start in range(0, N, BLOCK_J):
+        j = start + tl.arange(0, BLOCK_J)
+        j_ok = j < N
+        w_j = tl.load(write_w_ptr + b * N + j, mask=j_ok, other=0.0).to(acc)
+        p_j = tl.load(precedence_ptr + b * N + j, mask=j_ok, other=0.0).to(acc)
+        at = (b * N + i[:, None]) * N + j[None, :]
+        mask = i_ok[:, None] & j_ok[None, :]
+        link = tl.load(link_ptr + at, mask=mask, other=0.0).to(acc)
+        new_link = (1 - w_i[:, None] - w_j[None, :]) * link + w_i[:, None] * p_j[None, :]
+        new_link = tl.where(i[:, None] == j[None, :], 0.0, new_link)
+        tl.store(new_link_ptr + at, new_link, mask=mask)
+        rj = (b * R + r[:, None]) * N + j[None, :]
+        rj_mask = r_ok[:, None] & j_ok[None, :]
+        read_j = tl.load(read_w_ptr + rj, mask=rj_mask, other=0.0).to(acc)
+        forward += tl.sum(new_link[None, :, :] * read_j[:, None, :], 2)
+        part = ((b * blocks + block) * R + r[:, None]) * N + j[None, :]
+        tl.store(backward_part_ptr + part, tl.sum(new_link[None, :, :] * read_i[:, :, None], 1), mask=rj_mask)
+        if block == 0:
+            tl.store(new_precedence_ptr + b * N + j, keep * p_j + w_j, mask=j_ok)
+    tl.store(forward_ptr + ri, forward, mask=ri_mask)
+
+
+@triton.jit
+def link_update_reads_backward_kernel(
+    link_ptr,
+    precedence_ptr,
+    write_w_ptr,
+    read_w_ptr,
+    grad_new_link_ptr,
+    grad_forward_ptr,
+    grad_backward_ptr,
+    grad_link_ptr,
+    grad_w_rows_ptr,
+    column_part_ptr,
+    grad_read_rows_ptr,
+    grad_read_part_ptr,
+    N,
+    R,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # One program per (b, i block), walking j tiles; L' is recomputed from the L tile in
+    # registers, never loaded. The gradient reaching L' is
+    #   G = dL' + sum_r df[r, i] w^r_j + w^r_i db[r, j]  (0 on the diagonal),
+    # then as in link_update_backward_kernel: dL = G (1 - w_i - w_j), the row sum
+    # sum_j G (p_j - L), and column partials -sum_i G L and sum_i G w_i; and as in
+    # link_reads_kernel: dw^r = L' db (rows, registers) + L'^T df (columns, partials).
+    b = tl.program_id(0)
+    block = tl.program_id(1)
+    blocks = tl.num_programs(1)
+    acc = grad_w_rows_ptr.dtype.element_ty
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    i = block * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = i < N
+    w_i = tl.load(write_w_ptr + b * N + i, mask=i_ok, other=0.0).to(acc)
+    ri = (b * R + r[:, None]) * N + i[None, :]
+    ri_mask = r_ok[:, None] & i_ok[None, :]
+    read_i = tl.load(read_w_ptr + ri, mask=ri_mask, other=0.0).to(acc)
+    grad_forward_i = tl.load(grad_forward_ptr + ri, mask=ri_mask, other=0.0).to(acc)
+    row = tl.zeros([BLOCK_I], acc)
+    read_rows = tl.zeros([BLOCK_R, BLOCK_I], acc)
+    for start in range(0, N, BLOCK_J):
+        j = start + tl.arange(0, BLOCK_J)
+        j_ok = j < N
+        w_j = tl.load(write_w_ptr + b * N + j, mask=j_ok, other=0.0).to(acc)
+        p_j = tl.load(precedence_ptr + b * N + j, mask=j_ok, other=0.0).to(acc)
+        at = (b * N + i[:, None]) * N + j[None, :]
+        mask = i_ok[:, None] & j_ok[None, :]
+        diagonal = i[:, None] == j[None, :]
+        link = tl.load(link_ptr + at, mask=mask, other=0.0).to(acc)
+        scale = 1 - w_i[:, None] - w_j[None, :]
+        new_link = tl.where(diagonal, 0.0, scale * link + w_i[:, None] * p_j[None, :])
+        rj = (b * R + r[:, None]) * N + j[None, :]
+        rj_mask = r_ok[:, None] & j_ok[None, :]
+        read_j = tl.load(read_w_ptr + rj, mask=rj_mask, other=0.0).to(acc)
+        grad_backward_j = tl.load(grad_backward_ptr + rj, mask=rj_mask, other=0.0).to(acc)
+        read_rows += tl.sum(new_link[None, :, :] * grad_backward_j[:, None, :], 2)
+        part = ((b * blocks + block) * R + r[:, None]) * N + j[None, :]
+        tl.store(grad_read_part_ptr + part, tl.sum(new_link[None, :, :] * grad_forward_i[:, :, None], 1), mask=rj_mask)
+        grad = tl.load(grad_new_link_ptr + at, mask=mask, other=0.0).to(acc)
+        through_reads = (
+            grad_forward_i[:, :, None] * read_j[:, None, :] + read_i[:, :, None] * grad_backward_j[:, None, :]
+        )
+        grad += tl.sum(through_reads, 0)
+        grad = tl.where(diagonal, 0.0, grad)
+        tl.store(grad_link_ptr + at, grad * scale, mask=mask)
+        row += tl.sum(grad * (p_j[None, :] - link), 1)
+        column = ((b * blocks + block) * 2) * N + j
+        tl.store(column_part_ptr + column, -tl.sum(grad * link, 0), mask=j_ok)
+        tl.store(column_part_ptr + column + N, tl.sum(grad * w_i[:, None], 0), mask=j_ok)
+    tl.store(grad_w_rows_ptr + b * N + i, row, mask=i_ok)
+    tl.store(grad_read_rows_ptr + ri, read_rows, mask=ri_mask)
+
+
 def link_update_forward(link: Tensor, precedence: Tensor, write_w: Tensor) -> tuple[Tensor, Tensor]:
     link, precedence, write_w = contiguous(link, precedence, write_w)
     B, N, _ = link.shape
@@ -174,14 +311,21 @@ def link_update_backward(grads, inputs, outputs) -> tuple[Tensor, Tensor, Tensor
     link_update_backward_kernel[(B, blocks)](
         link, precedence, write_w, grad_new_link, grad_link, grad_w_rows, column_part, N, BLOCK_I=block, BLOCK_J=block
     )
+    grad_precedence, grad_w = _precedence_grads(grad_w_rows, column_part, grad_new_precedence, precedence, write_w)
+    return grad_link, grad_precedence, grad_w
+
+
+def _precedence_grads(grad_w_rows, column_part, grad_new_precedence, precedence, write_w) -> tuple[Tensor, Tensor]:
+    """(grad precedence, grad write_w) from the kernels' row sums and [B, blocks, 2, N] column partials.
+
+    p' = (1 - sum w) p + w adds dw_n = dp'_n - sum_m dp'_m p_m and gives dp = dp' (1 - sum w).
+    """
+    acc = grad_w_rows.dtype
     columns = column_part.sum(1)
-    # p' = (1 - sum w) p + w adds dw_n = dp'_n - sum_m dp'_m p_m and dp = dp' (1 - sum w)
-    grad_new_precedence, precedence, write_w = (t.to(acc) for t in (grad_new_precedence, precedence, write_w))
-    grad_w = (
-        grad_w_rows + columns[:, 0] + grad_new_precedence - (grad_new_precedence * precedence).sum(-1, keepdim=True)
-    )
-    grad_precedence = columns[:, 1] + grad_new_precedence * (1 - write_w.sum(-1, keepdim=True))
-    return grad_link, grad_precedence.to(link.dtype), grad_w.to(link.dtype)
+    grad_new_precedence, p, w = (t.to(acc) for t in (grad_new_precedence, precedence, write_w))
+    grad_w = grad_w_rows + columns[:, 0] + grad_new_precedence - (grad_new_precedence * p).sum(-1, keepdim=True)
+    grad_precedence = columns[:, 1] + grad_new_precedence * (1 - w.sum(-1, keepdim=True))
+    return grad_precedence.to(precedence.dtype), grad_w.to(write_w.dtype)
 
 
 def _link_reads(
@@ -191,9 +335,7 @@ def _link_reads(
     B, N, _ = link.shape
     R = right.shape[1]
     acc = accumulator_dtype(link.dtype)
-    BLOCK_R = pow2(R)
-    # a [BLOCK_R, block, block] product stays within TILE_ELEMENTS
-    block = min(BLOCK, pow2(N), 1 << (int((TILE_ELEMENTS // BLOCK_R) ** 0.5).bit_length() - 1))
+    BLOCK_R, block = _reads_blocks(N, R)
     blocks = triton.cdiv(N, block)
     rows = torch.empty(B, R, N, dtype=acc, device=link.device)
     column_part = torch.empty(B, blocks, R, N, dtype=acc, device=link.device)
@@ -227,3 +369,78 @@ def temporal_reads_backward(grads, inputs, outputs) -> tuple[Tensor, Tensor]:
     link, read_w = contiguous(*inputs)
     rows, columns, grad_link = _link_reads(link, grad_backward, grad_forward, read_w)
     return grad_link, (rows + columns).to(read_w.dtype)
+
+
+def _reads_blocks(N: int, R: int) -> tuple[int, int]:
+    """(BLOCK_R, block) so that a [BLOCK_R, block, block] product stays within TILE_ELEMENTS."""
+    BLOCK_R = pow2(R)
+    return BLOCK_R, min(BLOCK, pow2(N), 1 << (int((TILE_ELEMENTS // BLOCK_R) ** 0.5).bit_length() - 1))
+
+
+def link_update_reads_forward(
+    link: Tensor, precedence: Tensor, write_w: Tensor, read_w: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    link, precedence, write_w, read_w = contiguous(link, precedence, write_w, read_w)
+    B, N, _ = link.shape
+    R = read_w.shape[1]
+    acc = accumulator_dtype(link.dtype)
+    BLOCK_R, block = _reads_blocks(N, R)
+    blocks = triton.cdiv(N, block)
+    new_link = torch.empty_like(link)
+    new_precedence = torch.empty(B, N, dtype=acc, device=link.device)
+    forward = torch.empty(B, R, N, dtype=acc, device=link.device)
+    backward_part = torch.empty(B, blocks, R, N, dtype=acc, device=link.device)
+    link_update_reads_kernel[(B, blocks)](
+        link,
+        precedence,
+        write_w,
+        read_w,
+        new_link,
+        new_precedence,
+        forward,
+        backward_part,
+        N,
+        R,
+        BLOCK_I=block,
+        BLOCK_J=block,
+        BLOCK_R=BLOCK_R,
+    )
+    dtype = link.dtype
+    return new_link, new_precedence.to(dtype), forward.to(dtype), backward_part.sum(1).to(dtype)
+
+
+def link_update_reads_backward(grads, inputs, outputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grad_new_link, grad_new_precedence, grad_forward, grad_backward = contiguous(*grads)
+    link, precedence, write_w, read_w = contiguous(*inputs)
+    B, N, _ = link.shape
+    R = read_w.shape[1]
+    acc = accumulator_dtype(link.dtype)
+    BLOCK_R, block = _reads_blocks(N, R)
+    blocks = triton.cdiv(N, block)
+    grad_link = torch.empty_like(link)
+    grad_w_rows = torch.empty(B, N, dtype=acc, device=link.device)
+    column_part = torch.empty(B, blocks, 2, N, dtype=acc, device=link.device)
+    grad_read_rows = torch.empty(B, R, N, dtype=acc, device=link.device)
+    grad_read_part = torch.empty(B, blocks, R, N, dtype=acc, device=link.device)
+    link_update_reads_backward_kernel[(B, blocks)](
+        link,
+        precedence,
+        write_w,
+        read_w,
+        grad_new_link,
+        grad_forward,
+        grad_backward,
+        grad_link,
+        grad_w_rows,
+        column_part,
+        grad_read_rows,
+        grad_read_part,
+        N,
+        R,
+        BLOCK_I=block,
+        BLOCK_J=block,
+        BLOCK_R=BLOCK_R,
+    )
+    grad_precedence, grad_w = _precedence_grads(grad_w_rows, column_part, grad_new_precedence, precedence, write_w)
+    grad_read_w = (grad_read_rows + grad_read_part.sum(1)).to(read_w.dtype)
+    return grad_link, grad_precedence, grad_w, grad_read_w

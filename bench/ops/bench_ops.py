@@ -11,6 +11,11 @@ their ratio is measured under the same machine load. Each timing is torch.utils.
 blocked_autorange: median and quantiles over its runs. Cases whose tensors would not fit in
 --max-memory-gb are skipped and listed. Prints a table with each backend's speed-up over the
 torch backend, and writes bench/results/ops.json (with header) and ops.png (log-log time vs N).
+
+On the GPU, `--device cuda` (e.g. with --full): the ops' tensors live on the GPU, timings come
+from triton.testing.do_bench (median and 20/80% quantiles), each case also reports the
+bandwidth its inputs and outputs imply (forward GB/s), the header carries the measured
+device-to-device copy bandwidth, and results go to ops_cuda.json / ops_cuda.png.
 """
 
 import argparse
@@ -21,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 import sparsemem as sm
-from bench.common import RESULTS, header, time_cpu, write_json
+from bench.common import RESULTS, copy_bandwidth, header, time_cpu, time_gpu, write_json
 from sparsemem import _backends
 from sparsemem.testing import OPS, op_inputs
 
@@ -40,6 +45,7 @@ def run_case(op: str, backend: str, num_slots: int, config: dict) -> dict:
     os.environ["SPARSEMEM_BACKEND"] = backend
     fn = getattr(sm.ops, op)
     args = op_inputs(op, torch.float32, B=config["B"], N=num_slots, W=config["W"], R=config["R"])
+    args = tuple(a.to(config["device"]) if isinstance(a, torch.Tensor) else a for a in args)
     leaves = [a.requires_grad_(True) for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
 
     def forward():
@@ -52,6 +58,14 @@ def run_case(op: str, backend: str, num_slots: int, config: dict) -> dict:
         loss = sum(o.float().sum() for o in outputs if o.is_floating_point())
         torch.autograd.grad(loss, leaves)
 
+    if config["device"] == "cuda":
+        result = {"op": op, "backend": backend, "N": num_slots, "forward": time_gpu(forward)}
+        outputs = fn(*args)
+        tensors = (*args, *(outputs if isinstance(outputs, tuple) else (outputs,)))
+        moved = sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
+        result["forward_gbps"] = moved / result["forward"]["median"] / 1e9
+        result["forward_backward"] = time_gpu(forward_backward)
+        return result
     min_run_time = config["min_run_time"]
     return {
         "op": op,
@@ -133,12 +147,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--reads", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch and extension threads (default: torch's)")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timing (blocked_autorange)")
-    parser.add_argument("--max-memory-gb", type=float, default=6.0, help="skip cases estimated above this")
-    parser.add_argument("--out", default=str(RESULTS / "ops.json"))
+    parser.add_argument(
+        "--max-memory-gb", type=float, default=None, help="skip cases estimated above this (6; cuda: half the GPU)"
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default=None, help="default bench/results/ops.json (ops_cuda.json on the GPU)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         # at::parallel_for in the extension shares torch's thread pool, so this sets both
         torch.set_num_threads(args.threads)
+    if args.max_memory_gb is None:
+        gpu = args.device == "cuda"
+        args.max_memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**31 if gpu else 6.0
+    out = Path(args.out or RESULTS / ("ops_cuda.json" if args.device == "cuda" else "ops.json"))
     top = args.max_log2_slots if args.max_log2_slots is not None else (20 if args.full else 14)
     top_links = args.max_log2_slots_links if args.max_log2_slots_links is not None else (13 if args.full else 11)
     config = {
@@ -146,16 +167,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "W": args.word,
         "R": args.reads,
         "dtype": "float32",
-        "device": "cpu",
+        "device": args.device,
         "threads": torch.get_num_threads(),
         "min_run_time": args.min_run_time,
         "max_memory_gb": args.max_memory_gb,
     }
+    if args.device == "cuda":
+        config["copy_bandwidth_gbps"] = copy_bandwidth() / 1e9
     forced = os.environ.get("SPARSEMEM_BACKEND")
     cases, skipped = [], []
     for op in args.ops.split(","):
         backends = [b for b in _backends._KERNELS[op] if _backends.availability()[b] is None]
-        backends = [b for b in backends if _backends._runs_on(b, "cpu")]
+        backends = [b for b in backends if _backends._runs_on(b, args.device)]
         for exponent in range(args.min_log2_slots, (top_links if op in QUADRATIC else top) + 1):
             if estimated_bytes(op, 2**exponent, config) > args.max_memory_gb * 2**30:
                 skipped.append({"op": op, "N": 2**exponent, "reason": f"estimated above {args.max_memory_gb} GB"})
@@ -167,10 +190,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         os.environ.pop("SPARSEMEM_BACKEND", None)
     else:
         os.environ["SPARSEMEM_BACKEND"] = forced
-    print(f"\n{'op':<20}{'backend':<9}{'N':>9}{'fwd ms':>10}{'fwd+bwd ms':>12}")
+    print(f"\n{'op':<20}{'backend':<9}{'N':>9}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd GB/s':>10}")
     for r in results:
         fwd, fwd_bwd = r["forward"]["median"] * 1e3, r["forward_backward"]["median"] * 1e3
-        print(f"{r['op']:<20}{r['backend']:<9}{r['N']:>9}{fwd:>10.3f}{fwd_bwd:>12.3f}")
+        gbps = f"{r['forward_gbps']:>10.1f}" if "forward_gbps" in r else ""
+        print(f"{r['op']:<20}{r['backend']:<9}{r['N']:>9}{fwd:>10.3f}{fwd_bwd:>12.3f}{gbps}")
+    if "copy_bandwidth_gbps" in config:
+        print(f"device-to-device copy: {config['copy_bandwidth_gbps']:.1f} GB/s")
     ratios = speedups(results)
     if ratios:
         print("\nspeed-up over the torch backend (torch time / backend time)")
@@ -179,9 +205,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{r['op']:<20}{r['backend']:<9}{r['N']:>9}{r['forward']:>7.2f}x{r['forward_backward']:>8.2f}x")
     for s in skipped:
         print(f"skipped {s['op']} N={s['N']}: {s['reason']}")
-    path = write_json(
-        Path(args.out), {"header": header(config), "results": results, "speedups": ratios, "skipped": skipped}
-    )
+    path = write_json(out, {"header": header(config), "results": results, "speedups": ratios, "skipped": skipped})
     print(f"\nwrote {path}")
     if results:
         print(f"wrote {plot(results, path.with_suffix('.png'))}")

@@ -62,6 +62,7 @@ _link_update_reads = define_op(
     _link_update_reads_fake,
     differentiable=(0, 1, 2, 3),
 )
+_backends.register("link_update_reads", "triton", triton_kernel("links", "link_update_reads"))
 
 
 def link_update_reads(

@@ -22,7 +22,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 TRITON_OPS = {
     "content": ("content_weights", "content_read"),
     "allocation": ("allocation_weights",),
-    "links": ("link_update", "temporal_reads"),
+    "links": ("link_update", "temporal_reads", "link_update_reads"),
     "memory_rw": ("memory_write", "memory_read"),
 }
 TYPES = {

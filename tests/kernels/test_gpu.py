@@ -23,8 +23,9 @@ GPU_OPS = (
     "memory_read",
     "link_update",
     "temporal_reads",
+    "link_update_reads",
 )
-QUADRATIC = ("link_update", "temporal_reads")
+QUADRATIC = ("link_update", "temporal_reads", "link_update_reads")
 
 
 def gpu_cases() -> list[tuple[str, str]]:

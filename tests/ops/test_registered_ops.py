@@ -28,6 +28,8 @@ BACKEND_CASES = [(op, backend) for op in OPS for backend in cpu_backends(op)]
 @pytest.mark.parametrize("size", [dict(B=3, N=7, W=5, R=3), dict(B=1, N=33, W=3, R=1), dict(B=2, N=1000, W=9, R=3)])
 @pytest.mark.parametrize(("op", "backend"), BACKEND_CASES)
 def test_matches_reference(op, backend, size, dtype, use_backend):
+    if backend == "triton" and op in ("link_update", "temporal_reads", "link_update_reads") and size["N"] > 100:
+        pytest.skip("interpreted triton takes ~30 s for N x N at N = 1000; N = 33 covers partial tiles")
     use_backend(backend)
     args = op_inputs(op, dtype, **size)
     expected = _as_tuple(getattr(reference, f"{op}_ref")(*args))
