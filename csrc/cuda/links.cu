@@ -108,12 +108,16 @@ __global__ void link_update_backward_kernel(const scalar_t* __restrict__ link, c
 template <typename scalar_t, typename acc_t>
 __global__ void link_reads_kernel(const scalar_t* __restrict__ link, const scalar_t* __restrict__ right,
                                   const scalar_t* __restrict__ left, const scalar_t* __restrict__ read_w,
-                                  acc_t* __restrict__ rows_out, acc_t* __restrict__ column_part,
-                                  scalar_t* __restrict__ grad_link, int64_t N, int64_t R, int64_t r0,
-                                  bool accumulate_grad_link) {
+                                  const scalar_t* __restrict__ write_w, const scalar_t* __restrict__ precedence,
+                                  scalar_t* __restrict__ new_link, acc_t* __restrict__ rows_out,
+                                  acc_t* __restrict__ column_part, scalar_t* __restrict__ grad_link, int64_t N,
+                                  int64_t R, int64_t r0, bool accumulate_grad_link) {
   // For heads r0 .. r0 + kHeads - 1:
   //   rows[r, i] = sum_j L[i, j] right[r, j] (registers, warp shuffle),
   //   columns[r, j] = sum_i L[i, j] left[r, i] (partials [B, blocks, R, N]).
+  // With write_w given, the tile is first updated in registers, L <- (1 - w_i - w_j) L + w_i p_j
+  // (0 on the diagonal), and the first head group writes it to new_link: the fused
+  // link_update_reads reads L once and writes L' once.
   // Forward: right = left = w^r (f = rows, b = columns). Backward: right = grad_b, left = grad_f
   // (grad_w = rows + columns) and, when read_w is given,
   //   grad_L[i, j] = sum_r grad_f[r, i] w[r, j] + w[r, i] grad_b[r, j], added over head groups.
@@ -134,9 +138,17 @@ __global__ void link_reads_kernel(const scalar_t* __restrict__ link, const scala
       read_i[q][h] = ok && read_w != nullptr ? acc_t(read_w[at]) : acc_t(0);
     }
   }
+  acc_t w_i[kRowsPerThread];
+#pragma unroll
+  for (int q = 0; q < kRowsPerThread; ++q) {
+    const int64_t i = block * kRows + y + kWarps * q;
+    w_i[q] = write_w != nullptr && i < N ? acc_t(write_w[b * N + i]) : acc_t(0);
+  }
   for (int64_t j0 = 0; j0 < N; j0 += kLanes) {
     const int64_t j = j0 + x;
     const bool j_ok = j < N;
+    const acc_t w_j = write_w != nullptr && j_ok ? acc_t(write_w[b * N + j]) : acc_t(0);
+    const acc_t p_j = write_w != nullptr && j_ok ? acc_t(precedence[b * N + j]) : acc_t(0);
     acc_t right_j[kHeads], read_j[kHeads], column[kHeads];
 #pragma unroll
     for (int h = 0; h < kHeads; ++h) {
@@ -151,7 +163,11 @@ __global__ void link_reads_kernel(const scalar_t* __restrict__ link, const scala
       const int64_t i = block * kRows + y + kWarps * q;
       if (i >= N || !j_ok) continue;
       const int64_t at = (b * N + i) * N + j;
-      const acc_t l = link[at];
+      acc_t l = link[at];
+      if (write_w != nullptr) {
+        l = i == j ? acc_t(0) : (1 - w_i[q] - w_j) * l + w_i[q] * p_j;
+        if (r0 == 0) new_link[at] = scalar_t(l);
+      }
       acc_t grad = 0;
 #pragma unroll
       for (int h = 0; h < kHeads; ++h) {
@@ -182,9 +198,14 @@ __global__ void link_reads_kernel(const scalar_t* __restrict__ link, const scala
   }
 }
 
-// (L right, L^T left, and grad_L when read_w is defined) for [B, R, N] right / left.
+// (L right, L^T left, and grad_L when read_w is defined) for [B, R, N] right / left. With
+// update = (write_w, precedence, new_link), L is first updated tile by tile into new_link.
+struct Update {
+  at::Tensor write_w, precedence, new_link;
+};
+
 std::vector<at::Tensor> link_reads(const at::Tensor& link, const at::Tensor& right, const at::Tensor& left,
-                                   const c10::optional<at::Tensor>& read_w) {
+                                   const c10::optional<at::Tensor>& read_w, const c10::optional<Update>& update) {
   const int64_t B = link.size(0), N = link.size(1), R = right.size(1);
   const int64_t blocks = (N + kRows - 1) / kRows;
   const auto acc_type = accumulator(link.scalar_type());
@@ -198,7 +219,10 @@ std::vector<at::Tensor> link_reads(const at::Tensor& link, const at::Tensor& rig
     for (int64_t r0 = 0; r0 < R; r0 += kHeads) {
       link_reads_kernel<scalar_t, acc_t><<<dim3(B, blocks), dim3(kLanes, kWarps), 0, stream()>>>(
           link.data_ptr<scalar_t>(), right.data_ptr<scalar_t>(), left.data_ptr<scalar_t>(),
-          read_w.has_value() ? read_w->data_ptr<scalar_t>() : nullptr, rows.data_ptr<acc_t>(),
+          read_w.has_value() ? read_w->data_ptr<scalar_t>() : nullptr,
+          update.has_value() ? update->write_w.data_ptr<scalar_t>() : nullptr,
+          update.has_value() ? update->precedence.data_ptr<scalar_t>() : nullptr,
+          update.has_value() ? update->new_link.data_ptr<scalar_t>() : nullptr, rows.data_ptr<acc_t>(),
           column_part.data_ptr<acc_t>(), read_w.has_value() ? grad_link.data_ptr<scalar_t>() : nullptr, N, R, r0,
           r0 > 0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -267,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor> temporal_reads_cuda(const at::Tensor& link_in
   check_cuda(link_in, "link");
   const c10::cuda::CUDAGuard guard(link_in.device());
   const auto link = link_in.contiguous(), read_w = read_w_in.contiguous();
-  const auto result = link_reads(link, read_w, read_w, c10::nullopt);
+  const auto result = link_reads(link, read_w, read_w, c10::nullopt, c10::nullopt);
   return {result[0].to(read_w.scalar_type()), result[1].to(read_w.scalar_type())};
 }
 
@@ -279,8 +303,50 @@ std::vector<at::Tensor> temporal_reads_backward_cuda(const at::Tensor& grad_forw
   const c10::cuda::CUDAGuard guard(link_in.device());
   const auto link = link_in.contiguous(), read_w = read_w_in.contiguous();
   const auto grad_forward = grad_forward_in.contiguous(), grad_backward = grad_backward_in.contiguous();
-  const auto result = link_reads(link, grad_backward, grad_forward, read_w);
+  const auto result = link_reads(link, grad_backward, grad_forward, read_w, c10::nullopt);
   return {result[2], (result[0] + result[1]).to(read_w.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> link_update_reads_cuda(const at::Tensor& link_in,
+                                                                               const at::Tensor& precedence_in,
+                                                                               const at::Tensor& write_w_in,
+                                                                               const at::Tensor& read_w_in) {
+  check_cuda(link_in, "link");
+  const c10::cuda::CUDAGuard guard(link_in.device());
+  const auto link = link_in.contiguous(), precedence = precedence_in.contiguous(), write_w = write_w_in.contiguous();
+  const auto read_w = read_w_in.contiguous();
+  const int64_t B = link.size(0), N = link.size(1), R = read_w.size(1);
+  auto new_precedence = at::empty_like(precedence);
+  // with no heads no read launch writes L', so it comes from link_update alone
+  if (R == 0) {
+    at::Tensor new_link;
+    std::tie(new_link, new_precedence) = link_update_cuda(link, precedence, write_w);
+    return {new_link, new_precedence, at::empty_like(read_w), at::empty_like(read_w)};
+  }
+  const Update update{write_w, precedence, at::empty_like(link)};
+  const auto result = link_reads(link, read_w, read_w, c10::nullopt, update);
+  if (B * N > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, link.scalar_type(), "link_update_reads_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      precedence_kernel<scalar_t, acc_t><<<B, 256, 0, stream()>>>(
+          precedence.data_ptr<scalar_t>(), write_w.data_ptr<scalar_t>(), new_precedence.data_ptr<scalar_t>(), N);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {update.new_link, new_precedence, result[0].to(read_w.scalar_type()), result[1].to(read_w.scalar_type())};
+}
+
+// The backward composes the two ops' kernels on the saved L': the reads' gradient through L'
+// (one pass over L'), added to dL', then link_update's backward (one pass over L and G).
+std::vector<at::Tensor> link_update_reads_backward_cuda(
+    const at::Tensor& grad_new_link, const at::Tensor& grad_new_precedence, const at::Tensor& grad_forward,
+    const at::Tensor& grad_backward, const at::Tensor& link, const at::Tensor& precedence, const at::Tensor& write_w,
+    const at::Tensor& read_w, const at::Tensor& new_link, const at::Tensor& new_precedence, const at::Tensor& forward,
+    const at::Tensor& backward) {
+  const auto reads = temporal_reads_backward_cuda(grad_forward, grad_backward, new_link, read_w, forward, backward);
+  const auto update = link_update_backward_cuda(grad_new_link + reads[0], grad_new_precedence, link, precedence,
+                                                write_w, new_link, new_precedence);
+  return {update[0], update[1], update[2], reads[1]};
 }
 
 TORCH_LIBRARY_IMPL(sparsemem, CUDA, m) {
@@ -288,6 +354,8 @@ TORCH_LIBRARY_IMPL(sparsemem, CUDA, m) {
   m.impl("ext_link_update_backward", &link_update_backward_cuda);
   m.impl("ext_temporal_reads", &temporal_reads_cuda);
   m.impl("ext_temporal_reads_backward", &temporal_reads_backward_cuda);
+  m.impl("ext_link_update_reads", &link_update_reads_cuda);
+  m.impl("ext_link_update_reads_backward", &link_update_reads_backward_cuda);
 }
 
 }  // namespace links_kernels
