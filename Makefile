@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sparsemem-installed
 OFFLINE ?= 0
 PIP_DEPS := $(if $(filter 1,$(OFFLINE)),--no-deps,)
-SOURCES := pyproject.toml setup.py $(shell find csrc kernels -type f 2>/dev/null)
+# Only what the compiled extension is built from: Python (kernels/ included) is installed editable.
+SOURCES := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: setup test bench bench-ops lint format clean
 
