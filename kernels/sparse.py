@@ -16,40 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparsemem.reference.dnc import EPS
-
-TILE_ELEMENTS = 4096
-"""Most elements of one register tile ([BLOCK_R, BLOCK_N, BLOCK_W] scores, [BLOCK_J, BLOCK_W] rows)."""
-
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other float accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
-    return tuple(t.contiguous() for t in tensors)
-
-
-def pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
-def block_n(N: int, *widths: int) -> int:
-    """Rows per tile so that a [*widths, BLOCK_N] tile stays within TILE_ELEMENTS."""
-    per_row = 1
-    for width in widths:
-        per_row *= pow2(width)
-    return max(1, min(256, pow2(N), TILE_ELEMENTS // per_row))
-
-
-def splits(num_tiles: int, rows: int, device: torch.device) -> tuple[int, int]:
-    """(programs per batch row, tiles per program): about 4 programs per multiprocessor on a GPU;
-    on the CPU (the interpreter) at most 4 per row, which still exercises the merge."""
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    programs = max(1, min(num_tiles, triton.cdiv(target, rows)))
-    tiles_per_program = triton.cdiv(num_tiles, programs)
-    return triton.cdiv(num_tiles, tiles_per_program), tiles_per_program
+from ._common import EPS, accumulator_dtype, block_n, contiguous, pow2, splits
 
 
 @triton.jit
