@@ -69,17 +69,21 @@ def extension_kernel(name: str, schema: str, differentiable: Sequence[int]) -> _
     return _backends.Kernel(forward_op, backward)
 
 
-def triton_kernel(module: str, name: str) -> _backends.Kernel:
+def triton_kernel(module: str, name: str, differentiable: Sequence[int] | None = None) -> _backends.Kernel:
     """The triton backend of `name`: <name>_forward / <name>_backward in sparsemem.kernels.<module>.
 
     The module (and with it triton) is imported on the first call, never by `import sparsemem`.
     The backward runs as the custom op sparsemem::triton_<name>_backward, so autograd tracing
-    (torch.compile, opcheck) sees an op with a fake instead of a kernel launch; it returns one
-    grad per input, so every input of a triton op must be a differentiable tensor.
+    (torch.compile, opcheck) sees an op with a fake instead of a kernel launch. It gets the grads
+    of the float outputs and the tensor inputs (a non-tensor input such as topk's k comes last)
+    and returns one grad per differentiable input (default: every input).
     """
 
     def load():
         return importlib.import_module(f"sparsemem.kernels.{module}")
+
+    def positions(inputs: Sequence[object]) -> Sequence[int]:
+        return range(len(inputs)) if differentiable is None else differentiable
 
     def forward(*inputs):
         return getattr(load(), f"{name}_forward")(*inputs)
@@ -91,10 +95,18 @@ def triton_kernel(module: str, name: str) -> _backends.Kernel:
     backward_op = torch.library.custom_op(
         f"sparsemem::triton_{name}_backward", run_backward, mutates_args=(), schema=schema
     )
-    backward_op.register_fake(lambda grads, inputs, outputs: [x.new_empty(x.shape) for x in inputs])
+    backward_op.register_fake(
+        lambda grads, inputs, outputs: [inputs[i].new_empty(inputs[i].shape) for i in positions(inputs)]
+    )
 
     def backward(grads, inputs, outputs):
-        return tuple(backward_op(list(grads), list(inputs), list(outputs)))
+        float_grads = [g for g, out in zip(grads, outputs, strict=True) if out.is_floating_point()]
+        tensors = [x for x in inputs if isinstance(x, Tensor)]
+        input_grads: list[Tensor | None] = [None] * len(inputs)
+        grads_out = backward_op(float_grads, tensors, list(outputs))
+        for position, grad in zip(positions(inputs), grads_out, strict=True):
+            input_grads[position] = grad
+        return tuple(input_grads)
 
     return _backends.Kernel(forward, backward)
 

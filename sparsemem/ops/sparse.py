@@ -1,53 +1,12 @@
 """Sparse access (SAM): top-K content search, reads over K candidates, writes on gathered rows."""
 
-import importlib
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from sparsemem import _backends
 from sparsemem._checks import Shapes, check_finite, check_indices
-from sparsemem.ops._define import define_op
+from sparsemem.ops._define import define_op, triton_kernel
 from sparsemem.reference import sparse_read_ref, sparse_write_ref, topk_content_ref
-
-
-def _register_triton(name: str, differentiable: Sequence[int]) -> None:
-    """Backend "triton" of `name`: <name>_forward / <name>_backward in sparsemem.kernels.sparse.
-
-    The module (and triton) is imported on the first call, never by `import sparsemem`. The
-    backward runs as the custom op sparsemem::triton_<name>_backward so that autograd tracing
-    (opcheck, torch.compile) sees an op with a fake, not a kernel launch. It gets the grads of the
-    float outputs and the tensor inputs (a non-tensor input such as topk's k comes last) and
-    returns one grad per differentiable input.
-    """
-
-    def load():
-        return importlib.import_module("sparsemem.kernels.sparse")
-
-    def run_backward(grads: list[Tensor], inputs: list[Tensor], outputs: list[Tensor]) -> list[Tensor]:
-        return getattr(load(), f"{name}_backward")(grads, inputs, outputs)
-
-    schema = "(Tensor[] grads, Tensor[] inputs, Tensor[] outputs) -> Tensor[]"
-    backward_op = torch.library.custom_op(
-        f"sparsemem::triton_{name}_backward", run_backward, mutates_args=(), schema=schema
-    )
-    backward_op.register_fake(
-        lambda grads, inputs, outputs: [inputs[i].new_empty(inputs[i].shape) for i in differentiable]
-    )
-
-    def forward(*inputs):
-        return getattr(load(), f"{name}_forward")(*inputs)
-
-    def backward(grads, inputs, outputs):
-        float_grads = [g for g, out in zip(grads, outputs, strict=True) if out.is_floating_point()]
-        tensors = [x for x in inputs if isinstance(x, Tensor)]
-        input_grads: list[Tensor | None] = [None] * len(inputs)
-        for position, grad in zip(differentiable, backward_op(float_grads, tensors, list(outputs)), strict=True):
-            input_grads[position] = grad
-        return tuple(input_grads)
-
-    _backends.register(name, "triton", _backends.Kernel(forward, backward))
 
 
 def _topk_content_fake(memory: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -64,7 +23,7 @@ _topk_content = define_op(
 )
 
 
-_register_triton("topk_content", differentiable=(0, 1))
+_backends.register("topk_content", "triton", triton_kernel("sparse", "topk_content", differentiable=(0, 1)))
 
 
 def topk_content(memory: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -96,7 +55,7 @@ _sparse_read = define_op(
 )
 
 
-_register_triton("sparse_read", differentiable=(0, 2, 3))
+_backends.register("sparse_read", "triton", triton_kernel("sparse", "sparse_read", differentiable=(0, 2, 3)))
 
 
 def sparse_read(memory: Tensor, indices: Tensor, keys: Tensor, strengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,7 +79,7 @@ _sparse_write = define_op(
 )
 
 
-_register_triton("sparse_write", differentiable=(0, 1, 2))
+_backends.register("sparse_write", "triton", triton_kernel("sparse", "sparse_write", differentiable=(0, 1, 2)))
 
 
 def sparse_write(rows: Tensor, weights: Tensor, add: Tensor, erase_rows: Tensor) -> Tensor:
