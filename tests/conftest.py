@@ -25,6 +25,15 @@ def cpu_backends(op: str) -> list[str]:
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny ops run fastest so and never fight other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def use_backend(monkeypatch):
     """use_backend("cpp") forces that backend for the rest of the test."""
 

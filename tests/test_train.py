@@ -7,13 +7,7 @@ import torch
 
 from sparsemem.train import CHECKPOINT, METRICS, Config, Trainer, TrainingDiverged, main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(tmp_path, **kwargs) -> Config:

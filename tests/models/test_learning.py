@@ -14,7 +14,7 @@ import torch
 from sparsemem.train import Config, Trainer, evaluate, make_model, make_task
 from tests.models.ablation import ZeroReads
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 THRESHOLD = 0.1
 """Bits in error per sequence on held-out batches, averaged over the task's levels."""
@@ -34,14 +34,6 @@ RECALL = dict(
     num_reads=1,
     steps=1000,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: one thread is fastest and never fights other processes
-    yield
-    torch.set_num_threads(threads)
 
 
 def train(tmp_path, ablate: bool, **options) -> tuple[Trainer, float, dict[int, float]]:

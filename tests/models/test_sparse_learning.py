@@ -59,11 +59,7 @@ def train(zero_reads: bool, iterations: int) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_sam_learns_associative_recall_and_the_ablation_does_not():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: deterministic, and fast on a shared 2-core machine
-    try:
-        assert train(zero_reads=False, iterations=150) < 0.35
-        assert train(zero_reads=True, iterations=40) > 0.6
-    finally:
-        torch.set_num_threads(threads)
+    assert train(zero_reads=False, iterations=150) < 0.35
+    assert train(zero_reads=True, iterations=40) > 0.6
