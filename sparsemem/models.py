@@ -253,7 +253,7 @@ class NTM(MemoryModel):
 
 class SAM(MemoryModel):
     """Sparse Access Memory (Rae et al. 2016): MemoryModel with a SAMMemory of N slots of W,
-    R read heads reading K slots each, found by `index` ("exact", "faiss-hnsw", "faiss-ivf").
+    R read heads reading K slots each, found by `index` ("exact", "ivf", "faiss-hnsw", "faiss-ivf").
     Cost per step grows with K and the index, not N; backward keeps O(T K W) extra memory."""
 
     def __init__(

@@ -86,7 +86,7 @@ class LazyMemory:
 
     Flat keys b*N + slot address rows. memory [B, N, W] (optional) starts every row as
     written (a preloaded memory, or the full regime of the benchmarks). index: a
-    sparsemem.index name ("exact", "faiss-hnsw", "faiss-ivf"); it holds the written rows
+    sparsemem.index name ("exact", "ivf", "faiss-hnsw", "faiss-ivf"); it holds the written rows
     and finds the top K over all N slots, unwritten ones included.
     """
 
@@ -96,7 +96,9 @@ class LazyMemory:
         self.batch, self.num_slots, self.word_size = batch, num_slots, initial_word.shape[-1]
         self.initial_word = initial_word
         flat = (batch * num_slots, self.word_size)
-        options = {"dtype": initial_word.dtype, "device": initial_word.device} if index == "exact" else {}
+        # The torch indexes live beside the memory (its device and dtype); faiss is CPU float32.
+        torch_index = index in ("exact", "ivf")
+        options = {"dtype": initial_word.dtype, "device": initial_word.device} if torch_index else {}
         self.index = make_index(index, batch, num_slots, self.word_size, initial=initial_word.detach(), **options)
         # Keys written since the last reset, so a reset costs O(rows written); a preloaded
         # batch row counts as written everywhere until its first reset.

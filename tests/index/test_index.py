@@ -13,6 +13,8 @@ B, N, W, R = 3, 61, 7, 3
 INDEXES = {
     "exact": {},
     "exact-chunked": {"chunk_rows": 5},
+    # every list probed, so exact; a buffer of 8 rows merges, tombstones and rebuilds many times
+    "ivf": {"buffer_rows": 8, "nprobe": 1024},
     # a buffer of 8 rows, so these tests merge into faiss and overwrite merged rows many times
     "faiss-hnsw": {"buffer_rows": 8, "ef_search": 128},
     "faiss-ivf": {"buffer_rows": 8, "nprobe": 1024},
