@@ -30,13 +30,25 @@ from bench.common import RESULTS, header, write_json
 CONFIG = dict(batch=8, word_size=64, num_reads=4, k=8, link_k=8, steps=16, hidden=128, input_size=8)
 
 
-def _model(name: str, num_slots: int, index: str) -> sm.MemoryModel:
+def build_model(name: str, num_slots: int, index: str) -> sm.MemoryModel:
     c = CONFIG
     options = dict(num_slots=num_slots, word_size=c["word_size"], num_reads=c["num_reads"], k=c["k"], index=index)
     if name == "sdnc":
         options["link_k"] = c["link_k"]
     cls = sm.SAM if name == "sam" else sm.SDNC
     return cls(c["input_size"], c["hidden"], output_size=c["input_size"], **options)
+
+
+def fill(state: sm.ModelState, seed: int = 1) -> None:
+    """The full regime: every slot of a sparse model's state written with a random unit word
+    (generated and indexed chunk by chunk, in place: no second copy of the memory)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def random_words(b: int, first: int, end: int) -> torch.Tensor:
+        words = torch.randn(end - first, CONFIG["word_size"], generator=generator)
+        return words / words.norm(dim=-1, keepdim=True)
+
+    state.access.memory.store.preload(random_words)
 
 
 def _rss_bytes() -> int:
@@ -63,19 +75,13 @@ def run_one(name: str, log2_slots: int, regime: str, index: str, repeats: int) -
     torch.manual_seed(0)
     c = CONFIG
     num_slots = 1 << log2_slots
-    model = _model(name, num_slots, index)
+    model = build_model(name, num_slots, index)
     rss_start = _rss_bytes()
     start = time.perf_counter()
     state = model.init_state(c["batch"])
     build_seconds = 0.0
     if regime == "full":
-        generator = torch.Generator().manual_seed(1)
-
-        def random_words(b: int, first: int, end: int) -> torch.Tensor:
-            words = torch.randn(end - first, c["word_size"], generator=generator)
-            return words / words.norm(dim=-1, keepdim=True)
-
-        state.access.memory.store.preload(random_words)
+        fill(state)
         build_seconds = time.perf_counter() - start
     x = torch.randn(c["batch"], c["steps"], c["input_size"], generator=torch.Generator().manual_seed(2))
     episode_seconds, saved = [], []
@@ -119,7 +125,7 @@ def backward_memory(name: str, log2_slots: int, steps: list[int]) -> dict:
     """Bytes autograd saves for one fresh T-step episode, for each T (no timing)."""
     torch.manual_seed(0)
     c = CONFIG
-    model = _model(name, 1 << log2_slots, "exact")
+    model = build_model(name, 1 << log2_slots, "exact")
     saved = {}
     for length in steps:
         x = torch.randn(c["batch"], length, c["input_size"], generator=torch.Generator().manual_seed(2))

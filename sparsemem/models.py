@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparsemem._profiling import region
 from sparsemem.memory import DNCMemory, Memory, NTMMemory, SAMMemory, SDNCMemory
 from sparsemem.memory.base import check_mask
 
@@ -141,10 +142,13 @@ class MemoryModel(nn.Module):
         return torch.stack(outputs, dim=time_dim), state
 
     def _step(self, x: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        controller_in = torch.cat([x, state.reads.flatten(1)], dim=-1)
-        hidden, controller_state = self._controller_step(controller_in, state.controller)
-        reads, access = self.memory.step(state.access, self.memory.split_interface(self.interface(hidden)))
-        y = self.output(torch.cat([hidden, reads.flatten(1)], dim=-1))
+        with region("controller"):
+            controller_in = torch.cat([x, state.reads.flatten(1)], dim=-1)
+            hidden, controller_state = self._controller_step(controller_in, state.controller)
+            interface = self.memory.split_interface(self.interface(hidden))
+        reads, access = self.memory.step(state.access, interface)
+        with region("controller"):
+            y = self.output(torch.cat([hidden, reads.flatten(1)], dim=-1))
         return y, ModelState(controller_state, access, reads)
 
     def _controller_init(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from sparsemem._checks import check_finite, check_indices
+from sparsemem._profiling import region
 from sparsemem.reference.dnc import safe_norm
 
 UPDATE_CHUNK = 2**16
@@ -136,12 +137,17 @@ class Index(abc.ABC):
         check_finite("rows", rows)
         if ids.numel() == 0:
             return
-        batch, slots, order = _last_writes(ids, self.num_slots)
-        flat = rows.detach().reshape(-1, self.word_size)
-        # In chunks, so a whole preloaded memory (J = N) is never copied or widened at once.
-        for start in range(0, order.numel(), UPDATE_CHUNK):
-            chunk = slice(start, start + UPDATE_CHUNK)
-            self._update(batch[chunk], slots[chunk], _unit(flat[order[chunk]], self.row_dtype))
+        with region("index.update"):
+            rows = rows.detach()
+            if ids.shape[1] == 1 or bool((ids[:, 1:] > ids[:, :-1]).all()):
+                self._update_ascending(rows, ids)
+                return
+            batch, slots, order = _last_writes(ids, self.num_slots)
+            flat = rows.reshape(-1, self.word_size)
+            # In chunks, so a whole preloaded memory (J = N) is never copied or widened at once.
+            for start in range(0, order.numel(), UPDATE_CHUNK):
+                chunk = slice(start, start + UPDATE_CHUNK)
+                self._update(batch[chunk], slots[chunk], self._stored(flat[order[chunk]]))
 
     add = update
 
@@ -158,9 +164,10 @@ class Index(abc.ABC):
         if not isinstance(k, int) or not 1 <= k <= self.num_slots:
             raise ValueError(f"k must be an int in [1, N={self.num_slots}]; got k={k!r}")
         check_finite("queries", queries)
-        unit = _unit(queries.detach(), torch.float64)
-        scores, ids = self._search(unit, k)
-        scores, ids = self._with_unwritten(unit, scores, ids, k)
+        with region("index.search"):
+            unit = _unit(queries.detach(), torch.float64)
+            scores, ids = self._search(unit, k)
+            scores, ids = self._with_unwritten(unit, scores, ids, k)
         return scores.to(queries.device), ids.to(queries.device)
 
     @abc.abstractmethod
@@ -203,9 +210,14 @@ class Index(abc.ABC):
 
     # ----- what an implementation provides
 
+    def _stored(self, rows: Tensor) -> Tensor:
+        """What _update receives for written rows [J, W]: x / ||x||_eps in row_dtype, so inner
+        products are eps-cosines. An index that scores with the eps-cosine itself keeps rows as written."""
+        return _unit(rows, self.row_dtype)
+
     @abc.abstractmethod
     def _update(self, batch: Tensor, slots: Tensor, unit: Tensor) -> None:
-        """Store unit rows [J', W] (row_dtype) at (batch [J'], slots [J']); pairs are distinct,
+        """Store rows [J', W] (as _stored made them) at (batch [J'], slots [J']); pairs are distinct,
         sorted by batch row then slot. Must keep _slot and _rows current."""
 
     @abc.abstractmethod
@@ -257,6 +269,16 @@ class Index(abc.ABC):
         self._cursor[b] = self.num_slots if first is None else first
         return torch.cat(found)[:count] if found else slots.new_empty(0)
 
+    def _update_ascending(self, rows: Tensor, ids: Tensor) -> None:
+        """update() where every batch row's ids ascend (distinct, sorted: a preload chunk): the pairs
+        are in _update's order already, so rows go over in blocks of columns, with no sort or gather."""
+        columns = max(1, UPDATE_CHUNK // self.batch_size)
+        for start in range(0, ids.shape[1], columns):
+            block = ids[:, start : start + columns]
+            batch = torch.arange(self.batch_size, device=ids.device).repeat_interleave(block.shape[1])
+            flat = rows[:, start : start + columns].reshape(-1, self.word_size)
+            self._update(batch, block.flatten(), self._stored(flat))
+
     def _with_unwritten(self, unit: Tensor, scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Merge the shared initial word of the unwritten slots into the written rows' top-K."""
         if all(rows == self.num_slots for rows in self._rows):
@@ -268,9 +290,10 @@ class Index(abc.ABC):
         missing = (pool_ids < 0).unsqueeze(1).to(scores.device)
         pool_scores = pool_scores.masked_fill(missing, float("-inf"))
         pool_ids = pool_ids.unsqueeze(1).expand(-1, unit.shape[1], -1)
-        merged_scores, order = torch.cat([scores, pool_scores], -1).topk(k, dim=-1, sorted=True)
-        merged_ids = torch.cat([ids, pool_ids], -1).gather(-1, order)
-        return merged_scores, merged_ids
+        # A stable sort keeps the implementation's order among equal scores, written rows first.
+        merged_scores, order = torch.cat([scores, pool_scores], -1).sort(dim=-1, descending=True, stable=True)
+        merged_ids = torch.cat([ids, pool_ids], -1).gather(-1, order[..., :k])
+        return merged_scores[..., :k], merged_ids
 
 
 def _unit(x: Tensor, dtype: torch.dtype) -> Tensor:

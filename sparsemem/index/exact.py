@@ -1,18 +1,26 @@
-"""ExactIndex: brute-force top-K over the written rows, with torch, on any device."""
+"""ExactIndex: brute-force top-K over the written rows with sparsemem.ops.topk_content, on any device."""
 
 import torch
 from torch import Tensor
 
+from sparsemem import _backends, ops
 from sparsemem.index.base import Index
+from sparsemem.reference.dnc import safe_norm
+
+TORCH_CHUNK_ROWS = 2**14
+"""Rows per topk_content call on the torch backend, whose reference forms [B, C, W] and [B, R, C]
+temporaries: 2^14 rows keep them at ~32 MiB for B = 8, W = 64 (2.2 GiB unchunked at N = 2^20)."""
 
 
 class ExactIndex(Index):
-    """Exact top-K cosine search with torch matmul + topk, chunked over the written rows.
+    """Exact top-K cosine search over the written rows with sparsemem.ops.topk_content.
 
     Written rows are kept compact (row r of batch row b holds slot _ids[b, r]), so a fresh
-    memory costs O(rows written), not O(N). Each chunk of `chunk_rows` rows is scored and
-    cut to its top K before the next, so temporary memory is O(B R chunk_rows) for any N.
-    Rows are stored as x / ||x||_eps in `dtype` (float64 for gradcheck-grade comparisons).
+    memory costs O(rows written), not O(N). Rows are stored as written, in `dtype` (float64
+    for gradcheck-grade comparisons): topk_content computes the eps-cosine itself, in one pass
+    over the rows on a fused backend (cpp, triton, cuda). On the torch backend, or with
+    `chunk_rows` set, the rows are searched `chunk_rows` at a time and the chunks' top K merged,
+    so temporary memory stays O(B R chunk_rows) for any N.
     """
 
     def __init__(
@@ -24,11 +32,11 @@ class ExactIndex(Index):
         initial: Tensor | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-        chunk_rows: int = 2**16,
+        chunk_rows: int | None = None,
     ) -> None:
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype; got {dtype}")
-        if chunk_rows < 1:
+        if chunk_rows is not None and chunk_rows < 1:
             raise ValueError(f"chunk_rows must be positive; got {chunk_rows}")
         self.device = torch.device(device)
         self.dtype = self.row_dtype = dtype
@@ -37,9 +45,11 @@ class ExactIndex(Index):
         self._store = torch.empty(batch_size, 0, word_size, dtype=dtype, device=self.device)
         self._ids = torch.empty(batch_size, 0, dtype=torch.int64, device=self.device)
 
-    def _update(self, batch: Tensor, slots: Tensor, unit: Tensor) -> None:
+    def _stored(self, rows: Tensor) -> Tensor:
+        return rows.to(device=self.device, dtype=self.dtype)
+
+    def _update(self, batch: Tensor, slots: Tensor, words: Tensor) -> None:
         batch, slots = batch.to(self.device), slots.to(self.device)
-        unit = unit.to(device=self.device, dtype=self.dtype)
         rows = self._slot[batch, slots]
         new = rows < 0
         new_batch = batch[new]
@@ -51,54 +61,75 @@ class ExactIndex(Index):
         rows[new] = counts[new_batch] + rank
         totals = (counts + added).tolist()
         self._reserve(max(totals))
-        self._store[batch, rows] = unit
+        self._store[batch, rows] = words
         self._ids[batch, rows] = slots
         self._slot[batch, slots] = rows
         self._rows = totals
 
     def _reserve(self, rows: int) -> None:
+        """Room for `rows` rows per batch row. Rows past a batch row's count are never read."""
         capacity = self._store.shape[1]
         if rows <= capacity:
             return
-        # Doubling keeps appends amortised O(1) per row; never more than N rows.
-        capacity = min(self.num_slots, max(rows, 2 * capacity, 64))
+        # On the CPU torch.empty leaves the pages untouched until rows land in them: room for all
+        # N rows costs only the rows written, and a growing store (a preload) is never copied.
+        # Elsewhere doubling keeps appends amortised O(1) per row; never more than N rows.
+        on_cpu = self.device.type == "cpu"
+        capacity = self.num_slots if on_cpu else min(self.num_slots, max(rows, 2 * capacity, 64))
         store = self._store.new_empty(self.batch_size, capacity, self.word_size)
-        ids = self._ids.new_full((self.batch_size, capacity), -1)
+        ids = self._ids.new_empty(self.batch_size, capacity)
         store[:, : self._store.shape[1]] = self._store
         ids[:, : self._ids.shape[1]] = self._ids
         self._store, self._ids = store, ids
 
     def _search(self, unit: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        unit = unit.to(device=self.device, dtype=self.dtype)
-        heads = unit.shape[1]
-        best_scores = unit.new_full((self.batch_size, heads, k), float("-inf"))
-        best_rows = torch.full((self.batch_size, heads, k), -1, dtype=torch.int64, device=self.device)
-        counts = torch.tensor(self._rows, device=self.device)
-        full = min(self._rows)
-        for start in range(0, max(self._rows), self.chunk_rows):
-            chunk = self._store[:, start : start + self.chunk_rows]
-            # [B, C, W] @ [B, W, R]: the long side as the GEMM's M is ~2x faster than [B, R, W] @ [B, W, C].
-            scores = torch.bmm(chunk, unit.transpose(1, 2)).transpose(1, 2)
-            if start + chunk.shape[1] > full:  # some batch row has fewer rows than this chunk holds
-                rows = torch.arange(start, start + chunk.shape[1], device=self.device)
-                scores = scores.masked_fill((rows >= counts.unsqueeze(1)).unsqueeze(1), float("-inf"))
-            top_scores, top = scores.topk(min(k, chunk.shape[1]), dim=-1)
-            merged, order = torch.cat([best_scores, top_scores], -1).topk(k, dim=-1)
-            best_rows = torch.cat([best_rows, top + start], -1).gather(-1, order)
-            best_scores = merged
+        queries = unit.to(device=self.device, dtype=self.dtype)
+        if len(set(self._rows)) == 1:
+            scores, rows = self._top_rows(self._store[:, : self._rows[0]], queries, k)
+        else:  # batch rows hold different row counts: each searches only its own
+            found = [
+                self._top_rows(self._store[b : b + 1, :count], queries[b : b + 1], k)
+                for b, count in enumerate(self._rows)
+            ]
+            scores, rows = (torch.cat(parts) for parts in zip(*found, strict=True))
+        # topk_content scores D(q', M_i) for the unit query q' = q / ||q||_eps, and
+        # D(q, M_i) = D(q', M_i) ||q'||_eps: the same ranking, rescaled to the contract's score.
+        scores = scores * safe_norm(queries).unsqueeze(-1)
         if not max(self._rows):
-            return best_scores, best_rows
-        valid = best_scores > float("-inf")
-        ids = self._ids.gather(1, best_rows.clamp(min=0).flatten(1)).view_as(best_rows)
-        return best_scores, ids.masked_fill(~valid, -1)
+            return scores, rows
+        ids = self._ids.gather(1, rows.clamp(min=0).flatten(1)).view_as(rows)
+        return scores, ids.masked_fill(rows < 0, -1)
+
+    def _top_rows(self, store: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-K rows of store [B', C, W] for queries [B', R, W]: (scores, rows) [B', R, K], padded with
+        -inf and -1 past C rows. Equal scores keep the earlier row first (fused backends) across chunks."""
+        count = store.shape[1]
+        chunk = self.chunk_rows or (max(count, 1) if self._fused() else TORCH_CHUNK_ROWS)
+        parts = []
+        with torch.no_grad():
+            for start in range(0, count, chunk):
+                part = store[:, start : start + chunk]
+                scores, rows = ops.topk_content(part, queries, min(k, part.shape[1]))
+                parts.append((scores, rows + start))
+        pad = queries.new_full((*queries.shape[:2], k), float("-inf"))
+        scores = torch.cat([*(scores for scores, _ in parts), pad], -1)
+        rows = torch.cat([*(rows for _, rows in parts), torch.full_like(pad, -1, dtype=torch.int64)], -1)
+        if len(parts) > 1:  # a stable sort keeps earlier chunks, so earlier rows, first among equals
+            scores, order = scores.sort(dim=-1, descending=True, stable=True)
+            rows = rows.gather(-1, order)
+        return scores[..., :k], rows[..., :k]
+
+    def _fused(self) -> bool:
+        """Whether topk_content runs a fused kernel here (no [B, R, C] score tensor, so no chunking)."""
+        return _backends.backend_for("topk_content", self.device) != "torch"
 
     def rebuild(self) -> None:
         """Nothing to rebuild: rows are overwritten in place, so there are no tombstones."""
 
     def _reset_row(self, b: int) -> None:
-        written = self._ids[b, : self._rows[b]]
-        self._slot[b, written] = -1
-        self._ids[b, : self._rows[b]] = -1
+        self._slot[b, self._ids[b, : self._rows[b]]] = -1
 
     def _bytes(self) -> int:
-        return self._store.numel() * self._store.element_size() + self._ids.numel() * self._ids.element_size()
+        # On the CPU only the pages of stored rows are resident (see _reserve); elsewhere all capacity is.
+        rows = self.batch_size * (max(self._rows) if self.device.type == "cpu" else self._store.shape[1])
+        return rows * (self.word_size * self._store.element_size() + self._ids.element_size())

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsemem import ops
+from sparsemem._profiling import region
 from sparsemem.index import INDEXES
 from sparsemem.memory._lazy import LRU, JournaledMemory, LazyMemory, group_sum
 from sparsemem.memory.base import Memory, check_mask
@@ -184,7 +185,10 @@ class SAMMemory(Memory):
     def step(self, state: SAMState, interface: Tensor | SAMInterface) -> tuple[Tensor, SAMState]:
         """One SAM step (reference/sam.py's order): -> (reads [B, R, W], state)."""
         parts = interface if isinstance(interface, SAMInterface) else self.split_interface(interface)
-        write_w = self.write(state, parts.add, parts.write_gate, parts.interp_gate)
-        read_w, reads = self.content_read(state, parts.keys, parts.strengths)
-        self.record_access(state, write_w, read_w)
+        with region("memory.write"):
+            write_w = self.write(state, parts.add, parts.write_gate, parts.interp_gate)
+        with region("memory.read"):
+            read_w, reads = self.content_read(state, parts.keys, parts.strengths)
+        with region("memory.lru"):
+            self.record_access(state, write_w, read_w)
         return reads, replace(state, read_weights=read_w, write_weights=write_w, step=state.step + 1)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sparsemem import ops
+from sparsemem._profiling import region
 from sparsemem.memory._lazy import group_sum
 from sparsemem.memory.sam import SAMInterface, SAMMemory, SAMState, SparseWeights
 
@@ -278,24 +279,29 @@ class SDNCMemory(SAMMemory):
     def step(self, state: SDNCState, interface: Tensor | SDNCInterface) -> tuple[Tensor, SDNCState]:
         """One SDNC step (reference/sdnc.py's order): -> (reads [B, R, W], state)."""
         parts = interface if isinstance(interface, SDNCInterface) else self.split_interface(interface)
-        write_w = self.write(state, parts.add, parts.write_gate, parts.interp_gate)
-        links = sparse_link_update(state.links, write_w, self.link_k)
-        forward, backward = sparse_temporal_reads(links, state.read_weights, self.k)
+        with region("memory.write"):
+            write_w = self.write(state, parts.add, parts.write_gate, parts.interp_gate)
+        with region("memory.links"):
+            links = sparse_link_update(state.links, write_w, self.link_k)
+            forward, backward = sparse_temporal_reads(links, state.read_weights, self.k)
 
-        batch, heads, k = parts.keys.shape[0], self.num_reads, self.k
-        content_slots = state.memory.store.search(parts.keys, k)
-        slots = torch.cat([backward.indices, content_slots, forward.indices], dim=-1)  # [B, R, 3K]
-        rows = state.memory.gather(slots.reshape(batch, -1))  # [B, R*3K, W]
-        # the content part of head r sits at rows r*3K + K ... r*3K + 2K - 1
-        local = (torch.arange(heads, device=slots.device).view(heads, 1) * 3 * k + k + torch.arange(k)).expand(
-            batch, -1, -1
-        )
-        content, _ = ops.sparse_read(rows, local, parts.keys, parts.strengths)
-        modes = parts.read_modes
-        weights = torch.cat(
-            [modes[..., :1] * backward.weights, modes[..., 1:2] * content, modes[..., 2:] * forward.weights], dim=-1
-        )
-        reads = torch.einsum("brq,brqw->brw", weights, rows.view(batch, heads, 3 * k, -1))
-        read_w = SparseWeights(slots, weights)
-        self.record_access(state, write_w, read_w)
+        with region("memory.read"):
+            batch, heads, k = parts.keys.shape[0], self.num_reads, self.k
+            content_slots = state.memory.store.search(parts.keys, k)
+            slots = torch.cat([backward.indices, content_slots, forward.indices], dim=-1)  # [B, R, 3K]
+            rows = state.memory.gather(slots.reshape(batch, -1))  # [B, R*3K, W]
+            # the content part of head r sits at rows r*3K + K ... r*3K + 2K - 1
+            local = (torch.arange(heads, device=slots.device).view(heads, 1) * 3 * k + k + torch.arange(k)).expand(
+                batch, -1, -1
+            )
+            content, _ = ops.sparse_read(rows, local, parts.keys, parts.strengths)
+            modes = parts.read_modes
+            weights = torch.cat(
+                [modes[..., :1] * backward.weights, modes[..., 1:2] * content, modes[..., 2:] * forward.weights],
+                dim=-1,
+            )
+            reads = torch.einsum("brq,brqw->brw", weights, rows.view(batch, heads, 3 * k, -1))
+            read_w = SparseWeights(slots, weights)
+        with region("memory.lru"):
+            self.record_access(state, write_w, read_w)
         return reads, replace(state, read_weights=read_w, write_weights=write_w, links=links, step=state.step + 1)

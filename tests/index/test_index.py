@@ -6,6 +6,7 @@ import torch
 from sparsemem.index import ExactIndex, make_index
 from sparsemem.reference.dnc import cosine_similarity_ref
 from sparsemem.reference.sparse import topk_content_ref
+from tests.conftest import cpu_backends
 from tests.tolerances import tolerance
 
 # Small sizes, so every index is exact here: faiss searches all of a tiny graph or every list.
@@ -177,6 +178,44 @@ def test_exact_index_float64_equals_reference_to_float64_tolerance():
     scores, _ = index.search(queries, 10)
     expected, _ = topk_content_ref(memory.memory, queries, 10)
     torch.testing.assert_close(scores, expected, **tolerance(torch.float64))
+
+
+@pytest.mark.parametrize("backend", cpu_backends("topk_content"))
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+def test_exact_index_searches_with_every_topk_content_backend(backend, chunk_rows, use_backend):
+    """One op in one place: each backend of ops.topk_content gives the brute-force top K, also for
+    rows whose squared norm is near the eps of ||x||_eps (where unit rows would rank differently)."""
+    use_backend(backend)
+    g = torch.Generator().manual_seed(8)
+    index, memory = ExactIndex(B, N, W, chunk_rows=chunk_rows), LazyMemory()
+    for scale in (1.0, 1e-3):
+        rows, ids = random_writes(g, 25)
+        rows = rows * scale * torch.rand(B, 25, 1, generator=g)
+        index.update(rows, ids)
+        memory.update(rows, ids)
+        check_search(index, memory, torch.randn(B, R, W, generator=g), 8)
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends("topk_content") if b != "torch"])
+@pytest.mark.parametrize("chunk_rows", [None, 2])
+def test_exact_index_equal_scores_keep_the_earlier_row_first(backend, chunk_rows, use_backend):
+    """Fused backends order ties by storage row (rows are appended in slot order), across chunks too."""
+    use_backend(backend)
+    index = ExactIndex(1, 20, W, chunk_rows=chunk_rows)
+    word = torch.randn(W, generator=torch.Generator().manual_seed(9))
+    index.update(word.expand(1, 6, W), torch.tensor([[11, 3, 7, 15, 5, 9]]))
+    _, ids = index.search(word.view(1, 1, W), 4)
+    assert ids.tolist() == [[[3, 5, 7, 9]]]
+
+
+def test_exact_index_keeps_rows_as_written():
+    """The full-regime preload is a copy: rows are stored as given (topk_content normalises), in place."""
+    rows = torch.randn(2, 50, W, generator=torch.Generator().manual_seed(10))
+    index = ExactIndex(2, 50, W)
+    for start in range(0, 50, 20):
+        index.update(rows[:, start : start + 20], torch.arange(start, min(start + 20, 50)).expand(2, -1))
+    assert torch.equal(index._store[:, :50], rows)
+    assert index._ids[:, :50].tolist() == [list(range(50))] * 2
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,236 @@
+"""End to end: SAM and SDNC forward+backward per step in the full regime, the default backends
+against SPARSEMEM_BACKEND=torch, and where a step's time goes.
+
+    python -m bench.bench_breakdown                          # N = 2^16 and 2^20, SAM and SDNC, both backends
+    python -m bench.bench_breakdown --log2-slots 16          # the quick run
+    python -m bench.bench_breakdown --log2-slots 20 --index faiss-ivf
+
+Config: bench/bench_sparse.py's CONFIG (B = 8, W = 64, R = 4, K = 8, K_L = 8, T = 16, LSTM 128)
+and its full regime (every slot preloaded with a random unit word and indexed once; the
+preload is timed on its own). Every (model, N, backend) case runs in its own process, the
+torch cases with SPARSEMEM_BACKEND=torch in their environment. "Per step" is the median time
+of one T-step forward+backward (after a warm-up episode) divided by T, without a profiler.
+
+Breakdown: one more episode runs under torch.profiler; the regions of sparsemem._profiling
+(index search, index update/merges, controller, memory write, read, links, LRU) and the
+backward pass are timed exclusive of the regions nested in them (an index update inside a
+memory write counts as index update); "other" is the rest of the episode (the model's loop
+and glue). Shares come from the profiled episode; milliseconds are those shares of the
+unprofiled step time, since the profiler's own overhead inflates small ops.
+
+Writes bench/results/breakdown.json, breakdown.md (tables) and breakdown.png (stacked bars).
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.bench_sparse import CONFIG, build_model, fill
+from bench.common import RESULTS, header, write_json
+from sparsemem._profiling import PREFIX, region
+
+CATEGORIES = (
+    "index.search",
+    "index.update",
+    "controller",
+    "memory.write",
+    "memory.read",
+    "memory.links",
+    "memory.lru",
+    "backward",
+    "other",
+)
+BACKENDS = ("default", "torch")
+EPISODE = "episode"
+
+
+def _episode(model: torch.nn.Module, x: torch.Tensor, state):
+    with region(EPISODE):
+        y, state = model(x, state)
+        loss = y.square().mean()
+        with region("backward"):
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+    return state.detach()
+
+
+def _exclusive_ms(events) -> dict[str, float]:
+    """Milliseconds per region, each without the regions nested inside it (a region's time goes
+    to the innermost region around it)."""
+    totals: dict[str, float] = {}
+    for event in events:
+        if not event.name.startswith(PREFIX):
+            continue
+        name = event.name.removeprefix(PREFIX)
+        elapsed = event.time_range.elapsed_us() / 1e3
+        totals[name] = totals.get(name, 0.0) + elapsed
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith(PREFIX):
+            parent = parent.cpu_parent
+        if parent is not None:
+            outer = parent.name.removeprefix(PREFIX)
+            totals[outer] = totals.get(outer, 0.0) - elapsed
+    return totals
+
+
+def run_case(name: str, log2_slots: int, index: str, repeats: int) -> dict:
+    """One process: full-regime model, a warm-up episode, `repeats` timed episodes, one profiled."""
+    torch.manual_seed(0)
+    c = CONFIG
+    model = build_model(name, 1 << log2_slots, index)
+    state = model.init_state(c["batch"])
+    start = time.perf_counter()
+    fill(state)
+    preload_seconds = time.perf_counter() - start
+    x = torch.randn(c["batch"], c["steps"], c["input_size"], generator=torch.Generator().manual_seed(2))
+    state = _episode(model, x, state)
+    episodes = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state = _episode(model, x, state)
+        episodes.append(time.perf_counter() - start)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        state = _episode(model, x, state)
+    regions = _exclusive_ms(profile.events())
+    profiled = regions.pop(EPISODE, 0.0) + sum(regions.values())  # the episode's total, nested regions added back
+    shares = {category: 0.0 for category in CATEGORIES}
+    for region_name, ms in regions.items():
+        shares[region_name if region_name in shares else "other"] += ms / profiled
+    shares["other"] += 1 - sum(shares.values())
+    per_step = sorted(episodes)[len(episodes) // 2] / c["steps"]
+    return {
+        "model": name,
+        "log2_slots": log2_slots,
+        "index": index,
+        "backend": os.environ.get("SPARSEMEM_BACKEND") or "default",
+        "seconds_per_step": per_step,
+        "episode_seconds": episodes,
+        "preload_seconds": preload_seconds,
+        "profiled_ms_per_step": profiled / c["steps"],
+        "shares": shares,
+        "ms_per_step": {category: share * per_step * 1e3 for category, share in shares.items()},
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def _in_process(backend: str, args: list[str]) -> dict:
+    env = {key: value for key, value in os.environ.items() if key != "SPARSEMEM_BACKEND"}
+    if backend != "default":
+        env["SPARSEMEM_BACKEND"] = backend
+    command = [sys.executable, "-m", "bench.bench_breakdown", *args]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode:
+        error = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
+        return {"args": args, "backend": backend, "error": error}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def markdown(results: list[dict], config: dict) -> str:
+    """One table per N: per-step time, torch/default ratio, then ms per step (share) per category."""
+    lines = [
+        "# SAM and SDNC forward+backward per step, full regime: default backends vs SPARSEMEM_BACKEND=torch",
+        "",
+        f"Config: {json.dumps(config)}. Categories: exclusive time of each profiled region, "
+        "as its share of the unprofiled step time.",
+    ]
+    done = [r for r in results if "error" not in r]
+    for log2_slots in sorted({r["log2_slots"] for r in done}):
+        lines += ["", f"## N = 2^{log2_slots}", ""]
+        lines.append("| model | backend | index | ms/step | torch / default | " + " | ".join(CATEGORIES) + " |")
+        lines.append("|---" * (5 + len(CATEGORIES)) + "|")
+        for r in (r for r in done if r["log2_slots"] == log2_slots):
+            torch_case = _find(done, r["model"], log2_slots, r["index"], "torch")
+            default_case = _find(done, r["model"], log2_slots, r["index"], "default")
+            ratio = ""
+            if r["backend"] == "default" and torch_case is not None:
+                ratio = f"{torch_case['seconds_per_step'] / r['seconds_per_step']:.2f}x"
+            elif r["backend"] == "torch" and default_case is not None:
+                ratio = "1"
+            cells = [f"{r['ms_per_step'][c]:.1f} ({100 * r['shares'][c]:.0f}%)" for c in CATEGORIES]
+            row = [r["model"].upper(), r["backend"], r["index"], f"{1e3 * r['seconds_per_step']:.1f}", ratio, *cells]
+            lines.append("| " + " | ".join(row) + " |")
+    for r in results:
+        if "error" in r:
+            lines.append(f"\nFailed: {r['backend']} {' '.join(r['args'])}: {r['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def _find(results: list[dict], model: str, log2_slots: int, index: str, backend: str) -> dict | None:
+    for r in results:
+        if (r["model"], r["log2_slots"], r["index"], r["backend"]) == (model, log2_slots, index, backend):
+            return r
+    return None
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Stacked bars of ms per step by category, one panel per N, a bar per (model, index, backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in results if "error" not in r]
+    sizes = sorted({r["log2_slots"] for r in done})
+    figure, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 5), squeeze=False)
+    colours = plt.get_cmap("tab10").colors
+    for axis, log2_slots in zip(axes[0], sizes, strict=True):
+        cases = [r for r in done if r["log2_slots"] == log2_slots]
+        labels = [f"{r['model'].upper()}\n{r['backend']}\n{r['index']}" for r in cases]
+        bottom = [0.0] * len(cases)
+        for colour, category in zip(colours, CATEGORIES, strict=False):
+            heights = [r["ms_per_step"][category] for r in cases]
+            axis.bar(labels, heights, bottom=bottom, label=category, color=colour)
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        axis.set_title(f"N = 2^{log2_slots}, full regime")
+        axis.set_ylabel("ms per step (forward + backward)")
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.tight_layout()
+    temporary = path.with_suffix(".tmp.png")
+    figure.savefig(temporary, dpi=110)
+    os.replace(temporary, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["sam", "sdnc"], choices=["sam", "sdnc"])
+    parser.add_argument("--log2-slots", nargs="+", type=int, default=[16, 20])
+    parser.add_argument("--index", nargs="+", default=["exact"], help='"exact", "faiss-hnsw", "faiss-ivf"')
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(RESULTS / "breakdown.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one:
+        name, log2_slots, index = args.one
+        print(json.dumps(run_case(name, int(log2_slots), index, args.repeats)))
+        return
+    results = []
+    common = ["--threads", str(args.threads), "--repeats", str(args.repeats)]
+    for log2_slots in args.log2_slots:
+        for name in args.models:
+            for index in args.index:
+                for backend in args.backends:
+                    results.append(_in_process(backend, [*common, "--one", name, str(log2_slots), index]))
+                    print(json.dumps(results[-1]), flush=True)
+    config = {**CONFIG, "index": args.index, "threads": args.threads, "repeats": args.repeats}
+    out = Path(args.out)
+    print(write_json(out, {"header": header(config), "results": results}))
+    table = markdown(results, config)
+    temporary = out.with_suffix(".md.tmp")
+    temporary.write_text(table)
+    os.replace(temporary, out.with_suffix(".md"))
+    plot(results, out.with_suffix(".png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
