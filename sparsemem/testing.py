@@ -7,8 +7,11 @@ sharpening >= 1) and usages are distinct so sorts have no ties.
 
 import torch
 
+from sparsemem.reference import sdnc_link_update_ref
+
 K = 4
 S = 3
+LINK_K = 3
 
 
 def _distribution(*shape, generator, dtype):
@@ -68,7 +71,46 @@ def op_inputs(op: str, dtype: torch.dtype = torch.float64, B=3, N=7, W=5, R=3, s
         erase = torch.zeros(B, J, dtype=torch.bool)
         erase[:, -1] = True
         return randn(B, J, W), distribution(B, J), randn(B, W), erase
+    if op in ("sparse_link_update", "sparse_temporal_reads"):
+        return _sparse_link_inputs(op, B, N, R, g, rand, distribution)
     raise KeyError(op)
+
+
+def link_rows(link: torch.Tensor, slots: torch.Tensor, link_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of link [B, N, N] at slots [B, ...] (-1: an empty row) as K_L (index, value) pairs."""
+    values, indices = torch.topk(link, link_k, dim=-1)
+    indices = indices.masked_fill(values == 0, -1)
+    flat = slots.clamp(min=0).reshape(slots.shape[0], -1, 1).expand(-1, -1, link_k)
+    empty = (slots < 0).unsqueeze(-1)
+    rows = indices.gather(1, flat).view(*slots.shape, link_k).masked_fill(empty, -1)
+    return rows, values.gather(1, flat).view(*slots.shape, link_k).masked_fill(empty, 0)
+
+
+def _sparse_link_inputs(op, B, N, R, g, rand, distribution) -> tuple:
+    """A random link matrix cut like SDNC's (K_L per row and column), stored both ways."""
+    link_k = min(LINK_K, N)
+    link = rand(B, N, N) * (rand(B, N, N) < 0.5) / N
+    link, _ = sdnc_link_update_ref(link, link.new_zeros(B, N), link.new_zeros(B, N), link_k)
+    if op == "sparse_temporal_reads":
+        reads = min(2 * K + 1, N)
+        slots = torch.randint(0, N, (B, R, reads), generator=g)  # repeats allowed: their rows add up
+        return (distribution(B, R, reads), *link_rows(link, slots, link_k),
+                *link_rows(link.transpose(1, 2), slots, link_k), min(K, N))  # fmt: skip
+
+    def gathered(matrix):
+        # every slot, shuffled, with two padding rows among them: a superset of the rows that change
+        slots = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
+        slots = torch.cat([slots, slots.new_full((B, 2), -1)], dim=-1)
+        slots = slots.gather(-1, torch.stack([torch.randperm(N + 2, generator=g) for _ in range(B)]))
+        return (slots, *link_rows(matrix, slots, link_k))
+
+    precedence = torch.stack([torch.randperm(N, generator=g)[:link_k] for _ in range(B)])
+    precedence[:, -1] = -1
+    writes = torch.randint(0, N, (B, min(2 * K + 1, N)), generator=g)
+    writes[:, 0] = -1
+    precedence_values = distribution(B, link_k) * 0.5 * (precedence >= 0)
+    write_weights = distribution(B, writes.shape[1]) * 0.9
+    return (*gathered(link), *gathered(link.transpose(1, 2)), precedence, precedence_values, writes, write_weights)
 
 
 OPS = (
@@ -85,4 +127,6 @@ OPS = (
     "topk_content",
     "sparse_read",
     "sparse_write",
+    "sparse_link_update",
+    "sparse_temporal_reads",
 )

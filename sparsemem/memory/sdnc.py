@@ -1,14 +1,20 @@
 """SDNCMemory: SAM's sparse memory plus DNC temporal links kept sparse (Rae et al. 2016).
 
-reference/sdnc.py is the dense specification. Here the forward and backward link
-matrices are stored separately as rows of K_L (column, value) pairs, one row per slot
-ever written (a slot -> row list, growing with touched slots, never N x N); precedence
-is K_L (slot, value) pairs. Each step updates every stored row with the DNC rule on
-its K_L entries plus the new candidates (precedence for the forward rows, the written
-slots for the backward rows) and keeps the K_L largest. Forward and backward reads go
-through the rows, are cut to their top K, and join the content read's K slots: a read
-head's weighting has 3K entries. All link tensors are functional, so ordinary autograd
-differentiates them; their size depends on the slots touched, not on N.
+reference/sdnc.py is the dense specification: one link matrix L whose rows and columns keep
+K_L entries each (the mutual top-K_L cut), so the backward link matrix is exactly L^T. Here
+L is stored twice, by slot, in a LinkStore: the forward store holds row s of L, the backward
+store row s of L^T, each as K_L (int32 index, value) pairs, written in place through the
+journal of memory/_lazy.py like the memory rows. A step
+  - finds the rows the update can change through the transposes (the written slots W, the
+    forward rows at the entries of the backward rows of W and of the precedence slots P,
+    the backward rows at W, P and the entries of the forward rows of W): fixed widths
+    J + (J + K_L) K_L and J + K_L + J K_L, so no host sync;
+  - gathers them, runs sparsemem.ops.sparse_link_update, scatters the results back;
+  - gathers the rows of both stores at the R*3K read slots of t-1 and runs
+    sparsemem.ops.sparse_temporal_reads (f from backward rows, b from forward rows).
+So the work and the memory autograd keeps per step are O(J K_L^2 + R K K_L), whatever N and
+however many slots were written before. Forward and backward reads, cut to their top K,
+join the content read's K slots: a read head's weighting has 3K entries.
 """
 
 from dataclasses import dataclass, replace
@@ -18,181 +24,174 @@ from torch import Tensor
 
 from sparsemem import ops
 from sparsemem._profiling import region
-from sparsemem.memory._lazy import group_sum
+from sparsemem.memory._lazy import JournaledMemory
 from sparsemem.memory.sam import SAMInterface, SAMMemory, SAMState, SparseWeights
+
+
+class LinkStore:
+    """The forward and backward link rows of B batch rows, addressed by slot, K_L pairs per row.
+
+    The JournaledMemory interface of a LazyMemory with 2N "slots" per batch row: id s < N is
+    row s of L, id N + s row s of L^T; id -1 (padding) maps to one spare row that is never
+    marked written, so it reads as empty whatever is written to it. Values and int32 indices
+    live in flat buffers from torch.empty: only the pages of touched rows ever take memory,
+    and a reset clears the rows written since, in O(rows written).
+    """
+
+    def __init__(self, batch: int, num_slots: int, link_k: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.batch, self.num_slots, self.word_size = batch, 2 * num_slots, link_k
+        self.initial_word = torch.zeros(link_k, dtype=dtype, device=device)
+        self.spare = batch * self.num_slots
+        self.rows = torch.empty(self.spare + 1, link_k, dtype=dtype, device=device)
+        self.indices = torch.empty(self.spare + 1, link_k, dtype=torch.int32, device=device)
+        self.written = torch.zeros(self.spare + 1, dtype=torch.bool, device=device)
+        self._written_keys: list[Tensor] = []
+
+    def keys(self, ids: Tensor) -> Tensor:
+        """ids [B, ...] in [-1, 2N) -> flat keys [B * ...]."""
+        offsets = torch.arange(self.batch, device=ids.device) * self.num_slots
+        keys = ids + offsets.view(-1, *([1] * (ids.dim() - 1)))
+        return torch.where(ids >= 0, keys, self.spare).reshape(-1)
+
+    def read(self, keys: Tensor) -> Tensor:
+        """keys [M] -> values [M, K_L] (0 where never written)."""
+        return torch.where(self.written[keys].unsqueeze(-1), self.rows[keys], 0)
+
+    def read_indices(self, keys: Tensor) -> Tensor:
+        """keys [M] -> int64 indices [M, K_L] (-1 where never written)."""
+        return torch.where(self.written[keys].unsqueeze(-1), self.indices[keys].long(), -1)
+
+    def write(self, keys: Tensor, rows: Tensor, update_index: bool = True) -> None:
+        """Values [M, K_L] into keys [M] in place (write_indices sets their indices)."""
+        self.rows[keys] = rows
+        real = keys[(keys != self.spare) & ~self.written[keys]]
+        fresh = torch.unique(real)
+        if fresh.numel():
+            self.written[fresh] = True
+            self._written_keys.append(fresh)
+
+    def write_indices(self, keys: Tensor, indices: Tensor) -> None:
+        self.indices[keys] = indices.to(torch.int32)
+
+    def written_keys(self, rows: list[int]) -> Tensor:
+        """The flat keys written since the last reset in the given batch rows."""
+        keys = torch.cat([torch.empty(0, dtype=torch.int64, device=self.rows.device), *self._written_keys])
+        selected = torch.zeros(self.batch, dtype=torch.bool, device=keys.device)
+        selected[rows] = True
+        return keys[selected[keys // self.num_slots]]
+
+    def forget(self, rows: list[int]) -> None:
+        """Batch rows back to no links, in O(rows written)."""
+        self.written[self.written_keys(rows)] = False
+        if self._written_keys:
+            remaining = torch.cat(self._written_keys)
+            self._written_keys = [remaining[self.written[remaining]]]
 
 
 @dataclass
 class SparseLinks:
-    """slots [B, S] (-1: padding row); forward/backward_indices [B, S, K_L] (-1: empty) and
-    values [B, S, K_L]: row s holds L[slots[s], indices] = values; precedence [B, K_L] pairs."""
+    """rows: the LinkStore (forward and backward rows) as one journaled segment;
+    precedence_indices, precedence_values [B, K_L]: p's K_L (slot, value) pairs (-1: none)."""
 
-    slots: Tensor
-    forward_indices: Tensor
-    forward_values: Tensor
-    backward_indices: Tensor
-    backward_values: Tensor
+    rows: JournaledMemory
     precedence_indices: Tensor
     precedence_values: Tensor
 
+    @property
+    def store(self) -> LinkStore:
+        return self.rows.store
+
+    def ids(self, slots: Tensor, backward: bool) -> Tensor:
+        """Store ids of the forward (backward) rows at slots [B, ...] (-1 stays -1)."""
+        return torch.where(slots >= 0, slots + backward * (self.store.num_slots // 2), -1)
+
+    def indices(self, slots: Tensor, backward: bool) -> Tensor:
+        """The stored entries' slots of the rows at slots [B, S] -> [B, S * K_L] (no gradient)."""
+        return self.store.read_indices(self.store.keys(self.ids(slots, backward))).view(slots.shape[0], -1)
+
+    def gather(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """ids [B, Q] -> (indices [B, Q, K_L], values [B, Q, K_L]); values are journaled."""
+        indices = self.store.read_indices(self.store.keys(ids)).view(*ids.shape, -1)
+        return indices, self.rows.gather(ids)
+
+    def scatter(self, ids: Tensor, indices: Tensor, values: Tensor) -> None:
+        """Rows [B, Q, K_L] into ids [B, Q] (distinct, or -1: dropped) in place."""
+        self.rows.scatter(ids, values, ids >= 0)
+        self.store.write_indices(self.store.keys(ids), indices.reshape(-1, indices.shape[-1]))
+
     def detach(self) -> "SparseLinks":
-        return replace(
-            self,
-            forward_values=self.forward_values.detach(),
-            backward_values=self.backward_values.detach(),
-            precedence_values=self.precedence_values.detach(),
+        return SparseLinks(self.rows.detached(), self.precedence_indices, self.precedence_values.detach())
+
+    def reset(self, mask: Tensor) -> "SparseLinks":
+        self.rows.reset(mask.nonzero().flatten().tolist())
+        rows = mask.view(-1, 1)
+        return SparseLinks(
+            self.rows, self.precedence_indices.masked_fill(rows, -1), self.precedence_values.masked_fill(rows, 0)
         )
 
     def dense(self, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
         """(link [B, N, N], backward_link [B, N, N], precedence [B, N]) (O(N^2): for tests only)."""
-        batch = self.slots.shape[0]
-        link = self.forward_values.new_zeros(batch, num_slots + 1, num_slots + 1)
-        backward = link.clone()
-        rows = (self.slots % (num_slots + 1)).unsqueeze(-1).expand_as(self.forward_indices)
-        batches = torch.arange(batch).view(-1, 1, 1).expand_as(rows)
-        # row and column -1 land in the extra last row and column, cut off below
-        link.index_put_((batches, rows, self.forward_indices % (num_slots + 1)), self.forward_values, accumulate=True)
-        backward.index_put_(
-            (batches, rows, self.backward_indices % (num_slots + 1)), self.backward_values, accumulate=True
-        )
+        batch = self.precedence_indices.shape[0]
+        slots = torch.arange(num_slots, device=self.precedence_indices.device).expand(batch, -1)
+
+        def matrix(backward: bool) -> Tensor:
+            indices, values = self.gather(self.ids(slots, backward))
+            dense = values.new_zeros(batch, num_slots, num_slots + 1)  # index -1 lands in the extra column
+            return dense.scatter_add(-1, indices % (num_slots + 1), values)[..., :num_slots]
+
         precedence = self.precedence_values.new_zeros(batch, num_slots + 1)
-        precedence.scatter_add_(-1, self.precedence_indices % (num_slots + 1), self.precedence_values)
-        return link[:, :num_slots, :num_slots], backward[:, :num_slots, :num_slots], precedence[:, :num_slots]
+        precedence = precedence.scatter_add(-1, self.precedence_indices % (num_slots + 1), self.precedence_values)
+        return matrix(False), matrix(True), precedence[:, :num_slots]
 
 
-def _lookup(sorted_keys: Tensor, values: Tensor, queries: Tensor) -> Tensor:
-    """values[..., m] where sorted_keys[..., m] == queries[..., q], else 0 (negative queries never match).
-
-    sorted_keys, values [..., M]; queries [..., Q] with the same leading dimensions -> [..., Q].
-    Equal keys must carry equal values.
-    """
-    if sorted_keys.shape[-1] == 0:
-        return values.new_zeros(queries.shape)
-    queries = queries.contiguous()
-    positions = torch.searchsorted(sorted_keys, queries).clamp(max=sorted_keys.shape[-1] - 1)
-    hit = (sorted_keys.gather(-1, positions) == queries) & (queries >= 0)
-    return values.gather(-1, positions) * hit
+def _distinct(slots: Tensor) -> Tensor:
+    """slots [B, S] sorted, each slot once, the repeats and negatives -1."""
+    slots = slots.sort(dim=-1).values
+    repeat = torch.zeros_like(slots, dtype=torch.bool)
+    repeat[:, 1:] = slots[:, 1:] == slots[:, :-1]
+    return slots.masked_fill(repeat | (slots < 0), -1)
 
 
-def _merge_topk(columns: Tensor, values: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Sum values of equal columns, keep the k largest: [..., C] -> (columns, values) [..., k].
-
-    Values are non-negative (links and precedence are); empty places get column -1, value 0.
-    """
-    total, first = group_sum(columns, values)
-    keep = first & (columns >= 0)
-    columns, total = columns.masked_fill(~keep, -1), total.masked_fill(~keep, 0)
-    if columns.shape[-1] < k:
-        pad = k - columns.shape[-1]
-        columns = torch.cat([columns, columns.new_full((*columns.shape[:-1], pad), -1)], dim=-1)
-        total = torch.cat([total, total.new_zeros((*total.shape[:-1], pad))], dim=-1)
-    top = torch.topk(total, k, dim=-1).indices
-    return columns.gather(-1, top), total.gather(-1, top)
-
-
-def sparse_link_update(links: SparseLinks, write_w: SparseWeights, link_k: int) -> SparseLinks:
-    """reference/sdnc.py's sparse_link_update_ref on the stored rows only.
-
-    write_w: the step's J write entries (a slot may repeat; its entries add up).
-    """
-    total, first = group_sum(write_w.indices, write_w.weights)
-    distinct = total * first  # each written slot's weight once
-    links = _with_rows_for(links, write_w.indices.masked_fill(~first, -1), link_k)
-    written, order = write_w.indices.sort(dim=-1)
-    written_w = total.gather(-1, order)
-    batch, rows, _ = links.forward_indices.shape
-    row_w = _lookup(written, written_w, links.slots).unsqueeze(-1)  # w[i], [B, S, 1]
-    on_diagonal_slot = links.slots.unsqueeze(-1)
-
-    def column_w(indices: Tensor) -> Tensor:  # w[j] at each stored entry
-        return _lookup(written, written_w, indices.reshape(batch, -1)).view(indices.shape)
-
-    def updated(indices: Tensor, values: Tensor, new_columns: Tensor, new_values: Tensor) -> tuple[Tensor, Tensor]:
-        kept = (1 - row_w - column_w(indices)) * values
-        columns = torch.cat([indices, new_columns], dim=-1)
-        values = torch.cat([kept, new_values], dim=-1).masked_fill(columns == on_diagonal_slot, 0)
-        return _merge_topk(columns, values, link_k)
-
-    precedence, order = links.precedence_indices.sort(dim=-1)
-    precedence_w = links.precedence_values.gather(-1, order)
-    # L[i, j] = (1 - w_i - w_j) L[i, j] + w_i p_j
-    forward = updated(
-        links.forward_indices,
-        links.forward_values,
-        links.precedence_indices.unsqueeze(1).expand(-1, rows, -1),
-        row_w * links.precedence_values.unsqueeze(1),
+def sparse_link_update(links: SparseLinks, write_w: SparseWeights) -> SparseLinks:
+    """L_t and p_t from w^W_t: gathers the rows the update can change (sparse_link_update's
+    contract, found through the transposes), updates them, writes them back in place."""
+    written, precedence = write_w.indices, links.precedence_indices
+    forward_slots = _distinct(torch.cat([written, links.indices(torch.cat([written, precedence], -1), True)], -1))
+    backward_slots = _distinct(torch.cat([written, precedence, links.indices(written, False)], -1))
+    ids = torch.cat([links.ids(forward_slots, False), links.ids(backward_slots, True)], -1)
+    indices, values = links.gather(ids)
+    rows = forward_slots.shape[1]
+    new = ops.sparse_link_update(
+        forward_slots,
+        indices[:, :rows],
+        values[:, :rows],
+        backward_slots,
+        indices[:, rows:],
+        values[:, rows:],
+        links.precedence_indices,
+        links.precedence_values,
+        write_w.indices,
+        write_w.weights,
     )
-    # L_b[i, j] = (1 - w_i - w_j) L_b[i, j] + p_i w_j
-    row_p = _lookup(precedence, precedence_w, links.slots).unsqueeze(-1)
-    backward = updated(
-        links.backward_indices,
-        links.backward_values,
-        write_w.indices.unsqueeze(1).expand(-1, rows, -1),
-        row_p * distinct.unsqueeze(1),
-    )
-    # p = (1 - sum w) p + w
-    new_precedence = _merge_topk(
-        torch.cat([links.precedence_indices, write_w.indices], dim=-1),
-        torch.cat([(1 - distinct.sum(-1, keepdim=True)) * links.precedence_values, distinct], dim=-1),
-        link_k,
-    )
-    return SparseLinks(links.slots, *forward, *backward, *new_precedence)
-
-
-def _with_rows_for(links: SparseLinks, slots: Tensor, link_k: int) -> SparseLinks:
-    """links with a row for each slot in slots [B, J] (-1 skipped) that has none yet: free rows
-    (slot -1: padding, or cleared by a reset; their values are 0) first, then new empty rows."""
-    stored = links.slots.sort(dim=-1).values
-    new = (slots >= 0) & (_lookup(stored, torch.ones_like(stored), slots) == 0)
-    counts = new.sum(-1)
-    if not new.any():
-        return links
-    grow = int((counts - (links.slots < 0).sum(-1)).clamp(min=0).max())
-    if grow:
-        empty_indices = slots.new_full((slots.shape[0], grow, link_k), -1)
-        empty_values = links.forward_values.new_zeros((slots.shape[0], grow, link_k))
-        links = replace(
-            links,
-            slots=torch.cat([links.slots, slots.new_full((slots.shape[0], grow), -1)], dim=1),
-            forward_indices=torch.cat([links.forward_indices, empty_indices], dim=1),
-            forward_values=torch.cat([links.forward_values, empty_values], dim=1),
-            backward_indices=torch.cat([links.backward_indices, empty_indices], dim=1),
-            backward_values=torch.cat([links.backward_values, empty_values], dim=1),
-        )
-    free = links.slots < 0
-    # the i-th new slot of a batch row takes its i-th free row (row-major order on both sides)
-    target = free & (free.long().cumsum(-1) <= counts.unsqueeze(-1))
-    added = slots.masked_fill(~new, -1).sort(dim=-1, descending=True).values
-    return replace(links, slots=links.slots.masked_scatter(target, added[added >= 0]))
+    links.scatter(ids, torch.cat([new[1], new[3]], 1), torch.cat([new[0], new[2]], 1))
+    return replace(links, precedence_indices=new[5], precedence_values=new[4])
 
 
 def sparse_temporal_reads(links: SparseLinks, read_w: SparseWeights, k: int) -> tuple[SparseWeights, SparseWeights]:
-    """f = L w^R and b = L_b w^R through the stored rows, each cut to its top K per head.
+    """f = L w^R and b = L^T w^R through the rows at the read slots, each cut to its top K per head.
 
-    read_w: indices, weights [B, R, Q] -> (forward, backward) with indices, weights [B, R, K].
+    read_w: indices, weights [B, R, Q] -> (forward, backward) with indices, weights [B, R, K]
+    (empty places: slot 0, weight 0).
     """
-    total, _ = group_sum(read_w.indices, read_w.weights)
-    read_slots, order = read_w.indices.sort(dim=-1)
-    read_values = total.gather(-1, order)
-    batch, heads, _ = read_slots.shape
-
-    def through(indices: Tensor, values: Tensor) -> SparseWeights:
-        rows = indices.shape[1]
-        queries = indices.reshape(batch, 1, -1).expand(-1, heads, -1)
-        at_columns = _lookup(read_slots, read_values, queries).view(batch, heads, rows, -1)
-        per_row = (at_columns * values.unsqueeze(1)).sum(-1)  # [B, R, S]
-        # k zero-weight candidates on slot 0 so that top-K exists while few rows are stored
-        candidates = torch.cat([per_row, per_row.new_zeros(batch, heads, k)], dim=-1)
-        slots = torch.cat(
-            [links.slots.clamp(min=0).unsqueeze(1).expand(-1, heads, -1), links.slots.new_zeros(batch, heads, k)],
-            dim=-1,
-        )
-        top = torch.topk(candidates, k, dim=-1)
-        return SparseWeights(slots.gather(-1, top.indices), top.values)
-
-    forward = through(links.forward_indices, links.forward_values)
-    backward = through(links.backward_indices, links.backward_values)
-    return forward, backward
+    batch, heads, reads = read_w.indices.shape
+    ids = torch.cat([links.ids(read_w.indices, False), links.ids(read_w.indices, True)], -1)
+    indices, values = links.gather(ids.view(batch, -1))
+    shape = (batch, heads, 2, reads, -1)
+    indices, values = indices.view(shape), values.view(shape)
+    out = ops.sparse_temporal_reads(
+        read_w.weights, indices[:, :, 0], values[:, :, 0], indices[:, :, 1], values[:, :, 1], k
+    )
+    return SparseWeights(out[1].clamp(min=0), out[0]), SparseWeights(out[3].clamp(min=0), out[2])
 
 
 @dataclass
@@ -212,18 +211,7 @@ class SDNCState(SAMState):
         return replace(super().detach(), links=self.links.detach())
 
     def reset(self, mask: Tensor) -> "SDNCState":
-        state = super().reset(mask)
-        links, rows = self.links, mask.view(-1, 1)
-        cleared = SparseLinks(
-            links.slots.masked_fill(rows, -1),
-            links.forward_indices.masked_fill(rows.unsqueeze(-1), -1),
-            links.forward_values.masked_fill(rows.unsqueeze(-1), 0),
-            links.backward_indices.masked_fill(rows.unsqueeze(-1), -1),
-            links.backward_values.masked_fill(rows.unsqueeze(-1), 0),
-            links.precedence_indices.masked_fill(rows, -1),
-            links.precedence_values.masked_fill(rows, 0),
-        )
-        return replace(state, links=cleared)
+        return replace(super().reset(mask), links=self.links.reset(mask))
 
 
 class SDNCMemory(SAMMemory):
@@ -264,13 +252,8 @@ class SDNCMemory(SAMMemory):
             torch.zeros(batch, heads, width, dtype=torch.int64, device=device),
             torch.zeros(batch, heads, width, dtype=dtype, device=device),
         )
-        no_rows = torch.empty(batch, 0, self.link_k, dtype=torch.int64, device=device)
         links = SparseLinks(
-            torch.empty(batch, 0, dtype=torch.int64, device=device),
-            no_rows,
-            no_rows.to(dtype),
-            no_rows,
-            no_rows.to(dtype),
+            JournaledMemory(LinkStore(batch, self.num_slots, self.link_k, dtype, device)),
             torch.full((batch, self.link_k), -1, dtype=torch.int64, device=device),
             torch.zeros(batch, self.link_k, dtype=dtype, device=device),
         )
@@ -282,7 +265,7 @@ class SDNCMemory(SAMMemory):
         with region("memory.write"):
             write_w = self.write(state, parts.add, parts.write_gate, parts.interp_gate)
         with region("memory.links"):
-            links = sparse_link_update(state.links, write_w, self.link_k)
+            links = sparse_link_update(state.links, write_w)
             forward, backward = sparse_temporal_reads(links, state.read_weights, self.k)
 
         with region("memory.read"):
@@ -291,9 +274,8 @@ class SDNCMemory(SAMMemory):
             slots = torch.cat([backward.indices, content_slots, forward.indices], dim=-1)  # [B, R, 3K]
             rows = state.memory.gather(slots.reshape(batch, -1))  # [B, R*3K, W]
             # the content part of head r sits at rows r*3K + K ... r*3K + 2K - 1
-            local = (torch.arange(heads, device=slots.device).view(heads, 1) * 3 * k + k + torch.arange(k)).expand(
-                batch, -1, -1
-            )
+            first = torch.arange(heads, device=slots.device).view(heads, 1) * 3 * k + k
+            local = (first + torch.arange(k, device=slots.device)).expand(batch, -1, -1)
             content, _ = ops.sparse_read(rows, local, parts.keys, parts.strengths)
             modes = parts.read_modes
             weights = torch.cat(

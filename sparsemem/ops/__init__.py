@@ -6,6 +6,7 @@ from sparsemem.ops.links import link_update, link_update_reads, temporal_reads
 from sparsemem.ops.memory_rw import memory_read, memory_write
 from sparsemem.ops.ntm import ntm_address
 from sparsemem.ops.sparse import sparse_read, sparse_write, topk_content
+from sparsemem.ops.sparse_links import sparse_link_update, sparse_temporal_reads
 from sparsemem.ops.usage import usage_update
 
 __all__ = [
@@ -17,7 +18,9 @@ __all__ = [
     "memory_read",
     "memory_write",
     "ntm_address",
+    "sparse_link_update",
     "sparse_read",
+    "sparse_temporal_reads",
     "sparse_write",
     "temporal_reads",
     "topk_content",

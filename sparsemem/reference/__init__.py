@@ -21,7 +21,13 @@ from sparsemem.reference.sam import (
     sam_write_weights_ref,
     topk_read_ref,
 )
-from sparsemem.reference.sdnc import sdnc_step_ref, sparse_link_update_ref, sparse_temporal_reads_ref
+from sparsemem.reference.sdnc import (
+    sdnc_link_update_ref,
+    sdnc_step_ref,
+    sdnc_temporal_reads_ref,
+    sparse_link_update_ref,
+    sparse_temporal_reads_ref,
+)
 from sparsemem.reference.sparse import sparse_read_ref, sparse_write_ref, topk_content_ref
 
 __all__ = [
@@ -39,7 +45,9 @@ __all__ = [
     "sam_step_ref",
     "sam_write_ref",
     "sam_write_weights_ref",
+    "sdnc_link_update_ref",
     "sdnc_step_ref",
+    "sdnc_temporal_reads_ref",
     "sparse_link_update_ref",
     "sparse_read_ref",
     "sparse_temporal_reads_ref",

@@ -1,13 +1,33 @@
-"""SDNC (Rae et al. 2016), dense: SAM's memory plus DNC temporal links kept sparse.
+"""SDNC (Rae et al. 2016): SAM's memory plus DNC temporal links kept sparse.
 
-The forward link matrix L (L[i, j]: i was written after j) and the backward matrix L_b
-(the transpose, stored on its own) are updated with DNC's rule and then cut to their K_L
-largest entries per row; precedence is cut to its K_L largest entries. With K_L = N
-nothing is cut: L is link_update_ref's matrix and L_b its transpose. One step, in order:
+The dense specification (sdnc_link_update_ref, sdnc_temporal_reads_ref, sdnc_step_ref)
+keeps one link matrix L (L[i, j]: i was written after j). After DNC's update it keeps an
+entry only if it is positive and among the K_L largest of its row AND of its column
+("mutual top-K_L"; ties go to the lower index). So every row and every column of L holds
+at most K_L entries, and the backward link matrix is exactly L^T: the sparse path stores
+the rows of L (forward store) and the rows of L^T (backward store) with K_L entries each,
+and the two stay exact transposes of each other. Why both, and why mutual:
 
+- reads: with R*3K read slots, f = L w = sum_q w_q L[:, q] is a sum of ROWS of the
+  backward store and b = L^T w a sum of rows of the forward store: O(R*3K*K_L) work,
+  never a scan over the stored rows;
+- update: L[i, j] = (1 - w_i - w_j) L[i, j] + w_i p_j changes the written rows i, the
+  entries at written columns j (found as the backward store's rows at the written
+  slots), and can evict entries from the columns j in precedence (which gain entries;
+  found as the backward store's rows at those slots). A per-row-only cut would leave
+  the columns unbounded and the transpose inexact, so the update would have to visit
+  every stored row (the old design: O(S*K_L) work and saved memory per step, S the
+  slots ever written).
+
+With K_L = N nothing is cut (except exact zeros): L is link_update_ref's matrix. The
+functional ops sparse_link_update_ref and sparse_temporal_reads_ref compute the same on
+gathered rows (K_L (index, value) pairs per row, index -1 for empty); with all rows
+gathered they equal the dense functions (tests/memory/test_sdnc.py).
+
+One step, in order:
 1. SAM's LRU, write weights and write (reference/sam.py);
-2. L, L_b and precedence from w^W_t (sparse_link_update_ref);
-3. forward f = L w^R_{t-1}, backward b = L_b w^R_{t-1}, each cut to its top K per head;
+2. L and precedence from w^W_t (sdnc_link_update_ref);
+3. forward f = L w^R_{t-1}, backward b = L^T w^R_{t-1}, each cut to its top K per head;
 4. content c: the top-K softmax read of SAM on M_t;
 5. w^R = pi_0 b + pi_1 c + pi_2 f (DNC's read modes), r = M_t^T w^R;
 6. SAM's usage (last access) from w^W_t and w^R_t.
@@ -19,39 +39,199 @@ from torch import Tensor
 from sparsemem.reference.sam import access_update_ref, lru_ref, sam_write_ref, sam_write_weights_ref, topk_read_ref
 
 
+def _topk_mask(x: Tensor, k: int) -> Tensor:
+    """The k largest positive entries of x along the last dimension (ties: lower index first)."""
+    order = x.detach().sort(dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(x.shape[-1], device=x.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return (rank < k) & (x > 0)
+
+
 def keep_topk_ref(x: Tensor, k: int) -> Tensor:
-    """x with all but its k largest entries along the last dimension set to 0."""
-    top = torch.topk(x, k, dim=-1).indices
-    return torch.zeros_like(x).scatter(-1, top, x.gather(-1, top))
+    """x with all but its k largest positive entries along the last dimension set to 0.
+
+    Ties go to the lower index, so every backend keeps the same entries.
+    """
+    return x * _topk_mask(x, k)
 
 
-def sparse_link_update_ref(
-    link: Tensor, backward_link: Tensor, precedence: Tensor, write_w: Tensor, link_k: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Links and precedence after a write, each cut to K_L entries per row.
+def sdnc_link_update_ref(link: Tensor, precedence: Tensor, write_w: Tensor, link_k: int) -> tuple[Tensor, Tensor]:
+    """The link matrix and precedence after a write, cut to K_L entries per row and per column.
 
-    L[i, j] = (1 - w[i] - w[j]) L[i, j] + w[i] p[j];  L_b[i, j] = (1 - w[i] - w[j]) L_b[i, j] + p[i] w[j];
-    both with a zero diagonal; p = (1 - sum w) p + w.
-    link, backward_link [B, N, N], precedence [B, N], write_w [B, N], link_k K_L
-    -> (link, backward_link, precedence).
+    L[i, j] = (1 - w[i] - w[j]) L[i, j] + w[i] p[j] with a zero diagonal, then an entry is kept
+    if it is positive and among the K_L largest of both its row and its column; p = (1 - sum w) p + w,
+    then its K_L largest positive entries. link [B, N, N], precedence [B, N], write_w [B, N]
+    -> (link, precedence). The backward link matrix is link^T.
     """
     w_i = write_w.unsqueeze(-1)
     w_j = write_w.unsqueeze(-2)
     off_diagonal = 1 - torch.eye(link.shape[-1], dtype=link.dtype, device=link.device)
     link = ((1 - w_i - w_j) * link + w_i * precedence.unsqueeze(-2)) * off_diagonal
-    backward_link = ((1 - w_i - w_j) * backward_link + precedence.unsqueeze(-1) * w_j) * off_diagonal
+    kept = _topk_mask(link, link_k) & _topk_mask(link.transpose(1, 2), link_k).transpose(1, 2)
     precedence = (1 - write_w.sum(-1, keepdim=True)) * precedence + write_w
-    return keep_topk_ref(link, link_k), keep_topk_ref(backward_link, link_k), keep_topk_ref(precedence, link_k)
+    return link * kept, keep_topk_ref(precedence, link_k)
 
 
-def sparse_temporal_reads_ref(link: Tensor, backward_link: Tensor, read_w: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """f = L w^R and b = L_b w^R, each cut to its top K per head.
+def sdnc_temporal_reads_ref(link: Tensor, read_w: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """f = L w^R and b = L^T w^R, each cut to its K largest positive entries per head.
 
-    link, backward_link [B, N, N], read_w [B, R, N] -> (forward [B, R, N], backward [B, R, N]).
+    link [B, N, N], read_w [B, R, N] -> (forward [B, R, N], backward [B, R, N]).
     """
     forward = read_w @ link.transpose(1, 2)
-    backward = read_w @ backward_link.transpose(1, 2)
+    backward = read_w @ link
     return keep_topk_ref(forward, k), keep_topk_ref(backward, k)
+
+
+# --- the same on gathered rows: the references of sm.ops.sparse_link_update / sparse_temporal_reads
+
+
+def _top(indices: Tensor, values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest entries with index >= 0 and value > 0, ordered by (value desc, index asc),
+    then empties (-1, 0): [..., C] -> [..., k]."""
+    if indices.shape[-1] < k:
+        pad = (*indices.shape[:-1], k - indices.shape[-1])
+        indices = torch.cat([indices, indices.new_full(pad, -1)], dim=-1)
+        values = torch.cat([values, values.new_zeros(pad)], dim=-1)
+    valid = (indices >= 0) & (values > 0)
+    key = torch.where(valid, values.detach(), -1)
+    # a stable sort by value after one by index puts equal values in index order
+    order = indices.sort(dim=-1, stable=True).indices
+    order = order.gather(-1, key.gather(-1, order).sort(dim=-1, descending=True, stable=True).indices)[..., :k]
+    valid = valid.gather(-1, order)
+    return indices.gather(-1, order).masked_fill(~valid, -1), torch.where(valid, values.gather(-1, order), 0)
+
+
+def _sum_duplicates(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """Each distinct index >= 0 once with its values summed; the other places (-1, 0): [..., C]."""
+    indices, order = indices.sort(dim=-1, stable=True)
+    first = torch.ones_like(indices, dtype=torch.bool)
+    first[..., 1:] = indices[..., 1:] != indices[..., :-1]
+    group = first.long().cumsum(-1) - 1
+    distinct = torch.full_like(indices, -1).scatter(-1, group, indices)
+    sums = torch.zeros_like(values).scatter_add(-1, group, values.gather(-1, order))
+    return distinct, torch.where(distinct >= 0, sums, 0)
+
+
+def _lookup(keys: Tensor, values: Tensor, queries: Tensor) -> Tensor:
+    """values[..., m] where keys[..., m] == queries[..., q] >= 0, else 0; keys distinct (or -1).
+
+    keys, values [B, M] (values may carry trailing dimensions [B, M, ...]); queries [B, ...].
+    """
+    keys, order = keys.sort(dim=-1)
+    flat = queries.reshape(queries.shape[0], -1).contiguous()
+    positions = torch.searchsorted(keys, flat).clamp(max=keys.shape[-1] - 1)
+    hit = (keys.gather(-1, positions) == flat) & (flat >= 0)
+    rows = order.gather(-1, positions)
+    tail = values.shape[2:]
+    found = values.gather(1, rows.view(*rows.shape, *[1] * len(tail)).expand(*rows.shape, *tail))
+    found = torch.where(hit.view(*hit.shape, *[1] * len(tail)), found, 0)
+    return found.view(*queries.shape, *tail)
+
+
+def _with_new(indices: Tensor, values: Tensor, new_indices: Tensor, new_values: Tensor, slots: Tensor | None = None):
+    """A row's stored entries [..., K_L] plus new ones [..., E] at indices not stored yet (and, for
+    link rows, off the diagonal: new index != the row's slot) -> candidates [..., K_L + E]."""
+    fresh = (new_indices >= 0) & ~(new_indices.unsqueeze(-1) == indices.unsqueeze(-2)).any(-1)
+    if slots is not None:
+        fresh &= new_indices != slots.unsqueeze(-1)
+    return torch.cat([indices, new_indices.masked_fill(~fresh, -1)], -1), torch.cat([values, new_values * fresh], -1)
+
+
+def _passes(slots: Tensor, entries: Tensor, other_slots: Tensor, other_top: Tensor) -> Tensor:
+    """Entry (slot s, index e) passes the cut of the other store's row e: e has no row there
+    (no new entries, so at most K_L) or s is among that row's top K_L. [B, S, K_L] bool."""
+    batch = slots.shape[0]
+    tops = _lookup(other_slots, other_top + 1, entries) - 1  # [B, S, K_L, K_L]; -1 where e has no row
+    found = _lookup(other_slots, torch.ones_like(other_slots), entries).bool()
+    return ~found | (tops == slots.view(batch, -1, 1, 1)).any(-1)
+
+
+def sparse_link_update_ref(
+    forward_slots: Tensor,
+    forward_indices: Tensor,
+    forward_values: Tensor,
+    backward_slots: Tensor,
+    backward_indices: Tensor,
+    backward_values: Tensor,
+    precedence_indices: Tensor,
+    precedence_values: Tensor,
+    write_indices: Tensor,
+    write_weights: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """sdnc_link_update_ref on gathered rows; see sparsemem.ops.sparse_link_update for the contract.
+
+    Forward row i (slot i of L), entry j: (1 - w_i - w_j) L[i, j] + w_i p_j, plus new entries
+    w_i p_j at the precedence slots j != i not stored yet. Backward row j (column j of L), entry i:
+    the same value, plus new entries w_i p_j at the written slots i != j. Each row keeps its K_L
+    largest positive candidates, then an entry is dropped if the other store's row (its column,
+    resp. its row of L) has its own top K_L without it. Precedence: (1 - sum w) p + w, top K_L.
+    """
+    link_k = forward_indices.shape[-1]
+    write_weights = torch.where(write_indices >= 0, write_weights, 0)
+    written, written_w = _sum_duplicates(write_indices, write_weights)
+
+    def w(slots: Tensor) -> Tensor:
+        return _lookup(written, written_w, slots)
+
+    def p(slots: Tensor) -> Tensor:
+        return _lookup(precedence_indices, precedence_values, slots)
+
+    # one expression for an entry (row i, column j) of L on both sides, so both stores get equal bits
+    def entry(value: Tensor, w_row: Tensor, w_column: Tensor, p_column: Tensor) -> Tensor:
+        return value * (1 - w_row - w_column) + w_row * p_column
+
+    w_i = w(forward_slots).unsqueeze(-1)
+    forward = _with_new(
+        forward_indices,
+        entry(forward_values, w_i, w(forward_indices), p(forward_indices)),
+        precedence_indices.unsqueeze(1).expand(-1, forward_slots.shape[1], -1),
+        w_i * precedence_values.unsqueeze(1),
+        forward_slots,
+    )
+    w_j, p_j = w(backward_slots).unsqueeze(-1), p(backward_slots).unsqueeze(-1)
+    w_rows = w(backward_indices)
+    backward = _with_new(
+        backward_indices,
+        entry(backward_values, w_rows, w_j, p_j),
+        written.unsqueeze(1).expand(-1, backward_slots.shape[1], -1),
+        written_w.unsqueeze(1) * p_j,
+        backward_slots,
+    )
+    forward, backward = _top(*forward, link_k), _top(*backward, link_k)
+    forward_kept = _passes(forward_slots, forward[0], backward_slots, backward[0])
+    backward_kept = _passes(backward_slots, backward[0], forward_slots, forward[0])
+    forward_indices, forward_values = _top(forward[0].masked_fill(~forward_kept, -1), forward[1], link_k)
+    backward_indices, backward_values = _top(backward[0].masked_fill(~backward_kept, -1), backward[1], link_k)
+
+    total = write_weights.sum(-1, keepdim=True)
+    precedence = _with_new(
+        precedence_indices, (1 - total) * precedence_values + w(precedence_indices), written, written_w
+    )
+    precedence_indices, precedence_values = _top(*precedence, link_k)
+    return forward_values, forward_indices, backward_values, backward_indices, precedence_values, precedence_indices
+
+
+def sparse_temporal_reads_ref(
+    read_weights: Tensor,
+    forward_indices: Tensor,
+    forward_values: Tensor,
+    backward_indices: Tensor,
+    backward_values: Tensor,
+    k: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """sdnc_temporal_reads_ref on gathered rows; see sparsemem.ops.sparse_temporal_reads.
+
+    f = L w = sum_q w_q L_b[q, :] (rows of the backward store), b = L^T w = sum_q w_q L[q, :]
+    (rows of the forward store); entries of equal slots add up; each keeps its top K.
+    """
+    batch, heads, reads, link_k = forward_indices.shape
+
+    def through(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        contributions = (read_weights.unsqueeze(-1) * values).reshape(batch, heads, reads * link_k)
+        slots, weights = _top(*_sum_duplicates(indices.reshape(batch, heads, reads * link_k), contributions), k)
+        return weights, slots
+
+    return (*through(backward_indices, backward_values), *through(forward_indices, forward_values))
 
 
 def sdnc_step_ref(
@@ -59,7 +239,6 @@ def sdnc_step_ref(
     last_access: Tensor,
     prev_read_w: Tensor,
     link: Tensor,
-    backward_link: Tensor,
     precedence: Tensor,
     keys: Tensor,
     strengths: Tensor,
@@ -73,17 +252,16 @@ def sdnc_step_ref(
 ) -> tuple[Tensor, ...]:
     """One SDNC step; read_modes [B, R, 3] (backward, content, forward; rows sum to 1).
 
-    -> (reads [B, R, W], read_w [B, R, N], write_w [B, N], memory, last_access,
-        link, backward_link, precedence).
+    -> (reads [B, R, W], read_w [B, R, N], write_w [B, N], memory, last_access, link, precedence).
     """
     lru = lru_ref(last_access)
     write_w = sam_write_weights_ref(prev_read_w, lru, write_gate, interp_gate)
     memory = sam_write_ref(memory, write_w, lru, add)
-    link, backward_link, precedence = sparse_link_update_ref(link, backward_link, precedence, write_w, link_k)
-    forward, backward = sparse_temporal_reads_ref(link, backward_link, prev_read_w, k)
+    link, precedence = sdnc_link_update_ref(link, precedence, write_w, link_k)
+    forward, backward = sdnc_temporal_reads_ref(link, prev_read_w, k)
     content, _ = topk_read_ref(memory, keys, strengths, k)
     modes = read_modes.unsqueeze(-1)
     read_w = modes[:, :, 0] * backward + modes[:, :, 1] * content + modes[:, :, 2] * forward
     reads = read_w @ memory
     last_access = access_update_ref(last_access, write_w, read_w, step)
-    return reads, read_w, write_w, memory, last_access, link, backward_link, precedence
+    return reads, read_w, write_w, memory, last_access, link, precedence

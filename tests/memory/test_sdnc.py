@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+import sparsemem as sm
 from sparsemem import reference as ref
 from sparsemem.memory.sdnc import SDNCInterface, SDNCMemory
-from sparsemem.reference.sdnc import sdnc_step_ref, sparse_link_update_ref, sparse_temporal_reads_ref
-from sparsemem.testing import op_inputs
+from sparsemem.reference.sdnc import sdnc_link_update_ref, sdnc_step_ref, sdnc_temporal_reads_ref
+from sparsemem.testing import link_rows, op_inputs
 from tests.tolerances import tolerance
 
 B, N, W, R, T = 3, 7, 5, 3, 6
@@ -47,31 +48,69 @@ def run_dense(parts, k, link_k, memory=None):
     memory = torch.zeros(B, N, W, dtype=dtype) if memory is None else memory
     last_access = torch.zeros(B, N, dtype=torch.int64)
     read_w, precedence = torch.zeros(B, R, N, dtype=dtype), torch.zeros(B, N, dtype=dtype)
-    link = backward_link = torch.zeros(B, N, N, dtype=dtype)
+    link = torch.zeros(B, N, N, dtype=dtype)
     reads = []
     for t, p in enumerate(parts):
-        read, read_w, _, memory, last_access, link, backward_link, precedence = sdnc_step_ref(
-            memory, last_access, read_w, link, backward_link, precedence, p.keys, p.strengths, p.add,
+        read, read_w, _, memory, last_access, link, precedence = sdnc_step_ref(
+            memory, last_access, read_w, link, precedence, p.keys, p.strengths, p.add,
             p.write_gate, p.interp_gate, p.read_modes, k, link_k, t + 1,
         )  # fmt: skip
         reads.append(read)
-    return torch.stack(reads, 1), (link, backward_link, precedence), read_w
+    return torch.stack(reads, 1), (link, link.transpose(1, 2), precedence), read_w
 
 
 def test_links_with_link_k_n_are_the_dense_dnc_links():
     link, precedence, write_w = op_inputs("link_update", torch.float64, B=3, N=N)
-    sparse_link, backward_link, sparse_precedence = sparse_link_update_ref(
-        link, link.transpose(1, 2), precedence, write_w, N
-    )
+    sparse_link, sparse_precedence = sdnc_link_update_ref(link, precedence, write_w, N)
     want_link, want_precedence = ref.link_update_ref(link, precedence, write_w)
     torch.testing.assert_close(sparse_link, want_link)
-    torch.testing.assert_close(backward_link, want_link.transpose(1, 2))
     torch.testing.assert_close(sparse_precedence, want_precedence)
     read_w = op_inputs("memory_read", torch.float64, B=3, N=N)[1]
-    forward, backward = sparse_temporal_reads_ref(want_link, want_link.transpose(1, 2), read_w, N)
+    forward, backward = sdnc_temporal_reads_ref(want_link, read_w, N)
     want_forward, want_backward = ref.temporal_reads_ref(want_link, read_w)
     torch.testing.assert_close(forward, want_forward)
     torch.testing.assert_close(backward, want_backward)
+
+
+def test_link_cut_keeps_k_l_per_row_and_column():
+    link, precedence, write_w = op_inputs("link_update", torch.float64, B=3, N=N)
+    cut, _ = sdnc_link_update_ref(link, precedence, write_w, 3)
+    assert ((cut > 0).sum(-1) <= 3).all() and ((cut > 0).sum(-2) <= 3).all()
+    assert ((cut > 0).sum(-1) == 3).any()
+
+
+def _dense(slots, indices, values, n):
+    """Rows [B, S, K_L] of a store at slots [B, S] (-1: skipped) -> [B, N, N]."""
+    dense = values.new_zeros(slots.shape[0], n + 1, n + 1)
+    rows = (slots % (n + 1)).unsqueeze(-1).expand_as(indices)
+    batches = torch.arange(slots.shape[0]).view(-1, 1, 1).expand_as(indices)
+    return dense.index_put((batches, rows, indices % (n + 1)), values, accumulate=True)[:, :n, :n]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", [7, 33])
+def test_sparse_link_ops_on_all_rows_equal_the_dense_links(n, dtype):
+    args = op_inputs("sparse_link_update", dtype, B=3, N=n)
+    fs, fi, fv, bs, bi, bv, pi, pv, wi, ww = args
+    link = _dense(fs, fi, fv, n)
+    assert torch.equal(_dense(bs, bi, bv, n), link.transpose(1, 2))
+    precedence = pv.new_zeros(3, n + 1).scatter_add(-1, pi % (n + 1), pv)[:, :n]
+    write_w = ww.new_zeros(3, n + 1).scatter_add(-1, wi % (n + 1), ww * (wi >= 0))[:, :n]
+    want_link, want_precedence = sdnc_link_update_ref(link, precedence, write_w, fi.shape[-1])
+    out = sm.ops.sparse_link_update(*args)
+    torch.testing.assert_close(_dense(fs, out[1], out[0], n), want_link, **tolerance(dtype))
+    assert torch.equal(_dense(bs, out[3], out[2], n), _dense(fs, out[1], out[0], n).transpose(1, 2))
+    got_precedence = out[4].new_zeros(3, n + 1).scatter_add(-1, out[5] % (n + 1), out[4])[:, :n]
+    torch.testing.assert_close(got_precedence, want_precedence, **tolerance(dtype))
+
+    read_w = op_inputs("memory_read", dtype, B=3, N=n, R=2)[1]
+    slots = torch.arange(n).expand(3, 2, -1)
+    got = sm.ops.sparse_temporal_reads(
+        read_w, *link_rows(want_link, slots, 3), *link_rows(want_link.transpose(1, 2), slots, 3), 4
+    )
+    for weights, indices, want in zip(got[::2], got[1::2], sdnc_temporal_reads_ref(want_link, read_w, 4), strict=True):
+        dense = weights.new_zeros(3, 2, n + 1).scatter_add(-1, indices % (n + 1), weights)[..., :n]
+        torch.testing.assert_close(dense, want, **tolerance(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -102,6 +141,36 @@ def test_gradients_match_dense_reference(k, link_k):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)  # summed over T = 6 steps of O(10) terms
 
 
+def _saved_bytes(module, state, steps, seed=0):
+    """Bytes autograd keeps for `steps` steps from state (saved tensor hooks)."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    g = torch.Generator().manual_seed(seed)
+    interface = torch.randn(steps, 2, module.interface_size, generator=g, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        for t in range(steps):
+            _, state = module.step(state, interface[t])
+    return total
+
+
+def test_saved_for_backward_does_not_grow_with_slots_written_before():
+    module = SDNCMemory(1 << 12, 4, 2, k=4, link_k=4)
+    few, many = module.init_state(2), module.init_state(2)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in range(30):
+            _, many = module.step(many, torch.randn(2, module.interface_size, generator=g))
+            if t < 2:
+                _, few = module.step(few, torch.randn(2, module.interface_size, generator=g))
+    assert many.links.store.written.sum() > 5 * few.links.store.written.sum()
+    assert _saved_bytes(module, many.detach(), 3) == _saved_bytes(module, few.detach(), 3)
+
+
 def test_link_storage_grows_with_written_slots_not_n():
     module = SDNCMemory(1 << 17, 4, 2, k=4, link_k=4)
     state = module.init_state(2)
@@ -109,9 +178,7 @@ def test_link_storage_grows_with_written_slots_not_n():
     with torch.no_grad():
         for _ in range(4):
             _, state = module.step(state, torch.randn(2, module.interface_size, generator=g))
-    rows = state.links.slots.shape[1]
-    assert rows <= 4 * (2 * 3 * 4 + 1)
-    assert state.links.forward_values.shape == (2, rows, 4)
+    assert len(state.links.store.written_keys([0, 1])) <= 2 * 2 * 4 * (2 * 3 * 4 + 1)
 
 
 def test_detach_and_reset():
@@ -120,9 +187,11 @@ def test_detach_and_reset():
     for part in interfaces():
         _, state = module.step(state, part)
     state = state.detach()
-    assert not state.links.forward_values.requires_grad
+    assert not state.links.precedence_values.requires_grad
     state = state.reset(torch.tensor([True, False, False]))
-    assert (state.links.slots[0] == -1).all() and (state.links.precedence_values[0] == 0).all()
+    link, backward_link, precedence = state.links.dense(N)
+    assert (link[0] == 0).all() and (backward_link[0] == 0).all() and (precedence[0] == 0).all()
+    assert (link[1] != 0).any()
     fresh = module.init_state(B)
     for part in interfaces(seed=7):
         read, state = module.step(state, part)
