@@ -135,7 +135,8 @@ class SparseLinks:
         slots = torch.arange(num_slots, device=self.precedence_indices.device).expand(batch, -1)
 
         def matrix(backward: bool) -> Tensor:
-            indices, values = self.gather(self.ids(slots, backward))
+            with torch.no_grad():  # a look at the store, not a step of the segment
+                indices, values = self.gather(self.ids(slots, backward))
             dense = values.new_zeros(batch, num_slots, num_slots + 1)  # index -1 lands in the extra column
             return dense.scatter_add(-1, indices % (num_slots + 1), values)[..., :num_slots]
 
