@@ -70,6 +70,14 @@ class Shapes:
         return self.sizes[letter][0]
 
 
+def on_host(device: torch.device | str) -> bool:
+    """Whether code for tensors on `device` may read their values on the host: the CPU may;
+    on a GPU every read (.item(), .tolist(), nonzero, unique, a host copy) is a sync, so the
+    sparse memory and its index take a device path that never reads. Tests patch this to run
+    the device path on the CPU."""
+    return torch.device(device).type == "cpu"
+
+
 def _values_checked(tensor: Tensor) -> bool:
     # Inside torch.compile a value check would be a data-dependent graph break: eager mode checks.
     return (tensor.device.type == "cpu" or debug()) and not torch.compiler.is_compiling()

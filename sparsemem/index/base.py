@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sparsemem import _checks
 from sparsemem._checks import check_finite, check_indices
 from sparsemem._profiling import region
 from sparsemem.reference.dnc import safe_norm
@@ -65,7 +66,17 @@ class Index(abc.ABC):
       (all if None): they hold the initial word again. Costs O(rows written), not O(N).
     - `stats()` -> IndexStats.
     Indexes are not thread-safe; one memory module owns one.
+
+    Host and device: an index reads tensors on the host and keeps per-row counts there
+    (`on_host`) unless it is `sync_free` and its map lives on a GPU. Then it never reads a
+    value back (each read would be a sync with the host): it stores rows by slot, unwritten
+    slots holding the initial word, so _search scores all N slots and the map `_slot` alone
+    says which are written; update, search and reset are device ops only (repeated ids are
+    deduplicated by sorting, never by torch.unique).
     """
+
+    sync_free: bool = False
+    """Whether the implementation has the device path above (ExactIndex has)."""
 
     row_dtype: torch.dtype = torch.float32
     """The dtype rows are stored in (queries are normalised in float64, then cast to it)."""
@@ -88,6 +99,7 @@ class Index(abc.ABC):
         # _slot[b, i]: where slot i of batch row b lives in the implementation's storage;
         # -1 means unwritten (holds the initial word). Implementations define the other codes.
         self._slot = torch.full((batch_size, num_slots), -1, dtype=torch.int64, device=map_device)
+        self.on_host = _checks.on_host(map_device) or not self.sync_free
         # _cursor[b]: every slot below it is written, so the search for unwritten ids starts there.
         self._cursor = [0] * batch_size
         self._rows = [0] * batch_size
@@ -139,10 +151,10 @@ class Index(abc.ABC):
             return
         with region("index.update"):
             rows = rows.detach()
-            if ids.shape[1] == 1 or bool((ids[:, 1:] > ids[:, :-1]).all()):
+            if self.on_host and (ids.shape[1] == 1 or bool((ids[:, 1:] > ids[:, :-1]).all())):
                 self._update_ascending(rows, ids)
                 return
-            batch, slots, order = _last_writes(ids, self.num_slots)
+            batch, slots, order = (_last_writes if self.on_host else _sorted_writes)(ids, self.num_slots)
             flat = rows.reshape(-1, self.word_size)
             # In chunks, so a whole preloaded memory (J = N) is never copied or widened at once.
             for start in range(0, order.numel(), UPDATE_CHUNK):
@@ -177,19 +189,26 @@ class Index(abc.ABC):
     def reset(self, mask: Tensor | None = None) -> None:
         """Forget the written rows of batch rows where mask [B] is True (all when None)."""
         if mask is None:
-            rows = list(range(self.batch_size))
-        else:
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (self.batch_size,):
-                shape = list(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-                raise ValueError(f"mask must be a bool tensor [B] with B={self.batch_size}; got {shape}")
-            rows = mask.nonzero().flatten().tolist()
-        for b in rows:
+            mask = torch.ones(self.batch_size, dtype=torch.bool, device=self._slot.device)
+        elif not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (self.batch_size,):
+            shape = list(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be a bool tensor [B] with B={self.batch_size}; got {shape}")
+        if not self.on_host:
+            self._reset_on_device(mask.to(self._slot.device))
+            return
+        for b in mask.nonzero().flatten().tolist():
             self._reset_row(b)
             self._cursor[b] = 0
             self._rows[b] = 0
 
     def unwritten(self, count: int) -> Tensor:
         """The `count` lowest unwritten slot ids per batch row: [B, count] int64, padded with -1."""
+        if not self.on_host:
+            # O(N) on the device, with no sync: unwritten slots keep their id, written ones sort last
+            slot_ids = torch.arange(self.num_slots, device=self._slot.device)
+            free = torch.where(self._slot < 0, slot_ids, self.num_slots)
+            lowest = free.topk(min(count, self.num_slots), dim=-1, largest=False).values
+            return lowest.masked_fill(lowest == self.num_slots, -1)
         out = torch.full((self.batch_size, count), -1, dtype=torch.int64)
         for b in range(self.batch_size):
             ids = self._unwritten_row(b, count)
@@ -198,7 +217,7 @@ class Index(abc.ABC):
 
     def stats(self) -> IndexStats:
         return IndexStats(
-            rows=sum(self._rows),
+            rows=sum(self._rows) if self.on_host else int((self._slot >= 0).sum()),
             buffered=self._buffered(),
             tombstones=self._tombstones(),
             merges=self._merges,
@@ -217,13 +236,18 @@ class Index(abc.ABC):
 
     @abc.abstractmethod
     def _update(self, batch: Tensor, slots: Tensor, unit: Tensor) -> None:
-        """Store rows [J', W] (as _stored made them) at (batch [J'], slots [J']); pairs are distinct,
-        sorted by batch row then slot. Must keep _slot and _rows current."""
+        """Store rows [J', W] (as _stored made them) at (batch [J'], slots [J']), sorted by batch row
+        then slot. On the host pairs are distinct and _slot and _rows must be kept current; on the
+        device path a pair may repeat (always with the same row) and _slot must mark the written slots."""
 
     @abc.abstractmethod
     def _search(self, unit: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Top-K over the written rows for unit queries [B, R, W] (float64): (scores, ids) [B, R, K],
         padded with -inf and -1 where a batch row holds fewer than K written rows."""
+
+    def _reset_on_device(self, mask: Tensor) -> None:
+        """The device path's reset: batch rows where mask [B] is True hold the initial word again."""
+        self._slot.masked_fill_(mask.unsqueeze(-1), -1)
 
     @abc.abstractmethod
     def _reset_row(self, b: int) -> None:
@@ -280,8 +304,9 @@ class Index(abc.ABC):
             self._update(batch, block.flatten(), self._stored(flat))
 
     def _with_unwritten(self, unit: Tensor, scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Merge the shared initial word of the unwritten slots into the written rows' top-K."""
-        if all(rows == self.num_slots for rows in self._rows):
+        """Merge the shared initial word of the unwritten slots into the written rows' top-K (on the
+        device path _search scored them already: unwritten rows hold the initial word)."""
+        if not self.on_host or all(rows == self.num_slots for rows in self._rows):
             return scores, ids
         pool_ids = self.unwritten(k).to(ids.device)
         initial = _unit(self._initial, torch.float64).to(unit.device)
@@ -300,6 +325,18 @@ def _unit(x: Tensor, dtype: torch.dtype) -> Tensor:
     """x / ||x||_eps in dtype: then unit(q) . unit(m) is the eps-cosine D(q, m) of reference/dnc.py."""
     x = x.to(dtype)
     return x / safe_norm(x).unsqueeze(-1)
+
+
+def _sorted_writes(ids: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Every (batch row, slot) pair of ids [B, J], sorted, repeats kept, each with the flat position
+    of its pair's last occurrence (so repeats carry the same row): _last_writes without the sync
+    of torch.unique, for indexes on a device that store rows by slot."""
+    batch_size = ids.shape[0]
+    keys = (torch.arange(batch_size, device=ids.device).unsqueeze(1) * num_slots + ids).flatten()
+    keys, order = keys.sort(stable=True)
+    # stable sort: a pair's last entry in sorted order is its last occurrence in the call
+    last = torch.searchsorted(keys, keys, right=True) - 1
+    return keys // num_slots, keys % num_slots, order[last]
 
 
 def _last_writes(ids: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -21,7 +21,14 @@ class ExactIndex(Index):
     over the rows on a fused backend (cpp, triton, cuda). On the torch backend, or with
     `chunk_rows` set, the rows are searched `chunk_rows` at a time and the chunks' top K merged,
     so temporary memory stays O(B R chunk_rows) for any N.
+
+    On the device path (see Index, host and device) rows are stored by slot instead, [B, N, W]
+    allocated at once with every unwritten slot holding the initial word, and each search is
+    one topk_content over all N: O(N) whatever was written, but no count ever comes back to
+    the host, and the work per step is fixed, so a step can be captured in a CUDA graph.
     """
+
+    sync_free = True
 
     def __init__(
         self,
@@ -44,12 +51,18 @@ class ExactIndex(Index):
         super().__init__(batch_size, num_slots, word_size, initial=initial, map_device=self.device)
         self._store = torch.empty(batch_size, 0, word_size, dtype=dtype, device=self.device)
         self._ids = torch.empty(batch_size, 0, dtype=torch.int64, device=self.device)
+        if not self.on_host:
+            self._store = self._stored(self.initial).unsqueeze(1).repeat(1, num_slots, 1)
 
     def _stored(self, rows: Tensor) -> Tensor:
         return rows.to(device=self.device, dtype=self.dtype)
 
     def _update(self, batch: Tensor, slots: Tensor, words: Tensor) -> None:
         batch, slots = batch.to(self.device), slots.to(self.device)
+        if not self.on_host:
+            self._store[batch, slots] = words
+            self._slot[batch, slots] = slots
+            return
         rows = self._slot[batch, slots]
         new = rows < 0
         new_batch = batch[new]
@@ -84,6 +97,9 @@ class ExactIndex(Index):
 
     def _search(self, unit: Tensor, k: int) -> tuple[Tensor, Tensor]:
         queries = unit.to(device=self.device, dtype=self.dtype)
+        if not self.on_host:  # rows are slots, the unwritten ones the initial word: search them all
+            scores, slots = self._top_rows(self._store, queries, k)
+            return scores * safe_norm(queries).unsqueeze(-1), slots
         if len(set(self._rows)) == 1:
             scores, rows = self._top_rows(self._store[:, : self._rows[0]], queries, k)
         else:  # batch rows hold different row counts: each searches only its own
@@ -125,6 +141,12 @@ class ExactIndex(Index):
 
     def rebuild(self) -> None:
         """Nothing to rebuild: rows are overwritten in place, so there are no tombstones."""
+
+    def _reset_on_device(self, mask: Tensor) -> None:
+        super()._reset_on_device(mask)
+        # in place, no [B, N, W] temporary: zero the reset batch rows, then add their initial word
+        rows = mask.view(-1, 1, 1)
+        self._store.masked_fill_(rows, 0).add_(self._stored(self.initial).unsqueeze(1) * rows)
 
     def _reset_row(self, b: int) -> None:
         self._slot[b, self._ids[b, : self._rows[b]]] = -1

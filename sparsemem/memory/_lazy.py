@@ -1,4 +1,4 @@
-"""The sparse memories' storage: lazy rows, an in-place journaled autograd, an O(1) LRU.
+"""The sparse memories' storage: lazy rows, an in-place journaled autograd, the LRU.
 
 LazyMemory keeps B*N rows of W in one flat buffer that is never initialised: a row is
 real once written, every other slot reads as the shared initial word. torch.empty does
@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from sparsemem import _checks
 from sparsemem.index import make_index
 
 
@@ -47,12 +48,13 @@ def group_sum(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     return total, first
 
 
-class LRU:
-    """Least recently used slot per batch row in O(1) per access (Rae et al.'s LRU list).
+class ListLRU:
+    """Least recently used slot per batch row in O(1) per access (Rae et al.'s LRU list), on the host.
 
     Touched slots sit in an access-ordered dict; never-touched slots are all older than
     any touched one and come out in slot order from a cursor, so nothing is O(N).
     Ties (slots accessed in the same step) go to the lowest slot id, as in lru_ref.
+    The CPU's LRU: every call reads its tensors on the host, which on a GPU would be a sync.
     """
 
     def __init__(self, batch: int, num_slots: int) -> None:
@@ -60,25 +62,68 @@ class LRU:
         self.order: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(batch)]
         self.cursor = [0] * batch
 
-    def least_recent(self) -> list[int]:
+    def least_recent(self) -> Tensor:
+        """The least recently used slot of each batch row: [B] int64."""
         slots = []
         for b, order in enumerate(self.order):
             while self.cursor[b] < self.num_slots and self.cursor[b] in order:
                 self.cursor[b] += 1
             slots.append(self.cursor[b] if self.cursor[b] < self.num_slots else next(iter(order)))
-        return slots
+        return torch.tensor(slots, dtype=torch.int64)
 
-    def touch(self, accessed: list[list[int]]) -> None:
-        """accessed[b]: the slots of batch row b accessed this step, ascending."""
-        for order, slots in zip(self.order, accessed, strict=True):
-            for slot in slots:
+    def touch(self, slots: Tensor, accessed: Tensor) -> None:
+        """One step's accesses: slots [B, E] int64 where accessed [B, E] bool (duplicates allowed)."""
+        for order, row, mask in zip(self.order, slots.tolist(), accessed.tolist(), strict=True):
+            # ascending, so the lowest slot of a step is the oldest of that step
+            for slot in sorted({s for s, a in zip(row, mask, strict=True) if a}):
                 order[slot] = None
                 order.move_to_end(slot)
 
-    def reset(self, rows: list[int]) -> None:
-        for b in rows:
+    def reset(self, mask: Tensor) -> None:
+        """Batch rows where mask [B] bool is True forget their accesses."""
+        for b in mask.nonzero().flatten().tolist():
             self.order[b].clear()
             self.cursor[b] = 0
+
+
+class TimestampLRU:
+    """Least recently used slot per batch row with no host sync: a last-access step per slot and an argmin.
+
+    last_access [B, N] int64 on the memory's device (0: never accessed, so unwritten and
+    untouched slots are the oldest); argmin returns the first minimum, so ties go to the
+    lowest slot id, as in lru_ref and ListLRU. O(N) per step, but one pass on the device
+    instead of a round trip to the host. The clock is a device scalar, so a captured CUDA
+    graph replays with the current time rather than the one seen at capture.
+    """
+
+    def __init__(self, batch: int, num_slots: int, device: torch.device | str) -> None:
+        self.last_access = torch.zeros(batch, num_slots, dtype=torch.int64, device=device)
+        self.clock = torch.zeros((), dtype=torch.int64, device=device)
+
+    def least_recent(self) -> Tensor:
+        """The least recently used slot of each batch row: [B] int64."""
+        return self.last_access.argmin(dim=-1)
+
+    def touch(self, slots: Tensor, accessed: Tensor) -> None:
+        """One step's accesses: slots [B, E] int64 where accessed [B, E] bool (duplicates allowed)."""
+        self.clock += 1
+        # amax: a duplicated slot is stamped if any of its entries was accessed; 0 never lowers a stamp
+        stamps = torch.where(accessed, self.clock, 0)
+        self.last_access.scatter_reduce_(-1, slots, stamps, reduce="amax")
+
+    def reset(self, mask: Tensor) -> None:
+        """Batch rows where mask [B] bool is True forget their accesses."""
+        self.last_access.masked_fill_(mask.unsqueeze(-1), 0)
+
+
+LRU = ListLRU | TimestampLRU
+
+
+def make_lru(batch: int, num_slots: int, device: torch.device) -> LRU:
+    """ListLRU on the CPU (O(1) per access), TimestampLRU elsewhere (no host sync)."""
+    if _checks.on_host(device):
+        return ListLRU(batch, num_slots)
+    return TimestampLRU(batch, num_slots, device)
 
 
 class LazyMemory:
@@ -87,13 +132,17 @@ class LazyMemory:
     Flat keys b*N + slot address rows. memory [B, N, W] (optional) starts every row as
     written (a preloaded memory, or the full regime of the benchmarks). index: a
     sparsemem.index name ("exact", "ivf", "faiss-hnsw", "faiss-ivf"); it holds the written rows
-    and finds the top K over all N slots, unwritten ones included.
+    and finds the top K over all N slots, unwritten ones included. On the host the keys
+    written since the last reset are kept, so a reset costs O(rows written); on a device
+    that bookkeeping would sync every write, so a reset is one masked fill of the
+    written mask [B*N] instead.
     """
 
     def __init__(
         self, batch: int, num_slots: int, initial_word: Tensor, memory: Tensor | None = None, index: str = "exact"
     ) -> None:
         self.batch, self.num_slots, self.word_size = batch, num_slots, initial_word.shape[-1]
+        self.on_host = _checks.on_host(initial_word.device)
         self.initial_word = initial_word
         flat = (batch * num_slots, self.word_size)
         # The torch indexes live beside the memory (its device and dtype); faiss is CPU float32.
@@ -134,17 +183,17 @@ class LazyMemory:
         """keys [M] -> rows [M, W], the initial word where a slot was never written."""
         return torch.where(self.written[keys].unsqueeze(-1), self.rows[keys], self.initial_word)
 
-    def write(self, keys: Tensor, rows: Tensor, update_index: bool = True) -> None:
+    def write(self, keys: Tensor, rows: Tensor) -> None:
         """rows [M, W] into keys [M] (M = B*J, J per batch row) in place; duplicate keys must
-        carry identical rows. update_index=False for rows about to be forgotten (a reset)."""
-        fresh = torch.unique(keys[~self.written[keys]])
+        carry identical rows."""
+        if self.on_host:
+            fresh = torch.unique(keys[~self.written[keys]])
+            if fresh.numel():
+                self._written_keys.append(fresh)
         self.rows[keys] = rows
-        if fresh.numel():
-            self.written[fresh] = True
-            self._written_keys.append(fresh)
-        if update_index:
-            slots = (keys % self.num_slots).view(self.batch, -1)
-            self.index.update(rows.view(self.batch, -1, self.word_size), slots)
+        self.written[keys] = True
+        slots = (keys % self.num_slots).view(self.batch, -1)
+        self.index.update(rows.view(self.batch, -1, self.word_size), slots)
 
     def written_keys(self, rows: list[int]) -> Tensor:
         """The flat keys written since the last reset in the given batch rows."""
@@ -155,17 +204,20 @@ class LazyMemory:
         preloaded = [torch.arange(b * self.num_slots, (b + 1) * self.num_slots) for b in rows if self._preloaded[b]]
         return torch.cat([keys[selected[keys // self.num_slots]], *preloaded])
 
-    def forget(self, rows: list[int]) -> None:
-        """Batch rows back to the initial word everywhere, in O(rows written)."""
-        keys = self.written_keys(rows)
-        self.written[keys] = False
-        if self._written_keys:
-            remaining = torch.cat(self._written_keys)
-            self._written_keys = [remaining[self.written[remaining]]]
-        for b in rows:
-            self._preloaded[b] = False
-        mask = torch.zeros(self.batch, dtype=torch.bool)
-        mask[rows] = True
+    def forget(self, mask: Tensor) -> None:
+        """Batch rows where mask [B] bool is True back to the initial word everywhere."""
+        if self.on_host:
+            rows = mask.nonzero().flatten().tolist()
+            keys = self.written_keys(rows)
+            self.written[keys] = False
+            if self._written_keys:
+                remaining = torch.cat(self._written_keys)
+                self._written_keys = [remaining[self.written[remaining]]]
+            for b in rows:
+                self._preloaded[b] = False
+        else:
+            written = self.written.view(self.batch, self.num_slots)
+            written.masked_fill_(mask.to(written.device).unsqueeze(-1), False)
         self.index.reset(mask)
 
     def dense(self) -> Tensor:
@@ -192,13 +244,17 @@ class Journal:
     def log(self, keys: Tensor) -> None:
         self._logged.append(keys)
 
-    def _positions(self, keys: Tensor, dtype: torch.dtype) -> Tensor:
+    def _in_pass(self) -> bool:
         # One buffer per backward pass: a pass that skips the source (autograd.grad with
         # inputs that do not need it) must not leave its gradients to the next pass.
-        task = torch._C._current_graph_task_id()
-        if self._grad is None or task != self._task:
-            self._task = task
-            self._keys = torch.unique(torch.cat(self._logged))
+        return self._grad is not None and self._task == torch._C._current_graph_task_id()
+
+    def _positions(self, keys: Tensor, dtype: torch.dtype) -> Tensor:
+        if not self._in_pass():
+            self._task = torch._C._current_graph_task_id()
+            # Sorted, duplicates kept: a key's row is its first occurrence (searchsorted, left)
+            # and the rest stay zero. torch.unique would be smaller but must sync for its size.
+            self._keys = torch.cat(self._logged).sort().values
             self._grad = torch.zeros(len(self._keys), self.store.word_size, dtype=dtype, device=keys.device)
         return torch.searchsorted(self._keys, keys)
 
@@ -212,6 +268,15 @@ class Journal:
         grad = self._grad[positions] * first.unsqueeze(-1)
         self._grad.index_fill_(0, positions, 0)
         return grad
+
+    def clear(self, mask: Tensor) -> None:
+        """Drop the gradient gathered so far for every slot of the batch rows where mask [B] is True."""
+        if self._in_pass():
+            batch, slots = self.store.batch, self.store.num_slots
+            # keys past the B*N slots (a store's spare row for dropped writes) belong to no batch row
+            owned = self._keys < batch * slots
+            rows = mask.to(self._keys.device)[(self._keys // slots).clamp(max=batch - 1)] & owned
+            self._grad.masked_fill_(rows.unsqueeze(-1), 0)
 
     def finish(self) -> tuple[Tensor | None, Tensor | None]:
         """(keys, grad) left for the initial memory; the buffer is dropped."""
@@ -237,7 +302,7 @@ class _Source(torch.autograd.Function):
         store = ctx.journal.store
         dense = grad.new_zeros(store.batch * store.num_slots, store.word_size)
         if keys is not None:
-            dense[keys] = grad
+            dense.index_add_(0, keys, grad)  # a repeated key's extra rows hold zeros
         return None, dense.view(ctx.anchor_shape)
 
 
@@ -258,19 +323,32 @@ class _Gather(torch.autograd.Function):
 
 class _Scatter(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, journal: Journal, token: Tensor, keys: Tensor, rows: Tensor, first: Tensor, update_index: bool
-    ) -> Tensor:
+    def forward(ctx, journal: Journal, token: Tensor, keys: Tensor, rows: Tensor, first: Tensor) -> Tensor:
         ctx.journal = journal
         ctx.save_for_backward(keys, first)
         journal.log(keys)
-        journal.store.write(keys, rows.detach(), update_index)
+        journal.store.write(keys, rows.detach())
         return token.new_empty(0)
 
     @staticmethod
     def backward(ctx, _grad_token: Tensor):
         keys, first = ctx.saved_tensors
-        return None, None, None, ctx.journal.take(keys, first, ctx.journal.store.rows.dtype), None, None
+        return None, None, None, ctx.journal.take(keys, first, ctx.journal.store.rows.dtype), None
+
+
+class _Reset(torch.autograd.Function):
+    """A reset in the version chain: its backward drops the gradient gathered for the reset batch
+    rows, so nothing read after the reset reaches what was written before it."""
+
+    @staticmethod
+    def forward(ctx, journal: Journal, token: Tensor, mask: Tensor) -> Tensor:
+        ctx.journal, ctx.mask = journal, mask
+        return token.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _grad_token: Tensor):
+        ctx.journal.clear(ctx.mask)
+        return None, None, None
 
 
 class JournaledMemory:
@@ -309,7 +387,7 @@ class JournaledMemory:
         keys = self.store.keys(slots)
         flat_rows = rows.reshape(-1, self.store.word_size)
         if torch.is_grad_enabled():
-            self._token = _Scatter.apply(self.journal, self.token(), keys, flat_rows, first.reshape(-1), True)
+            self._token = _Scatter.apply(self.journal, self.token(), keys, flat_rows, first.reshape(-1))
         else:
             self.store.write(keys, flat_rows)
 
@@ -317,13 +395,9 @@ class JournaledMemory:
         """The same rows, a new segment: no gradient flows to what came before."""
         return JournaledMemory(self.store)
 
-    def reset(self, rows: list[int]) -> None:
-        """Batch rows back to the initial word. Under grad the rows are first overwritten by a
-        journaled write of the initial word, so no gradient crosses the reset."""
+    def reset(self, mask: Tensor) -> None:
+        """Batch rows where mask [B] bool is True back to the initial word; under grad no
+        gradient crosses the reset."""
         if torch.is_grad_enabled():
-            keys = self.store.written_keys(rows)
-            if keys.numel():
-                initial = self.store.initial_word.expand(len(keys), -1)
-                first = torch.ones(len(keys), dtype=torch.bool, device=keys.device)
-                self._token = _Scatter.apply(self.journal, self.token(), keys, initial, first, False)
-        self.store.forget(rows)
+            self._token = _Reset.apply(self.journal, self.token(), mask)
+        self.store.forget(mask)

@@ -2,8 +2,9 @@
 
 The step is reference/sam.py's sam_step_ref computed on gathered rows only: the write
 touches J <= R*K + 1 rows (the rows read at t-1 plus the LRU row), the read K rows per
-head found by a top-K search, and usage is an LRU list. No [B, N] or [B, R, N] tensor is
-formed; the memory is written in place through the journal of memory/_lazy.py.
+head found by a top-K search, and usage is an LRU (a list on the CPU; on a GPU last-access
+stamps and an argmin, so a step never waits on the host). No [B, R, N] tensor is formed;
+the memory is written in place through the journal of memory/_lazy.py.
 """
 
 from dataclasses import dataclass, replace
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from sparsemem import ops
 from sparsemem._profiling import region
 from sparsemem.index import INDEXES
-from sparsemem.memory._lazy import LRU, JournaledMemory, LazyMemory, group_sum
+from sparsemem.memory._lazy import LRU, JournaledMemory, LazyMemory, group_sum, make_lru
 from sparsemem.memory.base import Memory, check_mask
 from sparsemem.reference.sam import DELTA
 
@@ -52,7 +53,7 @@ class SAMInterface:
 
 @dataclass
 class SAMState:
-    """memory: the rows (written in place); usage: the LRU list; read_weights [B, R, K] and
+    """memory: the rows (written in place); usage: the LRU; read_weights [B, R, K] and
     write_weights [B, J] as (indices, weights); step: steps since init_state."""
 
     memory: JournaledMemory
@@ -77,9 +78,8 @@ class SAMState:
     def reset(self, mask: Tensor) -> "SAMState":
         """Samples where mask [B] is True start afresh: initial memory, no access history."""
         mask = check_mask(mask, self.batch_size)
-        rows = mask.nonzero().flatten().tolist()
-        self.memory.reset(rows)
-        self.usage.reset(rows)
+        self.memory.reset(mask)
+        self.usage.reset(mask)
         return replace(
             self, read_weights=_cleared(self.read_weights, mask), write_weights=_cleared(self.write_weights, mask)
         )
@@ -139,7 +139,7 @@ class SAMMemory(Memory):
         slots = torch.zeros(batch, self.num_reads, self.k, dtype=torch.int64, device=word.device)
         return SAMState(
             memory=JournaledMemory(store, memory),
-            usage=LRU(batch, self.num_slots),
+            usage=make_lru(batch, self.num_slots, word.device),
             read_weights=SparseWeights(slots, zeros),
             write_weights=SparseWeights(slots[:, 0, :1], zeros[:, 0, :1]),
         )
@@ -151,7 +151,7 @@ class SAMMemory(Memory):
         several times; each entry carries its share).
         """
         batch = add.shape[0]
-        lru = torch.tensor(state.usage.least_recent(), device=add.device).unsqueeze(-1)
+        lru = state.usage.least_recent().to(add.device).unsqueeze(-1)
         previous = state.read_weights
         slots = torch.cat([previous.indices.reshape(batch, -1), lru], dim=-1)  # [B, J]
         # w^W = alpha (gamma mean_r w^R_{t-1} + (1 - gamma) I^U), one entry per (head, k) and the LRU
@@ -173,14 +173,12 @@ class SAMMemory(Memory):
         return SparseWeights(slots, weights), reads
 
     def record_access(self, state: SAMState, write_w: SparseWeights, read_w: SparseWeights) -> None:
-        """Slots with w^W(i) + sum_r w^R_r(i) > DELTA move to the back of the LRU list."""
+        """Slots with w^W(i) + sum_r w^R_r(i) > DELTA become the most recently used."""
         batch = write_w.indices.shape[0]
         slots = torch.cat([write_w.indices, read_w.indices.reshape(batch, -1)], dim=-1)
         weights = torch.cat([write_w.weights, read_w.weights.reshape(batch, -1)], dim=-1).detach()
         total, first = group_sum(slots, weights)
-        accessed = first & (total > DELTA)
-        ordered = slots.masked_fill(~accessed, -1).sort(dim=-1).values
-        state.usage.touch([[s for s in row if s >= 0] for row in ordered.tolist()])
+        state.usage.touch(slots, first & (total > DELTA))
 
     def step(self, state: SAMState, interface: Tensor | SAMInterface) -> tuple[Tensor, SAMState]:
         """One SAM step (reference/sam.py's order): -> (reads [B, R, W], state)."""
@@ -192,3 +190,64 @@ class SAMMemory(Memory):
         with region("memory.lru"):
             self.record_access(state, write_w, read_w)
         return reads, replace(state, read_weights=read_w, write_weights=write_w, step=state.step + 1)
+
+
+class CapturedStep:
+    """SAM steps replayed from one CUDA graph: capture_step's result.
+
+    step(interface [B, R*W + R + W + 2]) -> reads [B, R, W], a static buffer that the next
+    call overwrites (clone it to keep it). `state` is the state after the last call: its
+    memory, LRU and read weights advance in place; its write weights are the graph's output.
+    """
+
+    def __init__(self, memory: SAMMemory, state: SAMState) -> None:
+        self.memory, self.state = memory, state
+        batch = state.batch_size
+        device, dtype = state.read_weights.weights.device, state.read_weights.weights.dtype
+        self._interface = torch.zeros(batch, memory.interface_size, device=device, dtype=dtype)
+        self._graph = None
+        if device.type == "cuda":
+            # Warm up (lazy initialisation, cuBLAS workspaces) on a scratch state of the same
+            # shapes: capturing records kernels without running them, warming up runs them.
+            scratch = memory.init_state(batch, device=device, dtype=dtype)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.no_grad():
+                for _ in range(2):
+                    self._advance(scratch)
+            torch.cuda.current_stream().wait_stream(stream)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph), torch.no_grad():
+                self._reads, self._write_weights = self._advance(state)
+
+    def _advance(self, state: SAMState) -> tuple[Tensor, SparseWeights]:
+        """One step that leaves the read weights where the next step reads them (in place)."""
+        reads, new = self.memory.step(state, self._interface)
+        state.read_weights.indices.copy_(new.read_weights.indices)
+        state.read_weights.weights.copy_(new.read_weights.weights)
+        return reads, new.write_weights
+
+    def __call__(self, interface: Tensor) -> Tensor:
+        self._interface.copy_(interface)
+        if self._graph is None:  # nothing to capture off CUDA: the same step, eagerly
+            with torch.no_grad():
+                self._reads, self._write_weights = self._advance(self.state)
+        else:
+            self._graph.replay()
+        self.state = replace(self.state, write_weights=self._write_weights, step=self.state.step + 1)
+        return self._reads
+
+
+def capture_step(memory: SAMMemory, state: SAMState) -> CapturedStep:
+    """Capture one no-grad SAM step on `state` in a CUDA graph (opt-in): each call replays it,
+    launching the step's kernels at once instead of op by op from Python.
+
+    Needs the exact index (a faiss index searches on the host) and SAMMemory itself (SDNC's
+    link rows grow with the slots touched, and a graph replays fixed shapes). Off CUDA it
+    runs the same step eagerly. state must not be stepped by other code afterwards.
+    """
+    if type(state) is not SAMState:
+        raise ValueError(f"capture_step captures SAMMemory steps; got a {type(state).__name__}")
+    if memory.index != "exact":
+        raise ValueError(f"capture_step needs index='exact' (a faiss index runs on the host); got {memory.index!r}")
+    return CapturedStep(memory, state)

@@ -80,9 +80,9 @@ class LinkStore:
         selected[rows] = True
         return keys[selected[keys // self.num_slots]]
 
-    def forget(self, rows: list[int]) -> None:
-        """Batch rows back to no links, in O(rows written)."""
-        self.written[self.written_keys(rows)] = False
+    def forget(self, mask: Tensor) -> None:
+        """Batch rows where mask [B] is True back to no links, in O(rows written)."""
+        self.written[self.written_keys(mask.nonzero().flatten().tolist())] = False
         if self._written_keys:
             remaining = torch.cat(self._written_keys)
             self._written_keys = [remaining[self.written[remaining]]]
@@ -123,7 +123,7 @@ class SparseLinks:
         return SparseLinks(self.rows.detached(), self.precedence_indices, self.precedence_values.detach())
 
     def reset(self, mask: Tensor) -> "SparseLinks":
-        self.rows.reset(mask.nonzero().flatten().tolist())
+        self.rows.reset(mask)
         rows = mask.view(-1, 1)
         return SparseLinks(
             self.rows, self.precedence_indices.masked_fill(rows, -1), self.precedence_values.masked_fill(rows, 0)
