@@ -1,6 +1,8 @@
 """Train a memory model on an algorithmic task.
 
     python -m sparsemem.train --model dnc --task copy --steps 2000 --out runs/dnc-copy
+    python -m sparsemem.train --model sam --task associative-recall --slots 1048576 --device cuda
+    python -m sparsemem.train --model sam --task key-value-recall --bptt 64 --slots 1048576 --device cuda
 
 Writes to --out: metrics.jsonl (one JSON object per logged step), checkpoint.pt (every
 --checkpoint-every steps and at the end, written atomically; --resume continues from it
@@ -14,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -21,15 +24,30 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sparsemem.models import DNC, NTM, MemoryModel
-from sparsemem.tasks import TASKS, AssociativeRecall, Batch, Curriculum, Task, bits_in_error, sequence_loss
+from sparsemem.memory import SparseWeights
+from sparsemem.models import DNC, NTM, SAM, SDNC, MemoryModel
+from sparsemem.tasks import (
+    TASKS,
+    AssociativeRecall,
+    Batch,
+    Curriculum,
+    KeyValueRecall,
+    Task,
+    bits_in_error,
+    sequence_loss,
+)
 
-MODELS: dict[str, type[MemoryModel]] = {"dnc": DNC, "ntm": NTM}
+MODELS: dict[str, type[MemoryModel]] = {"dnc": DNC, "ntm": NTM, "sam": SAM, "sdnc": SDNC}
 """The models by their command-line name; each takes (input_size, hidden_size, num_slots=N,
-word_size=W, num_reads=R, output_size=...)."""
+word_size=W, num_reads=R, output_size=...); sam and sdnc also k and index, sdnc link_k."""
+
+SPARSE = ("sam", "sdnc")
 
 CONTROLLERS = ("lstm", "feedforward")
 """--controller: an LSTM cell (the default), or Linear + tanh with no state of its own."""
+
+PLOT_SLOTS, PLOT_STEPS = 256, 200
+"""The memory access plot shows at most these many slots and time steps."""
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -43,7 +61,11 @@ class Config:
     difficulty range (sequence length, or items for associative recall; None: the task's
     default). item_length: vectors per item in associative recall. threshold: bits in
     error per sequence, averaged over the last `window` batches at the top level, that
-    advance the curriculum and count as mastered.
+    advance the curriculum and count as mastered. k, index: SAM and SDNC's slots read per
+    head and nearest-neighbour index; link_k: SDNC's link entries per row (K_L).
+    bptt: truncated backpropagation through time, an update every `bptt` time steps with the
+    state carried on, detached (0: one update per sequence). key_bits, query_every, recent,
+    final_queries: the key-value-recall task's (see KeyValueRecall).
     """
 
     model: str = "dnc"
@@ -57,8 +79,16 @@ class Config:
     num_slots: int = 16
     word_size: int = 16
     num_reads: int = 1
+    k: int = 8
+    index: str = "exact"
+    link_k: int = 8
     bits: int = 8
     item_length: int = 3
+    key_bits: int = 32
+    query_every: int = 4
+    recent: int = 16
+    final_queries: int = 16
+    bptt: int = 0
     min_level: int | None = None
     max_level: int | None = None
     curriculum: bool = True
@@ -86,6 +116,9 @@ def make_task(config: Config) -> Task:
     max_level = config.max_level if config.max_level is not None else default.max_level
     if task_cls is AssociativeRecall:
         return task_cls(config.bits, min_level, max_level, item_length=config.item_length)
+    if task_cls is KeyValueRecall:
+        options = ("key_bits", "query_every", "recent", "final_queries")
+        return task_cls(config.bits, min_level, max_level, **{name: getattr(config, name) for name in options})
     return task_cls(config.bits, min_level, max_level)
 
 
@@ -99,6 +132,9 @@ def make_model(config: Config, task: Task) -> MemoryModel:
         # Nothing crosses time steps but the memory: the DNC paper's feed-forward controller.
         controller_in = task.input_size + config.num_reads * config.word_size
         controller = nn.Sequential(nn.Linear(controller_in, config.hidden_size), nn.Tanh())
+    sparse = {"k": config.k, "index": config.index} if config.model in SPARSE else {}
+    if config.model == "sdnc":
+        sparse["link_k"] = config.link_k
     return MODELS[config.model](
         task.input_size,
         config.hidden_size,
@@ -107,6 +143,7 @@ def make_model(config: Config, task: Task) -> MemoryModel:
         num_reads=config.num_reads,
         output_size=task.output_size,
         controller=controller,
+        **sparse,
     )
 
 
@@ -116,11 +153,31 @@ def evaluate(model: MemoryModel, task: Task, batch_size: int = 32, seed: int = 1
     device = next(model.parameters()).device
     errors = {}
     with torch.no_grad():
-        for level in range(task.min_level, task.max_level + 1):
+        for level in task.eval_levels():
             batch = _to(task.sample(batch_size, level, generator), device)
             logits, _ = model(batch.inputs)
             errors[level] = float(bits_in_error(logits, batch))
     return errors
+
+
+def final_query_error(
+    model: MemoryModel, task: KeyValueRecall, level: int, batch_size: int = 32, seed: int = 1234
+) -> float:
+    """The fraction of value bits in error over the final queries of key-value-recall episodes of
+    `level` pairs (queries about any pair of the episode), on held-out batches fixed by `seed`."""
+    batch = _to(task.sample(batch_size, level, torch.Generator().manual_seed(seed)), next(model.parameters()).device)
+    with torch.no_grad():
+        logits, _ = model(batch.inputs)
+    final = slice(batch.inputs.shape[1] - task.final_queries, None)
+    return float(((logits[:, final] > 0) != (batch.targets[:, final] > 0.5)).float().mean())
+
+
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """The most memory this process has held: allocated GPU memory on CUDA, resident set on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _to(batch: Batch, device: torch.device | str) -> Batch:
@@ -158,10 +215,47 @@ class Trainer:
         self.last_checkpoint: int | None = None
 
     def train_step(self) -> dict:
-        """One batch: forward, loss, backward, clipped update. -> this step's metrics."""
+        """One batch: forward, loss, backward, clipped update (one per `bptt` time steps with
+        bptt, the state carried on detached). -> this step's metrics."""
+        started = time.perf_counter()
         level = self.curriculum.draw(self.generator)
-        batch = _to(self.task.sample(self.config.batch_size, level, self.generator), self.config.device)
-        logits, _ = self.model(batch.inputs)
+        sampled = self.task.sample(self.config.batch_size, level, self.generator)
+        batch = _to(sampled, self.config.device)
+        length = batch.inputs.shape[1]
+        window = self.config.bptt or length
+        state, outputs, losses, grad_norms = None, [], [], []
+        for start in range(0, length, window):
+            part = Batch(*(field[:, start : start + window] for field in (batch.inputs, batch.targets, batch.mask)))
+            logits, state = self.model(part.inputs, state)
+            outputs.append(logits.detach())
+            scored = int(sampled.mask[:, start : start + window].sum())  # on the host: no device sync
+            if scored:
+                loss, norm = self._update(logits, part)
+                losses.append((float(loss.detach()) * scored, scored))
+                grad_norms.append(float(norm))
+            state = state.detach()
+        logits = torch.cat(outputs, dim=1)
+        loss = sum(total for total, _ in losses) / max(1, sum(count for _, count in losses))
+        grad_norm = max(grad_norms, default=0.0)
+        self.step += 1
+        bits_error = float(bits_in_error(logits, batch))
+        self.curriculum.update(level, bits_error)
+        if self.steps_to_threshold is None and self.curriculum.mastered:
+            self.steps_to_threshold = self.step
+        return {
+            "step": self.step,
+            "loss": loss,
+            "bits_error": bits_error,
+            "level": level,
+            "top_level": self.curriculum.level,
+            "grad_norm": grad_norm,
+            # float(loss) above waited for the device: the time is the step's, not its launch's
+            "step_seconds": time.perf_counter() - started,
+            "peak_memory_mb": peak_memory_bytes(self.config.device) / 2**20,
+        }
+
+    def _update(self, logits: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Loss on the scored steps, backward, clipped optimizer step -> (loss, gradient norm)."""
         loss = sequence_loss(logits, batch)
         self._check_finite("loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
@@ -169,19 +263,7 @@ class Trainer:
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
         self._check_finite("gradient norm", grad_norm)
         self.optimizer.step()
-        self.step += 1
-        bits_error = float(bits_in_error(logits.detach(), batch))
-        self.curriculum.update(level, bits_error)
-        if self.steps_to_threshold is None and self.curriculum.mastered:
-            self.steps_to_threshold = self.step
-        return {
-            "step": self.step,
-            "loss": float(loss.detach()),
-            "bits_error": bits_error,
-            "level": level,
-            "top_level": self.curriculum.level,
-            "grad_norm": float(grad_norm),
-        }
+        return loss, grad_norm
 
     def _check_finite(self, what: str, value: Tensor) -> None:
         if not bool(torch.isfinite(value)):
@@ -250,6 +332,8 @@ class Trainer:
                             loss=f"{record['loss']:.4f}",
                             bits_error=f"{record['bits_error']:.3f}",
                             level=record["top_level"],
+                            step=f"{1000 * record['step_seconds']:.1f}ms",
+                            peak=f"{record['peak_memory_mb']:.0f}MiB",
                         )
                     if self.step % self.config.checkpoint_every == 0:
                         self.save()
@@ -264,6 +348,9 @@ class Trainer:
             "eval_bits_error": evaluate(self.model, self.task),
             "seconds": time.perf_counter() - started,
         }
+        if isinstance(self.task, KeyValueRecall):
+            levels = self.task.eval_levels()
+            summary["final_query_error"] = {level: final_query_error(self.model, self.task, level) for level in levels}
         _atomic_write(self.out / "summary.json", lambda temp: temp.write_text(json.dumps(summary, indent=2)))
         plot_memory_access(self.model, self.task, self.out / "memory_access.png")
         return summary
@@ -326,21 +413,26 @@ def _plot_learning_curve(metrics: list[dict], path: Path, config: Config) -> Non
     plt.close(figure)
 
 
-def _dense(weights: object, num_slots: int) -> Tensor:
-    # Sparse memories keep (indices, weights); .dense(N) scatters them for the picture.
-    return weights.dense(num_slots) if hasattr(weights, "dense") else weights
+def _dense(weights: object, slots: int) -> Tensor:
+    """The weights of the first `slots` slots as [..., slots] (a sparse memory's other slots are cut)."""
+    if not hasattr(weights, "dense"):
+        return weights[..., :slots]
+    # Sparse memories keep (indices, weights): scatter those below `slots`, never all N.
+    shown = weights.indices < slots
+    return SparseWeights(weights.indices.masked_fill(~shown, 0), weights.weights * shown).dense(slots)
 
 
 def plot_memory_access(model: MemoryModel, task: Task, path: Path, level: int | None = None, seed: int = 0) -> None:
     """Heatmaps over time of one sequence at `level` (default the task's max): the input, the
-    output, the write weights [N] and each read head's weights [N]."""
+    output, the write weights [N] and each read head's weights [N]; at most PLOT_SLOTS slots
+    (the lowest: an LRU fills them first) and PLOT_STEPS steps."""
     plt = _pyplot()
     if plt is None:
         return
     level = level if level is not None else task.max_level
     batch = task.sample(1, level, torch.Generator().manual_seed(seed))
-    inputs = batch.inputs.to(next(model.parameters()).device)
-    N, R = model.memory.num_slots, model.memory.num_reads
+    inputs = batch.inputs[:, :PLOT_STEPS].to(next(model.parameters()).device)
+    N, R = min(model.memory.num_slots, PLOT_SLOTS), model.memory.num_reads
     writes, reads, outputs, state = [], [], [], None
     with torch.no_grad():
         for t in range(inputs.shape[1]):
@@ -349,7 +441,7 @@ def plot_memory_access(model: MemoryModel, task: Task, path: Path, level: int | 
             writes.append(_dense(state.write_weights, N)[0].reshape(-1, N)[0].cpu())
             reads.append(_dense(state.read_weights, N)[0].reshape(R, N).cpu())
     panels = [
-        ("input", batch.inputs[0].T),
+        ("input", batch.inputs[0, :PLOT_STEPS].T),
         ("output", torch.stack(outputs, dim=1)),
         ("write weights", torch.stack(writes, dim=1)),
     ]
@@ -367,14 +459,15 @@ def plot_memory_access(model: MemoryModel, task: Task, path: Path, level: int | 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
     parser = argparse.ArgumentParser(prog="python -m sparsemem.train", description=__doc__.split("\n\n")[0])
     defaults = Config()
+    aliases = {"num_slots": ["--slots"]}
     for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
+        flags = ["--" + field.name.replace("_", "-"), *aliases.get(field.name, [])]
         default = getattr(defaults, field.name)
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default)
         else:
             kind = int if field.name in ("min_level", "max_level") else type(default)
-            parser.add_argument(flag, type=kind, default=default, metavar=field.name.upper())
+            parser.add_argument(*flags, type=kind, default=default, metavar=field.name.upper())
     parser.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT}")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = vars(parser.parse_args(argv))

@@ -1,10 +1,12 @@
 """Algorithmic tasks with seeded batch generators, a curriculum over difficulty, and the
 papers' metric (bits in error per sequence)."""
 
-from sparsemem.tasks.algorithmic import AssociativeRecall, Copy, PrioritySort, RepeatCopy
+from sparsemem.tasks.algorithmic import AssociativeRecall, Copy, KeyValueRecall, PrioritySort, RepeatCopy
 from sparsemem.tasks.base import Batch, Curriculum, Task, bits_in_error, sequence_loss
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (Copy, RepeatCopy, AssociativeRecall, PrioritySort)}
+TASKS: dict[str, type[Task]] = {
+    task.name: task for task in (Copy, RepeatCopy, AssociativeRecall, PrioritySort, KeyValueRecall)
+}
 """The tasks by their command-line name."""
 
 __all__ = [
@@ -13,6 +15,7 @@ __all__ = [
     "Batch",
     "Copy",
     "Curriculum",
+    "KeyValueRecall",
     "PrioritySort",
     "RepeatCopy",
     "Task",

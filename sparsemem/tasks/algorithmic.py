@@ -142,3 +142,70 @@ class PrioritySort(Task):
         mask = torch.zeros(B, 2 * L + 1, dtype=torch.bool)
         mask[:, L + 1 :] = True
         return Batch(inputs, targets, mask)
+
+
+class KeyValueRecall(Task):
+    """Associative recall that needs a large memory: `level` key-value pairs in one long episode,
+    then queries about any of them (e.g. 20,000 pairs: more than 1024 slots can hold).
+
+    A store step shows a random key (key_bits) and value (bits) with the store flag (channel
+    key_bits + bits). After every `query_every` stores a query step (flag on the last channel)
+    shows the key of one of the last `recent` pairs: answering those teaches writing and
+    reading within a truncated-BPTT window. The episode ends with `final_queries` queries
+    about pairs drawn uniformly from the whole episode, which only a memory that kept every
+    pair answers. The value is due at the query step itself. input [B, T, key_bits + bits + 2],
+    output [B, T, bits], T = level + level // query_every + final_queries; level = pairs.
+    Keys are drawn independently: with key_bits = 32, two equal keys among 20,000 are rare.
+    """
+
+    name = "key-value-recall"
+
+    def __init__(
+        self,
+        bits: int = 8,
+        min_pairs: int = 2,
+        max_pairs: int = 64,
+        key_bits: int = 32,
+        query_every: int = 4,
+        recent: int = 16,
+        final_queries: int = 16,
+    ) -> None:
+        super().__init__(min_pairs, max_pairs)
+        for name, value in (("key_bits", key_bits), ("query_every", query_every), ("recent", recent)):
+            if value < 1:
+                raise ValueError(f"{name} must be positive; got {value}")
+        if final_queries < 0:
+            raise ValueError(f"final_queries must be >= 0; got {final_queries}")
+        self.bits, self.key_bits = bits, key_bits
+        self.query_every, self.recent, self.final_queries = query_every, recent, final_queries
+        self.input_size = key_bits + bits + 2
+        self.output_size = bits
+
+    def eval_levels(self) -> list[int]:
+        return sorted({self.min_level, self.max_level})
+
+    def sample(self, batch_size: int, level: int, generator: torch.Generator) -> Batch:
+        self._check_level(level)
+        B, P, every = batch_size, level, self.query_every
+        keys = random_bits(B, P, self.key_bits, generator)
+        values = random_bits(B, P, self.bits, generator)
+        stores = torch.arange(P)
+        # query j (1-based) follows store j*every - 1 and asks about one of the `recent` before it
+        ends = torch.arange(1, P // every + 1) * every
+        back = (torch.rand(B, len(ends), generator=generator) * ends.clamp(max=self.recent)).long()
+        asked = torch.cat([ends - 1 - back, torch.randint(0, P, (B, self.final_queries), generator=generator)], 1)
+        T = P + len(ends) + self.final_queries
+        query_steps = torch.cat([ends + torch.arange(len(ends)), torch.arange(T - self.final_queries, T)])
+        rows = torch.arange(B).unsqueeze(1)
+        inputs = torch.zeros(B, T, self.input_size)
+        store_steps = stores + stores // every
+        inputs[:, store_steps, : self.key_bits] = keys
+        inputs[:, store_steps, self.key_bits : -2] = values
+        inputs[:, store_steps, -2] = 1
+        inputs[:, query_steps, : self.key_bits] = keys[rows, asked]
+        inputs[:, query_steps, -1] = 1
+        targets = torch.zeros(B, T, self.bits)
+        targets[:, query_steps] = values[rows, asked]
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        mask[:, query_steps] = True
+        return Batch(inputs, targets, mask)

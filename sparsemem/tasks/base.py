@@ -42,6 +42,10 @@ class Task(ABC):
     def sample(self, batch_size: int, level: int, generator: torch.Generator) -> Batch:
         """B sequences at difficulty `level`, drawn from `generator` only (so a seed fixes them)."""
 
+    def eval_levels(self) -> list[int]:
+        """The levels a trained model is evaluated at (all of them, unless a task has too many)."""
+        return list(range(self.min_level, self.max_level + 1))
+
     def _check_level(self, level: int) -> None:
         if not self.min_level <= level <= self.max_level:
             raise ValueError(f"level must be in [{self.min_level}, {self.max_level}] for {self.name}; got {level}")

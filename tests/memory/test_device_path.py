@@ -16,6 +16,7 @@ from sparsemem.index import ExactIndex
 from sparsemem.memory import SAMMemory, SDNCMemory
 from sparsemem.memory._lazy import ListLRU, TimestampLRU
 from sparsemem.memory.sam import capture_step
+from sparsemem.models import SAM
 from sparsemem.reference.sam import access_update_ref, lru_ref
 from tests.tolerances import tolerance
 
@@ -144,6 +145,16 @@ def test_a_step_never_reads_device_values_on_the_host(name):
             state = state.detach()
             with torch.no_grad():
                 memory.step(state, torch.randn(B, memory.interface_size, device="meta"))
+
+
+def test_a_sam_model_trains_without_reading_device_values_on_the_host():
+    model = SAM(5, 16, num_slots=1 << 12, word_size=8, num_reads=R, k=4, output_size=3).to("meta")
+    with _NoHostCopies():
+        x = torch.randn(B, 4, 5, device="meta")
+        y, state = model(x)
+        state = state.reset(torch.arange(B, device="meta") == 0).detach()
+        y2, _ = model(x, state)
+        (y.square().mean() + y2.square().mean()).backward()
 
 
 def test_captured_step_replays_the_eager_step(device_path):

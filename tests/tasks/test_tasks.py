@@ -8,6 +8,7 @@ from sparsemem.tasks import (
     AssociativeRecall,
     Copy,
     Curriculum,
+    KeyValueRecall,
     PrioritySort,
     RepeatCopy,
     bits_in_error,
@@ -118,3 +119,37 @@ def test_bad_levels_are_named():
         Copy(BITS, 4, 2)
     with pytest.raises(ValueError, match="min_items >= 2"):
         AssociativeRecall(BITS, min_items=1)
+
+
+def test_key_value_recall_answers_with_the_value_stored_under_the_key():
+    task = KeyValueRecall(BITS, max_pairs=2000, key_bits=24, query_every=4, recent=16, final_queries=50)
+    P, kb = 2000, 24
+    batch = task.sample(3, P, generator())
+    T = batch.inputs.shape[1]
+    assert T == P + P // 4 + 50
+    store = batch.inputs[..., -2] == 1
+    query = batch.inputs[..., -1] == 1
+    assert torch.equal(query, batch.mask) and not (store & query).any()
+    assert store.sum(1).tolist() == [P] * 3 and query[:, -50:].all()
+    for b in range(3):
+        steps = store[b].nonzero().flatten().tolist()
+        position = {tuple(batch.inputs[b, t, :kb].int().tolist()): i for i, t in enumerate(steps)}
+        asked = []
+        for t in query[b].nonzero().flatten().tolist():
+            i = position[tuple(batch.inputs[b, t, :kb].int().tolist())]
+            assert torch.equal(batch.targets[b, t], batch.inputs[b, steps[i], kb:-2])
+            stored_before = sum(1 for s in steps if s < t)
+            assert i < stored_before
+            if t < T - 50:
+                assert stored_before - i <= 16  # a recent pair: within reach of truncated BPTT
+            else:
+                asked.append(i)
+        # the final queries reach back over the whole episode, far beyond the recent window
+        assert min(asked) < P // 2 and max(asked) >= P // 2
+
+
+def test_key_value_recall_scales_to_many_pairs_quickly():
+    task = KeyValueRecall(BITS, max_pairs=20_000)
+    batch = task.sample(2, 20_000, generator())
+    assert batch.inputs.shape == (2, 20_000 + 5_000 + 16, 32 + BITS + 2)
+    assert task.eval_levels() == [2, 20_000]
