@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from sparsemem import ops
+from sparsemem import _checks, ops
 from sparsemem._profiling import region
 from sparsemem.memory._lazy import JournaledMemory
 from sparsemem.memory.sam import SAMInterface, SAMMemory, SAMState, SparseWeights
@@ -46,6 +46,8 @@ class LinkStore:
         self.indices = torch.empty(self.spare + 1, link_k, dtype=torch.int32, device=device)
         self.written = torch.zeros(self.spare + 1, dtype=torch.bool, device=device)
         self._written_keys: list[Tensor] = []
+        # as LazyMemory: the written-keys bookkeeping of O(rows written) resets reads on the host
+        self.on_host = _checks.on_host(device)
 
     def keys(self, ids: Tensor) -> Tensor:
         """ids [B, ...] in [-1, 2N) -> flat keys [B * ...]."""
@@ -64,6 +66,9 @@ class LinkStore:
     def write(self, keys: Tensor, rows: Tensor, update_index: bool = True) -> None:
         """Values [M, K_L] into keys [M] in place (write_indices sets their indices)."""
         self.rows[keys] = rows
+        if not self.on_host:
+            self.written[keys] = keys != self.spare  # the spare row stays unwritten: it reads as 0
+            return
         real = keys[(keys != self.spare) & ~self.written[keys]]
         fresh = torch.unique(real)
         if fresh.numel():
@@ -81,7 +86,11 @@ class LinkStore:
         return keys[selected[keys // self.num_slots]]
 
     def forget(self, mask: Tensor) -> None:
-        """Batch rows where mask [B] is True back to no links, in O(rows written)."""
+        """Batch rows where mask [B] is True back to no links, in O(rows written) on the host."""
+        if not self.on_host:
+            written = self.written[: self.spare].view(self.batch, self.num_slots)
+            written.masked_fill_(mask.to(written.device).unsqueeze(-1), False)
+            return
         self.written[self.written_keys(mask.nonzero().flatten().tolist())] = False
         if self._written_keys:
             remaining = torch.cat(self._written_keys)

@@ -119,10 +119,7 @@ class _NoHostCopies(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-# sdnc.py's link functions still read on the host (_with_rows_for: .any(), int(), a boolean
-# index); strict, so the marker goes when they stop.
-SDNC_LINKS_SYNC = pytest.mark.xfail(strict=True, reason="sdnc.py's _with_rows_for reads on the host")
-SAM_AND_SDNC = ["SAM", pytest.param("SDNC", marks=SDNC_LINKS_SYNC)]
+SAM_AND_SDNC = ["SAM", "SDNC"]
 MEMORIES = {"SAM": SAMMemory, "SDNC": SDNCMemory}
 
 
