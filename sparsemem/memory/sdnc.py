@@ -168,7 +168,7 @@ def _packed(slots: Tensor) -> Tensor:
     repeat = torch.zeros_like(slots, dtype=torch.bool)
     repeat[:, 1:] = slots[:, 1:] == slots[:, :-1]
     slots = slots.masked_fill(repeat, last).sort(dim=-1).values
-    if slots.device.type == "cpu":
+    if _checks.on_host(slots.device):
         slots = slots[:, : max(1, int((slots != last).sum(-1).max()))]
     return slots.masked_fill(slots == last, -1)
 

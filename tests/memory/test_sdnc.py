@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import sparsemem as sm
+from sparsemem import _checks
 from sparsemem import reference as ref
 from sparsemem.memory.sdnc import SDNCInterface, SDNCMemory
 from sparsemem.reference.sdnc import sdnc_link_update_ref, sdnc_step_ref, sdnc_temporal_reads_ref
@@ -174,6 +175,20 @@ def test_saved_for_backward_does_not_grow_with_slots_written_before():
             written.append(int(state.links.store.written.sum()))
     assert written[1] > 3 * written[0], written
     assert saved[1] < 1.1 * saved[0], saved
+
+
+def test_device_path_saves_the_same_bytes_whatever_was_written_before(monkeypatch):
+    # off the host the gathered link rows keep their fixed width: saved bytes are exactly equal
+    monkeypatch.setattr(_checks, "on_host", lambda device: False)
+    module = SDNCMemory(1 << 12, 4, 1, k=2, link_k=2)
+    few, many = module.init_state(2), module.init_state(2)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in range(40):
+            _, many = module.step(many, torch.randn(2, module.interface_size, generator=g))
+            if t < 2:
+                _, few = module.step(few, torch.randn(2, module.interface_size, generator=g))
+    assert _saved_bytes(module, many.detach(), 3) == _saved_bytes(module, few.detach(), 3)
 
 
 def test_link_storage_grows_with_written_slots_not_n():
