@@ -29,6 +29,9 @@ class Kernel:
 
 
 _KERNELS: dict[str, dict[str, Kernel]] = {}
+# (op, device type, SPARSEMEM_BACKEND as set) -> kernel: every op call looks its kernel up, so the
+# choice is made once per key; a new value of the variable is a new key.
+_CHOSEN: dict[tuple[str, str, str | None], Kernel] = {}
 
 
 def register(op: str, backend: str, kernel: Kernel) -> None:
@@ -37,6 +40,7 @@ def register(op: str, backend: str, kernel: Kernel) -> None:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _KERNELS.setdefault(op, {})[backend] = kernel
     _select.cache_clear()
+    _CHOSEN.clear()
 
 
 def extension() -> object | None:
@@ -108,7 +112,11 @@ def forced_backend() -> str | None:
 
 def kernel(op: str, device: torch.device) -> Kernel:
     """The kernel of `op` that runs for tensors on `device`."""
-    return _KERNELS[op][backend_for(op, device)]
+    key = (op, device.type, os.environ.get("SPARSEMEM_BACKEND"))
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
+        chosen = _CHOSEN[key] = _KERNELS[op][backend_for(op, device)]
+    return chosen
 
 
 def backend_for(op: str, device: torch.device) -> str:

@@ -41,3 +41,12 @@ def test_extension_is_built_and_preferred_on_cpu():
         pytest.skip(_backends.availability()["cpp"])
     assert "cpu" in torch.ops.sparsemem.ext_info()
     assert _backends.backend_for("memory_read", torch.device("cpu")) == "cpp"
+
+
+def test_kernel_choice_follows_sparsemem_backend(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("SPARSEMEM_BACKEND", "torch")
+    assert _backends.kernel("memory_read", cpu) is _backends._KERNELS["memory_read"]["torch"]
+    monkeypatch.delenv("SPARSEMEM_BACKEND")
+    chosen = _backends._KERNELS["memory_read"][_backends.backend_for("memory_read", cpu)]
+    assert _backends.kernel("memory_read", cpu) is chosen

@@ -133,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor> ext_topk_content(const at::Tensor& memory_in,
 // s = d / (a m) with d = k . x, a = ||k||_eps, m = ||x||_eps:
 //   ds/dx = k / (a m) - s x / m^2,   ds/dk = x / (a m) - s k / a^2.
 // grad_memory is dense by the op's contract but only the K rows per head are non-zero. Tasks are
-// batch rows, so the rows a task accumulates into (heads may share slots) belong to it alone.
+// batch rows, so the rows a task accumulates into (heads may share slots) belong to it alone; each
+// task zeroes its batch row of grad_memory first instead of a separate at::zeros pass.
 std::vector<at::Tensor> ext_topk_content_backward(const at::Tensor& grad_scores_in,
                                                   const std::optional<at::Tensor>& /*grad_indices*/,
                                                   const at::Tensor& memory_in, const at::Tensor& keys_in, int64_t k,
@@ -145,7 +146,7 @@ std::vector<at::Tensor> ext_topk_content_backward(const at::Tensor& grad_scores_
   const auto scores = scores_in.contiguous();
   const auto indices = indices_in.contiguous();
   const int64_t B = memory.size(0), N = memory.size(1), W = memory.size(2), R = keys.size(1);
-  auto grad_memory = at::zeros_like(memory);
+  auto grad_memory = at::empty_like(memory);
   auto grad_keys = at::empty_like(keys);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "ext_topk_content_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -156,9 +157,10 @@ std::vector<at::Tensor> ext_topk_content_backward(const at::Tensor& grad_scores_
     const int64_t* slots = indices.data_ptr<int64_t>();
     scalar_t* gm = grad_memory.data_ptr<scalar_t>();
     scalar_t* gq = grad_keys.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain(3 * R * k * W), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, grain(3 * R * k * W + N * W), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> key(W), word(W), grad_key(W);
       for (int64_t b = begin; b < end; ++b) {
+        std::fill(gm + b * N * W, gm + (b + 1) * N * W, scalar_t(0));
         for (int64_t r = 0; r < R; ++r) {
           const int64_t head = b * R + r;
           for (int64_t i = 0; i < W; ++i) key[i] = acc_t(q[head * W + i]);
