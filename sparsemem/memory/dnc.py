@@ -58,9 +58,21 @@ class DNCState(DenseState):
     def fresh(self) -> "DNCState":
         zeros = {name: torch.zeros_like(getattr(self, name)) for name in self._recurrent_fields()}
         if self.initial_memory is not None:
-            # A preloaded memory counts as written: allocation leaves it alone until freed.
-            zeros.update(memory=self.initial_memory.expand_as(self.memory), usage=torch.ones_like(self.usage))
+            memory = self.initial_memory.expand_as(self.memory)
+            zeros.update(memory=memory, usage=preloaded_usage(memory).to(self.usage.dtype))
         return DNCState(**zeros, initial_memory=self.initial_memory)
+
+
+def preloaded_usage(memory: Tensor) -> Tensor:
+    """The usage [B, N] of a preloaded memory [B, N, W]: 1 for a row holding anything, 0 for an
+    all-zero row.
+
+    A written row is in use: allocation leaves it alone until a read with a free gate releases
+    it (the DNC's only way to give a row back), so a preloaded knowledge base is not overwritten
+    by the first writes. An all-zero row is what a fresh memory holds and stays free for
+    allocation: preload N' < N rows and pad with zeros to leave N - N' slots to write in
+    (preloading zeros everywhere is the same as no preload)."""
+    return (memory.detach() != 0).any(-1).to(memory.dtype)
 
 
 class DNCMemory(Memory):
@@ -101,7 +113,8 @@ class DNCMemory(Memory):
         dtype: torch.dtype | None = None,
     ) -> DNCState:
         """A fresh memory: zeros, nothing used, no links, no reads yet. A given memory
-        [B, N, W] (or [N, W]) is the starting content, every row counted as written."""
+        [B, N, W] (or [N, W]) is the starting content; its rows that hold anything count as
+        used (usage 1) and its all-zero rows as free (usage 0): see preloaded_usage."""
         B, N, R = batch_size, self.num_slots, self.num_reads
         initial = self.initial_memory(B, memory, device, dtype)
         if initial is not None:

@@ -123,9 +123,21 @@ def test_preloaded_memory(model_cls):
         model.init_state(B, memory=torch.randn(N + 1, W))
 
 
-def test_preloaded_dnc_memory_counts_as_written():
-    state = make(sm.DNC).init_state(B, memory=torch.randn(B, N, W))
-    assert torch.equal(state.access.usage, torch.ones(B, N))
+def test_preloaded_dnc_rows_are_used_and_zero_rows_free():
+    model = make(sm.DNC)
+    rows = torch.randn(B, N, W)
+    rows[:, N // 2 :] = 0  # a knowledge base in the first half, room to write in the second
+    state = model.init_state(B, memory=rows)
+    expected = torch.zeros(B, N)
+    expected[:, : N // 2] = 1
+    assert torch.equal(state.access.usage, expected)
+    assert torch.equal(state.reset(torch.ones(B, dtype=torch.bool)).access.usage, expected)
+    # the first allocation goes to the first free row, never into the knowledge base
+    allocation = sm.ops.allocation_weights(state.access.usage)
+    assert torch.equal(allocation.argmax(-1), torch.full((B,), N // 2))
+    # and a preloaded all-zero memory is a fresh one
+    x = torch.randn(B, T, I)
+    torch.testing.assert_close(model(x, model.init_state(B, memory=torch.zeros(N, W)))[0], model(x)[0])
 
 
 class FeedForward(nn.Module):
