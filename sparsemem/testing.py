@@ -113,6 +113,21 @@ def _sparse_link_inputs(op, B, N, R, g, rand, distribution) -> tuple:
     return (*gathered(link), *gathered(link.transpose(1, 2)), precedence, precedence_values, writes, write_weights)
 
 
+DENSE_KERNEL_OPS = (
+    "content_weights",
+    "content_read",
+    "allocation_weights",
+    "memory_write",
+    "memory_read",
+    "link_update",
+    "temporal_reads",
+    "link_update_reads",
+)
+"""The dense ops with C++, CUDA and Triton kernels; every input of each is differentiable."""
+
+QUADRATIC_OPS = ("link_update", "temporal_reads", "link_update_reads")
+"""Ops on [B, N, N] link matrices: N = 4097 is 50M elements per tensor in float64."""
+
 OPS = (
     "content_weights",
     "content_read",

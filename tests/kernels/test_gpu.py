@@ -9,27 +9,16 @@ import torch
 
 import sparsemem as sm
 from sparsemem import _backends, reference
-from sparsemem.testing import op_inputs
+from sparsemem.testing import DENSE_KERNEL_OPS, QUADRATIC_OPS, op_inputs
 from tests.kernels.inputs import hard_usages
 from tests.tolerances import tolerance
 
 pytestmark = pytest.mark.gpu
 
-GPU_OPS = (
-    "content_weights",
-    "content_read",
-    "allocation_weights",
-    "memory_write",
-    "memory_read",
-    "link_update",
-    "temporal_reads",
-    "link_update_reads",
-)
-QUADRATIC = ("link_update", "temporal_reads", "link_update_reads")
-
 
 def gpu_cases() -> list[tuple[str, str]]:
-    return [(op, backend) for op in GPU_OPS for backend in ("triton", "cuda") if backend in _backends._KERNELS[op]]
+    backends = ("triton", "cuda")
+    return [(op, backend) for op in DENSE_KERNEL_OPS for backend in backends if backend in _backends._KERNELS[op]]
 
 
 def _as_tuple(value):
@@ -59,7 +48,7 @@ def nan_poisoned_cache():
 @pytest.mark.parametrize("N", [1, 7, 33, 1000, 4097])
 @pytest.mark.parametrize(("op", "backend"), gpu_cases())
 def test_matches_reference_on_gpu(op, backend, N, dtype, use_backend):
-    if op in QUADRATIC and N > 1000:
+    if op in QUADRATIC_OPS and N > 1000:
         pytest.skip("N x N links: N <= 1000 here, larger in bench/")
     use_backend(backend)
     args = _cuda(op_inputs(op, dtype, B=3, N=N, W=9, R=3))

@@ -9,24 +9,10 @@ import pytest
 import torch
 
 from sparsemem import _backends, reference
-from sparsemem.testing import op_inputs
+from sparsemem.testing import DENSE_KERNEL_OPS, QUADRATIC_OPS, op_inputs
 from tests.tolerances import tolerance
 
 pytestmark = pytest.mark.skipif(_backends.availability()["cpp"] is not None, reason="C++ extension not built")
-
-# Every input of these ops is differentiable, so ext_<op>_backward returns a grad per input.
-OPS = (
-    "content_weights",
-    "content_read",
-    "allocation_weights",
-    "memory_write",
-    "memory_read",
-    "link_update",
-    "temporal_reads",
-    "link_update_reads",
-)
-# [B, N, N] link matrices: N = 4097 would be 50M elements per tensor in float64.
-QUADRATIC = {"link_update", "temporal_reads", "link_update_reads"}
 
 
 def _as_tuple(value):
@@ -59,9 +45,9 @@ def poisoned_empty():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("N", [1, 7, 33, 1000, 4097])
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", DENSE_KERNEL_OPS)
 def test_kernels_write_every_element_and_match_reference(op, N, dtype, poisoned_empty):
-    if op in QUADRATIC and N > 1000:
+    if op in QUADRATIC_OPS and N > 1000:
         pytest.skip("N x N links at N = 4097 cost seconds per call on 2 cores; N = 1000 is odd and multi-block")
     args = op_inputs(op, dtype, B=3, N=N, W=5, R=3, seed=N)
     outputs = _ext(op, *args)
@@ -125,7 +111,7 @@ def test_allocation_gradcheck_at_zero_and_one():
     assert torch.autograd.gradcheck(Allocation.apply, (usage.requires_grad_(True),))
 
 
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", DENSE_KERNEL_OPS)
 def test_bfloat16_forward_and_backward(op):
     args64 = op_inputs(op, torch.float64, B=2, N=33, W=8, R=3)
     args16 = tuple(a.to(torch.bfloat16) for a in args64)
