@@ -34,9 +34,9 @@ def test_buffer_merges_then_tombstones_then_rebuilds():
         index.update(rows[:, first : first + 16], slots)
         memory.update(rows[:, first : first + 16], slots)
     stats = index.stats()
-    # A step that does not fit the buffer merges it (32 rows) with the step's 16: 8 merges of 48 rows,
-    # 16 left in the buffer. Trainings at 48, 96 and 240 rows (the rows filed since the last one outnumber it).
-    assert stats.buffered == 16 * batch_size and stats.merges == 5 * batch_size
+    # 400 rows = 12 merges of a full buffer (32 rows) + 16 buffered; of those merges, 3 retrain the lists
+    # (at 32, 96 and 224 rows: the rows filed since the last training outnumber it).
+    assert stats.buffered == 16 * batch_size and stats.merges == 9 * batch_size
     assert stats.rebuilds == 3 * batch_size and stats.tombstones == 0 and stats.rows == num_slots * batch_size
     old_rows = overwrite(index, memory, g, 20, batch_size, num_slots)
     assert 0 < index.stats().tombstones <= 20 * batch_size
@@ -132,8 +132,8 @@ def test_sparse_models_accept_index_ivf(model_cls):
 
 
 def test_defaults_follow_the_row_count():
-    assert default_nlist(10) == 1 and default_nlist(2**12) == 64 and default_nlist(2**20) == 1024
-    assert default_nprobe(1) == 8 and default_nprobe(1024) == 64
+    assert default_nlist(10) == 1 and default_nlist(2**12) == 128 and default_nlist(2**20) == 2048
+    assert default_nprobe(1) == 8 and default_nprobe(2048) == 64
 
 
 def test_bad_options_errors():
