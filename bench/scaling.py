@@ -54,7 +54,10 @@ from sparsemem.index import Index
 
 DENSE = ("NTM", "DNC")
 SPARSE = ("SAM", "SDNC")
-INDEXES = ("exact", "faiss-hnsw", "faiss-ivf")
+INDEXES = ("exact", "ivf", "faiss-hnsw", "faiss-ivf")
+DEFAULT_INDEXES = {"cpu": ("exact", "faiss-hnsw", "faiss-ivf"), "cuda": ("exact", "ivf")}
+"""faiss is the better approximate index on a CPU (bench/results/index_ivf_cpu*.json); a GPU
+machine has no faiss, and sparsemem's own IVF index runs there."""
 REGIMES = ("fresh", "full")
 FIT_POINTS = 4
 """Slopes are fitted over the largest sizes measured, where fixed per-step costs matter least."""
@@ -750,7 +753,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = Config()
     parser.add_argument("--models", type=_names(DENSE + SPARSE), default=list(DENSE + SPARSE))
-    parser.add_argument("--indexes", type=_names(INDEXES), default=list(INDEXES), help="for SAM and SDNC")
+    parser.add_argument(
+        "--indexes",
+        type=_names(INDEXES),
+        help="for SAM and SDNC (default: exact and faiss on a CPU, exact and ivf on a GPU)",
+    )
     parser.add_argument("--regimes", type=_names(REGIMES), default=list(REGIMES))
     parser.add_argument("--min-slots", type=_slots, default=2**10)
     parser.add_argument("--max-slots", type=_slots, default=2**20)
@@ -783,6 +790,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.log2_step is None:
         args.log2_step = 1 if args.full else 2
+    if args.indexes is None:
+        args.indexes = list(DEFAULT_INDEXES["cuda" if args.device.startswith("cuda") else "cpu"])
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: torch here has no CUDA device")
 

@@ -86,7 +86,9 @@ def test_smoke_run_writes_json_table_and_plots(tmp_path):
 
     cases = payload["cases"]
     series = {(c["model"], c["index"], c["regime"]) for c in cases}
-    expected = [(m, None) for m in scaling.DENSE] + [(m, i) for m in scaling.SPARSE for i in scaling.INDEXES]
+    expected = [(m, None) for m in scaling.DENSE] + [
+        (m, i) for m in scaling.SPARSE for i in scaling.DEFAULT_INDEXES["cpu"]
+    ]
     assert series == {(m, i, regime) for m, i in expected for regime in scaling.REGIMES}
     for case in cases:
         assert case["num_slots"] in (16, 32) and case["estimate_bytes"] > 0
@@ -115,3 +117,11 @@ def test_smoke_run_writes_json_table_and_plots(tmp_path):
     table = (tmp_path / "scaling.md").read_text()
     assert table.startswith("| model | regime | N |") and "Slopes" in table
     assert "| N | NTM | DNC | SAM/exact |" in table  # the per-regime pivot
+
+
+def test_ivf_index_runs_when_asked(tmp_path):
+    out = tmp_path / "scaling.json"
+    args = [*TINY, "--models", "SAM", "--indexes", "ivf", "--regimes", "fresh", "--no-plot", "--out", str(out)]
+    cases = scaling.main(args)["cases"]
+    assert {(c["model"], c["index"]) for c in cases} == {("SAM", "ivf")}
+    assert all(c["status"] == "ok" and c["forward_backward"]["median"] > 0 for c in cases)
