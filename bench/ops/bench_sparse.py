@@ -1,6 +1,7 @@
-"""The sparse ops' fast kernels against the torch backend, on the CPU.
+"""The sparse ops' fast kernels against the torch backend, on the CPU or the GPU.
 
     python -m bench.ops.bench_sparse [--slots 4096] [--topk-log2-slots 20] [--threads 2]
+    python -m bench.ops.bench_sparse --device cuda      # triton, cuda and torch backends on the GPU
 
 1. sparse_read, sparse_write, topk_content, sparse_link_update and sparse_temporal_reads, forward
    and forward+backward, every backend that runs here, at B=8, W=64, R=4, K=8, K_L=8 (sparse_write
@@ -12,6 +13,11 @@
    does not.
 
 Prints tables and writes bench/results/sparse_ops.json (with header) and sparse_ops.png.
+
+With --device cuda the inputs live on the GPU, every backend that runs there is timed (triton
+included: on the CPU it only runs interpreted, a correctness check, not a timing) with
+triton.testing.do_bench, the topk comparison runs in-process and reports the peak CUDA memory
+above the inputs, and the results go to sparse_ops_cuda.json / .png.
 """
 
 import argparse
@@ -27,15 +33,18 @@ from unittest import mock
 import torch
 
 import sparsemem as sm
-from bench.common import RESULTS, header, time_cpu, write_json
+from bench.common import RESULTS, header, time_cpu, time_gpu, write_json
 from sparsemem import _backends
 
 B, W, R, K, K_L = 8, 64, 4, 8, 8
 LINK_OPS = ("sparse_link_update", "sparse_temporal_reads")
 
 
-def cpu_backends(op: str) -> list[str]:
-    return [b for b in _backends._KERNELS[op] if _backends.availability()[b] is None and _backends._runs_on(b, "cpu")]
+def timed_backends(op: str, device: str) -> list[str]:
+    """The backends of `op` that run on `device`, torch first; interpreted triton on the CPU is
+    a correctness check, not a timing."""
+    found = [b for b in _backends._KERNELS[op] if _backends.availability()[b] is None and _backends._runs_on(b, device)]
+    return [b for b in found if device == "cuda" or b != "triton"]
 
 
 @functools.cache
@@ -76,11 +85,13 @@ def inputs(op: str, num_slots: int, seed: int = 0) -> tuple:
     return memory, indices, keys, torch.rand(B, R, generator=g) * 5
 
 
-def time_op(op: str, backend: str, num_slots: int) -> dict:
+def time_op(op: str, backend: str, num_slots: int, device: str = "cpu") -> dict:
     os.environ["SPARSEMEM_BACKEND"] = backend
     fn = getattr(sm.ops, op)
     args = inputs(op, num_slots)
-    args = tuple(a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a for a in args)
+    args = tuple(
+        a.detach().to(device).requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a for a in args
+    )
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     outputs = [o for o in fn(*args) if o.is_floating_point()] if op != "sparse_write" else [fn(*args)]
     seeds = [torch.randn_like(o) for o in outputs]
@@ -94,13 +105,9 @@ def time_op(op: str, backend: str, num_slots: int) -> dict:
         result = result if isinstance(result, tuple) else (result,)
         torch.autograd.grad([o for o in result if o.is_floating_point()], leaves, seeds)
 
-    return {
-        "op": op,
-        "backend": backend,
-        "N": num_slots,
-        "forward": time_cpu(forward, min_run_time=0.5),
-        "forward_backward": time_cpu(forward_backward, min_run_time=0.5),
-    }
+    timer = time_gpu if device == "cuda" else functools.partial(time_cpu, min_run_time=0.5)
+    timings = {"forward": timer(forward), "forward_backward": timer(forward_backward)}
+    return {"op": op, "backend": backend, "N": num_slots, **timings}
 
 
 def peak_rss_bytes() -> int:
@@ -130,6 +137,31 @@ def topk_child(backend: str, num_slots: int) -> dict:
     }
 
 
+def topk_cuda(backend: str, num_slots: int) -> dict:
+    """topk_content forward on the GPU: time and peak CUDA memory above the inputs."""
+    os.environ["SPARSEMEM_BACKEND"] = backend
+    memory, keys, k = inputs("topk_content", num_slots)
+    memory, keys = memory.cuda(), keys.cuda()
+    with torch.no_grad():
+        sm.ops.topk_content(memory, keys, k)  # compiles the kernels
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        sm.ops.topk_content(memory, keys, k)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before
+        timing = time_gpu(lambda: sm.ops.topk_content(memory, keys, k))
+    return {
+        "op": "topk_content",
+        "backend": backend,
+        "N": num_slots,
+        "forward": timing,
+        "inputs_bytes": memory.nbytes + keys.nbytes,
+        "peak_rss_above_inputs_bytes": extra,  # CUDA memory here
+        "scores_BRN_bytes": B * R * num_slots * memory.element_size(),
+    }
+
+
 def run_child(backend: str, num_slots: int, threads: int) -> dict:
     command = [sys.executable, "-m", "bench.ops.bench_sparse", "--child", backend, "--slots", str(num_slots)]
     command += ["--threads", str(threads)]
@@ -138,7 +170,7 @@ def run_child(backend: str, num_slots: int, threads: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def plot(results: list[dict], topk: list[dict], path: Path) -> None:
+def plot(results: list[dict], topk: list[dict], path: Path, device: str = "cpu") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,14 +190,15 @@ def plot(results: list[dict], topk: list[dict], path: Path) -> None:
     left.set_xticks(range(len(labels)), labels, fontsize=7, rotation=90)
     left.set_yscale("log")  # the link ops' speed-ups are 100x the others'
     left.set_ylabel("speed-up over the torch backend (median)")
-    left.set_title(f"B={B} W={W} R={R} K={K}, CPU")
+    left.set_title(f"B={B} W={W} R={R} K={K}, {device.upper()}")
     left.legend()
     names = [f"{t['backend']}\nN=2^{t['N'].bit_length() - 1}" for t in topk]
     right.bar(names, [t["forward"]["median"] * 1e3 for t in topk], color="tab:blue")
     right.set_ylabel("topk_content forward, ms", color="tab:blue")
     twin = right.twinx()
     twin.plot(names, [t["peak_rss_above_inputs_bytes"] / 2**20 for t in topk], "o", color="tab:orange")
-    twin.set_ylabel("peak RSS above inputs, MiB", color="tab:orange")
+    memory = "peak CUDA memory" if device == "cuda" else "peak RSS"
+    twin.set_ylabel(f"{memory} above inputs, MiB", color="tab:orange")
     right.set_title("topk_content vs matmul + torch.topk")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -177,43 +210,50 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--topk-log2-slots", type=int, default=20, help="N = 2^this for the topk comparison")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one topk case, JSON on stdout
-    parser.add_argument("--out", default=str(RESULTS / "sparse_ops.json"))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default=None, help="default bench/results/sparse_ops.json (_cuda.json on the GPU)")
     args = parser.parse_args(argv)
+    device = args.device
     torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(topk_child(args.child, args.slots)))
         return {}
-    config = {"B": B, "W": W, "R": R, "K": K, "K_L": K_L, "J": R * K + 1, "dtype": "float32", "device": "cpu"}
+    config = {"B": B, "W": W, "R": R, "K": K, "K_L": K_L, "J": R * K + 1, "dtype": "float32", "device": device}
     config |= {"N": args.slots, "topk_N": 2**args.topk_log2_slots, "threads": args.threads}
     results = [
-        time_op(op, backend, args.slots)
+        time_op(op, backend, args.slots, device)
         for op in ("sparse_read", "sparse_write", "topk_content", *LINK_OPS)
-        for backend in cpu_backends(op)
-        if backend != "triton"  # interpreted triton on the CPU is a correctness check, not a timing
+        for backend in timed_backends(op, device)
     ]
     os.environ.pop("SPARSEMEM_BACKEND", None)
     # On a shared machine the median moves with the load; the 10% quantile is the run's quiet end.
     print(f"\n{'op':<22}{'backend':<9}{'N':>8}{'fwd us':>10}{'fwd+bwd us':>12}", end="")
-    print(f"{'fwd x':>7}{'f+b x':>7}{'f+b x q10':>11}")
+    quantile = "q20" if device == "cuda" else "q10"  # do_bench gives 20/80%, torch.utils.benchmark more
+    print(f"{'fwd x':>7}{'f+b x':>7}{'f+b x ' + quantile:>11}")
     for r in results:
         base = next(t for t in results if t["op"] == r["op"] and t["backend"] == "torch")
         fwd, fwd_bwd = r["forward"]["median"], r["forward_backward"]["median"]
         ratios = base["forward"]["median"] / fwd, base["forward_backward"]["median"] / fwd_bwd
-        quiet = base["forward_backward"]["q10"] / r["forward_backward"]["q10"]
-        r["speedup"] = {"forward": ratios[0], "forward_backward": ratios[1], "forward_backward_q10": quiet}
+        quiet = base["forward_backward"][quantile] / r["forward_backward"][quantile]
+        r["speedup"] = {"forward": ratios[0], "forward_backward": ratios[1], f"forward_backward_{quantile}": quiet}
         print(f"{r['op']:<22}{r['backend']:<9}{r['N']:>8}{fwd * 1e6:>10.1f}{fwd_bwd * 1e6:>12.1f}", end="")
         print(f"{ratios[0]:>7.2f}{ratios[1]:>7.2f}{quiet:>11.2f}")
     topk_slots = 2**args.topk_log2_slots
-    topk = [run_child(backend, topk_slots, args.threads) for backend in cpu_backends("topk_content")]
-    topk = [t for t in topk if t["backend"] != "triton"]
+    if device == "cuda":
+        topk = [topk_cuda(backend, topk_slots) for backend in timed_backends("topk_content", device)]
+    else:
+        topk = [run_child(backend, topk_slots, args.threads) for backend in timed_backends("topk_content", device)]
+    os.environ.pop("SPARSEMEM_BACKEND", None)
+    memory = "peak CUDA mem above inputs MiB" if device == "cuda" else "peak RSS above inputs MiB"
     print(f"\ntopk_content forward at B={B} N={topk_slots} W={W} R={R} K={K}")
-    print(f"{'backend':<9}{'ms':>10}{'peak RSS above inputs MiB':>28}{'[B,R,N] scores MiB':>20}")
+    print(f"{'backend':<9}{'ms':>10}{memory:>32}{'[B,R,N] scores MiB':>20}")
     for t in topk:
         print(f"{t['backend']:<9}{t['forward']['median'] * 1e3:>10.1f}", end="")
-        print(f"{t['peak_rss_above_inputs_bytes'] / 2**20:>28.1f}{t['scores_BRN_bytes'] / 2**20:>20.1f}")
+        print(f"{t['peak_rss_above_inputs_bytes'] / 2**20:>32.1f}{t['scores_BRN_bytes'] / 2**20:>20.1f}")
     payload = {"header": header(config), "results": results, "topk_large": topk}
-    path = write_json(Path(args.out), payload)
-    plot(results, topk, path.with_suffix(".png"))
+    out = args.out or RESULTS / ("sparse_ops_cuda.json" if device == "cuda" else "sparse_ops.json")
+    path = write_json(Path(out), payload)
+    plot(results, topk, path.with_suffix(".png"), device)
     print(f"\nwrote {path} and {path.with_suffix('.png')}")
     return payload
 

@@ -16,6 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from sparsemem import reference
 from sparsemem.testing import op_inputs
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -24,6 +25,8 @@ TRITON_OPS = {
     "allocation": ("allocation_weights",),
     "links": ("link_update", "temporal_reads", "link_update_reads"),
     "memory_rw": ("memory_write", "memory_read"),
+    "sparse": ("topk_content", "sparse_read", "sparse_write"),
+    "sparse_links": ("sparse_link_update", "sparse_temporal_reads"),
 }
 TYPES = {
     torch.float32: "fp32",
@@ -32,6 +35,7 @@ TYPES = {
     torch.float16: "fp16",
     torch.int64: "i64",
     torch.int32: "i32",
+    torch.uint8: "u8",
 }
 
 
@@ -73,10 +77,16 @@ def record_launches(dtypes: list[torch.dtype]) -> dict:
             for op in ops:
                 for dtype in dtypes:
                     inputs = op_inputs(op, dtype, B=2, N=40, W=5, R=3)
-                    outputs = getattr(module, f"{op}_forward")(*inputs)
+                    getattr(module, f"{op}_forward")(*inputs)
+                    # recorded launches write nothing: the backward gets the reference's outputs
+                    # (valid indices for the torch ops around the kernels)
+                    outputs = getattr(reference, f"{op}_ref")(*inputs)
                     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-                    grads = [torch.ones(o.shape, dtype=dtype) for o in outputs]
-                    getattr(module, f"{op}_backward")(grads, inputs, outputs)
+                    # as sparsemem.ops._define.triton_kernel calls it: grads of the float outputs,
+                    # the tensor inputs
+                    grads = [torch.ones(o.shape, dtype=dtype) for o in outputs if o.is_floating_point()]
+                    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+                    getattr(module, f"{op}_backward")(grads, tensors, outputs)
             if module_name == "allocation":  # the multi-tile path as well
                 (usage,) = op_inputs("allocation_weights", dtypes[0], B=2, N=40)
                 out = module.allocation_weights_forward(usage, block=16)

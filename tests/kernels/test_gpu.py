@@ -10,7 +10,7 @@ import torch
 import sparsemem as sm
 from sparsemem import _backends, reference
 from sparsemem.testing import DENSE_KERNEL_OPS, QUADRATIC_OPS, op_inputs
-from tests.kernels.inputs import hard_usages
+from tests.kernels.inputs import hard_usages, link_update_inputs, temporal_reads_inputs
 from tests.tolerances import tolerance
 
 pytestmark = pytest.mark.gpu
@@ -19,6 +19,14 @@ pytestmark = pytest.mark.gpu
 def gpu_cases() -> list[tuple[str, str]]:
     backends = ("triton", "cuda")
     return [(op, backend) for op in DENSE_KERNEL_OPS for backend in backends if backend in _backends._KERNELS[op]]
+
+
+SPARSE_LINK_OPS = ("sparse_link_update", "sparse_temporal_reads")
+
+
+def sparse_link_cases() -> list[tuple[str, str]]:
+    backends = ("triton", "cuda")
+    return [(op, backend) for op in SPARSE_LINK_OPS for backend in backends if backend in _backends._KERNELS[op]]
 
 
 def _as_tuple(value):
@@ -108,3 +116,56 @@ def test_content_read_at_scale_on_gpu(backend, use_backend):
         strict=True,
     ):
         torch.testing.assert_close(got, want, **tolerance(torch.float32, reduced_over=2**16))
+
+
+def _assert_link_outputs(actual, expected, dtype, exact=False):
+    for got, want in zip(actual, expected, strict=True):
+        if want.is_floating_point() and not exact:
+            torch.testing.assert_close(got, want, **tolerance(dtype))
+        else:
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("N", [7, 33, 257])
+@pytest.mark.parametrize(("op", "backend"), sparse_link_cases())
+def test_sparse_links_match_reference_on_gpu(op, backend, N, dtype, use_backend):
+    use_backend(backend)
+    args = _cuda(op_inputs(op, dtype, B=3, N=N, W=9, R=3))
+    expected = getattr(reference, f"{op}_ref")(*args)
+    _assert_link_outputs(getattr(sm.ops, op)(*args), expected, dtype)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("op", "backend"), sparse_link_cases())
+def test_sparse_links_at_sdnc_sizes_on_gpu(op, backend, dtype, ties, use_backend):
+    """An SDNC step's sizes (K_L = 8, J = R K + 1 = 33 writes, Q = 3K = 24 read slots a head),
+    with gradients; with ties (binary fractions), outputs bit-equal to the reference's."""
+    use_backend(backend)
+    if op == "sparse_link_update":
+        args = _cuda(link_update_inputs(8, 301, 8, 33, dtype, seed=1, ties=ties), requires_grad=True)
+    else:
+        args = (*_cuda(temporal_reads_inputs(8, 301, 4, 24, 8, dtype, seed=1, ties=ties), requires_grad=True), 8)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    actual = getattr(sm.ops, op)(*args)
+    expected = getattr(reference, f"{op}_ref")(*args)
+    _assert_link_outputs(actual, expected, dtype, exact=ties)
+    got_floats = [o for o in actual if o.is_floating_point()]
+    seeds = [torch.randn_like(o) for o in got_floats]
+    got = torch.autograd.grad(got_floats, leaves, seeds)
+    want = torch.autograd.grad([o for o in expected if o.is_floating_point()], leaves, seeds)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tolerance(dtype))
+
+
+@pytest.mark.parametrize(("op", "backend"), sparse_link_cases())
+def test_sparse_links_gradcheck_and_opcheck_on_gpu(op, backend, use_backend):
+    use_backend(backend)
+    args = _cuda(op_inputs(op, torch.float64, B=2, N=6, W=4, R=2), requires_grad=True)
+
+    def float_outputs(*inputs):
+        return tuple(o for o in getattr(sm.ops, op)(*inputs) if o.is_floating_point())
+
+    assert torch.autograd.gradcheck(float_outputs, args)
+    torch.library.opcheck(getattr(torch.ops.sparsemem, op).default, args)
