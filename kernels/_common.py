@@ -4,6 +4,7 @@ import functools
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 # Masked loads give float `other` values (other=1.0, never other=1): triton 3.9's interpreter
@@ -50,3 +51,34 @@ def splits(num_tiles: int, rows: int, device: torch.device) -> tuple[int, int]:
     programs = max(1, min(num_tiles, triton.cdiv(target, rows)))
     tiles_per_program = triton.cdiv(num_tiles, programs)
     return triton.cdiv(num_tiles, tiles_per_program), tiles_per_program
+
+
+# --- what the cosine kernels (content, sparse, memory_rw) share, inlined where they are called
+
+
+@triton.jit
+def load_rows(ptr, first, rows, rows_ok, W, w, w_ok, acc: tl.constexpr):
+    """Rows `first + rows` of a row-major [.., W] tensor as a [ROWS, BLOCK_W] tile in acc, 0 where
+    rows_ok or w_ok is False (rows: a range of slots, or gathered slot ids)."""
+    tile = tl.load(ptr + (first + rows[:, None]) * W + w[None, :], mask=rows_ok[:, None] & w_ok[None, :], other=0.0)
+    return tile.to(acc)
+
+
+@triton.jit
+def norms(x, EPS: tl.constexpr):
+    """||x_i|| of each row of x [ROWS, BLOCK_W], EPS added to the squared norm (reference.dnc.EPS)."""
+    return tl.sqrt(tl.sum(x * x, 1) + EPS)
+
+
+@triton.jit
+def norm(x, EPS: tl.constexpr):
+    """||x|| of a vector x [BLOCK_W], EPS added to the squared norm."""
+    return tl.sqrt(tl.sum(x * x) + EPS)
+
+
+@triton.jit
+def memory_tile(memory_ptr, b, N, W, n, w, w_ok, keys, EPS: tl.constexpr):
+    """Slots n of batch row b's memory [B, N, W] against keys [BLOCK_R, BLOCK_W] (in the accumulator
+    dtype): -> (words [BLOCK_N, BLOCK_W], their norms [BLOCK_N], key . word dots [BLOCK_R, BLOCK_N])."""
+    words = load_rows(memory_ptr, b * N, n, n < N, W, w, w_ok, keys.dtype)
+    return words, norms(words, EPS), tl.sum(keys[:, None, :] * words[None, :, :], 2)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import EPS, accumulator_dtype, block_n, contiguous, pow2, splits
+from ._common import EPS, accumulator_dtype, block_n, contiguous, load_rows, memory_tile, norms, pow2, splits
 
 
 @triton.jit
@@ -48,10 +48,9 @@ def content_partial_kernel(
     w = tl.arange(0, BLOCK_W)
     r_ok = r < R
     w_ok = w < W
-    keys = tl.load(keys_ptr + (b * R + r[:, None]) * W + w[None, :], mask=r_ok[:, None] & w_ok[None, :], other=0.0)
-    keys = keys.to(acc)
+    keys = load_rows(keys_ptr, b * R, r, r_ok, W, w, w_ok, acc)
     strength = tl.load(strengths_ptr + b * R + r, mask=r_ok, other=0.0).to(acc)
-    scale = strength / tl.sqrt(tl.sum(keys * keys, 1) + EPS)
+    scale = strength / norms(keys, EPS)
     running_max = tl.full([BLOCK_R], float("-inf"), acc)
     running_sum = tl.zeros([BLOCK_R], acc)
     reads = tl.zeros([BLOCK_R, BLOCK_W], acc)
@@ -59,12 +58,7 @@ def content_partial_kernel(
     for tile in range(tiles_per_program):
         n = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
-        words = tl.load(
-            memory_ptr + (b * N + n[:, None]) * W + w[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0.0
-        )
-        words = words.to(acc)
-        word_norm = tl.sqrt(tl.sum(words * words, 1) + EPS)
-        dots = tl.sum(keys[:, None, :] * words[None, :, :], 2)
+        words, word_norm, dots = memory_tile(memory_ptr, b, N, W, n, w, w_ok, keys, EPS)
         logits = dots * scale[:, None] / word_norm[None, :]
         logits = tl.where(n_ok[None, :], logits, float("-inf"))
         tl.store(logits_ptr + (b * R + r[:, None]) * N + n[None, :], logits, mask=r_ok[:, None] & n_ok[None, :])
@@ -166,8 +160,8 @@ def content_backward_kernel(
     r_ok = r < R
     w_ok = w < W
     rw_mask = r_ok[:, None] & w_ok[None, :]
-    keys = tl.load(keys_ptr + (b * R + r[:, None]) * W + w[None, :], mask=rw_mask, other=0.0).to(acc)
-    key_norm = tl.sqrt(tl.sum(keys * keys, 1) + EPS)
+    keys = load_rows(keys_ptr, b * R, r, r_ok, W, w, w_ok, acc)
+    key_norm = norms(keys, EPS)
     strength = tl.load(strengths_ptr + b * R + r, mask=r_ok, other=0.0).to(acc)
     softmax_dot = tl.load(softmax_dot_ptr + b * R + r, mask=r_ok, other=0.0)
     if WITH_READS:
@@ -180,10 +174,9 @@ def content_backward_kernel(
         n_ok = n < N
         nw_mask = n_ok[:, None] & w_ok[None, :]
         rn_mask = r_ok[:, None] & n_ok[None, :]
-        words = tl.load(memory_ptr + (b * N + n[:, None]) * W + w[None, :], mask=nw_mask, other=0.0).to(acc)
-        word_norm = tl.sqrt(tl.sum(words * words, 1) + EPS)
-        norms = key_norm[:, None] * word_norm[None, :]
-        cos = tl.sum(keys[:, None, :] * words[None, :, :], 2) / norms
+        words, word_norm, dots = memory_tile(memory_ptr, b, N, W, n, w, w_ok, keys, EPS)
+        both_norms = key_norm[:, None] * word_norm[None, :]
+        cos = dots / both_norms
         rn = (b * R + r[:, None]) * N + n[None, :]
         weights = tl.load(weights_ptr + rn, mask=rn_mask, other=0.0).to(acc)
         grad = tl.load(grad_weights_ptr + rn, mask=rn_mask, other=0.0).to(acc)
@@ -192,7 +185,7 @@ def content_backward_kernel(
         grad_logits = weights * (grad - softmax_dot[:, None])
         grad_strength += tl.sum(grad_logits * cos, 1)
         grad_cos = grad_logits * strength[:, None]
-        t = grad_cos / norms
+        t = grad_cos / both_norms
         grad_keys += tl.sum(t[:, :, None] * words[None, :, :], 1)
         grad_words = tl.sum(t[:, :, None] * keys[:, None, :], 0)
         grad_words -= (tl.sum(grad_cos * cos, 0) / (word_norm * word_norm))[:, None] * words

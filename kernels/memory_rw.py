@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import accumulator_dtype, block_n, contiguous, pow2, splits
+from ._common import accumulator_dtype, block_n, contiguous, load_rows, pow2, splits
 
 
 @triton.jit
@@ -107,13 +107,11 @@ def memory_read_kernel(
     for tile in range(tiles_per_program):
         n = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
-        words = tl.load(
-            memory_ptr + (b * N + n[:, None]) * W + w[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0.0
-        )
+        words = load_rows(memory_ptr, b * N, n, n_ok, W, w, w_ok, acc)
         weights = tl.load(
             read_w_ptr + (b * R + r[:, None]) * N + n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0
         )
-        reads += tl.sum(weights.to(acc)[:, :, None] * words.to(acc)[None, :, :], 1)
+        reads += tl.sum(weights.to(acc)[:, :, None] * words[None, :, :], 1)
     part = (b * tl.num_programs(1) + split) * R + r
     tl.store(reads_part_ptr + part[:, None] * W + w[None, :], reads, mask=r_ok[:, None] & w_ok[None, :])
 

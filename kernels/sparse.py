@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import EPS, accumulator_dtype, block_n, contiguous, pow2, splits
+from ._common import EPS, accumulator_dtype, block_n, contiguous, load_rows, memory_tile, norm, norms, pow2, splits
 
 
 @triton.jit
@@ -71,21 +71,15 @@ def topk_partial_kernel(
     w = tl.arange(0, BLOCK_W)
     r_ok = r < R
     w_ok = w < W
-    keys = tl.load(keys_ptr + (b * R + r[:, None]) * W + w[None, :], mask=r_ok[:, None] & w_ok[None, :], other=0.0)
-    keys = keys.to(acc)
-    key_norm = tl.sqrt(tl.sum(keys * keys, 1) + EPS)
+    keys = load_rows(keys_ptr, b * R, r, r_ok, W, w, w_ok, acc)
+    key_norm = norms(keys, EPS)
     best = tl.full([BLOCK_R, BLOCK_K], float("-inf"), acc)
     best_slot = tl.zeros([BLOCK_R, BLOCK_K], tl.int64)
     start = split * tiles_per_program * BLOCK_N
     for tile in range(tiles_per_program):
         n = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
-        words = tl.load(
-            memory_ptr + (b * N + n[:, None]) * W + w[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0.0
-        )
-        words = words.to(acc)
-        word_norm = tl.sqrt(tl.sum(words * words, 1) + EPS)
-        dots = tl.sum(keys[:, None, :] * words[None, :, :], 2)
+        _, word_norm, dots = memory_tile(memory_ptr, b, N, W, n, w, w_ok, keys, EPS)
         scores = dots / (key_norm[:, None] * word_norm[None, :])
         scores = tl.where(n_ok[None, :] & r_ok[:, None], scores, float("-inf"))
         kth = tl.min(tl.where(tl.arange(0, BLOCK_K)[None, :] < k, best, float("inf")), 1)
@@ -159,12 +153,24 @@ def gathered_cosine_backward(rows, key, key_norm, grad_similarity, EPS: tl.const
     # s_j = D(key, x_j) = key . x_j / (a m_j); given gs_j = dL/ds_j, for the head's rows x
     # [BLOCK_K, BLOCK_W] (zero past K):
     #   grad x_j = gs_j (key / (a m_j) - s_j x_j / m_j^2),  grad key = sum_j gs_j (x_j / (a m_j) - s_j key / a^2).
-    word_norm = tl.sqrt(tl.sum(rows * rows, 1) + EPS)
+    word_norm = norms(rows, EPS)
     similarity = tl.sum(rows * key[None, :], 1) / (key_norm * word_norm)
     cross = grad_similarity / (key_norm * word_norm)
     grad_rows = cross[:, None] * key[None, :] - (grad_similarity * similarity / (word_norm * word_norm))[:, None] * rows
     grad_key = tl.sum(cross[:, None] * rows, 0) - tl.sum(grad_similarity * similarity) / (key_norm * key_norm) * key
     return grad_rows, grad_key
+
+
+@triton.jit
+def gather_head(memory_ptr, indices_ptr, keys_ptr, head, b, N, W, K, acc: tl.constexpr, EPS: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):  # fmt: skip
+    # Head (b, r)'s K rows of memory [BLOCK_K, BLOCK_W] (0 past K) and its key [BLOCK_W], with ||key||.
+    j = tl.arange(0, BLOCK_K)
+    w = tl.arange(0, BLOCK_W)
+    slots = tl.load(indices_ptr + head * K + j, mask=j < K, other=0)
+    rows = load_rows(memory_ptr, b * N, slots, j < K, W, w, w < W, acc)
+    key = tl.load(keys_ptr + head * W + w, mask=w < W, other=0.0).to(acc)
+    return rows, key, norm(key, EPS)
 
 
 @triton.jit
@@ -191,11 +197,8 @@ def topk_content_backward_kernel(
     w = tl.arange(0, BLOCK_W)
     j_ok = j < k
     w_ok = w < W
-    slots = tl.load(indices_ptr + head * k + j, mask=j_ok, other=0)
     mask = j_ok[:, None] & w_ok[None, :]
-    rows = tl.load(memory_ptr + (b * N + slots[:, None]) * W + w[None, :], mask=mask, other=0.0).to(acc)
-    key = tl.load(keys_ptr + head * W + w, mask=w_ok, other=0.0).to(acc)
-    key_norm = tl.sqrt(tl.sum(key * key) + EPS)
+    rows, key, key_norm = gather_head(memory_ptr, indices_ptr, keys_ptr, head, b, N, W, k, acc, EPS, BLOCK_K, BLOCK_W)
     grad_scores = tl.load(grad_scores_ptr + head * k + j, mask=j_ok, other=0.0).to(acc)
     grad_rows, grad_key = gathered_cosine_backward(rows, key, key_norm, grad_scores, EPS)
     tl.store(grad_rows_ptr + (head * k + j[:, None]) * W + w[None, :], grad_rows, mask=mask)
@@ -250,14 +253,9 @@ def sparse_read_kernel(
     w = tl.arange(0, BLOCK_W)
     j_ok = j < K
     w_ok = w < W
-    slots = tl.load(indices_ptr + head * K + j, mask=j_ok, other=0)
-    rows = tl.load(
-        memory_ptr + (b * N + slots[:, None]) * W + w[None, :], mask=j_ok[:, None] & w_ok[None, :], other=0.0
-    ).to(acc)
-    key = tl.load(keys_ptr + head * W + w, mask=w_ok, other=0.0).to(acc)
+    rows, key, key_norm = gather_head(memory_ptr, indices_ptr, keys_ptr, head, b, N, W, K, acc, EPS, BLOCK_K, BLOCK_W)
     strength = tl.load(strengths_ptr + head).to(acc)
-    key_norm = tl.sqrt(tl.sum(key * key) + EPS)
-    word_norm = tl.sqrt(tl.sum(rows * rows, 1) + EPS)
+    word_norm = norms(rows, EPS)
     logits = strength * tl.sum(rows * key[None, :], 1) / (key_norm * word_norm)
     logits = tl.where(j_ok, logits, float("-inf"))
     p = tl.exp(logits - tl.max(logits))
@@ -310,17 +308,14 @@ def sparse_read_backward_kernel(
     j_ok = j < K
     w_ok = w < W
     mask = j_ok[:, None] & w_ok[None, :]
-    slots = tl.load(indices_ptr + head * K + j, mask=j_ok, other=0)
-    rows = tl.load(memory_ptr + (b * N + slots[:, None]) * W + w[None, :], mask=mask, other=0.0).to(acc)
-    key = tl.load(keys_ptr + head * W + w, mask=w_ok, other=0.0).to(acc)
+    rows, key, key_norm = gather_head(memory_ptr, indices_ptr, keys_ptr, head, b, N, W, K, acc, EPS, BLOCK_K, BLOCK_W)
     strength = tl.load(strengths_ptr + head).to(acc)
     weights = tl.load(weights_ptr + head * K + j, mask=j_ok, other=0.0).to(acc)
     grad_read = tl.load(grad_reads_ptr + head * W + w, mask=w_ok, other=0.0).to(acc)
     upstream = tl.load(grad_weights_ptr + head * K + j, mask=j_ok, other=0.0).to(acc)
     upstream += tl.sum(rows * grad_read[None, :], 1)
     grad_logits = weights * (upstream - tl.sum(weights * upstream))
-    key_norm = tl.sqrt(tl.sum(key * key) + EPS)
-    similarity = tl.sum(rows * key[None, :], 1) / (key_norm * tl.sqrt(tl.sum(rows * rows, 1) + EPS))
+    similarity = tl.sum(rows * key[None, :], 1) / (key_norm * norms(rows, EPS))
     tl.store(grad_strengths_ptr + head, tl.sum(grad_logits * similarity))
     grad_rows, grad_key = gathered_cosine_backward(rows, key, key_norm, strength * grad_logits, EPS)
     grad_rows += weights[:, None] * grad_read[None, :]

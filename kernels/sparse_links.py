@@ -127,6 +127,21 @@ def _take_top(key_a, slot_a, key_b, slot_b, k, BLOCK_R: tl.constexpr, BLOCK_K: t
 
 
 @triton.jit
+def _load_row_block(slots_ptr, indices_ptr, values_ptr, b, block, rows, K_L, acc: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_L: tl.constexpr):  # fmt: skip
+    # Rows [block * BLOCK_R, +BLOCK_R) of a store: (their places [BLOCK_R, BLOCK_L] and mask, slots
+    # [BLOCK_R], entries, values), -1 / 0 past the rows and K_L.
+    r = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    l = tl.arange(0, BLOCK_L)
+    mask = (r < rows)[:, None] & (l < K_L)[None, :]
+    at = (b * rows + r[:, None]) * K_L + l[None, :]
+    row_slot = tl.load(slots_ptr + b * rows + r, mask=r < rows, other=-1)
+    entries = tl.load(indices_ptr + at, mask=mask, other=-1)
+    values = tl.load(values_ptr + at, mask=mask, other=0.0).to(acc)
+    return at, mask, row_slot, entries, values
+
+
+@triton.jit
 def _link_rows(
     slots_ptr,
     indices_ptr,
@@ -148,14 +163,9 @@ def _link_rows(
     # BLOCK_R rows of one store: their updated entries plus the new ones, top K_L -> the scratch.
     # Forward row i (of L): entries j, new w_i p_j at precedence slots j; backward row j (column j
     # of L): entries i, new w_i p_j at written slots i; new only where not stored and not the diagonal.
-    acc = p_values.dtype
-    r = block * BLOCK_R + tl.arange(0, BLOCK_R)
-    l = tl.arange(0, BLOCK_L)
-    mask = (r < rows)[:, None] & (l < K_L)[None, :]
-    at = (b * rows + r[:, None]) * K_L + l[None, :]
-    row_slot = tl.load(slots_ptr + b * rows + r, mask=r < rows, other=-1)
-    entries = tl.load(indices_ptr + at, mask=mask, other=-1)
-    values = tl.load(values_ptr + at, mask=mask, other=0.0).to(acc)
+    at, mask, row_slot, entries, values = _load_row_block(
+        slots_ptr, indices_ptr, values_ptr, b, block, rows, K_L, p_values.dtype, BLOCK_R, BLOCK_L
+    )
     w_row = _lookup_rows(row_slot, written, written_w)[:, None]
     w_entries = _lookup(entries, written, written_w)
     if FORWARD:
@@ -410,13 +420,9 @@ def _link_rows_backward(
     # row) or a new one: v' = v (1 - w_i - w_j) + w_i p_j, or v' = w_i p_j. Writes the grads of the
     # block's input values; -> the grads of w at the distinct written slots [BLOCK_J] and of p [BLOCK_L].
     acc = p_values.dtype
-    r = block * BLOCK_R + tl.arange(0, BLOCK_R)
-    l = tl.arange(0, BLOCK_L)
-    mask = (r < rows)[:, None] & (l < K_L)[None, :]
-    at = (b * rows + r[:, None]) * K_L + l[None, :]
-    row_slot = tl.load(slots_ptr + b * rows + r, mask=r < rows, other=-1)
-    entries = tl.load(indices_ptr + at, mask=mask, other=-1)
-    values = tl.load(values_ptr + at, mask=mask, other=0.0).to(acc)
+    at, mask, row_slot, entries, values = _load_row_block(
+        slots_ptr, indices_ptr, values_ptr, b, block, rows, K_L, acc, BLOCK_R, BLOCK_L
+    )
     kept = tl.load(new_indices_ptr + at, mask=mask, other=-1)
     grad = tl.load(grad_new_values_ptr + at, mask=mask, other=0.0).to(acc)
     grad = tl.where(kept >= 0, grad, 0.0)
