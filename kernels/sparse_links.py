@@ -569,22 +569,26 @@ def _reads_through(
     BLOCK_K: tl.constexpr,
 ):
     # sum_q w_q row_q for one head: contributions [BLOCK_Q, BLOCK_L] summed per slot in the
-    # order of (q, l) (the reference's scatter_add), the sum held at the slot's first place.
+    # order of (q, l) (the reference's scatter_add), the sum held at the slot's first place. One
+    # row q' a step: its slots are distinct, so each place takes at most one of its K_L
+    # contributions and the sums are added in the reference's order.
     acc: tl.constexpr = tl.float64 if values_ptr.dtype.element_ty == tl.float64 else tl.float32
     q = tl.arange(0, BLOCK_Q)
     l = tl.arange(0, BLOCK_L)
     mask = (q < Q)[:, None] & (l < K_L)[None, :]
     slots = tl.load(indices_ptr + (head * Q + q[:, None]) * K_L + l[None, :], mask=mask, other=-1)
-    place = q[:, None] * K_L + l[None, :]
     sums = tl.zeros([BLOCK_Q, BLOCK_L], acc)
     first = slots >= 0
-    for other in range(Q * K_L):
-        slot = tl.load(indices_ptr + head * Q * K_L + other)
-        weight = tl.load(read_weights_ptr + head * Q + other // K_L).to(acc)
-        contribution = _rounded(weight * tl.load(values_ptr + head * Q * K_L + other).to(acc), values_ptr)
-        match = (slots == slot) & (slot >= 0)
-        sums = tl.where(match, _rounded(sums + contribution, values_ptr), sums)
-        first = first & ~(match & (place > other))
+    for row in range(Q):
+        row_slots = tl.load(indices_ptr + (head * Q + row) * K_L + l, mask=l < K_L, other=-1)
+        row_values = tl.load(values_ptr + (head * Q + row) * K_L + l, mask=l < K_L, other=0.0).to(acc)
+        weight = tl.load(read_weights_ptr + head * Q + row).to(acc)
+        contributions = _rounded(weight * row_values, values_ptr)
+        match = (slots[:, :, None] == row_slots[None, None, :]) & (row_slots >= 0)[None, None, :]
+        added = tl.sum(tl.where(match, contributions[None, None, :], 0.0), 2)
+        hit = tl.max(match.to(tl.int32), 2) > 0
+        sums = tl.where(hit, _rounded(sums + added, values_ptr), sums)
+        first = first & ~(hit & (q[:, None] > row))
     key = tl.where(first & (sums > 0), sums, float("-inf"))
     # top k in k rounds over the [BLOCK_Q, BLOCK_L] candidates (distinct slots at first places)
     position = tl.arange(0, BLOCK_K)
