@@ -275,6 +275,7 @@ class SAM(MemoryModel):
     ) -> None:
         memory = SAMMemory(num_slots, word_size, num_reads, k, index)
         super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first)
+        memory.init_interface_bias(self.interface.bias)  # strong LRU writes, sharp reads (see there)
 
 
 class SDNC(MemoryModel):

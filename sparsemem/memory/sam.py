@@ -122,6 +122,24 @@ class SAMMemory(Memory):
         gates = torch.sigmoid(gates)
         return SAMInterface(keys.view(-1, R, W), _oneplus(strengths), add, gates[:, 0], gates[:, 1])
 
+    def init_interface_bias(self, bias: Tensor) -> None:
+        """Set the bias of the controller's interface layer (bias [interface_size], in place)
+        so that training starts with strong writes to the least recently used row (write gate
+        alpha = sigmoid(3) = 0.95, interpolation gamma = sigmoid(-3) = 0.05) and sharp reads
+        (strength oneplus(3) = 4.05) instead of alpha = gamma = 0.5 and strength 1.7.
+
+        Why: at gamma = 0.5 half of every write lands on the rows read at t-1, which early in
+        training are arbitrary, and smears over the items already stored; new items belong in
+        a fresh row, which is where the LRU write puts them. Measured on copy (N=64, K=4, W=16,
+        LSTM 64, lengths 1-5, lr 1e-2, batch 32), steps to 0.1 bits in error, seeds 0-4: this
+        init 568, -, 532, 495, 470; the default (zero bias) none of five within 1500.
+        """
+        R, W = self.num_reads, self.word_size
+        with torch.no_grad():
+            bias[R * W : R * W + R] = 3.0  # read strengths
+            bias[R * W + R + W] = 3.0  # write gate alpha
+            bias[R * W + R + W + 1] = -3.0  # interpolation gamma: the LRU row, not the rows read
+
     def init_state(
         self,
         batch: int,

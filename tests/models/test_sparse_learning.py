@@ -1,9 +1,15 @@
-"""SAM learns associative recall through its memory; with its reads zeroed it cannot.
+"""SAM learns associative recall and copy through its memory; with its reads zeroed it cannot.
 
-The controller is feed-forward, so nothing crosses time steps except through the
+Recall: the controller is feed-forward, so nothing crosses time steps except through the
 memory: a pair (key, value) seen at step i has to be written, and found again by
 content when its key comes back as a query. The ablation zeroes the reads and
 stays at chance (BCE ln 2 = 0.69).
+
+Copy: the setting of tests/models/test_learning.py (LSTM controller, lengths 1-5), with
+N = 64 and K = 4. SAM writes to the K rows read at t-1 and the least recently used row, and
+erases that row: at N = 16 the LRU erase destroys stored items and SAM did not learn copy.
+The ablation is the same model with the reads zeroed, an LSTM alone, which does not learn
+copy up to length 5 in the budget.
 """
 
 import pytest
@@ -12,6 +18,12 @@ from torch import nn
 
 import sparsemem as sm
 from sparsemem.memory import SAMMemory
+from tests.models.test_learning import THRESHOLD
+from tests.models.test_learning import train as train_task
+
+COPY = dict(model="sam", task="copy", bits=8, max_level=5, hidden_size=64, num_slots=64, k=4, word_size=16, num_reads=1)
+COPY_STEPS = 800
+"""Seed 0 masters copy at step 568 (seeds 0-4: 568, -, 532, 495, 470; bench/results/learning/sam-copy)."""
 
 PAIRS, BITS, HIDDEN, N, W, K, BATCH = 3, 4, 32, 16, 16, 2, 16
 
@@ -41,10 +53,7 @@ def train(zero_reads: bool, iterations: int) -> float:
     model = sm.SAM(inputs, HIDDEN, num_slots=N, word_size=W, num_reads=1, k=K, output_size=BITS, controller=controller)
     if zero_reads:
         model.memory = ZeroReads(N, W, 1, K)
-    with torch.no_grad():
-        # start with sharp reads (strength ~4) and writes that go to the least recently used row
-        model.interface.bias[W] = 3.0  # read strength
-        model.interface.bias[-2:] = torch.tensor([3.0, -3.0])  # write gate alpha, interpolation gamma
+    # SAM's default init already starts with sharp reads and writes to the least recently used row
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(iterations):
@@ -63,3 +72,18 @@ def train(zero_reads: bool, iterations: int) -> float:
 def test_sam_learns_associative_recall_and_the_ablation_does_not():
     assert train(zero_reads=False, iterations=150) < 0.35
     assert train(zero_reads=True, iterations=40) > 0.6
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_sam_learns_copy(tmp_path):
+    trainer, error, per_level = train_task(tmp_path, ablate=False, steps=COPY_STEPS, **COPY)
+    assert trainer.steps_to_threshold is not None, f"not mastered in {COPY_STEPS} steps: {per_level}"
+    assert error < THRESHOLD, per_level
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_sam_copy_is_not_learned_without_reads(tmp_path):
+    _, error, per_level = train_task(tmp_path, ablate=True, steps=COPY_STEPS, **COPY)
+    assert error > 10 * THRESHOLD, per_level
