@@ -9,7 +9,10 @@ Every (model, N, regime) runs in its own process, so peak RSS (ru_maxrss) is per
 Regimes (DESIGN.md "Two regimes"): fresh starts each episode from a reset memory; full
 preloads every slot with random unit words (filled in place, chunk by chunk, and indexed
 once: the index build is timed on its own) and carries the state across episodes.
-"Per step" is the median time of one T-step forward+backward divided by T.
+"Per step" is the median time of one T-step forward+backward divided by T, with the buffer's
+merges into the index counted in it and index rebuilds not: those are reported apart, in
+total and amortised per timed step, beside the preload (filling the memory, then one
+Index.load) and the index build within it.
 "Saved for backward" sums the bytes autograd keeps for one T-step episode (saved tensor
 hooks): the journal's O(T K W) rows and the controller's activations; it must not grow with N.
 """
@@ -79,12 +82,13 @@ def run_one(name: str, log2_slots: int, regime: str, index: str, repeats: int) -
     rss_start = _rss_bytes()
     start = time.perf_counter()
     state = model.init_state(c["batch"])
-    build_seconds = 0.0
+    preload_seconds = 0.0
     if regime == "full":
         fill(state)
-        build_seconds = time.perf_counter() - start
+        preload_seconds = time.perf_counter() - start
+    preloaded = state.access.memory.store.index.stats()
     x = torch.randn(c["batch"], c["steps"], c["input_size"], generator=torch.Generator().manual_seed(2))
-    episode_seconds, saved = [], []
+    episode_seconds, saved, rebuilds, merges = [], [], [], []
     for episode in range(repeats + 1):
         if regime == "fresh":
             state = state.reset(torch.ones(c["batch"], dtype=torch.bool))
@@ -99,9 +103,12 @@ def run_one(name: str, log2_slots: int, regime: str, index: str, repeats: int) -
         if episode:  # the first episode warms up
             episode_seconds.append(elapsed - rebuild)
             saved.append(saved_bytes)
+            rebuilds.append(rebuild)
+            merges.append(index_after.merge_seconds - index_before.merge_seconds)
     stats = state.access.memory.store.index.stats()
     matrix = c["batch"] * num_slots * c["word_size"] * 4
     per_step = sorted(episode_seconds)[len(episode_seconds) // 2] / c["steps"]
+    timed_steps = len(episode_seconds) * c["steps"]
     return {
         "model": name,
         "log2_slots": log2_slots,
@@ -109,9 +116,13 @@ def run_one(name: str, log2_slots: int, regime: str, index: str, repeats: int) -
         "index": index,
         "seconds_per_step": per_step,
         "episode_seconds": episode_seconds,
-        "index_build_seconds": build_seconds,
-        "index_rebuild_seconds_total": stats.build_seconds,
-        "index_merge_seconds_total": stats.merge_seconds,
+        "preload_seconds": preload_seconds,
+        "index_build_seconds": preloaded.build_seconds,
+        "index_rebuild_seconds_total": stats.build_seconds - preloaded.build_seconds,
+        "index_rebuild_seconds_per_step": sum(rebuilds) / timed_steps,
+        "index_rebuilds": stats.rebuilds - preloaded.rebuilds,
+        "index_merge_seconds_total": stats.merge_seconds - preloaded.merge_seconds,
+        "index_merge_seconds_per_step": sum(merges) / timed_steps,
         "index_bytes": stats.bytes,
         "memory_matrix_bytes": matrix,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -140,6 +151,41 @@ def _in_process(args: list[str]) -> dict:
     if done.returncode:
         return {"args": args, "error": done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """ms per step, peak RSS over the memory matrix and the preload against N, one line per model and regime."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("seconds_per_step", 1e3, "forward+backward ms per step", True),
+        ("peak_rss_over_matrix", 1, "peak RSS / memory matrix (B N W float32)", True),
+        ("preload_seconds", 1, "preload s (fill + index build)", True),
+    ]
+    timed = [r for r in results if "seconds_per_step" in r]
+    lines = list(dict.fromkeys((r["model"], r["regime"]) for r in timed))
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for axis, (key, scale, title, log) in zip(axes, panels, strict=True):
+        for model, regime in lines:
+            rows = sorted(
+                (r for r in timed if (r["model"], r["regime"]) == (model, regime)), key=lambda r: r["log2_slots"]
+            )
+            if key == "preload_seconds" and regime != "full":
+                continue
+            label = f"{model.upper()} {regime} ({rows[0]['index']})"
+            axis.plot([1 << r["log2_slots"] for r in rows], [r[key] * scale for r in rows], marker="o", label=label)
+        axis.set_xscale("log", base=2)
+        if log:
+            axis.set_yscale("log")
+        axis.set_title(title)
+        axis.set_xlabel("N")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
 
 
 def main() -> None:
@@ -181,6 +227,8 @@ def main() -> None:
                     print(json.dumps(results[-1]), flush=True)
     config = {**CONFIG, "index": args.index, "threads": args.threads, "repeats": args.repeats}
     print(write_json(Path(args.out), {"header": header(config), "results": results}))
+    if not args.backward_memory and any("seconds_per_step" in r for r in results):
+        plot(results, Path(args.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":

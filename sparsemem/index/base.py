@@ -163,6 +163,45 @@ class Index(abc.ABC):
 
     add = update
 
+    def load(self, rows: Tensor) -> None:
+        """Write every slot at once, rows [B, N, W] (a preloaded memory, the full regime): what
+        reset() then update(rows, [0, 1, ..., N-1] per batch row) leaves, built in one go.
+
+        rows may be the memory itself: it is read in chunks of slots and never copied whole.
+        This default updates chunk by chunk; an approximate index overrides it to build its
+        structure once from all N rows instead of growing (and retraining) it chunk by chunk.
+        """
+        if (
+            not isinstance(rows, Tensor)
+            or rows.dim() != 3
+            or tuple(rows.shape)
+            != (
+                self.batch_size,
+                self.num_slots,
+                self.word_size,
+            )
+        ):
+            shape = list(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
+            raise ValueError(
+                f"rows must be [B, N, W] with B={self.batch_size}, N={self.num_slots}, W={self.word_size}; got {shape}"
+            )
+        if not rows.is_floating_point():
+            raise ValueError(f"rows must be a floating-point tensor; got {rows.dtype}")
+        columns = max(1, UPDATE_CHUNK // self.batch_size)
+        for start in range(0, self.num_slots, columns):
+            check_finite("rows", rows[:, start : start + columns])
+        with region("index.load"):
+            self.reset()
+            self._load(rows.detach())
+
+    def _load(self, rows: Tensor) -> None:
+        """load() after its checks and a reset: by default ascending updates, chunk by chunk."""
+        columns = max(1, UPDATE_CHUNK // self.batch_size)
+        for start in range(0, self.num_slots, columns):
+            end = min(start + columns, self.num_slots)
+            slots = torch.arange(start, end, device=rows.device).expand(self.batch_size, -1)
+            self.update(rows[:, start:end], slots)
+
     def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """The K most similar slots per query: queries [B, R, W] -> (scores [B, R, K], ids [B, R, K] int64).
 

@@ -31,6 +31,10 @@ from torch import Tensor
 from sparsemem.index.base import Index
 
 KINDS = ("hnsw", "ivf")
+LOAD_CHUNK = 2**16
+"""Rows normalised and added per step of a bulk load (bounds its temporaries to LOAD_CHUNK * W floats)."""
+SAMPLE_PER_LIST = 64
+"""A bulk load trains IVF k-means on ~64 rows per list (pooled over the batch rows), not on all B * N."""
 
 
 def load_faiss():
@@ -148,6 +152,84 @@ class FaissIndex(Index):
                 self._merge(b, self._buffer[b].numpy(), self._buffer_ids[b].numpy().copy())
                 self._buffered_rows[b] = 0
 
+    def _load(self, rows: Tensor) -> None:
+        """All N slots of every batch row at once (a preloaded memory): one build per batch row,
+        with no buffer, merges or retraining on the way. IVF trains its lists once, on a sample
+        of ~SAMPLE_PER_LIST rows per list pooled over the batch rows, so the B indexes share one
+        set of centroids (k-means on B * N rows, or B times on N, would cost minutes at a
+        million slots); every row is then assigned, the lists are sized to their final length
+        and the rows added with those assignments, so no list grows by reallocation. HNSW adds
+        the rows chunk by chunk. Rows are normalised a chunk at a time: nothing of size N * W
+        is made besides what faiss stores."""
+        start = time.perf_counter()
+        num_slots = self.num_slots
+        slots = np.arange(num_slots, dtype=np.int64)
+        with self._build_threads():
+            template = self._trained_ivf(rows) if self.kind == "ivf" else None
+            for b in range(self.batch_size):
+                if self.kind == "ivf":
+                    self._load_ivf(b, rows[b], template)
+                else:
+                    ann = self.faiss.IndexHNSWFlat(self.word_size, self.hnsw_m, self.faiss.METRIC_INNER_PRODUCT)
+                    ann.hnsw.efConstruction = self.ef_construction
+                    for _, unit in self._unit_chunks(rows[b]):
+                        ann.add(unit)
+                    self._ann[b] = ann
+                    self._label_ids[b] = slots.copy()
+                    self._live[b] = np.packbits(np.ones(num_slots, np.uint8), bitorder="little")
+                self._slots[b] = slots
+                self._rows[b] = num_slots
+                self._cursor[b] = num_slots
+        self._rebuilds += self.batch_size
+        self._build_seconds += time.perf_counter() - start
+
+    def _unit_chunks(self, rows: Tensor) -> Iterator[tuple[int, np.ndarray]]:
+        """(first slot, unit rows float32 [chunk, W]) over rows [N, W], LOAD_CHUNK slots at a time."""
+        for first in range(0, rows.shape[0], LOAD_CHUNK):
+            unit = self._stored(rows[first : first + LOAD_CHUNK]).float().cpu().contiguous()
+            yield first, unit.numpy()
+
+    def _ivf_lists(self, rows: int) -> int:
+        """IVF lists for `rows` indexed rows: 4 sqrt(rows), at most rows / 39 (faiss's minimum for k-means)."""
+        return max(1, min(round(4 * math.sqrt(rows)), rows // 39))
+
+    def _trained_ivf(self, rows: Tensor):
+        """An empty IndexIVFFlat for N rows per batch row, trained on a sample pooled over rows [B, N, W]."""
+        faiss, num_slots = self.faiss, self.num_slots
+        lists = self._ivf_lists(num_slots)
+        total = self.batch_size * num_slots
+        count = min(total, SAMPLE_PER_LIST * lists)
+        # Sorted positions read the memory in order; the draw is seeded, so builds repeat.
+        generator = torch.Generator().manual_seed(1234)
+        picks = torch.randperm(total, generator=generator)[:count].sort().values.to(rows.device)
+        sample = self._stored(rows[picks // num_slots, picks % num_slots]).float().cpu().contiguous().numpy()
+        quantizer = faiss.IndexFlatIP(self.word_size)
+        ann = faiss.IndexIVFFlat(quantizer, self.word_size, lists, faiss.METRIC_INNER_PRODUCT)
+        ann.cp.seed = 1234
+        ann.cp.min_points_per_centroid = 1
+        ann.train(sample)
+        return ann
+
+    def _load_ivf(self, b: int, rows: Tensor, template) -> None:
+        """Batch row b's IVF from rows [N, W]: assign every row, size each list, add with the assignments."""
+        faiss = self.faiss
+        ann = faiss.clone_index(template)
+        ann.set_direct_map_type(faiss.DirectMap.Hashtable)
+        assigned = np.empty(self.num_slots, dtype=np.int64)
+        for first, unit in self._unit_chunks(rows):
+            assigned[first : first + len(unit)] = ann.quantizer.assign(unit, 1).ravel()
+        lists = ann.invlists
+        for number, length in enumerate(np.bincount(assigned, minlength=ann.nlist).tolist()):
+            # std::vector keeps its capacity when shrunk: the list is allocated once, at its final size.
+            lists.resize(number, length)
+            lists.resize(number, 0)
+        for first, unit in self._unit_chunks(rows):
+            ids = np.arange(first, first + len(unit), dtype=np.int64)
+            codes = assigned[first : first + len(unit)]
+            ann.add_core(len(unit), faiss.swig_ptr(unit), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+        self._ann[b] = ann
+        self._trained_rows[b] = self.num_slots
+
     def _forget(self, b: int, labels: np.ndarray) -> None:
         """Drop faiss entries whose slot is being overwritten."""
         if self.kind == "ivf":
@@ -196,7 +278,7 @@ class FaissIndex(Index):
                 ann.hnsw.efConstruction = self.ef_construction
             else:
                 rows = len(live_slots)
-                lists = max(1, min(round(4 * math.sqrt(rows)), rows // 39))
+                lists = self._ivf_lists(rows)
                 quantizer = faiss.IndexFlatIP(self.word_size)
                 ann = faiss.IndexIVFFlat(quantizer, self.word_size, lists, faiss.METRIC_INNER_PRODUCT)
                 ann.cp.seed = 1234

@@ -160,16 +160,17 @@ class LazyMemory:
             self.preload(lambda b, start, end: memory[b, start:end].detach())
 
     def preload(self, rows: Callable[[int, int, int], Tensor], chunk: int = 1 << 16) -> None:
-        """Write every slot, rows(b, start, end) -> [end - start, W] at a time, indexing each chunk
-        of slots as it lands: a memory of any size is filled with no second full copy, and the
-        index's temporaries stay the size of a chunk (the full regime)."""
+        """Write every slot, rows(b, start, end) -> [end - start, W] at a time, then index them all
+        with one Index.load (the full regime): a memory of any size is filled in place with no
+        second full copy, and the index is built once from all N rows (an approximate index
+        trained on the final rows, not grown and retrained chunk by chunk), reading the memory
+        a chunk at a time."""
         view = self.rows.view(self.batch, self.num_slots, self.word_size)
         for start in range(0, self.num_slots, chunk):
             end = min(start + chunk, self.num_slots)
             for b in range(self.batch):
                 view[b, start:end] = rows(b, start, end)
-            slots = torch.arange(start, end, device=view.device).expand(self.batch, -1)
-            self.index.update(view[:, start:end], slots)
+        self.index.load(view)
         self.written.fill_(True)
         self._written_keys = []
         self._preloaded = [True] * self.batch

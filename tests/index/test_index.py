@@ -95,6 +95,49 @@ def test_update_is_visible_and_overwritten_content_never_returned(name):
 
 
 @pytest.mark.parametrize("name", INDEXES)
+def test_load_equals_update_of_every_slot(name):
+    """load(rows) leaves what reset() then update(rows, every slot) leaves; later writes behave as after updates."""
+    g = torch.Generator().manual_seed(12)
+    rows = torch.randn(B, N, W, generator=g)
+    every_slot = torch.arange(N).expand(B, -1)
+    loaded, updated, memory = build(name), build(name), LazyMemory()
+    loaded.update(*random_writes(g, 20))  # forgotten by the load
+    loaded.load(rows)
+    updated.update(rows, every_slot)
+    memory.update(rows, every_slot)
+    stats = loaded.stats()
+    assert stats.rows == B * N and stats.buffered == 0 and stats.tombstones == 0
+    for k in (1, 8, N):
+        queries = torch.randn(B, R, W, generator=g)
+        check_search(loaded, memory, queries, k)
+        if name.startswith("exact"):
+            for got, want in zip(loaded.search(queries, k), updated.search(queries, k), strict=True):
+                assert torch.equal(got, want)
+    # Writes after a load: the new content is found, the old never returned, merges included.
+    for writes in (2, 9, 30):
+        ids = torch.stack([torch.randperm(N, generator=g)[:writes] for _ in range(B)])
+        old = memory.memory.gather(1, ids.unsqueeze(-1).expand(-1, -1, W)).float()
+        new_rows = torch.randn(B, writes, W, generator=g)
+        loaded.update(new_rows, ids)
+        memory.update(new_rows, ids)
+        check_search(loaded, memory, old[:, :R], 8)
+        check_search(loaded, memory, new_rows[:, :R], 8)
+
+
+@pytest.mark.parametrize("name", INDEXES)
+def test_load_checks_its_rows(name):
+    index = build(name)
+    with pytest.raises(ValueError, match="rows must be"):
+        index.load(torch.randn(B, N - 1, W))
+    with pytest.raises(ValueError, match="floating-point"):
+        index.load(torch.ones(B, N, W, dtype=torch.int64))
+    bad = torch.randn(B, N, W)
+    bad[1, N - 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        index.load(bad)
+
+
+@pytest.mark.parametrize("name", INDEXES)
 def test_repeated_id_in_one_update_keeps_the_last_row(name):
     index = build(name)
     rows = torch.randn(B, 3, W, generator=torch.Generator().manual_seed(2))

@@ -234,3 +234,27 @@ def test_reset_of_a_preloaded_sample_forgets_all_its_rows():
     dense = state.memory.store.dense()
     assert torch.equal(dense[1], torch.zeros(N, W, dtype=torch.float64))
     assert torch.equal(dense[0], initial_memory()[0])
+
+
+@pytest.mark.parametrize("index", ["exact", "faiss-ivf"])
+def test_a_preload_fills_in_chunks_and_indexes_with_one_load(monkeypatch, index):
+    """The full regime: rows land chunk by chunk, then one Index.load builds the index from all of them."""
+    if index.startswith("faiss"):
+        pytest.importorskip("faiss")
+    from sparsemem.index import Index
+
+    loads = []
+    original = Index.load
+    monkeypatch.setattr(Index, "load", lambda self, rows: (loads.append(rows.shape), original(self, rows))[1])
+    num_slots, batch = 300, 2
+    module = SAMMemory(num_slots, W, R, k=4, index=index)
+    state = module.init_state(batch)
+    words = torch.randn(batch, num_slots, W, generator=torch.Generator().manual_seed(3))
+    state.memory.store.preload(lambda b, start, end: words[b, start:end], chunk=64)
+    assert loads == [(batch, num_slots, W)]
+    store = state.memory.store
+    assert torch.equal(store.dense(), words)
+    stats = store.index.stats()
+    assert stats.rows == batch * num_slots and stats.buffered == 0 and stats.merges == 0
+    _, top = store.index.search(words[:, :5], 1)
+    assert torch.equal(top[..., 0], torch.arange(5).expand(batch, -1))
