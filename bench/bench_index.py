@@ -6,7 +6,8 @@
 
 Full regime: every one of the N slots of each batch row written. Per index and N:
 - fill: wall time to write all N rows through update() (buffer + merges for faiss), then
-  rebuild: time of one rebuild() from scratch of the filled index;
+  rebuild: time of one rebuild() from scratch of the filled index; with --fill load, fill is
+  one Index.load of all N rows (the preload path) and no rebuild is timed;
 - merge: time per row of one merge of the exact buffer (buffer_rows overwritten rows) into
   the full index; update: time of one step's writes (J rows per batch row) into the buffer;
 - search: K = 8 for R keys per batch row, with the buffer half full (the steady state);
@@ -70,15 +71,21 @@ def run_case(name: str, num_slots: int, config: dict) -> dict:
     slots = torch.arange(num_slots, device=device).expand(batch_size, -1)
 
     start = time.perf_counter()
-    for first in range(0, num_slots, 4096):
-        index.update(words[:, first : first + 4096], slots[:, first : first + 4096])
-    index.rebuild()
-    sync(device)
-    fill = time.perf_counter() - start
-    start = time.perf_counter()
-    index.rebuild()
-    sync(device)
-    rebuild = time.perf_counter() - start
+    rebuild = None
+    if config["fill"] == "load":
+        index.load(words)  # the preload path: one build from all N rows
+        sync(device)
+        fill = time.perf_counter() - start
+    else:
+        for first in range(0, num_slots, 4096):
+            index.update(words[:, first : first + 4096], slots[:, first : first + 4096])
+        index.rebuild()
+        sync(device)
+        fill = time.perf_counter() - start
+        start = time.perf_counter()
+        index.rebuild()
+        sync(device)
+        rebuild = time.perf_counter() - start
 
     g = torch.Generator().manual_seed(1)
     # One merge: overwrite a full buffer's worth of rows (tombstones for HNSW, removals for IVF).
@@ -212,6 +219,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--writes", type=int, default=33, help="J rows per batch row per step (R*K+1)")
     parser.add_argument("--buffer-rows", type=int, default=4096)
     parser.add_argument("--memory", choices=["clustered", "random"], default="clustered")
+    parser.add_argument(
+        "--fill",
+        choices=["update", "load"],
+        default="update",
+        help="update: 4096 slots per update(), then rebuild() (timed twice); load: one Index.load (no rebuild timed)",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="for the torch indexes")
     parser.add_argument("--sweep", action="store_true", help="ivf alone: recall and search time vs nlist, nprobe")
     parser.add_argument("--lists-per-sqrt-n", default="0.5,1,2,4", help="--sweep: nlist = this * sqrt(N)")
@@ -235,6 +248,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "J": args.writes,
         "buffer_rows": args.buffer_rows,
         "memory": args.memory,
+        "fill": args.fill,
         "dtype": "float32",
         "device": args.device,
         "faiss_threads": os.environ.get("SPARSEMEM_THREADS", "all cores"),
@@ -253,8 +267,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     for r in results:
         recall_text = f"{r['recall']:.3f}" if "recall" in r else "1"
+        rebuild_text = "-" if r["rebuild_seconds"] is None else f"{r['rebuild_seconds']:.2f}"
         print(
-            f"{r['index']:<12}{r['N']:>9}{r['fill_seconds']:>9.2f}{r['rebuild_seconds']:>9.2f}"
+            f"{r['index']:<12}{r['N']:>9}{r['fill_seconds']:>9.2f}{rebuild_text:>9}"
             f"{r['merge_ms_per_row']:>13.4f}{r['update_ms']:>10.3f}{r['search_ms']:>10.3f}{recall_text:>8}"
             f"{r['bytes'] / 2**20:>9.1f}"
         )

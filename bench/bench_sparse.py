@@ -19,6 +19,7 @@ hooks): the journal's O(T K W) rows and the controller's activations; it must no
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -196,11 +197,14 @@ def main() -> None:
     parser.add_argument("--index", default="exact", help='"exact", "faiss-hnsw" or "faiss-ivf"')
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backward-memory", action="store_true", help="saved bytes vs T at N = 2^16, 2^20")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch and faiss threads (SPARSEMEM_THREADS)")
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS / "sparse.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # faiss too (load_faiss reads it): its OpenMP team on a busy 2-core machine turned steps of
+    # ~30 ms into 190-500 ms when a search of R keys waited for a descheduled second thread.
+    os.environ["SPARSEMEM_THREADS"] = str(args.threads)
     if args.one:
         kind, *rest = args.one
         if kind == "step":
