@@ -61,6 +61,9 @@ class Index(abc.ABC):
       unwritten ones. Exact for ExactIndex; approximate (recall < 1) for FaissIndex, whose
       candidates are still scored exactly against the current rows. Not differentiable:
       the scores rank; the memory module recomputes weights with ops.sparse_read on the ids.
+    - `load(rows [B, N, W])` writes every slot at once (a preloaded memory): the same as
+      reset() then update(rows, all N slot ids), but an approximate index builds its structure
+      once from all N rows instead of growing it update by update.
     - `rebuild()` rebuilds any approximate structure from the current rows now.
     - `reset(mask [B] bool | None)` forgets the written rows of the masked batch rows
       (all if None): they hold the initial word again. Costs O(rows written), not O(N).
@@ -171,20 +174,11 @@ class Index(abc.ABC):
         This default updates chunk by chunk; an approximate index overrides it to build its
         structure once from all N rows instead of growing (and retraining) it chunk by chunk.
         """
-        if (
-            not isinstance(rows, Tensor)
-            or rows.dim() != 3
-            or tuple(rows.shape)
-            != (
-                self.batch_size,
-                self.num_slots,
-                self.word_size,
-            )
-        ):
+        expected = (self.batch_size, self.num_slots, self.word_size)
+        if not isinstance(rows, Tensor) or tuple(rows.shape) != expected:
             shape = list(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
-            raise ValueError(
-                f"rows must be [B, N, W] with B={self.batch_size}, N={self.num_slots}, W={self.word_size}; got {shape}"
-            )
+            sizes = f"B={self.batch_size}, N={self.num_slots}, W={self.word_size}"
+            raise ValueError(f"rows must be [B, N, W] with {sizes}; got {shape}")
         if not rows.is_floating_point():
             raise ValueError(f"rows must be a floating-point tensor; got {rows.dtype}")
         columns = max(1, UPDATE_CHUNK // self.batch_size)

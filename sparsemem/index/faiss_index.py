@@ -59,6 +59,8 @@ class FaissIndex(Index):
     kind="ivf": IndexIVFFlat with nlist = 4 sqrt(rows) lists (at most rows / 39, faiss's
     minimum for k-means), nprobe lists searched; retrained from the current rows when
     they have grown 4-fold since the last training, so retraining is amortised O(1) per row.
+    load(rows [B, N, W]) builds every batch row's index once from all N rows (IVF: one k-means
+    on a sample pooled over the batch rows, see _load).
     Search runs on the CPU; results come back on the queries' device.
     """
 
