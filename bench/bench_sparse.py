@@ -130,6 +130,7 @@ def run_one(name: str, log2_slots: int, regime: str, index: str, repeats: int) -
         "rss_at_start_bytes": rss_start,
         "peak_rss_over_matrix": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / matrix,
         "saved_for_backward_bytes": max(saved),
+        "load_average": os.getloadavg(),  # at the end: a busy machine slows every timing above
     }
 
 
@@ -216,6 +217,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     threads = ["--threads", str(args.threads)]
+    load_at_start = os.getloadavg()
     results = []
     if args.backward_memory:
         for name in args.models:
@@ -230,6 +232,7 @@ def main() -> None:
                     results.append(_in_process([*threads, "--one", *one]))
                     print(json.dumps(results[-1]), flush=True)
     config = {**CONFIG, "index": args.index, "threads": args.threads, "repeats": args.repeats}
+    config["load_average_at_start"] = load_at_start
     print(write_json(Path(args.out), {"header": header(config), "results": results}))
     if not args.backward_memory and any("seconds_per_step" in r for r in results):
         plot(results, Path(args.out).with_suffix(".png"))
