@@ -116,6 +116,7 @@ def run_one(name: str, log2_slots: int, regime: str, index: str, repeats: int) -
         "regime": regime,
         "index": index,
         "seconds_per_step": per_step,
+        "seconds_per_step_best": min(episode_seconds) / c["steps"],  # least disturbed by other processes
         "episode_seconds": episode_seconds,
         "preload_seconds": preload_seconds,
         "index_build_seconds": preloaded.build_seconds,
