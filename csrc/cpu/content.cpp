@@ -27,19 +27,12 @@
 #include <type_traits>
 #include <vector>
 
-// Compiles the piece loops twice, for x86-64-v3 (AVX2 + FMA) and for the baseline, picked at load
-// time (GCC function multi-versioning): the extension stays portable and the hot loops get 256-bit vectors.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SPARSEMEM_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define SPARSEMEM_VECTOR_CLONES
-#endif
+#include "vector_math.h"
 
 namespace sparsemem {
 
 namespace {
 
-constexpr double kEps = 1e-6;  // the reference's eps on squared norms (sparsemem/reference/dnc.py)
 constexpr int64_t kPiece = 2048;  // slots per parallel piece
 constexpr int64_t kSub = 128;     // slots per sub-tile (kPiece is a multiple): 32 KiB of words at W=64, float32
 
@@ -53,23 +46,6 @@ void check_inputs(const at::Tensor& memory, const at::Tensor& keys, const at::Te
   TORCH_CHECK(memory.size(1) >= 1, "memory needs at least one slot (N >= 1)");
   TORCH_CHECK(memory.scalar_type() == keys.scalar_type() && keys.scalar_type() == strengths.scalar_type(),
               "memory, keys and strengths must share a dtype");
-}
-
-// The simd reductions let the compiler vectorise the sums, which it may not otherwise reorder.
-template <typename acc_t, typename scalar_t>
-acc_t safe_norm(const scalar_t* x, int64_t W) {
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < W; ++i) sum += acc_t(x[i]) * acc_t(x[i]);
-  return std::sqrt(sum + acc_t(kEps));
-}
-
-template <typename acc_t, typename scalar_t>
-acc_t dot(const acc_t* a, const scalar_t* b, int64_t W) {
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < W; ++i) sum += a[i] * acc_t(b[i]);
-  return sum;
 }
 
 // exp(x) for the x = z - max <= 0 of the softmax, in a form the compiler vectorises (std::exp is a
@@ -128,7 +104,7 @@ SPARSEMEM_VECTOR_CLONES void forward_piece(const ForwardPieces<scalar_t, acc_t>&
       const scalar_t* word = c.memory + (b * N + n) * W;
       const acc_t inv_norm = acc_t(1) / safe_norm<acc_t>(word, W);
       for (int64_t r = 0; r < R; ++r) {
-        c.exps[(b * R + r) * N + n] = dot(c.scaled_keys + (b * R + r) * W, word, W) * inv_norm;
+        c.exps[(b * R + r) * N + n] = dot<acc_t>(c.scaled_keys + (b * R + r) * W, word, W) * inv_norm;
       }
     }
     for (int64_t r = 0; r < R; ++r) {
@@ -270,9 +246,9 @@ SPARSEMEM_VECTOR_CLONES void backward_piece(const BackwardPieces<scalar_t, acc_t
     for (int64_t r = 0; r < R; ++r) {
       const int64_t row = b * R + r;
       const acc_t* unit_key = x.unit_keys + row * W;
-      const acc_t similarity = dot(unit_key, word, W) * inv_norm;
+      const acc_t similarity = dot<acc_t>(unit_key, word, W) * inv_norm;
       acc_t grad = acc_t(x.grad_weights[row * N + n]);
-      if (with_reads) grad += dot(x.grad_read + row * W, word, W);
+      if (with_reads) grad += dot<acc_t>(x.grad_read + row * W, word, W);
       const acc_t weight = acc_t(x.weights[row * N + n]);
       const acc_t dz = weight * (grad - x.c[row]);
       const acc_t dD = acc_t(x.strengths[row]) * dz;

@@ -21,13 +21,7 @@
 #include <type_traits>
 #include <vector>
 
-// Compiles the row loops twice, for x86-64-v3 (AVX2 + FMA) and for the baseline, picked at load time
-// (GCC function multi-versioning): the extension stays portable and the hot loops get 256-bit vectors.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SPARSEMEM_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define SPARSEMEM_VECTOR_CLONES
-#endif
+#include "vector_math.h"
 
 namespace sparsemem {
 
@@ -65,15 +59,6 @@ struct Links {
   const scalar_t* read_w = nullptr;      // [B, R, N]
 };
 
-template <typename acc_t, typename scalar_t>
-acc_t dot(const acc_t* a, const scalar_t* b, int64_t N) {
-  acc_t sum = 0;
-  // Lets the compiler vectorise the sum, which it may not otherwise reorder.
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < N; ++j) sum += a[j] * acc_t(b[j]);
-  return sum;
-}
-
 // Row i of L' (kUpdate) or of L, in acc_t: computed into `buffer`, or L's own row when it is already acc_t.
 template <bool kUpdate, typename acc_t, typename scalar_t>
 const acc_t* link_row(const Links<scalar_t>& x, int64_t b, int64_t i, acc_t* buffer) {
@@ -109,7 +94,7 @@ SPARSEMEM_VECTOR_CLONES void forward_rows(const Links<scalar_t>& x, int64_t b, i
     if constexpr (kReads) {
       for (int64_t r = 0; r < R; ++r) {
         const scalar_t* wr = x.read_w + (b * R + r) * N;
-        forward[(b * R + r) * N + i] = scalar_t(dot(row, wr, N));
+        forward[(b * R + r) * N + i] = scalar_t(dot<acc_t>(row, wr, N));
         const acc_t weight = acc_t(wr[i]);
         acc_t* col = column + r * N;
         for (int64_t j = 0; j < N; ++j) col[j] += weight * row[j];
@@ -188,7 +173,7 @@ SPARSEMEM_VECTOR_CLONES void backward_rows(const Links<scalar_t>& x, const LinkG
         const acc_t gf_i = acc_t(g.forward[(b * R + r) * N + i]);
         const acc_t wr_i = acc_t(wr[i]);
         for (int64_t j = 0; j < N; ++j) G[j] += gf_i * acc_t(wr[j]) + wr_i * acc_t(gb[j]);
-        row_read[(b * R + r) * N + i] = dot(row, gb, N);
+        row_read[(b * R + r) * N + i] = dot<acc_t>(row, gb, N);
         acc_t* col = read_column + r * N;
         for (int64_t j = 0; j < N; ++j) col[j] += gf_i * row[j];
       }

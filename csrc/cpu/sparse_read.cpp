@@ -40,10 +40,10 @@ void check_slots(const at::Tensor& indices, int64_t N) {
 template <typename scalar_t, typename acc_t>
 acc_t similarities(const scalar_t* memory_row0, const int64_t* slots, const scalar_t* key, int64_t K, int64_t W,
                    acc_t* similarity) {
-  const acc_t key_norm = std::sqrt(dot<acc_t>(key, key, W) + acc_t(kNormEps));
+  const acc_t key_norm = safe_norm<acc_t>(key, W);
   for (int64_t j = 0; j < K; ++j) {
     const scalar_t* word = memory_row0 + slots[j] * W;
-    const acc_t word_norm = std::sqrt(dot<acc_t>(word, word, W) + acc_t(kNormEps));
+    const acc_t word_norm = safe_norm<acc_t>(word, W);
     similarity[j] = dot<acc_t>(key, word, W) / (key_norm * word_norm);
   }
   return key_norm;

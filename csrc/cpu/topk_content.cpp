@@ -85,7 +85,7 @@ using LaneVector = typename LaneVectorOf<acc_t>::type;
 
 // (Vectors by reference, not value: GCC warns of the calling convention of the baseline clone.)
 template <typename Vector>
-__attribute__((always_inline)) inline void pair_sums(const Vector& a, const Vector& b, Vector& sums) {
+SPARSEMEM_ALWAYS_INLINE void pair_sums(const Vector& a, const Vector& b, Vector& sums) {
   sums = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
          __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
 }
@@ -94,7 +94,7 @@ __attribute__((always_inline)) inline void pair_sums(const Vector& a, const Vect
 // each element is loaded and converted once, into H + 1 lane vectors kept in registers. The W % 8
 // tail elements are added after the lanes.
 template <int64_t H, typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void word_dots(const scalar_t* word, const acc_t* keys, int64_t W,
+SPARSEMEM_ALWAYS_INLINE void word_dots(const scalar_t* word, const acc_t* keys, int64_t W,
                                                      acc_t* dots) {
   static_assert(1 <= H && H <= 4, "word_dots reduces up to four keys at once");
   using Vector = LaneVector<acc_t>;
@@ -117,7 +117,8 @@ __attribute__((always_inline)) inline void word_dots(const scalar_t* word, const
   pair_sums(pairs01, pairs23, halves);
   pair_sums(norm, norm, norm_pairs);
   pair_sums(norm_pairs, norm_pairs, norm_halves);
-  const auto totals = __builtin_shufflevector(halves, halves, 0, 1, 2, 3) + __builtin_shufflevector(halves, halves, 4, 5, 6, 7);
+  const auto totals =
+      __builtin_shufflevector(halves, halves, 0, 1, 2, 3) + __builtin_shufflevector(halves, halves, 4, 5, 6, 7);
   for (int64_t h = 0; h < H; ++h) dots[h] = totals[h];
   dots[H] = norm_halves[0] + norm_halves[4];
   for (; i < W; ++i) {
@@ -131,7 +132,7 @@ __attribute__((always_inline)) inline void word_dots(const scalar_t* word, const
 // each score to the head's buffer best[h * k ..], holding count[h] entries. Most scores lose to
 // the buffer's last entry: that test is inlined here, the insertion is not.
 template <int64_t H, typename scalar_t, typename acc_t>
-SPARSEMEM_SIMD_CLONES void scan_chunk(const scalar_t* words, int64_t first, int64_t last, int64_t W, const acc_t* key,
+SPARSEMEM_VECTOR_CLONES void scan_chunk(const scalar_t* words, int64_t first, int64_t last, int64_t W, const acc_t* key,
                                       const acc_t* key_norm, int64_t k, Candidate<acc_t>* best, int64_t* count) {
   acc_t dots[H + 1];
   const int64_t row_bytes = W * int64_t(sizeof(scalar_t));
@@ -200,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor> ext_topk_content(const at::Tensor& memory_in,
         const int64_t b = task / chunks, first = (task % chunks) * kChunk, last = std::min(N, first + kChunk);
         for (int64_t r = 0; r < R; ++r) {
           for (int64_t i = 0; i < W; ++i) key[r * W + i] = acc_t(q[(b * R + r) * W + i]);
-          key_norm[r] = std::sqrt(dot<acc_t>(key.data() + r * W, key.data() + r * W, W) + acc_t(kNormEps));
+          key_norm[r] = safe_norm<acc_t>(key.data() + r * W, W);
         }
         scan_heads(m + b * N * W, first, last, W, key.data(), key_norm.data(), R, k, found.data() + task * R * k,
                    counts.data() + task * R);
@@ -263,7 +264,7 @@ std::vector<at::Tensor> ext_topk_content_backward(const at::Tensor& grad_scores_
         for (int64_t r = 0; r < R; ++r) {
           const int64_t head = b * R + r;
           for (int64_t i = 0; i < W; ++i) key[i] = acc_t(q[head * W + i]);
-          const acc_t key_norm = std::sqrt(dot<acc_t>(key.data(), key.data(), W) + acc_t(kNormEps));
+          const acc_t key_norm = safe_norm<acc_t>(key.data(), W);
           std::fill(grad_key.begin(), grad_key.end(), acc_t(0));
           acc_t key_scale = 0;  // sum_j g_j s_j, the coefficient of -k / a^2
           for (int64_t j = 0; j < k; ++j) {
