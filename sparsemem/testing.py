@@ -125,6 +125,9 @@ DENSE_KERNEL_OPS = (
 )
 """The dense ops with C++, CUDA and Triton kernels; every input of each is differentiable."""
 
+SPARSE_KERNEL_OPS = ("topk_content", "sparse_read", "sparse_write", "sparse_link_update", "sparse_temporal_reads")
+"""The sparse ops with C++, CUDA and Triton kernels; their index inputs take no gradient."""
+
 QUADRATIC_OPS = ("link_update", "temporal_reads", "link_update_reads")
 """Ops on [B, N, N] link matrices: N = 4097 is 50M elements per tensor in float64."""
 

@@ -56,5 +56,25 @@ inline void check_cuda(const at::Tensor& tensor, const char* name) {
   TORCH_CHECK(tensor.is_cuda(), name, " must be a CUDA tensor");
 }
 
+// `tensor` on the same CUDA device as `first` (the op's first input).
+inline void check_device(const at::Tensor& tensor, const at::Tensor& first, const char* name) {
+  TORCH_CHECK(tensor.is_cuda() && tensor.device() == first.device(), name, " must be on ", first.device(),
+              "; got ", tensor.device());
+}
+
+// Blocks of `threads` for a grid-stride loop over `total` items (at least one block).
+inline unsigned int blocks_for(int64_t total, int threads) {
+  return static_cast<unsigned int>(std::clamp<int64_t>((total + threads - 1) / threads, 1, int64_t(1) << 20));
+}
+
+// Position of `slot` among slots[0, n), or -1; slot -1 (an empty place) is never found.
+__device__ __forceinline__ int64_t find_slot(const int64_t* slots, int64_t n, int64_t slot) {
+  if (slot < 0) return -1;
+  for (int64_t j = 0; j < n; ++j) {
+    if (slots[j] == slot) return j;
+  }
+  return -1;
+}
+
 }  // namespace cuda
 }  // namespace sparsemem

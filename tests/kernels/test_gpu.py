@@ -1,4 +1,5 @@
-"""Triton and CUDA backends on a GPU against the reference: odd sizes, hard usages, gradcheck, opcheck.
+"""Triton and CUDA backends on a GPU against the reference: odd sizes, hard usages, gradcheck, opcheck;
+for the sparse ops also the C++ kernel on the CPU (same algorithm, so the same indices and ties).
 
 Marked `gpu`: skipped without a CUDA device. Run on the device machine with
 `pytest -m gpu tests/kernels/test_gpu.py` (and under compute-sanitizer for memcheck).
@@ -9,7 +10,9 @@ import torch
 
 import sparsemem as sm
 from sparsemem import _backends, reference
-from sparsemem.testing import DENSE_KERNEL_OPS, QUADRATIC_OPS, op_inputs
+from sparsemem.memory import SAMMemory, SDNCMemory
+from sparsemem.reference.dnc import cosine_similarity_ref
+from sparsemem.testing import DENSE_KERNEL_OPS, QUADRATIC_OPS, SPARSE_KERNEL_OPS, op_inputs
 from tests.kernels.inputs import hard_usages, link_update_inputs, temporal_reads_inputs
 from tests.tolerances import tolerance
 
@@ -169,3 +172,224 @@ def test_sparse_links_gradcheck_and_opcheck_on_gpu(op, backend, use_backend):
 
     assert torch.autograd.gradcheck(float_outputs, args)
     torch.library.opcheck(getattr(torch.ops.sparsemem, op).default, args)
+
+
+# --- the sparse ops: topk_content, sparse_read, sparse_write, sparse_link_update, sparse_temporal_reads
+
+# (the link ops against the reference, gradients and gradcheck: test_sparse_links_* above)
+SAM_OPS = tuple(op for op in SPARSE_KERNEL_OPS if op not in SPARSE_LINK_OPS)
+
+
+def sparse_gpu_cases() -> list[tuple[str, str]]:
+    backends = ("triton", "cuda")
+    return [(op, backend) for op in SAM_OPS for backend in backends if backend in _backends._KERNELS[op]]
+
+
+def cuda_backend(op: str) -> None:
+    if "cuda" not in _backends._KERNELS[op]:
+        pytest.skip(f"no cuda kernel for {op} (sparsemem._C built without CUDA)")
+
+
+def _float_outputs(op):
+    def run(*inputs):  # gradcheck pairs outputs with Jacobians by position: no index outputs
+        return tuple(out for out in _as_tuple(getattr(sm.ops, op)(*inputs)) if out.is_floating_point())
+
+    return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("N", [1, 7, 33, 1000, 4097])
+@pytest.mark.parametrize(("op", "backend"), sparse_gpu_cases())
+def test_sparse_ops_match_reference_on_gpu(op, backend, N, dtype, use_backend):
+    use_backend(backend)
+    args = _cuda(op_inputs(op, dtype, B=3, N=N, W=9, R=3))
+    expected = _as_tuple(getattr(reference, f"{op}_ref")(*args))
+    actual = _as_tuple(getattr(sm.ops, op)(*args))
+    for got, want in zip(actual, expected, strict=True):
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got, want, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("N", [7, 33, 300])
+@pytest.mark.parametrize("op", SPARSE_KERNEL_OPS)
+def test_sparse_cuda_kernels_match_the_cpp_kernels(op, N, dtype, use_backend):
+    # The same algorithm on both: equal indices (ties included: the link ops' values are rounded
+    # step by step on both, without FMA contraction) and values within the tolerance.
+    cuda_backend(op)
+    if "cpp" not in _backends._KERNELS[op]:
+        pytest.skip("no cpp kernel here")
+    args = op_inputs(op, dtype, B=3, N=N, W=9, R=3)
+    use_backend("cpp")
+    want = _as_tuple(getattr(sm.ops, op)(*args))
+    use_backend("cuda")
+    got = _as_tuple(getattr(sm.ops, op)(*_cuda(args)))
+    for g, w in zip(got, want, strict=True):
+        if w.is_floating_point():
+            torch.testing.assert_close(g.cpu(), w, **tolerance(dtype))
+        else:
+            assert torch.equal(g.cpu(), w)
+
+
+@pytest.mark.parametrize(("op", "backend"), sparse_gpu_cases())
+def test_sparse_gradients_match_reference_on_gpu(op, backend, use_backend):
+    use_backend(backend)
+    args = _cuda(op_inputs(op, torch.float64, B=3, N=257, W=9, R=3), requires_grad=True)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    outputs = _float_outputs(op)(*args)
+    seeds = [torch.randn_like(o) for o in outputs]
+    got = torch.autograd.grad(outputs, leaves, seeds)
+    want_outputs = [o for o in _as_tuple(getattr(reference, f"{op}_ref")(*args)) if o.is_floating_point()]
+    want = torch.autograd.grad(want_outputs, leaves, seeds)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tolerance(torch.float64))
+
+
+@pytest.mark.parametrize(("op", "backend"), sparse_gpu_cases())
+def test_sparse_gradcheck_and_opcheck_on_gpu(op, backend, use_backend):
+    use_backend(backend)
+    args = _cuda(op_inputs(op, torch.float64, B=2, N=13, W=4, R=2), requires_grad=True)
+    assert torch.autograd.gradcheck(_float_outputs(op), args)
+    torch.library.opcheck(getattr(torch.ops.sparsemem, op).default, args)
+
+
+@pytest.mark.parametrize("op", [op for op in SPARSE_KERNEL_OPS if op != "topk_content"])
+def test_sparse_bfloat16_close_to_float64_on_gpu(op, use_backend):
+    cuda_backend(op)
+    use_backend("cuda")
+    args16 = tuple(
+        a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        for a in _cuda(op_inputs(op, torch.float64, B=2, N=9, W=4, R=2))
+    )
+    args64 = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args16)
+    for got, want in zip(_as_tuple(getattr(sm.ops, op)(*args16)), _as_tuple(getattr(sm.ops, op)(*args64)), strict=True):
+        assert got.dtype == (torch.bfloat16 if want.is_floating_point() else want.dtype)
+        torch.testing.assert_close(got.double(), want.double(), **tolerance(torch.bfloat16))
+
+
+def _distinct_memory(B, N, W, dtype, top, seed=0):
+    """Memory and keys (R = 3) whose `top` best scores differ by far more than float32 rounding."""
+    g = torch.Generator().manual_seed(seed)
+    memory = torch.randn(B, N, W, generator=g, dtype=torch.float64)
+    keys = torch.randn(B, 3, W, generator=g, dtype=torch.float64)
+    best = torch.topk(cosine_similarity_ref(memory, keys), min(top + 1, N), dim=-1).values
+    assert (best.diff(dim=-1) < -1e-6).all(), "pick another seed: near-tied scores"
+    return memory.to(dtype).cuda(), keys.to(dtype).cuda()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("N", "k", "seed"), [(37, 1, 0), (20001, 8, 0), (20001, 40, 6), (2**16, 8, 0)])
+def test_topk_content_over_many_splits_on_gpu(N, k, seed, dtype, use_backend):
+    # N = 20001 and 2^16: many blocks per batch row, whose partial top-K are merged; k = 40 holds
+    # more than a warp's 32 lanes in each list
+    cuda_backend("topk_content")
+    use_backend("cuda")
+    memory, keys = _distinct_memory(3, N, 6 if N < 2**16 else 64, dtype, top=k, seed=seed)
+    memory.requires_grad_(True)
+    keys.requires_grad_(True)
+    want_scores, want_indices = torch.topk(cosine_similarity_ref(memory, keys), k, dim=-1)
+    scores, indices = sm.ops.topk_content(memory, keys, k)
+    assert torch.equal(indices, want_indices)
+    torch.testing.assert_close(scores, want_scores, **tolerance(dtype))
+    seed = torch.randn_like(scores)
+    got = torch.autograd.grad(scores, (memory, keys), seed)
+    want = torch.autograd.grad(want_scores, (memory, keys), seed)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tolerance(dtype))
+
+
+def test_topk_content_ties_go_to_the_lower_slot_on_gpu(use_backend):
+    cuda_backend("topk_content")
+    use_backend("cuda")
+    N = 20001  # the tied slots fall in different blocks and different warps
+    g = torch.Generator().manual_seed(0)
+    memory = torch.randn(2, N, 4, generator=g, dtype=torch.float64)
+    keys = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    tied = [2, 5, 9, 14, N // 2, N - 2]
+    for slot in reversed(tied):
+        memory[:, slot] = keys[:, 0] * 2
+    _, indices = sm.ops.topk_content(memory.cuda(), keys.cuda(), 6)
+    assert indices[:, 0].tolist() == [tied] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_topk_content_beyond_shared_memory_sorts_on_gpu(dtype, use_backend):
+    # R * K = 3 * 3001 pairs do not fit a block's shared memory: scores + stable sort instead
+    cuda_backend("topk_content")
+    use_backend("cuda")
+    g = torch.Generator().manual_seed(1)
+    memory = torch.randn(2, 3001, 5, generator=g, dtype=torch.float64)
+    keys = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    memory[:, 100] = memory[:, 7]  # a tie: the lower slot first
+    memory, keys = memory.to(dtype).cuda(), keys.to(dtype).cuda()
+    scores, indices = sm.ops.topk_content(memory, keys, 3001)
+    want_scores, want_indices = torch.sort(cosine_similarity_ref(memory, keys), dim=-1, descending=True, stable=True)
+    torch.testing.assert_close(scores, want_scores, **tolerance(dtype))
+    if dtype == torch.float64:  # float32 rounding may swap near-equal neighbours among 3001
+        assert torch.equal(indices, want_indices)
+    position = (indices == 7).nonzero()[:, -1].view(2, 3, 1)
+    assert (indices.gather(-1, position + 1) == 100).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [1, 8, 40])
+def test_sparse_read_with_repeated_slots_on_gpu(k, dtype, use_backend):
+    # slots repeated within and across heads: their memory gradients add up without races
+    cuda_backend("sparse_read")
+    use_backend("cuda")
+    g = torch.Generator().manual_seed(k)
+    memory = torch.randn(3, 50, 70, generator=g, dtype=dtype).cuda().requires_grad_(True)
+    indices = torch.randint(0, 50, (3, 3, k), generator=g).cuda()
+    keys = torch.randn(3, 3, 70, generator=g, dtype=dtype).cuda().requires_grad_(True)
+    strengths = (torch.rand(3, 3, generator=g, dtype=dtype) * 10).cuda().requires_grad_(True)
+    got = sm.ops.sparse_read(memory, indices, keys, strengths)
+    want = reference.sparse_read_ref(memory, indices, keys, strengths)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **tolerance(dtype))
+    seeds = [torch.randn_like(o) for o in got]
+    leaves = (memory, keys, strengths)
+    for a, b in zip(torch.autograd.grad(got, leaves, seeds), torch.autograd.grad(want, leaves, seeds), strict=True):
+        torch.testing.assert_close(a, b, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("J", [1, 33, 300])
+def test_sparse_write_on_gpu(J, use_backend):
+    cuda_backend("sparse_write")
+    use_backend("cuda")
+    g = torch.Generator().manual_seed(J)
+    rows = torch.randn(3, J, 65, generator=g, dtype=torch.float64).cuda().requires_grad_(True)
+    weights = torch.rand(3, J, generator=g, dtype=torch.float64).cuda().requires_grad_(True)
+    add = torch.randn(3, 65, generator=g, dtype=torch.float64).cuda().requires_grad_(True)
+    erase_rows = (torch.rand(3, J, generator=g) < 0.3).cuda()
+    got = sm.ops.sparse_write(rows, weights, add, erase_rows)
+    want = reference.sparse_write_ref(rows, weights, add, erase_rows)
+    torch.testing.assert_close(got, want, **tolerance(torch.float64))
+    seed = torch.randn_like(got)
+    leaves = (rows, weights, add)
+    for a, b in zip(torch.autograd.grad(got, leaves, seed), torch.autograd.grad(want, leaves, seed), strict=True):
+        torch.testing.assert_close(a, b, **tolerance(torch.float64))
+
+
+@pytest.mark.parametrize("name", ["sam", "sdnc"])
+def test_sparse_memory_with_cuda_kernels_matches_torch_on_gpu(name, use_backend):
+    # whole steps (forward and backward through the journal), every sparse op on its cuda kernel
+    cuda_backend("sparse_read")
+    module = {"sam": SAMMemory, "sdnc": SDNCMemory}[name](1000, 9, 3, k=4).double().cuda()
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(3, module.interface_size, generator=g, dtype=torch.float64).cuda() for _ in range(5)]
+    parts = [p.requires_grad_(True) for p in parts]
+
+    def run(backend):
+        use_backend(backend)
+        state = module.init_state(3)
+        reads = []
+        for part in parts:
+            read, state = module.step(state, part)
+            reads.append(read)
+        reads = torch.stack(reads)
+        return reads, torch.autograd.grad((reads**2).sum(), parts)
+
+    (got, got_grads), (want, want_grads) = run("cuda"), run("torch")
+    torch.testing.assert_close(got, want, **tolerance(torch.float64))
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
