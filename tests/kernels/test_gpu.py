@@ -376,12 +376,14 @@ def test_sparse_memory_with_cuda_kernels_matches_torch_on_gpu(name, use_backend)
     cuda_backend("sparse_read")
     module = {"sam": SAMMemory, "sdnc": SDNCMemory}[name](1000, 9, 3, k=4).double().cuda()
     g = torch.Generator().manual_seed(0)
+    # a preloaded memory: no tied scores, whose order the torch backend leaves to torch.topk
+    memory = torch.randn(3, 1000, 9, generator=g, dtype=torch.float64).cuda()
     parts = [torch.randn(3, module.interface_size, generator=g, dtype=torch.float64).cuda() for _ in range(5)]
     parts = [p.requires_grad_(True) for p in parts]
 
     def run(backend):
         use_backend(backend)
-        state = module.init_state(3)
+        state = module.init_state(3, memory)
         reads = []
         for part in parts:
             read, state = module.step(state, part)
