@@ -34,6 +34,16 @@ __device__ __forceinline__ T warp_sum(T value) {
   return value;
 }
 
+constexpr double kEps = 1e-6;  // sparsemem.reference.dnc.EPS, added to squared norms
+
+// |x|^2 + kEps of a W-vector, summed by one warp (lane w, w + 32, ...); every lane gets it.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t squared_norm(const scalar_t* __restrict__ x, int64_t W, int lane) {
+  acc_t squares = 0;
+  for (int64_t w = lane; w < W; w += kWarp) squares += acc_t(x[w]) * acc_t(x[w]);
+  return warp_sum(squares) + acc_t(kEps);
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_max(T value) {
 #pragma unroll

@@ -22,13 +22,9 @@ constexpr int kHeads = 8;
 constexpr int kMaxWarps = 8;
 constexpr int64_t kMinSlotsPerSplit = 64;
 constexpr size_t kMaxShared = 48 * 1024;
-constexpr double kEps = 1e-6;  // sparsemem.reference.dnc.EPS, added to squared norms
-
 template <typename scalar_t, typename acc_t>
 __device__ acc_t word_norm(const scalar_t* __restrict__ word, int64_t W, int lane) {
-  acc_t squares = 0;
-  for (int64_t w = lane; w < W; w += kWarp) squares += acc_t(word[w]) * acc_t(word[w]);
-  return sqrt(warp_sum(squares) + acc_t(kEps));
+  return sqrt(squared_norm<scalar_t, acc_t>(word, W, lane));
 }
 
 template <typename scalar_t, typename acc_t>

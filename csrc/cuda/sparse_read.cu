@@ -26,7 +26,6 @@ namespace cuda {
 namespace sparse_read_kernels {
 
 constexpr int kThreads = 128;
-constexpr double kEps = 1e-6;  // sparsemem.reference.dnc.EPS, added to squared norms
 
 // The candidate's slot; an out-of-range one (only possible when the host-side check is off, on
 // the GPU without SPARSEMEM_DEBUG) stops the kernel with a device assert instead of reading

@@ -31,7 +31,6 @@ constexpr int kHeads = 8;  // heads whose dots a lane keeps in registers at once
 constexpr int kMaxWarps = 8;
 constexpr int64_t kMinSlotsPerSplit = 256;
 constexpr size_t kMaxShared = 48 * 1024;
-constexpr double kEps = 1e-6;  // sparsemem.reference.dnc.EPS, added to squared norms
 constexpr int kThreads = 128;
 
 template <typename acc_t>
@@ -52,13 +51,6 @@ __device__ void offer(acc_t* scores, int64_t* slots, int& count, int64_t k, acc_
   }
   scores[position] = score;
   slots[position] = slot;
-}
-
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t squared_norm(const scalar_t* __restrict__ x, int64_t W, int lane) {
-  acc_t squares = 0;
-  for (int64_t w = lane; w < W; w += kWarp) squares += acc_t(x[w]) * acc_t(x[w]);
-  return warp_sum(squares) + acc_t(kEps);
 }
 
 // Shared memory of topk_partial_kernel: int64 slots first (alignment), then acc_t, then int.
