@@ -5,8 +5,9 @@
 
 1. sparse_read, sparse_write, topk_content, sparse_link_update and sparse_temporal_reads, forward
    and forward+backward, every backend that runs here, at B=8, W=64, R=4, K=8, K_L=8 (sparse_write
-   on J = R*K + 1 rows, SAM's write set; the link ops on the arguments an SDNC step passes them,
-   captured from a model after a few steps).
+   on J = R*K + 1 rows, SAM's write set; sparse_read over a memory of --slots rows, whose memory
+   gradient is a dense [B, N, W], and over the R*K rows SAM gathers per step, as SAM calls it; the
+   link ops on the arguments an SDNC step passes them, captured from a model after a few steps).
 2. topk_content forward at N = 2^20 against the torch backend (cosine by matmul, then torch.topk):
    each case in its own process, reporting time and peak RSS above the inputs, since the torch
    path allocates [B, R, N] scores (and a [B, N, W] square for the norms) and the fused kernel
@@ -183,7 +184,7 @@ def plot(results: list[dict], topk: list[dict], path: Path, device: str = "cpu")
             continue
         base = next(t for t in results if t["op"] == r["op"] and t["N"] == r["N"] and t["backend"] == "torch")
         for phase in ("forward", "forward_backward"):
-            labels.append(f"{r['op']}\n{r['backend']} {phase.replace('forward_backward', 'fwd+bwd')[:7]}")
+            labels.append(f"{r['op']} N={r['N']}\n{r['backend']} {phase.replace('forward_backward', 'fwd+bwd')[:7]}")
             speedups.append(base[phase]["median"] / r[phase]["median"])
     left.bar(range(len(speedups)), speedups)
     left.axhline(3, color="red", linestyle="--", label="target 3x")
@@ -220,10 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     config = {"B": B, "W": W, "R": R, "K": K, "K_L": K_L, "J": R * K + 1, "dtype": "float32", "device": device}
     config |= {"N": args.slots, "topk_N": 2**args.topk_log2_slots, "threads": args.threads}
+    # sparse_read twice: over a memory of N slots (its memory gradient is a dense [B, N, W]) and
+    # as SAM calls it, over the R*K rows gathered for the step (memory [B, R*K, W]).
+    cases = [("sparse_read", args.slots), ("sparse_read", R * K)]
+    cases += [(op, args.slots) for op in ("sparse_write", "topk_content", *LINK_OPS)]
     results = [
-        time_op(op, backend, args.slots, device)
-        for op in ("sparse_read", "sparse_write", "topk_content", *LINK_OPS)
-        for backend in timed_backends(op, device)
+        time_op(op, backend, num_slots, device) for op, num_slots in cases for backend in timed_backends(op, device)
     ]
     os.environ.pop("SPARSEMEM_BACKEND", None)
     # On a shared machine the median moves with the load; the 10% quantile is the run's quiet end.
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     quantile = "q20" if device == "cuda" else "q10"  # do_bench gives 20/80%, torch.utils.benchmark more
     print(f"{'fwd x':>7}{'f+b x':>7}{'f+b x ' + quantile:>11}")
     for r in results:
-        base = next(t for t in results if t["op"] == r["op"] and t["backend"] == "torch")
+        base = next(t for t in results if t["op"] == r["op"] and t["N"] == r["N"] and t["backend"] == "torch")
         fwd, fwd_bwd = r["forward"]["median"], r["forward_backward"]["median"]
         ratios = base["forward"]["median"] / fwd, base["forward_backward"]["median"] / fwd_bwd
         quiet = base["forward_backward"][quantile] / r["forward_backward"][quantile]
