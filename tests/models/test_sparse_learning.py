@@ -1,4 +1,5 @@
-"""SAM learns associative recall and copy through its memory; with its reads zeroed it cannot.
+"""SAM learns associative recall, SAM and SDNC learn copy through their memory; with the reads
+zeroed they cannot.
 
 Recall: the controller is feed-forward, so nothing crosses time steps except through the
 memory: a pair (key, value) seen at step i has to be written, and found again by
@@ -8,8 +9,8 @@ stays at chance (BCE ln 2 = 0.69).
 Copy: the setting of tests/models/test_learning.py (LSTM controller, lengths 1-5), with
 N = 64 and K = 4. SAM writes to the K rows read at t-1 and the least recently used row, and
 erases that row: at N = 16 the LRU erase destroys stored items and SAM did not learn copy.
-The ablation is the same model with the reads zeroed, an LSTM alone, which does not learn
-copy up to length 5 in the budget.
+SDNC adds the temporal links, which make copy a walk along them. The ablation is the same
+model with the reads zeroed, an LSTM alone, which does not learn copy up to length 5 in the budget.
 """
 
 import pytest
@@ -21,9 +22,10 @@ from sparsemem.memory import SAMMemory
 from tests.models.test_learning import THRESHOLD
 from tests.models.test_learning import train as train_task
 
-COPY = dict(model="sam", task="copy", bits=8, max_level=5, hidden_size=64, num_slots=64, k=4, word_size=16, num_reads=1)
-COPY_STEPS = 800
-"""Seed 0 masters copy at step 568 (seeds 0-4: 568, -, 532, 495, 470; bench/results/learning/sam-copy)."""
+COPY = dict(task="copy", bits=8, max_level=5, hidden_size=64, num_slots=64, k=4, word_size=16, num_reads=1)
+COPY_STEPS = {"sam": 800, "sdnc": 500}
+"""Seed 0 masters copy at step 568 with SAM (seeds 0-4: 568, -, 532, 495, 470), 298 with SDNC
+(seeds 0-4: 298, 367, 303, 340, 278); bench/results/learning/sam-copy and sdnc-copy."""
 
 PAIRS, BITS, HIDDEN, N, W, K, BATCH = 3, 4, 32, 16, 16, 2, 16
 
@@ -76,14 +78,17 @@ def test_sam_learns_associative_recall_and_the_ablation_does_not():
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
-def test_sam_learns_copy(tmp_path):
-    trainer, error, per_level = train_task(tmp_path, ablate=False, steps=COPY_STEPS, **COPY)
-    assert trainer.steps_to_threshold is not None, f"not mastered in {COPY_STEPS} steps: {per_level}"
+@pytest.mark.parametrize("model", ["sam", "sdnc"])
+def test_sparse_models_learn_copy(tmp_path, model):
+    steps = COPY_STEPS[model]
+    trainer, error, per_level = train_task(tmp_path, ablate=False, model=model, steps=steps, **COPY)
+    assert trainer.steps_to_threshold is not None, f"not mastered in {steps} steps: {per_level}"
     assert error < THRESHOLD, per_level
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
-def test_sam_copy_is_not_learned_without_reads(tmp_path):
-    _, error, per_level = train_task(tmp_path, ablate=True, steps=COPY_STEPS, **COPY)
+@pytest.mark.parametrize("model", ["sam", "sdnc"])
+def test_sparse_copy_is_not_learned_without_reads(tmp_path, model):
+    _, error, per_level = train_task(tmp_path, ablate=True, model=model, steps=COPY_STEPS[model], **COPY)
     assert error > 10 * THRESHOLD, per_level
