@@ -116,23 +116,36 @@ class FaissIndex(Index):
     # ----- writes
 
     def _update(self, batch: Tensor, slots: Tensor, unit: Tensor) -> None:
-        batch, slots, unit = batch.cpu(), slots.cpu(), unit.float().cpu()
-        bounds = torch.searchsorted(batch, torch.arange(self.batch_size + 1)).tolist()
-        for b in range(self.batch_size):
-            if bounds[b] < bounds[b + 1]:
-                self._update_row(b, slots[bounds[b] : bounds[b + 1]].numpy(), unit[bounds[b] : bounds[b + 1]])
-
-    def _update_row(self, b: int, slots: np.ndarray, unit: Tensor) -> None:
-        codes = self._slots[b, slots]
-        buffered = codes <= -2
-        self._buffer[b, -2 - codes[buffered]] = unit[torch.from_numpy(buffered)]
-        indexed = codes >= 0
-        if indexed.any():
-            self._forget(b, codes[indexed])
-            self._slots[b, slots[indexed]] = -1  # until the buffer takes them below
-        self._rows[b] += int((codes == -1).sum())
+        # One pass over all batch rows' pairs (sorted by batch row, then slot): per batch row only
+        # the faiss calls (remove_ids, and a merge when a buffer fills) and the bulk writes.
+        batch, slots, unit = batch.cpu().numpy(), slots.cpu().numpy(), unit.float().cpu()
+        codes = self._slots[batch, slots]
+        buffered = codes <= -2  # still in the exact buffer: overwritten there
+        self._buffer[batch[buffered], -2 - codes[buffered]] = unit[buffered]
+        indexed = codes >= 0  # in faiss: the old entry leaves it now
+        for b in np.unique(batch[indexed]):
+            self._forget(b, codes[indexed & (batch == b)])
+        self._slots[batch[indexed], slots[indexed]] = -1  # until the buffer takes them below
+        for b, fresh in enumerate(np.bincount(batch[codes == -1], minlength=self.batch_size).tolist()):
+            self._rows[b] += fresh
         appended = ~buffered
-        slots, unit = slots[appended], unit[torch.from_numpy(appended)]
+        batch, slots, unit = batch[appended], slots[appended], unit[appended]
+        counts = np.bincount(batch, minlength=self.batch_size)
+        starts = np.asarray(self._buffered_rows)
+        fits = starts + counts < self.buffer_rows  # no merge: straight into the buffer
+        into = fits[batch]
+        first_pair = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        positions = starts[batch] + np.arange(len(batch)) - first_pair[batch]
+        self._buffer[batch[into], positions[into]] = unit[into]
+        self._buffer_ids[batch[into], positions[into]] = torch.from_numpy(slots[into])
+        self._slots[batch[into], slots[into]] = -2 - positions[into]
+        for b in np.flatnonzero(fits & (counts > 0)).tolist():
+            self._buffered_rows[b] += int(counts[b])
+        for b in np.flatnonzero(~fits).tolist():
+            self._append_row(b, slots[batch == b], unit[batch == b])
+
+    def _append_row(self, b: int, slots: np.ndarray, unit: Tensor) -> None:
+        """Rows of slots not in the buffer into batch row b's buffer, merging it into faiss whenever it fills."""
         if len(slots) >= self.buffer_rows:
             # A bulk write (a preloaded memory): into faiss at once, with what the buffer holds.
             count = self._buffered_rows[b]
