@@ -20,6 +20,7 @@ join the content read's K slots: a read head's weighting has 3K entries.
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -164,13 +165,19 @@ def _packed(slots: Tensor) -> Tensor:
     On the GPU the width stays fixed, so the step never waits for the device.
     """
     last = torch.iinfo(slots.dtype).max
-    slots = torch.where(slots < 0, last, slots).sort(dim=-1).values
-    repeat = torch.zeros_like(slots, dtype=torch.bool)
-    repeat[:, 1:] = slots[:, 1:] == slots[:, :-1]
-    slots = slots.masked_fill(repeat, last).sort(dim=-1).values
+    slots = torch.where(slots < 0, last, slots)
     if _checks.on_host(slots.device):
-        slots = slots[:, : max(1, int((slots != last).sum(-1).max()))]
-    return slots.masked_fill(slots == last, -1)
+        # numpy's vectorised sort: [8, ~900] int64 in 22 us, torch.sort 190 us (one thread)
+        slots = torch.from_numpy(np.sort(slots.numpy(), axis=-1))
+    else:
+        slots = slots.sort(dim=-1).values
+    keep = slots != last
+    keep[:, 1:] &= slots[:, 1:] != slots[:, :-1]
+    width = max(1, int(keep.sum(-1).max())) if _checks.on_host(slots.device) else slots.shape[1]
+    # each kept slot to its rank among the kept ones; the rest to a spare column, cut after
+    places = torch.where(keep, keep.cumsum(-1) - 1, width)
+    packed = torch.full((slots.shape[0], width + 1), -1, dtype=slots.dtype, device=slots.device)
+    return packed.scatter_(1, places, torch.where(keep, slots, -1))[:, :width]
 
 
 def sparse_link_update(links: SparseLinks, write_w: SparseWeights) -> SparseLinks:
