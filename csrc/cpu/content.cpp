@@ -4,14 +4,15 @@
 //
 // Tiling: the slots of each batch row are cut into pieces of kPiece slots, and the (b, piece)
 // pieces run in parallel (at::parallel_for), so a single batch row still uses every thread.
-// A piece walks its slots in sub-tiles of kSub: it reads each word M_n once for its norm and its
-// R logits z, then per head turns the sub-tile's logits into exp(z - sub-tile max) in place and
-// keeps the sub-tile's max and sum (one exp per slot). content_read also folds the sub-tile into
-// an online softmax state per head -- running max and running sum of exp(z - max) M_n, rescaled
-// by exp(old max - new max) when the max grows -- looking again at the sub-tile's words while they
-// are still in cache. The sub-tiles of a row are merged afterwards, and one multiply per slot
-// turns exp(z - sub-tile max) into weights. Memory [B, N, W] is read from DRAM once; the reads need
-// no second pass over memory or over [B, R, N].
+// A piece walks its slots in sub-tiles of kSub: it sweeps each word M_n once per group of up to
+// four heads for its norm and their logits z (word_dots), then per head turns the sub-tile's
+// logits into exp(z - sub-tile max) in place and keeps the sub-tile's max and sum (one exp per
+// slot). content_read also folds the sub-tile into an online softmax state per head -- running
+// max and running sum of exp(z - max) M_n, rescaled by exp(old max - new max) when the max grows
+// -- looking again at the sub-tile's words while they are still in cache. The sub-tiles of a row
+// are merged afterwards, and one multiply per slot turns exp(z - sub-tile max) into weights.
+// Memory [B, N, W] is read from DRAM once; the reads need no second pass over memory or over
+// [B, R, N].
 //
 // The backward reads memory once too, recomputing norms and similarities instead of saving them.
 #include <ATen/ATen.h>
@@ -86,6 +87,20 @@ struct ForwardPieces {
   acc_t* piece_acc;          // [B, pieces, R, W], content_read only (else null)
 };
 
+// Logits z[h, n] = scaled_key_h . M_n / ||M_n||_eps of H heads for slots [first, last) of one batch
+// row (words: its [N, W] memory; z: the heads' rows of [R, N]), each word swept once for its norm
+// and its H dots (word_dots).
+template <int64_t H, typename scalar_t, typename acc_t>
+SPARSEMEM_VECTOR_CLONES void sub_tile_logits(const scalar_t* words, int64_t first, int64_t last, int64_t N,
+                                             int64_t W, const acc_t* scaled_keys, acc_t* z) {
+  acc_t dots[H + 1];
+  for (int64_t n = first; n < last; ++n) {
+    word_dots<H>(words + n * W, scaled_keys, W, dots);
+    const acc_t inv_norm = acc_t(1) / std::sqrt(dots[H] + acc_t(kNormEps));
+    for (int64_t h = 0; h < H; ++h) z[h * N + n] = dots[h] * inv_norm;
+  }
+}
+
 // One (b, piece): logits, exp per sub-tile, and with reads the online softmax state of its sub-tiles.
 template <typename scalar_t, typename acc_t>
 SPARSEMEM_VECTOR_CLONES void forward_piece(const ForwardPieces<scalar_t, acc_t>& c, int64_t piece) {
@@ -100,13 +115,10 @@ SPARSEMEM_VECTOR_CLONES void forward_piece(const ForwardPieces<scalar_t, acc_t>&
   }
   for (int64_t sub_first = first; sub_first < last; sub_first += kSub) {
     const int64_t sub_last = std::min(last, sub_first + kSub), sub = sub_first / kSub;
-    for (int64_t n = sub_first; n < sub_last; ++n) {
-      const scalar_t* word = c.memory + (b * N + n) * W;
-      const acc_t inv_norm = acc_t(1) / safe_norm<acc_t>(word, W);
-      for (int64_t r = 0; r < R; ++r) {
-        c.exps[(b * R + r) * N + n] = dot<acc_t>(c.scaled_keys + (b * R + r) * W, word, W) * inv_norm;
-      }
-    }
+    for_head_groups(R, [&](auto heads, int64_t r) {
+      sub_tile_logits<decltype(heads)::value>(c.memory + b * N * W, sub_first, sub_last, N, W, c.scaled_keys + (b * R + r) * W,
+                             c.exps + (b * R + r) * N);
+    });
     for (int64_t r = 0; r < R; ++r) {
       acc_t* z = c.exps + (b * R + r) * N;
       acc_t max = z[sub_first];

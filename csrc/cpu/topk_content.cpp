@@ -57,77 +57,11 @@ void offer(Candidate<acc_t>* best, int64_t& count, int64_t k, acc_t score, int64
   best[position] = {score, slot};
 }
 
-constexpr int64_t kHeadGroup = 4;  // keys swept with a word at once: 5 x 8 float sums fit 16 ymm registers
-
 // Rows are prefetched this far ahead of the one being scored. The hardware prefetcher alone left
 // the scan waiting on DRAM (it stops at 4 KiB pages): measured at B = 8, N = 2^16, W = 64 on one
 // core, 38 ms without, 27-28 ms with 2-16 KiB ahead.
 constexpr int64_t kPrefetchBytes = 4096;
 constexpr int64_t kCacheLine = 64;
-constexpr int64_t kLanes = 8;  // partial sums per dot: one 256-bit register in float
-
-// Each sum of lanes s[0..8) is ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)). For four at once,
-// horizontal-add steps: pair_sums(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7],
-// and pair_sums(pair_sums(a, b), pair_sums(c, d)) holds the two halves of each sum: 7 vector
-// operations, where the compiler's own reduction of four scalar sums takes ~50 shuffles.
-template <typename acc_t>
-struct LaneVectorOf;
-template <>
-struct LaneVectorOf<float> {
-  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
-};
-template <>
-struct LaneVectorOf<double> {
-  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
-};
-template <typename acc_t>
-using LaneVector = typename LaneVectorOf<acc_t>::type;
-
-// (Vectors by reference, not value: GCC warns of the calling convention of the baseline clone.)
-template <typename Vector>
-SPARSEMEM_ALWAYS_INLINE void pair_sums(const Vector& a, const Vector& b, Vector& sums) {
-  sums = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
-         __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
-}
-
-// dots[h] = keys[h] . word for h < H <= 4 and dots[H] = word . word, in one sweep over the word:
-// each element is loaded and converted once, into H + 1 lane vectors kept in registers. The W % 8
-// tail elements are added after the lanes.
-template <int64_t H, typename scalar_t, typename acc_t>
-SPARSEMEM_ALWAYS_INLINE void word_dots(const scalar_t* word, const acc_t* keys, int64_t W,
-                                                     acc_t* dots) {
-  static_assert(1 <= H && H <= 4, "word_dots reduces up to four keys at once");
-  using Vector = LaneVector<acc_t>;
-  Vector sums[4] = {}, norm = {};
-  int64_t i = 0;
-  for (; i + kLanes <= W; i += kLanes) {
-    acc_t converted[kLanes];
-    for (int64_t l = 0; l < kLanes; ++l) converted[l] = acc_t(word[i + l]);
-    Vector x, key;
-    std::memcpy(&x, converted, sizeof x);
-    norm += x * x;
-    for (int64_t h = 0; h < H; ++h) {
-      std::memcpy(&key, keys + h * W + i, sizeof key);
-      sums[h] += key * x;
-    }
-  }
-  Vector pairs01, pairs23, halves, norm_pairs, norm_halves;
-  pair_sums(sums[0], sums[1], pairs01);
-  pair_sums(sums[2], sums[3], pairs23);
-  pair_sums(pairs01, pairs23, halves);
-  pair_sums(norm, norm, norm_pairs);
-  pair_sums(norm_pairs, norm_pairs, norm_halves);
-  const auto totals =
-      __builtin_shufflevector(halves, halves, 0, 1, 2, 3) + __builtin_shufflevector(halves, halves, 4, 5, 6, 7);
-  for (int64_t h = 0; h < H; ++h) dots[h] = totals[h];
-  dots[H] = norm_halves[0] + norm_halves[4];
-  for (; i < W; ++i) {
-    const acc_t x = acc_t(word[i]);
-    dots[H] += x * x;
-    for (int64_t h = 0; h < H; ++h) dots[h] += keys[h * W + i] * x;
-  }
-}
-
 // Scores slots [first, last) of one batch row (words: its [N, W] memory) against H keys and offers
 // each score to the head's buffer best[h * k ..], holding count[h] entries. Most scores lose to
 // the buffer's last entry: that test is inlined here, the insertion is not.
@@ -155,18 +89,9 @@ SPARSEMEM_VECTOR_CLONES void scan_chunk(const scalar_t* words, int64_t first, in
 template <typename scalar_t, typename acc_t>
 void scan_heads(const scalar_t* words, int64_t first, int64_t last, int64_t W, const acc_t* key,
                 const acc_t* key_norm, int64_t R, int64_t k, Candidate<acc_t>* best, int64_t* count) {
-  for (int64_t r = 0; r < R; r += kHeadGroup) {
-    const auto* group_key = key + r * W;
-    const auto* group_norm = key_norm + r;
-    auto* group_best = best + r * k;
-    auto* group_count = count + r;
-    switch (std::min(kHeadGroup, R - r)) {
-      case 1: scan_chunk<1>(words, first, last, W, group_key, group_norm, k, group_best, group_count); break;
-      case 2: scan_chunk<2>(words, first, last, W, group_key, group_norm, k, group_best, group_count); break;
-      case 3: scan_chunk<3>(words, first, last, W, group_key, group_norm, k, group_best, group_count); break;
-      default: scan_chunk<4>(words, first, last, W, group_key, group_norm, k, group_best, group_count); break;
-    }
-  }
+  for_head_groups(R, [&](auto heads, int64_t r) {
+    scan_chunk<decltype(heads)::value>(words, first, last, W, key + r * W, key_norm + r, k, best + r * k, count + r);
+  });
 }
 
 void check_inputs(const at::Tensor& memory, const at::Tensor& keys, int64_t k) {
