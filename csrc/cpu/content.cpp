@@ -14,7 +14,8 @@
 // Memory [B, N, W] is read from DRAM once; the reads need no second pass over memory or over
 // [B, R, N].
 //
-// The backward reads memory once too, recomputing norms and similarities instead of saving them.
+// The backward reads memory once too, recomputing norms and similarities instead of saving them,
+// and sweeps each word once per group of up to four heads for them (word_backward).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -237,13 +238,50 @@ struct BackwardPieces {
   acc_t* part_key;               // [B, pieces, R, W]
 };
 
+// One word M_n against H heads [r, r + H) of batch row b: one sweep for its norm and the heads'
+// similarities (word_dots), another with the read gradients for content_read, then each head's
+// share of grad M_n (word_grad) and of its partial grad k.
+template <int64_t H, typename scalar_t, typename acc_t>
+SPARSEMEM_ALWAYS_INLINE void word_backward(const BackwardPieces<scalar_t, acc_t>& x, int64_t b, int64_t r, int64_t n,
+                                           acc_t& inv_norm, acc_t& word_scalar, acc_t* word_grad, acc_t* p_strength,
+                                           acc_t* p_key_scalar, acc_t* p_key) {
+  const int64_t N = x.N, W = x.W, first_row = b * x.R + r;
+  const scalar_t* word = x.memory + (b * N + n) * W;
+  const acc_t* unit_keys = x.unit_keys + first_row * W;
+  acc_t similarity[H + 1], read_dot[H + 1] = {}, to_key[H], weight[H];
+  word_dots<H>(word, unit_keys, W, similarity);
+  inv_norm = acc_t(1) / std::sqrt(similarity[H] + acc_t(kNormEps));
+  if (x.grad_read != nullptr) word_dots<H>(word, x.grad_read + first_row * W, W, read_dot);
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t row = first_row + h;
+    const acc_t D = similarity[h] * inv_norm;
+    weight[h] = acc_t(x.weights[row * N + n]);
+    const acc_t dz = weight[h] * (acc_t(x.grad_weights[row * N + n]) + read_dot[h] - x.c[row]);
+    const acc_t dD = acc_t(x.strengths[row]) * dz;
+    p_strength[r + h] += dz * D;
+    p_key_scalar[r + h] += dD * D;
+    word_scalar += dD * D;
+    to_key[h] = dD * inv_norm;
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    acc_t* key_part = p_key + (r + h) * W;
+    const acc_t* unit_key = unit_keys + h * W;
+    for (int64_t i = 0; i < W; ++i) {
+      key_part[i] += to_key[h] * acc_t(word[i]);
+      word_grad[i] += to_key[h] * unit_key[i];
+    }
+    if (x.grad_read == nullptr) continue;
+    const acc_t* grad_read = x.grad_read + (first_row + h) * W;
+    for (int64_t i = 0; i < W; ++i) word_grad[i] += weight[h] * grad_read[i];
+  }
+}
+
 // One (b, piece): grad M for its slots, and its partial sums for grad k and grad s.
 template <typename scalar_t, typename acc_t>
 SPARSEMEM_VECTOR_CLONES void backward_piece(const BackwardPieces<scalar_t, acc_t>& x, int64_t piece,
                                             acc_t* word_grad) {
   const int64_t N = x.N, W = x.W, R = x.R;
   const int64_t b = piece / x.pieces, first = (piece % x.pieces) * kPiece, last = std::min(N, first + kPiece);
-  const bool with_reads = x.grad_read != nullptr;
   acc_t* p_strength = x.part_strength + piece * R;
   acc_t* p_key_scalar = x.part_key_scalar + piece * R;
   acc_t* p_key = x.part_key + piece * R * W;
@@ -251,33 +289,14 @@ SPARSEMEM_VECTOR_CLONES void backward_piece(const BackwardPieces<scalar_t, acc_t
   std::fill(p_key_scalar, p_key_scalar + R, acc_t(0));
   std::fill(p_key, p_key + R * W, acc_t(0));
   for (int64_t n = first; n < last; ++n) {
-    const scalar_t* word = x.memory + (b * N + n) * W;
-    const acc_t inv_norm = acc_t(1) / safe_norm<acc_t>(word, W);
     std::fill(word_grad, word_grad + W, acc_t(0));
-    acc_t word_scalar = 0;  // sum_r dD_rn D_rn
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t row = b * R + r;
-      const acc_t* unit_key = x.unit_keys + row * W;
-      const acc_t similarity = dot<acc_t>(unit_key, word, W) * inv_norm;
-      acc_t grad = acc_t(x.grad_weights[row * N + n]);
-      if (with_reads) grad += dot<acc_t>(x.grad_read + row * W, word, W);
-      const acc_t weight = acc_t(x.weights[row * N + n]);
-      const acc_t dz = weight * (grad - x.c[row]);
-      const acc_t dD = acc_t(x.strengths[row]) * dz;
-      p_strength[r] += dz * similarity;
-      p_key_scalar[r] += dD * similarity;
-      word_scalar += dD * similarity;
-      const acc_t to_key = dD * inv_norm;
-      for (int64_t i = 0; i < W; ++i) {
-        p_key[r * W + i] += to_key * acc_t(word[i]);
-        word_grad[i] += to_key * unit_key[i];
-      }
-      if (with_reads) {
-        const acc_t* grad_read = x.grad_read + row * W;
-        for (int64_t i = 0; i < W; ++i) word_grad[i] += weight * grad_read[i];
-      }
-    }
+    acc_t inv_norm = 0, word_scalar = 0;  // word_scalar: sum_r dD_rn D_rn
+    for_head_groups(R, [&](auto heads, int64_t r) SPARSEMEM_INLINE_LAMBDA {
+      word_backward<decltype(heads)::value>(x, b, r, n, inv_norm, word_scalar, word_grad, p_strength, p_key_scalar,
+                                            p_key);
+    });
     const acc_t to_word = word_scalar * inv_norm * inv_norm;
+    const scalar_t* word = x.memory + (b * N + n) * W;
     scalar_t* out = x.grad_memory + (b * N + n) * W;
     for (int64_t i = 0; i < W; ++i) out[i] = scalar_t(word_grad[i] - to_word * acc_t(word[i]));
   }

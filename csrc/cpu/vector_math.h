@@ -28,8 +28,10 @@ constexpr double kNormEps = 1e-6;
 // instruction set (an out-of-line copy is compiled for the baseline only).
 #if defined(__GNUC__)
 #define SPARSEMEM_ALWAYS_INLINE __attribute__((always_inline)) inline
+#define SPARSEMEM_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define SPARSEMEM_ALWAYS_INLINE inline
+#define SPARSEMEM_INLINE_LAMBDA
 #endif
 
 constexpr int64_t kLanes = 8;  // partial sums per dot: one 256-bit register in float
@@ -122,9 +124,11 @@ SPARSEMEM_ALWAYS_INLINE void word_dots(const scalar_t* word, const acc_t* keys, 
 
 // Calls body(heads, r) for the groups of heads [r, r + heads) that cover [0, R), kHeadGroup at a
 // time; heads is a std::integral_constant, so the body can pass it on as a template argument (the
-// one-sweep kernels are compiled per group size, with their sums in registers).
+// one-sweep kernels are compiled per group size, with their sums in registers). Inside a
+// SPARSEMEM_VECTOR_CLONES function, mark the body SPARSEMEM_INLINE_LAMBDA: a lambda is a function
+// of its own, compiled for the baseline unless it is inlined into the clone.
 template <typename Body>
-inline void for_head_groups(int64_t R, const Body& body) {
+SPARSEMEM_ALWAYS_INLINE void for_head_groups(int64_t R, const Body& body) {
   for (int64_t r = 0; r < R; r += kHeadGroup) {
     switch (std::min(kHeadGroup, R - r)) {
       case 1: body(std::integral_constant<int64_t, 1>{}, r); break;
