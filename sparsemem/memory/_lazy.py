@@ -5,21 +5,24 @@ real once written, every other slot reads as the shared initial word. torch.empt
 not touch its pages, so a fresh memory of a million slots costs what its written rows
 cost, and reset clears only the rows written since (DESIGN.md, "Lazy memory").
 
-JournaledMemory is one BPTT segment over a LazyMemory. Reads gather rows and writes
-scatter rows in place, through two autograd Functions chained by a "version token", so
-autograd runs their backwards in exactly the reverse order of the forward:
+JournaledMemory is one BPTT segment over a LazyMemory. Reads gather rows, writes change
+rows in place, through autograd Functions chained by a "version token", so autograd runs
+their backwards in exactly the reverse order of the forward:
 
-    source -> gather -> scatter -> gather -> ... -> token held by the state
+    source -> gather -> write -> gather -> ... -> token held by the state
 
-What a step overwrites is kept by autograd as the gathered rows its write was computed
-from (J*W per step; the journal proper holds only row ids), so backward never reads the
-memory: it leaves the memory holding the end-of-forward state, bit-identical to a
-forward-only run, and needs no undo/redo pass. Gradients live in a row-keyed buffer
-(one row per slot the segment touched, never [B, N, W]); a scatter's backward hands the
-gradient of the rows it wrote to the math that computed them and zeroes those rows (the
-old contents did not reach later steps), a gather's backward adds into it. The initial
-memory gets a gradient only when it was passed in with requires_grad. Under no_grad
-nothing is recorded.
+A write (SAM's: new = old (1 - erase) + w a^T on J rows) is one node and one kernel
+(sparsemem.ops.sparse.journaled_write): it reads the rows it overwrites, keeps them as the
+step's journal entry (J*W, saved by autograd; the journal proper holds only row ids), and
+stores the new rows. Backward never reads the memory: it leaves the memory holding the
+end-of-forward state, bit-identical to a forward-only run, and needs no undo/redo pass.
+Gradients live in a row-keyed buffer (one row per slot the segment touched, never
+[B, N, W]); a write's backward takes the gradient of the rows it wrote from it (zeroing
+those rows: the old contents did not reach later steps), runs sparse_write's backward and
+adds the old rows' gradient back; a gather's backward adds into it. scatter (rows computed
+elsewhere, stored in place) is the general form of a write, used by SDNC's link rows. The
+initial memory gets a gradient only when it was passed in with requires_grad. Under
+no_grad nothing is recorded.
 """
 
 from collections import OrderedDict
@@ -29,8 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sparsemem import _checks
+from sparsemem import _backends, _checks
 from sparsemem.index import make_index
+from sparsemem.ops.sparse import journaled_write
 
 
 def group_sum(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
@@ -157,6 +161,8 @@ class LazyMemory:
         # torch.empty leaves the pages untouched: only written rows ever take memory.
         self.rows = torch.empty(flat, dtype=initial_word.dtype, device=initial_word.device)
         self.written = torch.zeros(batch * num_slots, dtype=torch.bool, device=initial_word.device)
+        # keys = slots + offsets: the flat key of slot s in batch row b is b*N + s
+        self._offsets = torch.arange(batch, device=initial_word.device).unsqueeze(-1) * num_slots
         if memory is not None:
             self.preload(lambda b, start, end: memory[b, start:end].detach())
 
@@ -178,8 +184,8 @@ class LazyMemory:
 
     def keys(self, slots: Tensor) -> Tensor:
         """slots [B, ...] -> flat keys [B * ...]."""
-        offsets = torch.arange(self.batch, device=slots.device) * self.num_slots
-        return (slots + offsets.view(-1, *([1] * (slots.dim() - 1)))).reshape(-1)
+        offsets = self._offsets.view(-1, *([1] * (slots.dim() - 1)))
+        return (slots + offsets.to(slots.device)).reshape(-1)
 
     def read(self, keys: Tensor) -> Tensor:
         """keys [M] -> rows [M, W], the initial word where a slot was never written."""
@@ -189,13 +195,29 @@ class LazyMemory:
         """rows [M, W] into keys [M] (M = B*J, J per batch row) in place; duplicate keys must
         carry identical rows."""
         if self.on_host:
-            fresh = torch.unique(keys[~self.written[keys]])
-            if fresh.numel():
-                self._written_keys.append(fresh)
+            self._log_fresh(torch.unique(keys[~self.written[keys]]))
         self.rows[keys] = rows
         self.written[keys] = True
-        slots = (keys % self.num_slots).view(self.batch, -1)
-        self.index.update(rows.view(self.batch, -1, self.word_size), slots)
+        self.index.update(rows.view(self.batch, -1, self.word_size), (keys % self.num_slots).view(self.batch, -1))
+
+    def sparse_write(
+        self, slots: Tensor, weights: Tensor, add: Tensor, erase_rows: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """new = old (1 - erase) + w add^T in place at slots [B, J]: weights [B, J], add [B, W],
+        erase_rows [B, J] bool; a slot repeated in a batch row must carry the same weight and
+        erase. -> (keys [B, J], old rows, new rows [B, J, W]); an old row is the initial word
+        where the slot was unwritten."""
+        keys = slots + self._offsets
+        old, new, fresh = journaled_write(self.rows, self.written, self.initial_word, keys, weights, add, erase_rows)
+        if self.on_host:
+            self._log_fresh(keys[fresh])
+        self.index.update(new, slots)
+        return keys, old, new
+
+    def _log_fresh(self, keys: Tensor) -> None:
+        """Log keys [M] written for the first time since the last reset (distinct)."""
+        if keys.numel():
+            self._written_keys.append(keys)
 
     def written_keys(self, rows: list[int]) -> Tensor:
         """The flat keys written since the last reset in the given batch rows."""
@@ -251,7 +273,8 @@ class Journal:
         # inputs that do not need it) must not leave its gradients to the next pass.
         return self._grad is not None and self._task == torch._C._current_graph_task_id()
 
-    def _positions(self, keys: Tensor, dtype: torch.dtype) -> Tensor:
+    def positions(self, keys: Tensor, dtype: torch.dtype) -> Tensor:
+        """Where the gradient of keys [M] lives in this pass's buffer (made on the pass's first call)."""
         on_host = _checks.on_host(keys.device)
         if not self._in_pass():
             self._task = torch._C._current_graph_task_id()
@@ -265,13 +288,17 @@ class Journal:
             return torch.from_numpy(np.searchsorted(self._keys.numpy(), keys.numpy()))
         return torch.searchsorted(self._keys, keys)
 
-    def accumulate(self, keys: Tensor, grad: Tensor) -> None:
-        positions = self._positions(keys, grad.dtype)
+    def buffer(self) -> Tensor:
+        """This pass's gradient buffer [P, W] (after positions())."""
+        return self._grad
+
+    def accumulate(self, positions: Tensor, grad: Tensor) -> None:
+        """Add grad [M, W] at positions [M] (from positions())."""
         self._grad.index_add_(0, positions, grad)
 
-    def take(self, keys: Tensor, first: Tensor, dtype: torch.dtype) -> Tensor:
-        """The gradient of rows just written, once per distinct key; those rows' buffer is zeroed."""
-        positions = self._positions(keys, dtype)
+    def take(self, positions: Tensor, first: Tensor) -> Tensor:
+        """The gradient of rows just written at positions [M], once per distinct key (where first
+        [M] is True, zero elsewhere); those rows' buffer is zeroed."""
         grad = self._grad[positions] * first.unsqueeze(-1)
         self._grad.index_fill_(0, positions, 0)
         return grad
@@ -324,7 +351,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows: Tensor, _grad_token: Tensor):
         (keys,) = ctx.saved_tensors
-        ctx.journal.accumulate(keys, grad_rows)
+        ctx.journal.accumulate(ctx.journal.positions(keys, grad_rows.dtype), grad_rows)
         return None, None, None
 
 
@@ -340,7 +367,35 @@ class _Scatter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _grad_token: Tensor):
         keys, first = ctx.saved_tensors
-        return None, None, None, ctx.journal.take(keys, first, ctx.journal.store.rows.dtype), None
+        journal = ctx.journal
+        return None, None, None, journal.take(journal.positions(keys, journal.store.rows.dtype), first), None
+
+
+class _Write(torch.autograd.Function):
+    """A step's write in one node: new = old (1 - erase) + w a^T in place (LazyMemory.sparse_write),
+    the old rows kept for backward. Backward, by the kernel of the backend that ran the forward:
+    the written rows' gradient taken from the buffer (and zeroed there), through the write, the
+    old rows' gradient added back, at positions found once."""
+
+    @staticmethod
+    def forward(ctx, journal: Journal, token: Tensor, slots: Tensor, weights: Tensor, add: Tensor, erase_rows, first):
+        store = journal.store
+        ctx.journal = journal
+        ctx.kernel = _backends.kernel("journaled_write", store.rows.device)
+        keys, old, new = store.sparse_write(slots, weights, add, erase_rows)
+        journal.log(keys.view(-1))
+        ctx.save_for_backward(keys, first, old, weights, add, erase_rows, new)
+        return token.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _grad_token: Tensor):
+        keys, first, old, weights, add, erase_rows, new = ctx.saved_tensors
+        journal = ctx.journal
+        positions = journal.positions(keys.view(-1), old.dtype).view_as(keys)
+        grad_weights, grad_add = ctx.kernel.backward(
+            journal.buffer(), positions, first, old, weights, add, erase_rows, new
+        )
+        return None, None, None, grad_weights, grad_add, None, None
 
 
 class _Reset(torch.autograd.Function):
@@ -397,6 +452,15 @@ class JournaledMemory:
             self._token = _Scatter.apply(self.journal, self.token(), keys, flat_rows, first.reshape(-1))
         else:
             self.store.write(keys, flat_rows)
+
+    def write(self, slots: Tensor, weights: Tensor, add: Tensor, erase_rows: Tensor, first: Tensor) -> None:
+        """new = old (1 - erase) + w add^T in place on slots [B, J]: weights [B, J], add [B, W],
+        erase_rows [B, J] bool; first [B, J] marks one entry per distinct slot (a repeated slot
+        must carry the same weight and erase: its entries store one row)."""
+        if torch.is_grad_enabled():
+            self._token = _Write.apply(self.journal, self.token(), slots, weights, add, erase_rows, first)
+        else:
+            self.store.sparse_write(slots, weights, add, erase_rows)
 
     def detached(self) -> "JournaledMemory":
         """The same rows, a new segment: no gradient flows to what came before."""

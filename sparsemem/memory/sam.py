@@ -176,9 +176,7 @@ class SAMMemory(Memory):
         read_share = (write_gate * interp_gate).unsqueeze(-1) * previous.weights.reshape(batch, -1) / self.num_reads
         weights = torch.cat([read_share, (write_gate * (1 - interp_gate)).unsqueeze(-1)], dim=-1)
         total, first = group_sum(slots, weights)
-        rows = state.memory.gather(slots)
-        new_rows = ops.sparse_write(rows, total, add, slots == lru)
-        state.memory.scatter(slots, new_rows, first)
+        state.memory.write(slots, total, add, slots == lru, first)
         return SparseWeights(slots, weights)
 
     def content_read(self, state: SAMState, keys: Tensor, strengths: Tensor) -> tuple[SparseWeights, Tensor]:

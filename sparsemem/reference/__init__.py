@@ -28,7 +28,7 @@ from sparsemem.reference.sdnc import (
     sparse_link_update_ref,
     sparse_temporal_reads_ref,
 )
-from sparsemem.reference.sparse import sparse_read_ref, sparse_write_ref, topk_content_ref
+from sparsemem.reference.sparse import journaled_write_ref, sparse_read_ref, sparse_write_ref, topk_content_ref
 
 __all__ = [
     "access_update_ref",
@@ -36,6 +36,7 @@ __all__ = [
     "content_read_ref",
     "content_weights_ref",
     "cosine_similarity_ref",
+    "journaled_write_ref",
     "link_update_reads_ref",
     "link_update_ref",
     "lru_ref",

@@ -47,3 +47,24 @@ def sparse_write_ref(rows: Tensor, weights: Tensor, add: Tensor, erase_rows: Ten
     """
     keep = (~erase_rows).to(rows.dtype).unsqueeze(-1)
     return rows * keep + weights.unsqueeze(-1) * add.unsqueeze(1)
+
+
+def journaled_write_ref(
+    rows: Tensor, written: Tensor, initial_word: Tensor, keys: Tensor, weights: Tensor, add: Tensor, erase_rows: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """sparse_write_ref done in place on a row store, keeping what it overwrote.
+
+    rows [M, W] (written in place), written [M] bool (set at every key), initial_word [W] (what an
+    unwritten row reads as), keys [B, J] int64, weights [B, J], add [B, W], erase_rows [B, J] bool
+    -> (old rows [B, J, W], new rows [B, J, W], fresh [B, J] bool: the first entry of each key that
+    was unwritten). A key repeated in keys must carry identical weights and erase_rows, so that
+    its entries store the same row.
+    """
+    flat = keys.reshape(-1)
+    was_written = written[flat].view(keys.shape)
+    old = torch.where(was_written.unsqueeze(-1), rows[flat].view(*keys.shape, -1), initial_word)
+    new = sparse_write_ref(old, weights, add, erase_rows)
+    rows[flat] = new.view(-1, rows.shape[-1])
+    written[flat] = True
+    repeat = (keys.unsqueeze(-1) == keys.unsqueeze(-2)).tril(-1).any(-1)  # an earlier entry has the key
+    return old, new, ~was_written & ~repeat

@@ -147,8 +147,8 @@ def test_gradient_buffer_holds_only_touched_rows(monkeypatch):
         reads.append(read)
     loss_of(torch.stack(reads)).backward()
     # one buffer row per logged access (repeats kept: no sync for a unique): per sample and step
-    # the write gathers and scatters R*K + 1 rows and the read gathers R*K
-    assert 0 < sizes[0] <= 2 * T * (2 * (2 * 4 + 1) + 2 * 4)
+    # the write logs R*K + 1 rows and the read gathers R*K
+    assert 0 < sizes[0] <= 2 * T * ((2 * 4 + 1) + 2 * 4)
     assert state.memory.store.index.stats().rows <= 2 * T * (2 * 4 + 1)
 
 
