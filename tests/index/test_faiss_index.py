@@ -139,6 +139,23 @@ def test_threads_follow_sparsemem_threads(monkeypatch):
         faiss.omp_set_num_threads(before)
 
 
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_searches_run_on_one_thread_and_restore_the_setting(kind, monkeypatch):
+    faiss = load_faiss()
+    before = faiss.omp_get_max_threads()
+    index = FaissIndex(2, 300, W, kind=kind, buffer_rows=16)
+    index.update(torch.randn(2, 300, W), torch.arange(300).expand(2, -1))
+    seen = []
+    search_ann = index._search_ann
+    monkeypatch.setattr(index, "_search_ann", lambda *a: seen.append(faiss.omp_get_max_threads()) or search_ann(*a))
+    faiss.omp_set_num_threads(2)
+    try:
+        index.search(torch.randn(2, 3, W), 4)
+        assert seen == [1, 1] and faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def test_missing_faiss_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
     with pytest.raises(ImportError, match="pip install faiss-cpu"):
