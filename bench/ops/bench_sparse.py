@@ -8,6 +8,10 @@
    on J = R*K + 1 rows, SAM's write set; sparse_read over a memory of --slots rows, whose memory
    gradient is a dense [B, N, W], and over the R*K rows SAM gathers per step, as SAM calls it; the
    link ops on the arguments an SDNC step passes them, captured from a model after a few steps).
+   Also SAM's whole write on a memory of --slots rows as JournaledMemory does it, one node and one
+   in-place kernel (journaled_write), and as it did before, gather + sparse_write + scatter
+   (write_3_nodes); both with the exact index's update excluded (it is the same in both, ~0.5 ms),
+   their backward through the journal's row-keyed gradient buffer included.
 2. topk_content forward at N = 2^20 against the torch backend (cosine by matmul, then torch.topk):
    each case in its own process, reporting time and peak RSS above the inputs, since the torch
    path allocates [B, R, N] scores (and a [B, N, W] square for the norms) and the fused kernel
@@ -39,12 +43,14 @@ from sparsemem import _backends
 
 B, W, R, K, K_L = 8, 64, 4, 8, 8
 LINK_OPS = ("sparse_link_update", "sparse_temporal_reads")
+JOURNAL_OPS = ("journaled_write", "write_3_nodes")
 
 
 def timed_backends(op: str, device: str) -> list[str]:
     """The backends of `op` that run on `device`, torch first; interpreted triton on the CPU is
     a correctness check, not a timing."""
-    found = [b for b in _backends._KERNELS[op] if _backends.availability()[b] is None and _backends._runs_on(b, device)]
+    kernels = _backends._KERNELS["sparse_write" if op == "write_3_nodes" else op]
+    found = [b for b in kernels if _backends.availability()[b] is None and _backends._runs_on(b, device)]
     return [b for b in found if device == "cuda" or b != "triton"]
 
 
@@ -86,7 +92,53 @@ def inputs(op: str, num_slots: int, seed: int = 0) -> tuple:
     return memory, indices, keys, torch.rand(B, R, generator=g) * 5
 
 
+def time_journaled_write(op: str, backend: str, num_slots: int, device: str = "cpu") -> dict:
+    """SAM's write of one step on a memory whose N rows are all written: J = R*K + 1 slots (heads
+    0 and 1 share half their K, the LRU row erased), group-summed weights. Forward: the write under
+    no_grad; forward+backward: a one-write segment and its backward (the write node, the gradient
+    buffer's set-up, the segment's source), from the write's version token."""
+    from sparsemem.memory._lazy import JournaledMemory, LazyMemory, group_sum
+
+    os.environ["SPARSEMEM_BACKEND"] = backend
+    g = torch.Generator().manual_seed(0)
+    store = LazyMemory(B, num_slots, torch.zeros(W, device=device), index="exact")
+    store.preload(lambda b, start, end: torch.randn(end - start, W, generator=g).to(device))
+    store.index.update = lambda rows, slots: None  # excluded: the same exact-index update in both paths
+    order = torch.stack([torch.randperm(num_slots, generator=g)[: R * K + 1] for _ in range(B)])
+    reads, lru = order[:, : R * K].view(B, R, K), order[:, R * K :]
+    reads[:, 1, : K // 2] = reads[:, 0, : K // 2]
+    slots = torch.cat([reads.reshape(B, -1), lru], 1).to(device)
+    erase_rows = slots == lru.to(device)
+    raw = torch.softmax(torch.randn(B, R * K + 1, generator=g), -1).to(device)
+    weights, first = group_sum(slots, raw)
+    weights.requires_grad_(True)
+    add = torch.randn(B, W, generator=g).to(device).requires_grad_(True)
+    no_grad_token = torch.empty(0, device=device)
+
+    def write(memory: JournaledMemory) -> None:
+        if op == "journaled_write":
+            memory.write(slots, weights, add, erase_rows, first)
+        else:
+            rows = memory.gather(slots)
+            memory.scatter(slots, sm.ops.sparse_write(rows, weights, add, erase_rows), first)
+
+    def forward():
+        with torch.no_grad():
+            write(JournaledMemory(store))
+
+    def forward_backward():
+        memory = JournaledMemory(store)
+        write(memory)
+        torch.autograd.grad(memory.token(), (weights, add), no_grad_token)
+
+    timer = time_gpu if device == "cuda" else functools.partial(time_cpu, min_run_time=0.5)
+    timings = {"forward": timer(forward), "forward_backward": timer(forward_backward)}
+    return {"op": op, "backend": backend, "N": num_slots, **timings}
+
+
 def time_op(op: str, backend: str, num_slots: int, device: str = "cpu") -> dict:
+    if op in JOURNAL_OPS:
+        return time_journaled_write(op, backend, num_slots, device)
     os.environ["SPARSEMEM_BACKEND"] = backend
     fn = getattr(sm.ops, op)
     args = inputs(op, num_slots)
@@ -224,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     # sparse_read twice: over a memory of N slots (its memory gradient is a dense [B, N, W]) and
     # as SAM calls it, over the R*K rows gathered for the step (memory [B, R*K, W]).
     cases = [("sparse_read", args.slots), ("sparse_read", R * K)]
-    cases += [(op, args.slots) for op in ("sparse_write", "topk_content", *LINK_OPS)]
+    cases += [(op, args.slots) for op in ("sparse_write", *JOURNAL_OPS, "topk_content", *LINK_OPS)]
     results = [
         time_op(op, backend, num_slots, device) for op, num_slots in cases for backend in timed_backends(op, device)
     ]
