@@ -4,6 +4,7 @@ journaled_write is sparse_write done in place on a memory's row store; it is the
 of memory/_lazy.py's JournaledMemory.write, not an op of its own (no autograd: it mutates).
 """
 
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -104,6 +105,11 @@ def _journaled_write_torch(*inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return journaled_write_ref(*inputs)
 
 
+def _journaled_write_triton(*inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # imported on the first call, as triton_kernel does: `import sparsemem` never imports triton
+    return importlib.import_module("sparsemem.kernels.sparse").journaled_write_forward(*inputs)
+
+
 def composed_backward(write_backward: Callable) -> Callable:
     """journaled_write's backward from a backend's sparse_write backward, three steps:
 
@@ -137,6 +143,8 @@ def _register_journaled_write() -> None:
     write = _backends._KERNELS["sparse_write"]
     torch_backward = composed_backward(write["torch"].backward)
     _backends.register("journaled_write", "torch", _backends.Kernel(_journaled_write_torch, torch_backward))
+    triton_backward = composed_backward(write["triton"].backward)
+    _backends.register("journaled_write", "triton", _backends.Kernel(_journaled_write_triton, triton_backward))
     if _backends.extension() is None or not hasattr(torch.ops.sparsemem, "ext_journaled_write"):
         return
     forward = torch.ops.sparsemem.ext_journaled_write.default

@@ -87,6 +87,13 @@ def record_launches(dtypes: list[torch.dtype]) -> dict:
                     grads = [torch.ones(o.shape, dtype=dtype) for o in outputs if o.is_floating_point()]
                     tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
                     getattr(module, f"{op}_backward")(grads, tensors, outputs)
+            if module_name == "sparse":  # journaled_write: in place on a row store, no reference op
+                rows, weights, add, erase_rows = op_inputs("sparse_write", dtypes[0], B=2, N=40, W=5, R=3)
+                B, J, W = rows.shape
+                store, written = torch.zeros(B * 40, W, dtype=rows.dtype), torch.zeros(B * 40, dtype=torch.bool)
+                keys = torch.arange(B * J).view(B, J)
+                module.journaled_write_forward(store, written, torch.zeros(W, dtype=rows.dtype), keys, weights, add,
+                                               erase_rows)  # fmt: skip
             if module_name == "allocation":  # the multi-tile path as well
                 (usage,) = op_inputs("allocation_weights", dtypes[0], B=2, N=40)
                 out = module.allocation_weights_forward(usage, block=16)

@@ -395,3 +395,43 @@ def test_sparse_memory_with_cuda_kernels_matches_torch_on_gpu(name, use_backend)
     torch.testing.assert_close(got, want, **tolerance(torch.float64))
     for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_journaled_write_on_gpu(backend, dtype, use_backend):
+    # SAM's in-place write (repeated slots, unwritten slots read as a non-zero initial word, erased
+    # rows) and its backward through the journal, against the torch backend on the GPU
+    if backend not in _backends._KERNELS["journaled_write"]:
+        pytest.skip(f"no {backend} kernel for journaled_write")
+    from sparsemem.memory._lazy import JournaledMemory, LazyMemory, group_sum
+
+    B, N, W, J = 3, 50, 65, 33
+    g = torch.Generator().manual_seed(0)
+    initial = torch.randn(W, generator=g, dtype=dtype).cuda()
+    slots = torch.randint(0, N, (B, J), generator=g).cuda()
+    slots[:, 1] = slots[:, 0]
+    raw = torch.rand(B, J, generator=g, dtype=dtype).cuda().requires_grad_(True)
+    add = torch.randn(B, W, generator=g, dtype=dtype).cuda().requires_grad_(True)
+    erase_rows = slots == slots[:, -1:]
+    prewritten = torch.randint(0, N, (B, 10), generator=g).cuda()
+    prerows = torch.randn(B * 10, W, generator=g, dtype=dtype).cuda()
+
+    def run(chosen):
+        use_backend(chosen)
+        store = LazyMemory(B, N, initial)
+        store.write(store.keys(prewritten), prerows)
+        memory = JournaledMemory(store)
+        total, first = group_sum(slots, raw)
+        _, old, new = store.sparse_write(slots, total.detach(), add.detach(), erase_rows)
+        memory.write(slots, total, add, erase_rows, first)
+        rows = memory.gather(slots)
+        grads = torch.autograd.grad((rows * torch.linspace(-1, 1, rows.numel(), device="cuda").view_as(rows)).sum(),
+                                    (raw, add))  # fmt: skip
+        return old, new, store.dense(), store.written.clone(), grads
+
+    got, want = run(backend), run("torch")
+    assert torch.equal(got[0], want[0])  # the journal entry: a copy
+    for a, b in zip((got[1], got[2], *got[4]), (want[1], want[2], *want[4]), strict=True):
+        torch.testing.assert_close(a, b, **tolerance(dtype))
+    assert torch.equal(got[3], want[3])
