@@ -1,4 +1,4 @@
-"""What the Triton kernels share: accumulator dtypes, block sizes and how many programs to launch."""
+"""What the Triton kernels share: accumulator dtypes, block sizes, how many programs to launch, tile indexing."""
 
 import functools
 
@@ -51,6 +51,16 @@ def splits(num_tiles: int, rows: int, device: torch.device) -> tuple[int, int]:
     programs = max(1, min(num_tiles, triton.cdiv(target, rows)))
     tiles_per_program = triton.cdiv(num_tiles, programs)
     return triton.cdiv(num_tiles, tiles_per_program), tiles_per_program
+
+
+# --- how the kernels index their tiles, inlined where called
+
+
+@triton.jit
+def tile_at(b, rows, M, columns, C):
+    """Offsets and mask of the [len(rows), len(columns)] tile of batch row b of a row-major
+    [B, M, C] tensor; the mask is False past M and C."""
+    return (b * M + rows[:, None]) * C + columns[None, :], (rows < M)[:, None] & (columns < C)[None, :]
 
 
 # --- what the cosine kernels (content, sparse, memory_rw) share, inlined where they are called

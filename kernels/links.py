@@ -11,9 +11,54 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import TILE_ELEMENTS, accumulator_dtype, contiguous, pow2
+from ._common import TILE_ELEMENTS, accumulator_dtype, contiguous, pow2, tile_at
 
 BLOCK = 32
+
+
+# --- one tile's work, the same in every kernel that does it (so the same bits everywhere)
+
+
+@triton.jit
+def _link_tile(link_ptr, write_w_ptr, precedence_ptr, b, N, i, j, acc: tl.constexpr):
+    # Tile (i, j) of batch row b's L, what an update of it reads: -> (offsets and mask of the
+    # tile, L [BLOCK_I, BLOCK_J], w_j and p_j [BLOCK_J]); 0 past N.
+    at, mask = tile_at(b, i, N, j, N)
+    link = tl.load(link_ptr + at, mask=mask, other=0.0).to(acc)
+    w_j = tl.load(write_w_ptr + b * N + j, mask=j < N, other=0.0).to(acc)
+    p_j = tl.load(precedence_ptr + b * N + j, mask=j < N, other=0.0).to(acc)
+    return at, mask, link, w_j, p_j
+
+
+@triton.jit
+def _updated_link(link, w_i, w_j, p_j, i, j):
+    # L' = (1 - w_i - w_j) L + w_i p_j, 0 on the diagonal
+    new_link = (1 - w_i[:, None] - w_j[None, :]) * link + w_i[:, None] * p_j[None, :]
+    return tl.where(i[:, None] == j[None, :], 0.0, new_link)
+
+
+@triton.jit
+def _retention(write_w_ptr, b, N, acc: tl.constexpr, BLOCK: tl.constexpr):
+    # 1 - sum_n w_n, the decay of p' = (1 - sum w) p + w, summed over N in BLOCK chunks
+    total = tl.zeros([BLOCK], acc)
+    for start in range(0, N, BLOCK):
+        n = start + tl.arange(0, BLOCK)
+        total += tl.load(write_w_ptr + b * N + n, mask=n < N, other=0.0).to(acc)
+    return 1 - tl.sum(total, 0)
+
+
+@triton.jit
+def _read_through(link, right_j, left_i):
+    # A tile's share of the reads through it, for R heads: (sum_j L[i, j] right[r, j] [BLOCK_R, BLOCK_I],
+    # sum_i L[i, j] left[r, i] [BLOCK_R, BLOCK_J])
+    return tl.sum(link[None, :, :] * right_j[:, None, :], 2), tl.sum(link[None, :, :] * left_i[:, :, None], 1)
+
+
+@triton.jit
+def _grad_through_reads(grad_forward_i, grad_backward_j, read_i, read_j):
+    # What reaches the tile of L from f = L w and b = L^T w: sum_r df[r, i] w[r, j] + w[r, i] db[r, j]
+    grad = grad_forward_i[:, :, None] * read_j[:, None, :] + read_i[:, :, None] * grad_backward_j[:, None, :]
+    return tl.sum(grad, 0)
 
 
 @triton.jit
@@ -34,65 +79,12 @@ def link_update_kernel(
     acc = new_precedence_ptr.dtype.element_ty
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
-    i_ok = i < N
-    j_ok = j < N
-    w_i = tl.load(write_w_ptr + b * N + i, mask=i_ok, other=0.0).to(acc)
-    w_j = tl.load(write_w_ptr + b * N + j, mask=j_ok, other=0.0).to(acc)
-    p_j = tl.load(precedence_ptr + b * N + j, mask=j_ok, other=0.0).to(acc)
-    at = (b * N + i[:, None]) * N + j[None, :]
-    mask = i_ok[:, None] & j_ok[None, :]
-    link = tl.load(link_ptr + at, mask=mask, other=0.0).to(acc)
-    new_link = (1 - w_i[:, None] - w_j[None, :]) * link + w_i[:, None] * p_j[None, :]
-    tl.store(new_link_ptr + at, tl.where(i[:, None] == j[None, :], 0.0, new_link), mask=mask)
+    w_i = tl.load(write_w_ptr + b * N + i, mask=i < N, other=0.0).to(acc)
+    at, mask, link, w_j, p_j = _link_tile(link_ptr, write_w_ptr, precedence_ptr, b, N, i, j, acc)
+    tl.store(new_link_ptr + at, _updated_link(link, w_i, w_j, p_j, i, j), mask=mask)
     if tl.program_id(1) == 0:
-        total = tl.zeros([BLOCK_J], acc)
-        for start in range(0, N, BLOCK_J):
-            n = start + tl.arange(0, BLOCK_J)
-            total += tl.load(write_w_ptr + b * N + n, mask=n < N, other=0.0).to(acc)
-        tl.store(new_precedence_ptr + b * N + j, (1 - tl.sum(total, 0)) * p_j + w_j, mask=j_ok)
-
-
-@triton.jit
-def link_update_backward_kernel(
-    link_ptr,
-    precedence_ptr,
-    write_w_ptr,
-    grad_new_link_ptr,
-    grad_link_ptr,
-    grad_w_rows_ptr,
-    column_part_ptr,
-    N,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-):
-    # One program per (b, i block), walking j tiles. With G = dL' off the diagonal:
-    #   dL = G (1 - w_i - w_j);  dw_i (row) = sum_j G (p_j - L);  dw_j (column) = -sum_i G L;
-    #   dp_j = sum_i G w_i. The row sum stays in registers [BLOCK_I]; the two column sums are
-    # this block's partials [2, BLOCK_J] per tile.
-    b = tl.program_id(0)
-    block = tl.program_id(1)
-    blocks = tl.num_programs(1)
-    acc = grad_w_rows_ptr.dtype.element_ty
-    i = block * BLOCK_I + tl.arange(0, BLOCK_I)
-    i_ok = i < N
-    w_i = tl.load(write_w_ptr + b * N + i, mask=i_ok, other=0.0).to(acc)
-    row = tl.zeros([BLOCK_I], acc)
-    for start in range(0, N, BLOCK_J):
-        j = start + tl.arange(0, BLOCK_J)
-        j_ok = j < N
-        w_j = tl.load(write_w_ptr + b * N + j, mask=j_ok, other=0.0).to(acc)
-        p_j = tl.load(precedence_ptr + b * N + j, mask=j_ok, other=0.0).to(acc)
-        at = (b * N + i[:, None]) * N + j[None, :]
-        mask = i_ok[:, None] & j_ok[None, :]
-        link = tl.load(link_ptr + at, mask=mask, other=0.0).to(acc)
-        grad = tl.load(grad_new_link_ptr + at, mask=mask, other=0.0).to(acc)
-        grad = tl.where(i[:, None] == j[None, :], 0.0, grad)
-        tl.store(grad_link_ptr + at, grad * (1 - w_i[:, None] - w_j[None, :]), mask=mask)
-        row += tl.sum(grad * (p_j[None, :] - link), 1)
-        part = ((b * blocks + block) * 2) * N + j
-        tl.store(column_part_ptr + part, -tl.sum(grad * link, 0), mask=j_ok)
-        tl.store(column_part_ptr + part + N, tl.sum(grad * w_i[:, None], 0), mask=j_ok)
-    tl.store(grad_w_rows_ptr + b * N + i, row, mask=i_ok)
+        keep = _retention(write_w_ptr, b, N, acc, BLOCK_J)
+        tl.store(new_precedence_ptr + b * N + j, keep * p_j + w_j, mask=j < N)
 
 
 @triton.jit
@@ -119,35 +111,27 @@ def link_reads_kernel(
     #   grad_L[i, j] = sum_r grad_f[r, i] w[r, j] + w[r, i] grad_b[r, j].
     b = tl.program_id(0)
     block = tl.program_id(1)
-    blocks = tl.num_programs(1)
     acc = rows_ptr.dtype.element_ty
     r = tl.arange(0, BLOCK_R)
-    r_ok = r < R
     i = block * BLOCK_I + tl.arange(0, BLOCK_I)
-    i_ok = i < N
-    ri = (b * R + r[:, None]) * N + i[None, :]
-    ri_mask = r_ok[:, None] & i_ok[None, :]
+    ri, ri_mask = tile_at(b, r, R, i, N)
     left_i = tl.load(left_ptr + ri, mask=ri_mask, other=0.0).to(acc)
     if GRAD_LINK:
         read_i = tl.load(read_w_ptr + ri, mask=ri_mask, other=0.0).to(acc)
     rows = tl.zeros([BLOCK_R, BLOCK_I], acc)
     for start in range(0, N, BLOCK_J):
         j = start + tl.arange(0, BLOCK_J)
-        j_ok = j < N
-        rj = (b * R + r[:, None]) * N + j[None, :]
-        rj_mask = r_ok[:, None] & j_ok[None, :]
-        at = (b * N + i[:, None]) * N + j[None, :]
-        mask = i_ok[:, None] & j_ok[None, :]
+        at, mask = tile_at(b, i, N, j, N)
+        rj, rj_mask = tile_at(b, r, R, j, N)
         link = tl.load(link_ptr + at, mask=mask, other=0.0).to(acc)
         right_j = tl.load(right_ptr + rj, mask=rj_mask, other=0.0).to(acc)
-        rows += tl.sum(link[None, :, :] * right_j[:, None, :], 2)
-        columns = tl.sum(link[None, :, :] * left_i[:, :, None], 1)
-        part = ((b * blocks + block) * R + r[:, None]) * N + j[None, :]
+        rows_j, columns = _read_through(link, right_j, left_i)
+        rows += rows_j
+        part, _ = tile_at(b * tl.num_programs(1) + block, r, R, j, N)  # [B, blocks, R, N]
         tl.store(column_part_ptr + part, columns, mask=rj_mask)
         if GRAD_LINK:
             read_j = tl.load(read_w_ptr + rj, mask=rj_mask, other=0.0).to(acc)
-            grad = left_i[:, :, None] * read_j[:, None, :] + read_i[:, :, None] * right_j[:, None, :]
-            tl.store(grad_link_ptr + at, tl.sum(grad, 0), mask=mask)
+            tl.store(grad_link_ptr + at, _grad_through_reads(left_i, right_j, read_i, read_j), mask=mask)
     tl.store(rows_ptr + ri, rows, mask=ri_mask)
 
 
@@ -173,48 +157,35 @@ def link_update_reads_kernel(
     # partial of b[r, j] = sum_i L' w^r_i. The first row block also writes p'.
     b = tl.program_id(0)
     block = tl.program_id(1)
-    blocks = tl.num_programs(1)
     acc = forward_ptr.dtype.element_ty
     r = tl.arange(0, BLOCK_R)
-    r_ok = r < R
     i = block * BLOCK_I + tl.arange(0, BLOCK_I)
-    i_ok = i < N
-    w_i = tl.load(write_w_ptr + b * N + i, mask=i_ok, other=0.0).to(acc)
-    ri = (b * R + r[:, None]) * N + i[None, :]
-    ri_mask = r_ok[:, None] & i_ok[None, :]
+    w_i = tl.load(write_w_ptr + b * N + i, mask=i < N, other=0.0).to(acc)
+    ri, ri_mask = tile_at(b, r, R, i, N)
     read_i = tl.load(read_w_ptr + ri, mask=ri_mask, other=0.0).to(acc)
     # 1 - sum w, needed by the first row block only (the others sum nothing)
-    total = tl.zeros([BLOCK_J], acc)
+    keep = tl.full([], 1, acc)
     if block == 0:
-        for start in range(0, N, BLOCK_J):
-            n = start + tl.arange(0, BLOCK_J)
-            total += tl.load(write_w_ptr + b * N + n, mask=n < N, other=0.0).to(acc)
-    keep = 1 - tl.sum(total, 0)
+        keep = _retention(write_w_ptr, b, N, acc, BLOCK_J)
     forward = tl.zeros([BLOCK_R, BLOCK_I], acc)
     for start in range(0, N, BLOCK_J):
         j = start + tl.arange(0, BLOCK_J)
-        j_ok = j < N
-        w_j = tl.load(write_w_ptr + b * N + j, mask=j_ok, other=0.0).to(acc)
-        p_j = tl.load(precedence_ptr + b * N + j, mask=j_ok, other=0.0).to(acc)
-        at = (b * N + i[:, None]) * N + j[None, :]
-        mask = i_ok[:, None] & j_ok[None, :]
-        link = tl.load(link_ptr + at, mask=mask, other=0.0).to(acc)
-        new_link = (1 - w_i[:, None] - w_j[None, :]) * link + w_i[:, None] * p_j[None, :]
-        new_link = tl.where(i[:, None] == j[None, :], 0.0, new_link)
+        at, mask, link, w_j, p_j = _link_tile(link_ptr, write_w_ptr, precedence_ptr, b, N, i, j, acc)
+        new_link = _updated_link(link, w_i, w_j, p_j, i, j)
         tl.store(new_link_ptr + at, new_link, mask=mask)
-        rj = (b * R + r[:, None]) * N + j[None, :]
-        rj_mask = r_ok[:, None] & j_ok[None, :]
+        rj, rj_mask = tile_at(b, r, R, j, N)
         read_j = tl.load(read_w_ptr + rj, mask=rj_mask, other=0.0).to(acc)
-        forward += tl.sum(new_link[None, :, :] * read_j[:, None, :], 2)
-        part = ((b * blocks + block) * R + r[:, None]) * N + j[None, :]
-        tl.store(backward_part_ptr + part, tl.sum(new_link[None, :, :] * read_i[:, :, None], 1), mask=rj_mask)
+        forward_j, backward = _read_through(new_link, read_j, read_i)
+        forward += forward_j
+        part, _ = tile_at(b * tl.num_programs(1) + block, r, R, j, N)  # [B, blocks, R, N]
+        tl.store(backward_part_ptr + part, backward, mask=rj_mask)
         if block == 0:
-            tl.store(new_precedence_ptr + b * N + j, keep * p_j + w_j, mask=j_ok)
+            tl.store(new_precedence_ptr + b * N + j, keep * p_j + w_j, mask=j < N)
     tl.store(forward_ptr + ri, forward, mask=ri_mask)
 
 
 @triton.jit
-def link_update_reads_backward_kernel(
+def link_update_backward_kernel(
     link_ptr,
     precedence_ptr,
     write_w_ptr,
@@ -232,59 +203,52 @@ def link_update_reads_backward_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    READS: tl.constexpr,
 ):
-    # One program per (b, i block), walking j tiles; L' is recomputed from the L tile in
-    # registers, never loaded. The gradient reaching L' is
-    #   G = dL' + sum_r df[r, i] w^r_j + w^r_i db[r, j]  (0 on the diagonal),
-    # then as in link_update_backward_kernel: dL = G (1 - w_i - w_j), the row sum
-    # sum_j G (p_j - L), and column partials -sum_i G L and sum_i G w_i; and as in
-    # link_reads_kernel: dw^r = L' db (rows, registers) + L'^T df (columns, partials).
+    # The backward of link_update and (READS) of link_update_reads. One program per (b, i block),
+    # walking j tiles. The gradient reaching L' is G = dL', with READS plus
+    # sum_r df[r, i] w^r_j + w^r_i db[r, j]; 0 on the diagonal. Then
+    #   dL = G (1 - w_i - w_j);  dw_i (row) = sum_j G (p_j - L);  dw_j (column) = -sum_i G L;
+    #   dp_j = sum_i G w_i. The row sum stays in registers [BLOCK_I]; the two column sums are
+    # this block's partials [2, BLOCK_J] per tile. With READS also, as in link_reads_kernel,
+    # dw^r = L' db (rows, registers [BLOCK_R, BLOCK_I]) + L'^T df (columns, partials), with L'
+    # recomputed from the L tile in registers, never loaded.
     b = tl.program_id(0)
     block = tl.program_id(1)
     blocks = tl.num_programs(1)
     acc = grad_w_rows_ptr.dtype.element_ty
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < R
     i = block * BLOCK_I + tl.arange(0, BLOCK_I)
-    i_ok = i < N
-    w_i = tl.load(write_w_ptr + b * N + i, mask=i_ok, other=0.0).to(acc)
-    ri = (b * R + r[:, None]) * N + i[None, :]
-    ri_mask = r_ok[:, None] & i_ok[None, :]
-    read_i = tl.load(read_w_ptr + ri, mask=ri_mask, other=0.0).to(acc)
-    grad_forward_i = tl.load(grad_forward_ptr + ri, mask=ri_mask, other=0.0).to(acc)
+    w_i = tl.load(write_w_ptr + b * N + i, mask=i < N, other=0.0).to(acc)
+    if READS:
+        r = tl.arange(0, BLOCK_R)
+        ri, ri_mask = tile_at(b, r, R, i, N)
+        read_i = tl.load(read_w_ptr + ri, mask=ri_mask, other=0.0).to(acc)
+        grad_forward_i = tl.load(grad_forward_ptr + ri, mask=ri_mask, other=0.0).to(acc)
+        read_rows = tl.zeros([BLOCK_R, BLOCK_I], acc)
     row = tl.zeros([BLOCK_I], acc)
-    read_rows = tl.zeros([BLOCK_R, BLOCK_I], acc)
     for start in range(0, N, BLOCK_J):
         j = start + tl.arange(0, BLOCK_J)
-        j_ok = j < N
-        w_j = tl.load(write_w_ptr + b * N + j, mask=j_ok, other=0.0).to(acc)
-        p_j = tl.load(precedence_ptr + b * N + j, mask=j_ok, other=0.0).to(acc)
-        at = (b * N + i[:, None]) * N + j[None, :]
-        mask = i_ok[:, None] & j_ok[None, :]
-        diagonal = i[:, None] == j[None, :]
-        link = tl.load(link_ptr + at, mask=mask, other=0.0).to(acc)
-        scale = 1 - w_i[:, None] - w_j[None, :]
-        new_link = tl.where(diagonal, 0.0, scale * link + w_i[:, None] * p_j[None, :])
-        rj = (b * R + r[:, None]) * N + j[None, :]
-        rj_mask = r_ok[:, None] & j_ok[None, :]
-        read_j = tl.load(read_w_ptr + rj, mask=rj_mask, other=0.0).to(acc)
-        grad_backward_j = tl.load(grad_backward_ptr + rj, mask=rj_mask, other=0.0).to(acc)
-        read_rows += tl.sum(new_link[None, :, :] * grad_backward_j[:, None, :], 2)
-        part = ((b * blocks + block) * R + r[:, None]) * N + j[None, :]
-        tl.store(grad_read_part_ptr + part, tl.sum(new_link[None, :, :] * grad_forward_i[:, :, None], 1), mask=rj_mask)
+        at, mask, link, w_j, p_j = _link_tile(link_ptr, write_w_ptr, precedence_ptr, b, N, i, j, acc)
         grad = tl.load(grad_new_link_ptr + at, mask=mask, other=0.0).to(acc)
-        through_reads = (
-            grad_forward_i[:, :, None] * read_j[:, None, :] + read_i[:, :, None] * grad_backward_j[:, None, :]
-        )
-        grad += tl.sum(through_reads, 0)
-        grad = tl.where(diagonal, 0.0, grad)
-        tl.store(grad_link_ptr + at, grad * scale, mask=mask)
+        if READS:
+            rj, rj_mask = tile_at(b, r, R, j, N)
+            read_j = tl.load(read_w_ptr + rj, mask=rj_mask, other=0.0).to(acc)
+            grad_backward_j = tl.load(grad_backward_ptr + rj, mask=rj_mask, other=0.0).to(acc)
+            new_link = _updated_link(link, w_i, w_j, p_j, i, j)
+            read_rows_j, read_columns = _read_through(new_link, grad_backward_j, grad_forward_i)
+            read_rows += read_rows_j
+            part, _ = tile_at(b * blocks + block, r, R, j, N)  # [B, blocks, R, N]
+            tl.store(grad_read_part_ptr + part, read_columns, mask=rj_mask)
+            grad += _grad_through_reads(grad_forward_i, grad_backward_j, read_i, read_j)
+        grad = tl.where(i[:, None] == j[None, :], 0.0, grad)
+        tl.store(grad_link_ptr + at, grad * (1 - w_i[:, None] - w_j[None, :]), mask=mask)
         row += tl.sum(grad * (p_j[None, :] - link), 1)
         column = ((b * blocks + block) * 2) * N + j
-        tl.store(column_part_ptr + column, -tl.sum(grad * link, 0), mask=j_ok)
-        tl.store(column_part_ptr + column + N, tl.sum(grad * w_i[:, None], 0), mask=j_ok)
-    tl.store(grad_w_rows_ptr + b * N + i, row, mask=i_ok)
-    tl.store(grad_read_rows_ptr + ri, read_rows, mask=ri_mask)
+        tl.store(column_part_ptr + column, -tl.sum(grad * link, 0), mask=j < N)
+        tl.store(column_part_ptr + column + N, tl.sum(grad * w_i[:, None], 0), mask=j < N)
+    tl.store(grad_w_rows_ptr + b * N + i, row, mask=i < N)
+    if READS:
+        tl.store(grad_read_rows_ptr + ri, read_rows, mask=ri_mask)
 
 
 def link_update_forward(link: Tensor, precedence: Tensor, write_w: Tensor) -> tuple[Tensor, Tensor]:
@@ -299,20 +263,53 @@ def link_update_forward(link: Tensor, precedence: Tensor, write_w: Tensor) -> tu
 
 
 def link_update_backward(grads, inputs, outputs) -> tuple[Tensor, Tensor, Tensor]:
-    grad_new_link, grad_new_precedence = contiguous(*grads)
-    link, precedence, write_w = contiguous(*inputs)
+    return _update_backward(grads, inputs)
+
+
+def _update_backward(grads, inputs) -> tuple[Tensor, ...]:
+    """The grads of link_update's inputs from grads [dL', dp'], inputs [L, p, w]; or of
+    link_update_reads's, from grads [dL', dp', df, db], inputs [L, p, w, w^r]."""
+    grad_new_link, grad_new_precedence, *grad_reads = contiguous(*grads)
+    link, precedence, write_w, *reads = contiguous(*inputs)
     B, N, _ = link.shape
     acc = accumulator_dtype(link.dtype)
-    block = min(BLOCK, pow2(N))
+    if reads:
+        (read_w,), (grad_forward, grad_backward) = reads, grad_reads
+        R = read_w.shape[1]
+        BLOCK_R, block = _reads_blocks(N, R)
+    else:  # the read pointers are never dereferenced: any tensor stands in for them
+        read_w = grad_forward = grad_backward = write_w
+        R, BLOCK_R, block = 1, 1, min(BLOCK, pow2(N))
     blocks = triton.cdiv(N, block)
     grad_link = torch.empty_like(link)
     grad_w_rows = torch.empty(B, N, dtype=acc, device=link.device)
     column_part = torch.empty(B, blocks, 2, N, dtype=acc, device=link.device)
+    grad_read_rows = torch.empty(B, R, N, dtype=acc, device=link.device) if reads else grad_w_rows
+    grad_read_part = torch.empty(B, blocks, R, N, dtype=acc, device=link.device) if reads else grad_w_rows
     link_update_backward_kernel[(B, blocks)](
-        link, precedence, write_w, grad_new_link, grad_link, grad_w_rows, column_part, N, BLOCK_I=block, BLOCK_J=block
+        link,
+        precedence,
+        write_w,
+        read_w,
+        grad_new_link,
+        grad_forward,
+        grad_backward,
+        grad_link,
+        grad_w_rows,
+        column_part,
+        grad_read_rows,
+        grad_read_part,
+        N,
+        R,
+        BLOCK_I=block,
+        BLOCK_J=block,
+        BLOCK_R=BLOCK_R,
+        READS=bool(reads),
     )
     grad_precedence, grad_w = _precedence_grads(grad_w_rows, column_part, grad_new_precedence, precedence, write_w)
-    return grad_link, grad_precedence, grad_w
+    if not reads:
+        return grad_link, grad_precedence, grad_w
+    return grad_link, grad_precedence, grad_w, (grad_read_rows + grad_read_part.sum(1)).to(read_w.dtype)
 
 
 def _precedence_grads(grad_w_rows, column_part, grad_new_precedence, precedence, write_w) -> tuple[Tensor, Tensor]:
@@ -410,37 +407,4 @@ def link_update_reads_forward(
 
 
 def link_update_reads_backward(grads, inputs, outputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grad_new_link, grad_new_precedence, grad_forward, grad_backward = contiguous(*grads)
-    link, precedence, write_w, read_w = contiguous(*inputs)
-    B, N, _ = link.shape
-    R = read_w.shape[1]
-    acc = accumulator_dtype(link.dtype)
-    BLOCK_R, block = _reads_blocks(N, R)
-    blocks = triton.cdiv(N, block)
-    grad_link = torch.empty_like(link)
-    grad_w_rows = torch.empty(B, N, dtype=acc, device=link.device)
-    column_part = torch.empty(B, blocks, 2, N, dtype=acc, device=link.device)
-    grad_read_rows = torch.empty(B, R, N, dtype=acc, device=link.device)
-    grad_read_part = torch.empty(B, blocks, R, N, dtype=acc, device=link.device)
-    link_update_reads_backward_kernel[(B, blocks)](
-        link,
-        precedence,
-        write_w,
-        read_w,
-        grad_new_link,
-        grad_forward,
-        grad_backward,
-        grad_link,
-        grad_w_rows,
-        column_part,
-        grad_read_rows,
-        grad_read_part,
-        N,
-        R,
-        BLOCK_I=block,
-        BLOCK_J=block,
-        BLOCK_R=BLOCK_R,
-    )
-    grad_precedence, grad_w = _precedence_grads(grad_w_rows, column_part, grad_new_precedence, precedence, write_w)
-    grad_read_w = (grad_read_rows + grad_read_part.sum(1)).to(read_w.dtype)
-    return grad_link, grad_precedence, grad_w, grad_read_w
+    return _update_backward(grads, inputs)
