@@ -53,7 +53,20 @@ def splits(num_tiles: int, rows: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(num_tiles, tiles_per_program), tiles_per_program
 
 
+def split_n(N: int, rows: int, device: torch.device, *widths: int) -> tuple[int, int, int]:
+    """(BLOCK_N, programs per row, tiles per program) of a kernel that splits each of `rows` rows'
+    N slots among programs, a [*widths, BLOCK_N] tile at a time (the kernel side: split_slots)."""
+    BLOCK_N = block_n(N, *widths)
+    return BLOCK_N, *splits(triton.cdiv(N, BLOCK_N), rows, device)
+
+
 # --- how the kernels index their tiles, inlined where called
+
+
+@triton.jit
+def split_slots(split, tile, tiles_per_program, BLOCK_N: tl.constexpr):
+    """The slots [BLOCK_N] of a split's tile-th tile: split s walks slots [s * tiles_per_program * BLOCK_N, ...)."""
+    return split * tiles_per_program * BLOCK_N + tile * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
 @triton.jit

@@ -9,7 +9,24 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import accumulator_dtype, block_n, contiguous, load_rows, pow2, splits
+from ._common import accumulator_dtype, block_n, contiguous, load_rows, pow2, split_n, split_slots, tile_at
+
+
+@triton.jit
+def _write_tile(memory_ptr, write_w_ptr, b, N, W, n, w, acc: tl.constexpr):
+    # Slots n of batch row b, what a write to them reads: -> (offsets and mask of the
+    # [BLOCK_N, BLOCK_W] tile, the words, their write weights [BLOCK_N, 1]); 0 past N and W.
+    at, mask = tile_at(b, n, N, w, W)
+    words = tl.load(memory_ptr + at, mask=mask, other=0.0).to(acc)
+    weight = tl.load(write_w_ptr + b * N + n, mask=n < N, other=0.0).to(acc)[:, None]
+    return at, mask, words, weight
+
+
+@triton.jit
+def _erase_add(erase_ptr, add_ptr, b, W, w, acc: tl.constexpr):
+    # batch row b's erase and add vectors as [1, BLOCK_W] rows, 0 past W
+    erase = tl.load(erase_ptr + b * W + w, mask=w < W, other=0.0).to(acc)[None, :]
+    return erase, tl.load(add_ptr + b * W + w, mask=w < W, other=0.0).to(acc)[None, :]
 
 
 @triton.jit
@@ -22,14 +39,8 @@ def memory_write_kernel(
     acc = tl.float64 if memory_ptr.dtype.element_ty == tl.float64 else tl.float32
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     w = tl.arange(0, BLOCK_W)
-    n_ok = n < N
-    w_ok = w < W
-    weight = tl.load(write_w_ptr + b * N + n, mask=n_ok, other=0.0).to(acc)[:, None]
-    erase = tl.load(erase_ptr + b * W + w, mask=w_ok, other=0.0).to(acc)[None, :]
-    add = tl.load(add_ptr + b * W + w, mask=w_ok, other=0.0).to(acc)[None, :]
-    at = (b * N + n[:, None]) * W + w[None, :]
-    mask = n_ok[:, None] & w_ok[None, :]
-    words = tl.load(memory_ptr + at, mask=mask, other=0.0).to(acc)
+    erase, add = _erase_add(erase_ptr, add_ptr, b, W, w, acc)
+    at, mask, words, weight = _write_tile(memory_ptr, write_w_ptr, b, N, W, n, w, acc)
     tl.store(out_ptr + at, words * (1 - weight * erase) + weight * add, mask=mask)
 
 
@@ -57,27 +68,20 @@ def memory_write_backward_kernel(
     split = tl.program_id(1)
     acc = grad_w_ptr.dtype.element_ty
     w = tl.arange(0, BLOCK_W)
-    w_ok = w < W
-    erase = tl.load(erase_ptr + b * W + w, mask=w_ok, other=0.0).to(acc)[None, :]
-    add = tl.load(add_ptr + b * W + w, mask=w_ok, other=0.0).to(acc)[None, :]
+    erase, add = _erase_add(erase_ptr, add_ptr, b, W, w, acc)
     grad_erase = tl.zeros([BLOCK_W], acc)
     grad_add = tl.zeros([BLOCK_W], acc)
-    start = split * tiles_per_program * BLOCK_N
     for tile in range(tiles_per_program):
-        n = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
-        weight = tl.load(write_w_ptr + b * N + n, mask=n_ok, other=0.0).to(acc)[:, None]
-        at = (b * N + n[:, None]) * W + w[None, :]
-        mask = n_ok[:, None] & w_ok[None, :]
-        words = tl.load(memory_ptr + at, mask=mask, other=0.0).to(acc)
+        n = split_slots(split, tile, tiles_per_program, BLOCK_N)
+        at, mask, words, weight = _write_tile(memory_ptr, write_w_ptr, b, N, W, n, w, acc)
         grad = tl.load(grad_out_ptr + at, mask=mask, other=0.0).to(acc)
         tl.store(grad_memory_ptr + at, grad * (1 - weight * erase), mask=mask)
-        tl.store(grad_w_ptr + b * N + n, tl.sum(grad * (add - words * erase), 1), mask=n_ok)
+        tl.store(grad_w_ptr + b * N + n, tl.sum(grad * (add - words * erase), 1), mask=n < N)
         grad_erase -= tl.sum(weight * grad * words, 0)
         grad_add += tl.sum(weight * grad, 0)
     part = (b * tl.num_programs(1) + split) * W + w
-    tl.store(grad_erase_part_ptr + part, grad_erase, mask=w_ok)
-    tl.store(grad_add_part_ptr + part, grad_add, mask=w_ok)
+    tl.store(grad_erase_part_ptr + part, grad_erase, mask=w < W)
+    tl.store(grad_add_part_ptr + part, grad_add, mask=w < W)
 
 
 @triton.jit
@@ -100,20 +104,15 @@ def memory_read_kernel(
     acc = reads_part_ptr.dtype.element_ty
     r = tl.arange(0, BLOCK_R)
     w = tl.arange(0, BLOCK_W)
-    r_ok = r < R
-    w_ok = w < W
     reads = tl.zeros([BLOCK_R, BLOCK_W], acc)
-    start = split * tiles_per_program * BLOCK_N
     for tile in range(tiles_per_program):
-        n = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
-        words = load_rows(memory_ptr, b * N, n, n_ok, W, w, w_ok, acc)
-        weights = tl.load(
-            read_w_ptr + (b * R + r[:, None]) * N + n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0
-        )
+        n = split_slots(split, tile, tiles_per_program, BLOCK_N)
+        words = load_rows(memory_ptr, b * N, n, n < N, W, w, w < W, acc)
+        rn, rn_mask = tile_at(b, r, R, n, N)
+        weights = tl.load(read_w_ptr + rn, mask=rn_mask, other=0.0)
         reads += tl.sum(weights.to(acc)[:, :, None] * words[None, :, :], 1)
-    part = (b * tl.num_programs(1) + split) * R + r
-    tl.store(reads_part_ptr + part[:, None] * W + w[None, :], reads, mask=r_ok[:, None] & w_ok[None, :])
+    part, part_mask = tile_at(b * tl.num_programs(1) + split, r, R, w, W)  # [B, S, R, W]
+    tl.store(reads_part_ptr + part, reads, mask=part_mask)
 
 
 @triton.jit
@@ -137,17 +136,11 @@ def memory_read_backward_kernel(
     r = tl.arange(0, BLOCK_R)
     w = tl.arange(0, BLOCK_W)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    r_ok = r < R
-    w_ok = w < W
-    n_ok = n < N
-    grad_reads = tl.load(
-        grad_reads_ptr + (b * R + r[:, None]) * W + w[None, :], mask=r_ok[:, None] & w_ok[None, :], other=0.0
-    ).to(acc)
-    at = (b * N + n[:, None]) * W + w[None, :]
-    mask = n_ok[:, None] & w_ok[None, :]
+    rw, rw_mask = tile_at(b, r, R, w, W)
+    grad_reads = tl.load(grad_reads_ptr + rw, mask=rw_mask, other=0.0).to(acc)
+    at, mask = tile_at(b, n, N, w, W)
     words = tl.load(memory_ptr + at, mask=mask, other=0.0).to(acc)
-    rn = (b * R + r[:, None]) * N + n[None, :]
-    rn_mask = r_ok[:, None] & n_ok[None, :]
+    rn, rn_mask = tile_at(b, r, R, n, N)
     weights = tl.load(read_w_ptr + rn, mask=rn_mask, other=0.0).to(acc)
     tl.store(grad_memory_ptr + at, tl.sum(weights[:, :, None] * grad_reads[:, None, :], 0), mask=mask)
     tl.store(grad_read_w_ptr + rn, tl.sum(grad_reads[:, None, :] * words[None, :, :], 2), mask=rn_mask)
@@ -169,8 +162,7 @@ def memory_write_backward(grads, inputs, outputs) -> tuple[Tensor, Tensor, Tenso
     grad_out = grads[0].contiguous()
     B, N, W = memory.shape
     acc = accumulator_dtype(memory.dtype)
-    BLOCK_N = block_n(N, W)
-    S, tiles_per_program = splits(triton.cdiv(N, BLOCK_N), B, memory.device)
+    BLOCK_N, S, tiles_per_program = split_n(N, B, memory.device, W)
     grad_memory = torch.empty_like(memory)
     grad_w = torch.empty(B, N, dtype=acc, device=memory.device)
     grad_erase_part, grad_add_part = torch.empty(2, B, S, W, dtype=acc, device=memory.device)
@@ -198,8 +190,7 @@ def memory_read_forward(memory: Tensor, read_w: Tensor) -> Tensor:
     memory, read_w = contiguous(memory, read_w)
     B, N, W = memory.shape
     R = read_w.shape[1]
-    BLOCK_N = block_n(N, R, W)
-    S, tiles_per_program = splits(triton.cdiv(N, BLOCK_N), B, memory.device)
+    BLOCK_N, S, tiles_per_program = split_n(N, B, memory.device, R, W)
     reads_part = torch.empty(B, S, R, W, dtype=accumulator_dtype(memory.dtype), device=memory.device)
     memory_read_kernel[(B, S)](
         memory,
