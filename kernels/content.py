@@ -16,7 +16,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import EPS, accumulator_dtype, block_n, contiguous, load_rows, memory_tile, norms, pow2, splits
+from ._common import (
+    EPS,
+    accumulator_dtype,
+    contiguous,
+    load_rows,
+    memory_tile,
+    norms,
+    pow2,
+    split_n,
+    split_slots,
+    tile_at,
+)
 
 
 @triton.jit
@@ -54,14 +65,13 @@ def content_partial_kernel(
     running_max = tl.full([BLOCK_R], float("-inf"), acc)
     running_sum = tl.zeros([BLOCK_R], acc)
     reads = tl.zeros([BLOCK_R, BLOCK_W], acc)
-    start = split * tiles_per_program * BLOCK_N
     for tile in range(tiles_per_program):
-        n = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
+        n = split_slots(split, tile, tiles_per_program, BLOCK_N)
         words, word_norm, dots = memory_tile(memory_ptr, b, N, W, n, w, w_ok, keys, EPS)
         logits = dots * scale[:, None] / word_norm[None, :]
-        logits = tl.where(n_ok[None, :], logits, float("-inf"))
-        tl.store(logits_ptr + (b * R + r[:, None]) * N + n[None, :], logits, mask=r_ok[:, None] & n_ok[None, :])
+        logits = tl.where((n < N)[None, :], logits, float("-inf"))
+        rn, rn_mask = tile_at(b, r, R, n, N)
+        tl.store(logits_ptr + rn, logits, mask=rn_mask)
         # A split's first tile always holds a slot < N, so new_max is finite; a tile past N
         # (-inf logits) adds exp(-inf) = 0.
         new_max = tl.maximum(running_max, tl.max(logits, 1))
@@ -168,16 +178,12 @@ def content_backward_kernel(
         grad_reads = tl.load(grad_reads_ptr + (b * R + r[:, None]) * W + w[None, :], mask=rw_mask, other=0.0).to(acc)
     grad_keys = tl.zeros([BLOCK_R, BLOCK_W], acc)
     grad_strength = tl.zeros([BLOCK_R], acc)
-    start = split * tiles_per_program * BLOCK_N
     for tile in range(tiles_per_program):
-        n = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
-        nw_mask = n_ok[:, None] & w_ok[None, :]
-        rn_mask = r_ok[:, None] & n_ok[None, :]
+        n = split_slots(split, tile, tiles_per_program, BLOCK_N)
         words, word_norm, dots = memory_tile(memory_ptr, b, N, W, n, w, w_ok, keys, EPS)
         both_norms = key_norm[:, None] * word_norm[None, :]
         cos = dots / both_norms
-        rn = (b * R + r[:, None]) * N + n[None, :]
+        rn, rn_mask = tile_at(b, r, R, n, N)
         weights = tl.load(weights_ptr + rn, mask=rn_mask, other=0.0).to(acc)
         grad = tl.load(grad_weights_ptr + rn, mask=rn_mask, other=0.0).to(acc)
         if WITH_READS:
@@ -191,7 +197,8 @@ def content_backward_kernel(
         grad_words -= (tl.sum(grad_cos * cos, 0) / (word_norm * word_norm))[:, None] * words
         if WITH_READS:
             grad_words += tl.sum(weights[:, :, None] * grad_reads[:, None, :], 0)
-        tl.store(grad_memory_ptr + (b * N + n[:, None]) * W + w[None, :], grad_words, mask=nw_mask)
+        nw, nw_mask = tile_at(b, n, N, w, W)
+        tl.store(grad_memory_ptr + nw, grad_words, mask=nw_mask)
     # d cos / d k_r also has -cos k_r / ||k_r||^2; summed over n that is -(b_r grad_b_r) k_r / ||k_r||^2.
     grad_keys -= (strength * grad_strength / (key_norm * key_norm))[:, None] * keys
     part = (b * tl.num_programs(1) + split) * R + r
@@ -202,8 +209,7 @@ def content_backward_kernel(
 def _blocks(memory: Tensor, keys: Tensor) -> dict:
     B, N, W = memory.shape
     R = keys.shape[1]
-    BLOCK_N = block_n(N, R, W)
-    programs, tiles_per_program = splits(triton.cdiv(N, BLOCK_N), B, memory.device)
+    BLOCK_N, programs, tiles_per_program = split_n(N, B, memory.device, R, W)
     return dict(BLOCK_N=BLOCK_N, BLOCK_R=pow2(R), BLOCK_W=pow2(W), S=programs, tiles_per_program=tiles_per_program)
 
 
