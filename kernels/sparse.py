@@ -20,7 +20,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import EPS, accumulator_dtype, block_n, contiguous, load_rows, memory_tile, norm, norms, pow2, splits
+from ._common import (
+    EPS,
+    accumulator_dtype,
+    block_n,
+    contiguous,
+    load_rows,
+    memory_tile,
+    norm,
+    norms,
+    pow2,
+    split_n,
+    split_slots,
+    tile_at,
+)
 
 
 @triton.jit
@@ -79,9 +92,8 @@ def topk_partial_kernel(
     key_norm = norms(keys, EPS)
     best = tl.full([BLOCK_R, BLOCK_K], float("-inf"), acc)
     best_slot = tl.zeros([BLOCK_R, BLOCK_K], tl.int64)
-    start = split * tiles_per_program * BLOCK_N
     for tile in range(tiles_per_program):
-        n = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n = split_slots(split, tile, tiles_per_program, BLOCK_N)
         n_ok = n < N
         _, word_norm, dots = memory_tile(memory_ptr, b, N, W, n, w, w_ok, keys, EPS)
         scores = dots / (key_norm[:, None] * word_norm[None, :])
@@ -137,8 +149,7 @@ def topk_content_forward(memory: Tensor, keys: Tensor, k: int) -> tuple[Tensor, 
     R = keys.shape[1]
     acc = accumulator_dtype(memory.dtype)
     BLOCK_K = pow2(k)
-    tile = block_n(N, R, W)
-    S, tiles_per_program = splits(triton.cdiv(N, tile), B, memory.device)
+    tile, S, tiles_per_program = split_n(N, B, memory.device, R, W)
     part_scores = torch.empty(B, S, R, k, dtype=acc, device=memory.device)
     part_slots = torch.empty(B, S, R, k, dtype=torch.int64, device=memory.device)
     common = dict(BLOCK_R=pow2(R), BLOCK_K=BLOCK_K)
@@ -166,13 +177,13 @@ def gathered_cosine_backward(rows, key, key_norm, grad_similarity, EPS: tl.const
 
 
 @triton.jit
-def gather_head(memory_ptr, indices_ptr, keys_ptr, head, b, N, W, K, acc: tl.constexpr, EPS: tl.constexpr,
+def gather_head(memory_ptr, indices_ptr, keys_ptr, head, N, R, W, K, acc: tl.constexpr, EPS: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):  # fmt: skip
     # Head (b, r)'s K rows of memory [BLOCK_K, BLOCK_W] (0 past K) and its key [BLOCK_W], with ||key||.
     j = tl.arange(0, BLOCK_K)
     w = tl.arange(0, BLOCK_W)
     slots = tl.load(indices_ptr + head * K + j, mask=j < K, other=0)
-    rows = load_rows(memory_ptr, b * N, slots, j < K, W, w, w < W, acc)
+    rows = load_rows(memory_ptr, head // R * N, slots, j < K, W, w, w < W, acc)
     key = tl.load(keys_ptr + head * W + w, mask=w < W, other=0.0).to(acc)
     return rows, key, norm(key, EPS)
 
@@ -195,18 +206,15 @@ def topk_content_backward_kernel(
 ):
     # One program per head (b, r): its k rows [BLOCK_K, BLOCK_W] gathered into registers.
     head = tl.program_id(0)
-    b = head // R
     acc = grad_rows_ptr.dtype.element_ty
     j = tl.arange(0, BLOCK_K)
     w = tl.arange(0, BLOCK_W)
-    j_ok = j < k
-    w_ok = w < W
-    mask = j_ok[:, None] & w_ok[None, :]
-    rows, key, key_norm = gather_head(memory_ptr, indices_ptr, keys_ptr, head, b, N, W, k, acc, EPS, BLOCK_K, BLOCK_W)
-    grad_scores = tl.load(grad_scores_ptr + head * k + j, mask=j_ok, other=0.0).to(acc)
+    rows, key, key_norm = gather_head(memory_ptr, indices_ptr, keys_ptr, head, N, R, W, k, acc, EPS, BLOCK_K, BLOCK_W)
+    grad_scores = tl.load(grad_scores_ptr + head * k + j, mask=j < k, other=0.0).to(acc)
     grad_rows, grad_key = gathered_cosine_backward(rows, key, key_norm, grad_scores, EPS)
-    tl.store(grad_rows_ptr + (head * k + j[:, None]) * W + w[None, :], grad_rows, mask=mask)
-    tl.store(grad_keys_ptr + head * W + w, grad_key, mask=w_ok)
+    at, mask = tile_at(head, j, k, w, W)  # [B, R, k, W]
+    tl.store(grad_rows_ptr + at, grad_rows, mask=mask)
+    tl.store(grad_keys_ptr + head * W + w, grad_key, mask=w < W)
 
 
 def _scatter_rows(memory: Tensor, indices: Tensor, grad_rows: Tensor) -> Tensor:
@@ -251,13 +259,12 @@ def sparse_read_kernel(
     # One program per head (b, r): its K rows [BLOCK_K, BLOCK_W] gathered into registers once;
     # w = softmax_k(b D(key, x_k)) and r = sum_k w_k x_k from them.
     head = tl.program_id(0)
-    b = head // R
     acc = tl.float64 if memory_ptr.dtype.element_ty == tl.float64 else tl.float32
     j = tl.arange(0, BLOCK_K)
     w = tl.arange(0, BLOCK_W)
     j_ok = j < K
     w_ok = w < W
-    rows, key, key_norm = gather_head(memory_ptr, indices_ptr, keys_ptr, head, b, N, W, K, acc, EPS, BLOCK_K, BLOCK_W)
+    rows, key, key_norm = gather_head(memory_ptr, indices_ptr, keys_ptr, head, N, R, W, K, acc, EPS, BLOCK_K, BLOCK_W)
     strength = tl.load(strengths_ptr + head).to(acc)
     word_norm = norms(rows, EPS)
     logits = strength * tl.sum(rows * key[None, :], 1) / (key_norm * word_norm)
@@ -305,14 +312,12 @@ def sparse_read_backward_kernel(
     #   gz_k = w_k (u_k - sum_j w_j u_j),  grad b = sum_k gz_k s_k,  gs_k = b gz_k,
     #   grad x_k = w_k gr + (cosine terms of gs),  grad key = cosine terms of gs.
     head = tl.program_id(0)
-    b = head // R
     acc = grad_rows_ptr.dtype.element_ty
     j = tl.arange(0, BLOCK_K)
     w = tl.arange(0, BLOCK_W)
     j_ok = j < K
     w_ok = w < W
-    mask = j_ok[:, None] & w_ok[None, :]
-    rows, key, key_norm = gather_head(memory_ptr, indices_ptr, keys_ptr, head, b, N, W, K, acc, EPS, BLOCK_K, BLOCK_W)
+    rows, key, key_norm = gather_head(memory_ptr, indices_ptr, keys_ptr, head, N, R, W, K, acc, EPS, BLOCK_K, BLOCK_W)
     strength = tl.load(strengths_ptr + head).to(acc)
     weights = tl.load(weights_ptr + head * K + j, mask=j_ok, other=0.0).to(acc)
     grad_read = tl.load(grad_reads_ptr + head * W + w, mask=w_ok, other=0.0).to(acc)
@@ -323,7 +328,8 @@ def sparse_read_backward_kernel(
     tl.store(grad_strengths_ptr + head, tl.sum(grad_logits * similarity))
     grad_rows, grad_key = gathered_cosine_backward(rows, key, key_norm, strength * grad_logits, EPS)
     grad_rows += weights[:, None] * grad_read[None, :]
-    tl.store(grad_rows_ptr + (head * K + j[:, None]) * W + w[None, :], grad_rows, mask=mask)
+    at, mask = tile_at(head, j, K, w, W)  # [B, R, K, W]
+    tl.store(grad_rows_ptr + at, grad_rows, mask=mask)
     tl.store(grad_keys_ptr + head * W + w, grad_key, mask=w_ok)
 
 
