@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import TILE_ELEMENTS, accumulator_dtype, contiguous, pow2
+from ._common import TILE_ELEMENTS, accumulator_dtype, contiguous, pow2, tile_at
 
 NO_SLOT = tl.constexpr(-2)  # the lookup key of an empty place: never equal to a slot, not even to -1
 LAST_SLOT = tl.constexpr(2**62)
@@ -132,9 +132,7 @@ def _load_row_block(slots_ptr, indices_ptr, values_ptr, b, block, rows, K_L, acc
     # Rows [block * BLOCK_R, +BLOCK_R) of a store: (their places [BLOCK_R, BLOCK_L] and mask, slots
     # [BLOCK_R], entries, values), -1 / 0 past the rows and K_L.
     r = block * BLOCK_R + tl.arange(0, BLOCK_R)
-    l = tl.arange(0, BLOCK_L)
-    mask = (r < rows)[:, None] & (l < K_L)[None, :]
-    at = (b * rows + r[:, None]) * K_L + l[None, :]
+    at, mask = tile_at(b, r, rows, tl.arange(0, BLOCK_L), K_L)
     row_slot = tl.load(slots_ptr + b * rows + r, mask=r < rows, other=-1)
     entries = tl.load(indices_ptr + at, mask=mask, other=-1)
     values = tl.load(values_ptr + at, mask=mask, other=0.0).to(acc)
@@ -269,13 +267,12 @@ def _cut_rows(
     # Entry (row slot r, slot e) stays if the other store has no row of e or that row's top K_L
     # holds r. Registers: the block's entries [BLOCK_R, BLOCK_L], BLOCK_O of the other store's
     # slots at a time, then the other rows of the entries [BLOCK_R, BLOCK_L, BLOCK_L].
+    at, mask, row_slot, entries, values = _load_row_block(
+        slots_ptr, cut_indices_ptr, cut_values_ptr, b, block, rows, K_L, cut_values_ptr.dtype.element_ty,
+        BLOCK_R, BLOCK_L,
+    )  # fmt: skip
     r = block * BLOCK_R + tl.arange(0, BLOCK_R)
     l = tl.arange(0, BLOCK_L)
-    mask = (r < rows)[:, None] & (l < K_L)[None, :]
-    row_slot = tl.load(slots_ptr + b * rows + r, mask=r < rows, other=-1)
-    at = (b * rows + r[:, None]) * K_L + l[None, :]
-    entries = tl.load(cut_indices_ptr + at, mask=mask, other=-1)
-    values = tl.load(cut_values_ptr + at, mask=mask, other=0.0)
     other_row = tl.full([BLOCK_R, BLOCK_L], -1, tl.int32)
     for start in range(0, other_rows, BLOCK_O):
         o = start + tl.arange(0, BLOCK_O)
@@ -575,8 +572,8 @@ def _reads_through(
     acc: tl.constexpr = tl.float64 if values_ptr.dtype.element_ty == tl.float64 else tl.float32
     q = tl.arange(0, BLOCK_Q)
     l = tl.arange(0, BLOCK_L)
-    mask = (q < Q)[:, None] & (l < K_L)[None, :]
-    slots = tl.load(indices_ptr + (head * Q + q[:, None]) * K_L + l[None, :], mask=mask, other=-1)
+    at, mask = tile_at(head, q, Q, l, K_L)
+    slots = tl.load(indices_ptr + at, mask=mask, other=-1)
     sums = tl.zeros([BLOCK_Q, BLOCK_L], acc)
     first = slots >= 0
     for row in range(Q):
@@ -681,8 +678,7 @@ def _reads_through_backward(
     q = tl.arange(0, BLOCK_Q)
     l = tl.arange(0, BLOCK_L)
     m = tl.arange(0, BLOCK_K)
-    mask = (q < Q)[:, None] & (l < K_L)[None, :]
-    at = (head * Q + q[:, None]) * K_L + l[None, :]
+    at, mask = tile_at(head, q, Q, l, K_L)
     slots = tl.load(indices_ptr + at, mask=mask, other=-1)
     values = tl.load(values_ptr + at, mask=mask, other=0.0).to(acc)
     weights = tl.load(read_weights_ptr + head * Q + q, mask=q < Q, other=0.0).to(acc)
