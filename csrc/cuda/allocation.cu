@@ -190,11 +190,14 @@ __global__ void allocation_backward_kernel(const acc_t* __restrict__ sorted, con
 }
 
 // Order-preserving unsigned bits of a float (negative floats reversed), under the row index.
+// -0.0 is folded into +0.0, so it ties with 0 (slot order) as in torch's compare and the C++
+// kernel; CUB does the same for the float64 keys of the segmented sort.
 __global__ void row_keys_kernel(const float* __restrict__ usage, uint64_t* __restrict__ keys,
                                 int32_t* __restrict__ slots, int64_t total, int64_t N) {
   for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
        index += int64_t(gridDim.x) * blockDim.x) {
-    const uint32_t bits = __float_as_uint(usage[index]);
+    uint32_t bits = __float_as_uint(usage[index]);
+    if (bits == 0x80000000u) bits = 0u;
     const uint32_t ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
     keys[index] = (uint64_t(index / N) << 32) | ordered;
     slots[index] = static_cast<int32_t>(index % N);

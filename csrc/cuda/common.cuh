@@ -52,13 +52,15 @@ __device__ __forceinline__ T warp_max(T value) {
 }
 
 // Programs per batch row when a reduction over N is split: about 4 blocks per multiprocessor
-// in all, never more than there are chunks of `chunk` slots.
+// in all, never more than there are chunks of `chunk` slots. B = 0 counts as one row (no
+// division by zero on the host; the callers launch nothing for an empty batch).
 inline int64_t splits(int64_t N, int64_t B, int64_t chunk) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   int multiprocessors = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
-  const int64_t target = std::max<int64_t>(1, (4 * multiprocessors + B - 1) / B);
+  const int64_t rows = std::max<int64_t>(B, 1);
+  const int64_t target = std::max<int64_t>(1, (4 * multiprocessors + rows - 1) / rows);
   return std::max<int64_t>(1, std::min<int64_t>(target, (N + chunk - 1) / chunk));
 }
 

@@ -251,9 +251,10 @@ struct Split {
   int64_t programs, slots_per_program;
 };
 
-// S blocks per batch row, none of them empty (an empty split would hold max = -inf).
+// S blocks per batch row, none of them empty (an empty split would hold max = -inf); N = 0
+// (the backward, which launches nothing then) gives one split, not a division by zero.
 Split split_slots(int64_t N, int64_t B) {
-  const int64_t S = splits(N, B, kMinSlotsPerSplit), per = (N + S - 1) / S;
+  const int64_t S = splits(N, B, kMinSlotsPerSplit), per = std::max<int64_t>(1, (N + S - 1) / S);
   return {(N + per - 1) / per, per};
 }
 

@@ -163,6 +163,8 @@ std::vector<at::Tensor> memory_write_backward_cuda(const at::Tensor& grad_out_in
   auto grad_w = at::empty_like(write_w);
   auto grad_erase_part = at::empty({B, S, W}, memory.options().dtype(acc_type));
   auto grad_add_part = at::empty({B, S, W}, memory.options().dtype(acc_type));
+  if (B == 0) return {grad_memory, grad_w, grad_erase_part.sum(1).to(erase.scalar_type()),
+                      grad_add_part.sum(1).to(add.scalar_type())};  // a grid of 0 blocks is a launch error
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "memory_write_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const size_t per_warp = 2 * W * sizeof(acc_t);
@@ -184,6 +186,7 @@ at::Tensor memory_read_cuda(const at::Tensor& memory_in, const at::Tensor& read_
   const int64_t B = memory.size(0), N = memory.size(1), W = memory.size(2), R = read_w.size(1);
   const int64_t S = splits(N, B, kMinSlotsPerSplit), slots_per_split = (N + S - 1) / S;
   auto reads_part = at::empty({B, S, R, W}, memory.options().dtype(accumulator(memory.scalar_type())));
+  if (B == 0) return reads_part.sum(1).to(memory.scalar_type());  // a grid of 0 blocks is a launch error
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "memory_read_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const size_t per_warp = R * W * sizeof(acc_t);

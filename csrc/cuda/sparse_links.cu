@@ -414,7 +414,7 @@ __global__ void link_update_backward_kernel(LinkArgs<scalar_t, acc_t> in, Shapes
                                             acc_t* __restrict__ grad_p, acc_t* __restrict__ grad_total) {
   // One thread per kept output entry: forward (B * F * K_L), backward (B * G * K_L), precedence
   // (B * K_L). An updated entry v (1 - w_i - w_j) + w_i p_j (its slot is in the input row) sends
-  // g (1 - w_i - w_j) to v (written directly: one output entry per input place), g (p_j - v) to
+  // g (1 - w_i - w_j) to v (written directly by one thread per input place), g (p_j - v) to
   // w_i, -g v to w_j and g w_i to p_j; a new entry w_i p_j sends g p_j to w_i and g w_i to p_j.
   // The precedence (1 - sum w) p_l + w(s_l) sends g (1 - sum w) to p_l, -g p_l to sum w and g to
   // w(s_l); a new one w(s) sends g to w(s). Grads into w(s) go to the slot's first write place.
@@ -457,7 +457,20 @@ __global__ void link_update_backward_kernel(LinkArgs<scalar_t, acc_t> in, Shapes
     const acc_t p_j = precedence_of<acc_t>(pi, pv, K_L, j);
     if (l >= 0) {
       const acc_t v = (forward ? in.forward_values : in.backward_values)[row * K_L + l];
-      (forward ? grad_fv : grad_gv)[row * K_L + l] = scalar_t(g * (acc_t(1) - w_i - w_j));
+      // An input row that holds a slot twice can keep it twice: its output places all map to the
+      // slot's first input place l. The first of them writes their grads summed in place order (the
+      // C++ kernel's += into l), the others nothing: one writer per place, no race.
+      const int64_t* outs = (forward ? new_fi : new_gi) + row * K_L;
+      const scalar_t* grads = (forward ? grad_new_fv : grad_new_gv) + row * K_L;
+      const int64_t place = entry - row * K_L;
+      if (find_slot(outs, place, other) < 0) {
+        const acc_t keep = acc_t(1) - w_i - w_j;
+        acc_t sum = 0;
+        for (int64_t n = place; n < K_L; ++n) {
+          if (outs[n] == other) sum = acc_t(scalar_t(sum + acc_t(grads[n]) * keep));
+        }
+        (forward ? grad_fv : grad_gv)[row * K_L + l] = scalar_t(sum);
+      }
       add_w(i, g * (p_j - v));
       add_w(j, -g * v);
     } else {

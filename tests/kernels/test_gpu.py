@@ -435,3 +435,138 @@ def test_journaled_write_on_gpu(backend, dtype, use_backend):
     for a, b in zip((got[1], got[2], *got[4]), (want[1], want[2], *want[4]), strict=True):
         torch.testing.assert_close(a, b, **tolerance(dtype))
     assert torch.equal(got[3], want[3])
+
+
+# --- edge cases from a review of the CUDA kernels (csrc/cuda) before their first GPU run: an empty
+# batch, one-column words, K = N, -0.0 usages, offsets past 2^31 elements, a slot twice in a link row
+
+
+@pytest.mark.parametrize("op", ["content_weights", "content_read", "memory_read", "memory_write"])
+def test_dense_cuda_kernels_with_an_empty_batch_on_gpu(op, use_backend):
+    # B = 0: the split count must not divide by B, and no kernel may be launched on a 0-block grid
+    cuda_backend(op)
+    use_backend("cuda")
+    args = _cuda(op_inputs(op, torch.float32, B=0, N=33, W=9, R=3), requires_grad=True)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    outputs = _as_tuple(getattr(sm.ops, op)(*args))
+    expected = _as_tuple(getattr(reference, f"{op}_ref")(*args))
+    assert [o.shape for o in outputs] == [e.shape for e in expected]
+    grads = torch.autograd.grad(outputs, leaves, [torch.ones_like(o) for o in outputs])
+    assert [g.shape for g in grads] == [a.shape for a in leaves]
+
+
+@pytest.mark.parametrize(("op", "backend"), [*gpu_cases(), *sparse_gpu_cases()])
+def test_one_column_words_on_gpu(op, backend, use_backend):
+    # W = 1: 31 of a warp's 32 lanes hold no column of a word (the warp sums still take all 32)
+    use_backend(backend)
+    args = _cuda(op_inputs(op, torch.float64, B=3, N=33, W=1, R=3), requires_grad=True)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    outputs = _float_outputs(op)(*args)
+    expected = [o for o in _as_tuple(getattr(reference, f"{op}_ref")(*args)) if o.is_floating_point()]
+    for got, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(got, want, **tolerance(torch.float64))
+    seeds = [torch.randn_like(o) for o in outputs]
+    got = torch.autograd.grad(outputs, leaves, seeds)
+    want = torch.autograd.grad(expected, leaves, seeds)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tolerance(torch.float64))
+
+
+@pytest.mark.parametrize("N", [33, 1000])
+def test_sparse_read_of_every_slot_is_content_read_on_gpu(N, use_backend):
+    # K = N (DESIGN.md): sparse_read over all N slots, in a shuffled order, is content_read
+    cuda_backend("sparse_read")
+    use_backend("cuda")
+    memory, keys, strengths = _cuda(op_inputs("content_read", torch.float64, B=3, N=N, W=9, R=3))
+    g = torch.Generator().manual_seed(N)
+    indices = torch.stack([torch.randperm(N, generator=g) for _ in range(9)]).reshape(3, 3, N).cuda()
+    weights, reads = sm.ops.sparse_read(memory, indices, keys, strengths)
+    want_weights, want_reads = reference.content_read_ref(memory, keys, strengths)
+    torch.testing.assert_close(weights, want_weights.gather(-1, indices), **tolerance(torch.float64, reduced_over=N))
+    torch.testing.assert_close(reads, want_reads, **tolerance(torch.float64, reduced_over=N))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_topk_content_of_every_slot_on_gpu(dtype, use_backend):
+    # k = N = 33 fits shared memory: the warps' lists merged in the block (not the sort fallback)
+    cuda_backend("topk_content")
+    use_backend("cuda")
+    g = torch.Generator().manual_seed(2)
+    memory = torch.randn(3, 33, 5, generator=g, dtype=torch.float64)
+    keys = torch.randn(3, 3, 5, generator=g, dtype=torch.float64)
+    memory[:, 20] = memory[:, 3]  # a tie: the lower slot first
+    memory, keys = memory.to(dtype).cuda(), keys.to(dtype).cuda()
+    scores, indices = sm.ops.topk_content(memory, keys, 33)
+    want_scores, want_indices = torch.sort(cosine_similarity_ref(memory, keys), dim=-1, descending=True, stable=True)
+    torch.testing.assert_close(scores, want_scores, **tolerance(dtype))
+    assert (indices.sort(-1).values == torch.arange(33, device="cuda")).all()
+    if dtype == torch.float64:
+        assert torch.equal(indices, want_indices)
+    position = (indices == 3).nonzero()[:, -1].view(3, 3, 1)
+    assert (indices.gather(-1, position + 1) == 20).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_allocation_with_negative_zero_usages_on_gpu(dtype, use_backend):
+    # -0.0 ties with 0.0 (slot order first), as in torch's compare and the C++ kernel
+    cuda_backend("allocation_weights")
+    use_backend("cuda")
+    usage = hard_usages(4, 4097, dtype)
+    odd = torch.arange(4097) % 2 == 1
+    usage = torch.where((usage == 0) & odd, torch.tensor(-0.0, dtype=dtype), usage)
+    assert usage.signbit().any()
+    want = reference.allocation_weights_ref(usage)
+    got = sm.ops.allocation_weights(usage.cuda())
+    torch.testing.assert_close(got.cpu(), want, **tolerance(dtype, reduced_over=4097))
+
+
+def test_offsets_past_2_31_elements_on_gpu(use_backend):
+    # memory [2, 2^20 + 3, 1024] holds more than 2^31 elements: the last batch row's offsets need
+    # int64 arithmetic. Every word is e_0 but the last one of batch row 1, which matches the key.
+    cuda_backend("topk_content")
+    use_backend("cuda")
+    B, N, W = 2, 2**20 + 3, 1024
+    memory = torch.zeros(B, N, W, device="cuda")
+    memory[:, :, 0] = 1
+    keys = torch.zeros(B, 1, W, device="cuda")
+    keys[:, :, 1] = 1
+    memory[1, N - 1] = keys[1, 0] * 3
+    scores, indices = sm.ops.topk_content(memory, keys, 1)
+    assert indices.flatten().tolist() == [0, N - 1]
+    assert scores[1, 0, 0].item() == pytest.approx(1, abs=1e-5)
+    _, reads = sm.ops.sparse_read(memory, indices, keys, torch.ones(B, 1, device="cuda"))
+    torch.testing.assert_close(reads[1, 0], memory[1, N - 1])
+    read_w = torch.zeros(B, 1, N, device="cuda")
+    read_w[:, 0, N - 1] = 1
+    torch.testing.assert_close(sm.ops.memory_read(memory, read_w)[1, 0], memory[1, N - 1])
+    weights, reads = sm.ops.content_read(memory, keys, torch.full((B, 1), 50.0, device="cuda"))
+    assert weights[1, 0].argmax().item() == N - 1
+    torch.testing.assert_close(reads[1, 0], memory[1, N - 1], **tolerance(torch.float32, reduced_over=N))
+
+
+def test_sparse_link_update_with_a_slot_twice_in_a_row_on_gpu(use_backend):
+    # Outside the contract (a row of L holds a slot once), but a row holding one twice can keep it
+    # twice: the backward adds both grads into the slot's first place, as the C++ kernel does, with
+    # one writer per place (no race).
+    cuda_backend("sparse_link_update")
+    args = list(link_update_inputs(3, 33, 4, 9, torch.float64, seed=0))
+    both = (args[1][..., 0] >= 0) & (args[1][..., 1] >= 0)
+    args[1] = args[1].clone()
+    args[1][..., 1] = torch.where(both, args[1][..., 0], args[1][..., 1])
+
+    def run(backend, device):
+        use_backend(backend)
+        inputs = [a.to(device).requires_grad_(a.is_floating_point()) for a in args]
+        outputs = sm.ops.sparse_link_update(*inputs)
+        floats = [o for o in outputs if o.is_floating_point()]
+        g = torch.Generator().manual_seed(1)
+        seeds = [torch.randn(o.shape, generator=g, dtype=o.dtype).to(device) for o in floats]
+        grads = torch.autograd.grad(floats, [a for a in inputs if a.requires_grad], seeds)
+        return [o.cpu() for o in outputs], [grad.cpu() for grad in grads]
+
+    (got, got_grads), (want, want_grads) = run("cuda", "cuda"), run("cpp", "cpu")
+    kept = want[1].sort(-1).values
+    assert ((kept[..., 1:] == kept[..., :-1]) & (kept[..., 1:] >= 0)).any(), "no row kept a slot twice"
+    _assert_link_outputs(got, want, torch.float64)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, **tolerance(torch.float64))
