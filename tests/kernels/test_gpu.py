@@ -313,22 +313,26 @@ def test_topk_content_ties_go_to_the_lower_slot_on_gpu(use_backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_topk_content_beyond_shared_memory_sorts_on_gpu(dtype, use_backend):
-    # R * K = 3 * 3001 pairs do not fit a block's shared memory: scores + stable sort instead
+@pytest.mark.parametrize(("batch", "num_slots", "tie"), [(3, 33, (3, 20)), (2, 3001, (7, 100))])
+def test_topk_content_of_every_slot_on_gpu(batch, num_slots, tie, dtype, use_backend):
+    # k = N: 33 fits shared memory (the warps' lists merged in the block); R * K = 3 * 3001 pairs
+    # do not (scores + stable sort instead). Every slot once, sorted, a tie: the lower slot first.
     cuda_backend("topk_content")
     use_backend("cuda")
-    g = torch.Generator().manual_seed(1)
-    memory = torch.randn(2, 3001, 5, generator=g, dtype=torch.float64)
-    keys = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
-    memory[:, 100] = memory[:, 7]  # a tie: the lower slot first
+    g = torch.Generator().manual_seed(num_slots)
+    memory = torch.randn(batch, num_slots, 5, generator=g, dtype=torch.float64)
+    keys = torch.randn(batch, 3, 5, generator=g, dtype=torch.float64)
+    first, second = tie
+    memory[:, second] = memory[:, first]
     memory, keys = memory.to(dtype).cuda(), keys.to(dtype).cuda()
-    scores, indices = sm.ops.topk_content(memory, keys, 3001)
+    scores, indices = sm.ops.topk_content(memory, keys, num_slots)
     want_scores, want_indices = torch.sort(cosine_similarity_ref(memory, keys), dim=-1, descending=True, stable=True)
     torch.testing.assert_close(scores, want_scores, **tolerance(dtype))
-    if dtype == torch.float64:  # float32 rounding may swap near-equal neighbours among 3001
+    assert (indices.sort(-1).values == torch.arange(num_slots, device="cuda")).all()
+    if dtype == torch.float64:  # float32 rounding may swap near-equal neighbours
         assert torch.equal(indices, want_indices)
-    position = (indices == 7).nonzero()[:, -1].view(2, 3, 1)
-    assert (indices.gather(-1, position + 1) == 100).all()
+    position = (indices == first).nonzero()[:, -1].view(batch, 3, 1)
+    assert (indices.gather(-1, position + 1) == second).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -484,26 +488,6 @@ def test_sparse_read_of_every_slot_is_content_read_on_gpu(N, use_backend):
     want_weights, want_reads = reference.content_read_ref(memory, keys, strengths)
     torch.testing.assert_close(weights, want_weights.gather(-1, indices), **tolerance(torch.float64, reduced_over=N))
     torch.testing.assert_close(reads, want_reads, **tolerance(torch.float64, reduced_over=N))
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_topk_content_of_every_slot_on_gpu(dtype, use_backend):
-    # k = N = 33 fits shared memory: the warps' lists merged in the block (not the sort fallback)
-    cuda_backend("topk_content")
-    use_backend("cuda")
-    g = torch.Generator().manual_seed(2)
-    memory = torch.randn(3, 33, 5, generator=g, dtype=torch.float64)
-    keys = torch.randn(3, 3, 5, generator=g, dtype=torch.float64)
-    memory[:, 20] = memory[:, 3]  # a tie: the lower slot first
-    memory, keys = memory.to(dtype).cuda(), keys.to(dtype).cuda()
-    scores, indices = sm.ops.topk_content(memory, keys, 33)
-    want_scores, want_indices = torch.sort(cosine_similarity_ref(memory, keys), dim=-1, descending=True, stable=True)
-    torch.testing.assert_close(scores, want_scores, **tolerance(dtype))
-    assert (indices.sort(-1).values == torch.arange(33, device="cuda")).all()
-    if dtype == torch.float64:
-        assert torch.equal(indices, want_indices)
-    position = (indices == 3).nonzero()[:, -1].view(3, 3, 1)
-    assert (indices.gather(-1, position + 1) == 20).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
