@@ -10,24 +10,12 @@
 #include <cmath>
 #include <vector>
 
+#include "../sparse_checks.h"
 #include "vector_math.h"
 
 namespace sparsemem {
 
 namespace {
-
-void check_inputs(const at::Tensor& memory, const at::Tensor& indices, const at::Tensor& keys,
-                  const at::Tensor& strengths) {
-  TORCH_CHECK(memory.dim() == 3 && indices.dim() == 3 && keys.dim() == 3 && strengths.dim() == 2,
-              "memory must be [B, N, W], indices [B, R, K], keys [B, R, W] and strengths [B, R]");
-  const int64_t B = memory.size(0), R = keys.size(1);
-  TORCH_CHECK(keys.size(0) == B && keys.size(2) == memory.size(2), "keys must be [B, R, W] matching memory");
-  TORCH_CHECK(indices.size(0) == B && indices.size(1) == R, "indices must be [B, R, K] matching keys");
-  TORCH_CHECK(strengths.size(0) == B && strengths.size(1) == R, "strengths must be [B, R] matching keys");
-  TORCH_CHECK(indices.scalar_type() == at::kLong, "indices must be int64");
-  TORCH_CHECK(memory.scalar_type() == keys.scalar_type() && memory.scalar_type() == strengths.scalar_type(),
-              "memory, keys and strengths must share a dtype");
-}
 
 // The slots are read without bounds checks inside the kernels: refuse bad ones here.
 void check_slots(const at::Tensor& indices, int64_t N) {
@@ -53,7 +41,7 @@ acc_t similarities(const scalar_t* memory_row0, const int64_t* slots, const scal
 
 std::tuple<at::Tensor, at::Tensor> ext_sparse_read(const at::Tensor& memory_in, const at::Tensor& indices_in,
                                                     const at::Tensor& keys_in, const at::Tensor& strengths_in) {
-  check_inputs(memory_in, indices_in, keys_in, strengths_in);
+  check_sparse_read_inputs(memory_in, indices_in, keys_in, strengths_in);
   const auto memory = memory_in.contiguous();
   const auto indices = indices_in.contiguous();
   const auto keys = keys_in.contiguous();
@@ -108,7 +96,7 @@ std::vector<at::Tensor> ext_sparse_read_backward(const at::Tensor& grad_weights_
                                                  const at::Tensor& memory_in, const at::Tensor& indices_in,
                                                  const at::Tensor& keys_in, const at::Tensor& strengths_in,
                                                  const at::Tensor& weights_in, const at::Tensor& /*reads*/) {
-  check_inputs(memory_in, indices_in, keys_in, strengths_in);
+  check_sparse_read_inputs(memory_in, indices_in, keys_in, strengths_in);
   const auto memory = memory_in.contiguous();
   const auto indices = indices_in.contiguous();
   const auto keys = keys_in.contiguous();

@@ -16,29 +16,12 @@
 #include <tuple>
 #include <vector>
 
+#include "../sparse_checks.h"
 #include "vector_math.h"
 
 namespace sparsemem {
 
 namespace {
-
-// weights [B, J], add [B, W] and erase_rows [B, J] bool for J rows of W in `dtype`.
-void check_write_inputs(int64_t B, int64_t J, int64_t W, at::ScalarType dtype, const at::Tensor& weights,
-                        const at::Tensor& add, const at::Tensor& erase_rows) {
-  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == B && weights.size(1) == J, "weights must be [B, J] = [", B,
-              ", ", J, "]");
-  TORCH_CHECK(add.dim() == 2 && add.size(0) == B && add.size(1) == W, "add must be [B, W] = [", B, ", ", W, "]");
-  TORCH_CHECK(erase_rows.dim() == 2 && erase_rows.size(0) == B && erase_rows.size(1) == J,
-              "erase_rows must be [B, J] = [", B, ", ", J, "]");
-  TORCH_CHECK(erase_rows.scalar_type() == at::kBool, "erase_rows must be bool");
-  TORCH_CHECK(weights.scalar_type() == dtype && add.scalar_type() == dtype, "rows, weights and add must share a dtype");
-}
-
-void check_inputs(const at::Tensor& rows, const at::Tensor& weights, const at::Tensor& add,
-                  const at::Tensor& erase_rows) {
-  TORCH_CHECK(rows.dim() == 3, "rows must be [B, J, W]");
-  check_write_inputs(rows.size(0), rows.size(1), rows.size(2), rows.scalar_type(), weights, add, erase_rows);
-}
 
 // new = old * (1 - erase) + weight * vector over one row of W: the write of both ops.
 template <typename scalar_t, typename acc_t>
@@ -75,7 +58,7 @@ SPARSEMEM_ALWAYS_INLINE void write_backward_rows(const scalar_t* g, const scalar
 
 at::Tensor ext_sparse_write(const at::Tensor& rows_in, const at::Tensor& weights_in, const at::Tensor& add_in,
                             const at::Tensor& erase_rows_in) {
-  check_inputs(rows_in, weights_in, add_in, erase_rows_in);
+  check_sparse_write_inputs(rows_in, weights_in, add_in, erase_rows_in);
   const auto rows = rows_in.contiguous();
   const auto weights = weights_in.contiguous();
   const auto add = add_in.contiguous();
@@ -102,7 +85,7 @@ at::Tensor ext_sparse_write(const at::Tensor& rows_in, const at::Tensor& weights
 std::vector<at::Tensor> ext_sparse_write_backward(const at::Tensor& grad_new_in, const at::Tensor& rows_in,
                                                   const at::Tensor& weights_in, const at::Tensor& add_in,
                                                   const at::Tensor& erase_rows_in, const at::Tensor& /*new_rows*/) {
-  check_inputs(rows_in, weights_in, add_in, erase_rows_in);
+  check_sparse_write_inputs(rows_in, weights_in, add_in, erase_rows_in);
   const auto weights = weights_in.contiguous();
   const auto add = add_in.contiguous();
   const auto erase_rows = erase_rows_in.contiguous();
@@ -143,14 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_journaled_write(at::Tensor& r
                                                        const at::Tensor& initial_word_in, const at::Tensor& keys_in,
                                                        const at::Tensor& weights_in, const at::Tensor& add_in,
                                                        const at::Tensor& erase_rows_in) {
-  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous(), "rows must be a contiguous [M, W] store");
-  TORCH_CHECK(written.dim() == 1 && written.is_contiguous() && written.scalar_type() == at::kBool,
-              "written must be a contiguous [M] bool mask");
-  TORCH_CHECK(keys_in.dim() == 2 && keys_in.scalar_type() == at::kLong, "keys must be [B, J] int64");
+  check_journaled_write_inputs(rows, written, initial_word_in, keys_in, weights_in, add_in, erase_rows_in);
   const int64_t B = keys_in.size(0), J = keys_in.size(1), W = rows.size(1);
-  TORCH_CHECK(initial_word_in.dim() == 1 && initial_word_in.size(0) == W, "initial_word must be [W] matching rows");
-  TORCH_CHECK(initial_word_in.scalar_type() == rows.scalar_type(), "initial_word must share the dtype of rows");
-  check_write_inputs(B, J, W, rows.scalar_type(), weights_in, add_in, erase_rows_in);
   const auto keys = keys_in.contiguous(), weights = weights_in.contiguous(), add = add_in.contiguous();
   const auto erase_rows = erase_rows_in.contiguous(), initial_word = initial_word_in.contiguous();
   const int64_t limit = std::min(rows.size(0), written.size(0));

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <limits>
 
+#include "../sparse_checks.h"
 #include "common.cuh"
 
 namespace sparsemem {
@@ -179,15 +180,7 @@ __global__ void sparse_read_rows_kernel(const scalar_t* __restrict__ memory, con
 
 void check_inputs(const at::Tensor& memory, const at::Tensor& indices, const at::Tensor& keys,
                   const at::Tensor& strengths) {
-  TORCH_CHECK(memory.dim() == 3 && indices.dim() == 3 && keys.dim() == 3 && strengths.dim() == 2,
-              "memory must be [B, N, W], indices [B, R, K], keys [B, R, W] and strengths [B, R]");
-  const int64_t B = memory.size(0), R = keys.size(1);
-  TORCH_CHECK(keys.size(0) == B && keys.size(2) == memory.size(2), "keys must be [B, R, W] matching memory");
-  TORCH_CHECK(indices.size(0) == B && indices.size(1) == R, "indices must be [B, R, K] matching keys");
-  TORCH_CHECK(strengths.size(0) == B && strengths.size(1) == R, "strengths must be [B, R] matching keys");
-  TORCH_CHECK(indices.scalar_type() == at::kLong, "indices must be int64");
-  TORCH_CHECK(memory.scalar_type() == keys.scalar_type() && memory.scalar_type() == strengths.scalar_type(),
-              "memory, keys and strengths must share a dtype");
+  check_sparse_read_inputs(memory, indices, keys, strengths);
   TORCH_CHECK(memory.size(1) > 0 || indices.numel() == 0, "memory must have N >= 1 slots to read from");
   check_cuda(memory, "memory");
   check_device(indices, memory, "indices");

@@ -11,6 +11,7 @@
 // the second computes the new rows with the same written_value, stores them in the output and the
 // store and marks them written (a repeated key's entries store identical values). Its backward
 // runs in Python around sparse_write's backward kernels (sparsemem/ops/sparse.py).
+#include "../sparse_checks.h"
 #include "common.cuh"
 
 namespace sparsemem {
@@ -112,15 +113,7 @@ __global__ void sparse_write_add_backward_kernel(const scalar_t* __restrict__ gr
 
 void check_inputs(const at::Tensor& rows, const at::Tensor& weights, const at::Tensor& add,
                   const at::Tensor& erase_rows) {
-  TORCH_CHECK(rows.dim() == 3 && weights.dim() == 2 && add.dim() == 2 && erase_rows.dim() == 2,
-              "rows must be [B, J, W], weights [B, J], add [B, W] and erase_rows [B, J]");
-  const int64_t B = rows.size(0), J = rows.size(1), W = rows.size(2);
-  TORCH_CHECK(weights.size(0) == B && weights.size(1) == J, "weights must be [B, J] matching rows");
-  TORCH_CHECK(add.size(0) == B && add.size(1) == W, "add must be [B, W] matching rows");
-  TORCH_CHECK(erase_rows.size(0) == B && erase_rows.size(1) == J, "erase_rows must be [B, J] matching rows");
-  TORCH_CHECK(erase_rows.scalar_type() == at::kBool, "erase_rows must be bool");
-  TORCH_CHECK(rows.scalar_type() == weights.scalar_type() && rows.scalar_type() == add.scalar_type(),
-              "rows, weights and add must share a dtype");
+  check_sparse_write_inputs(rows, weights, add, erase_rows);
   check_cuda(rows, "rows");
   check_device(weights, rows, "weights");
   check_device(add, rows, "add");
@@ -178,21 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> journaled_write_cuda(at::Tensor& 
                                                                     const at::Tensor& weights_in,
                                                                     const at::Tensor& add_in,
                                                                     const at::Tensor& erase_rows_in) {
-  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous(), "rows must be a contiguous [M, W] store");
-  TORCH_CHECK(written.dim() == 1 && written.is_contiguous() && written.scalar_type() == at::kBool,
-              "written must be a contiguous [M] bool mask");
-  TORCH_CHECK(keys_in.dim() == 2 && keys_in.scalar_type() == at::kLong, "keys must be [B, J] int64");
+  check_journaled_write_inputs(rows, written, initial_word_in, keys_in, weights_in, add_in, erase_rows_in);
   const int64_t B = keys_in.size(0), J = keys_in.size(1), W = rows.size(1);
-  TORCH_CHECK(initial_word_in.dim() == 1 && initial_word_in.size(0) == W, "initial_word must be [W] matching rows");
-  TORCH_CHECK(initial_word_in.scalar_type() == rows.scalar_type(), "initial_word must share the dtype of rows");
-  TORCH_CHECK(weights_in.dim() == 2 && weights_in.size(0) == B && weights_in.size(1) == J,
-              "weights must be [B, J] matching keys");
-  TORCH_CHECK(add_in.dim() == 2 && add_in.size(0) == B && add_in.size(1) == W, "add must be [B, W]");
-  TORCH_CHECK(erase_rows_in.dim() == 2 && erase_rows_in.size(0) == B && erase_rows_in.size(1) == J &&
-                  erase_rows_in.scalar_type() == at::kBool,
-              "erase_rows must be [B, J] bool matching keys");
-  TORCH_CHECK(weights_in.scalar_type() == rows.scalar_type() && add_in.scalar_type() == rows.scalar_type(),
-              "rows, weights and add must share a dtype");
   check_cuda(rows, "rows");
   check_device(written, rows, "written");
   check_device(initial_word_in, rows, "initial_word");
