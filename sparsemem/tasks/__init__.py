@@ -1,6 +1,8 @@
 """Algorithmic tasks with seeded batch generators, a curriculum over difficulty, and the
-papers' metric (bits in error per sequence)."""
+papers' metric (bits in error per sequence); `babi`: the bAbI question-answering tasks, read from
+the release the user names."""
 
+from sparsemem.tasks import babi
 from sparsemem.tasks.algorithmic import AssociativeRecall, Copy, KeyValueRecall, PrioritySort, RepeatCopy
 from sparsemem.tasks.base import Batch, Curriculum, Task, bits_in_error, sequence_loss
 
@@ -19,6 +21,7 @@ __all__ = [
     "PrioritySort",
     "RepeatCopy",
     "Task",
+    "babi",
     "bits_in_error",
     "sequence_loss",
 ]
