@@ -7,8 +7,12 @@
 Writes to --out: metrics.jsonl (one JSON object per logged step), checkpoint.pt (every
 --checkpoint-every steps and at the end, written atomically; --resume continues from it
 bit-exactly: model, optimizer, RNG and curriculum), summary.json, and the PNG plots
-learning_curve.png and memory_access.png. A NaN or inf loss or gradient stops training
-with exit status 1 and leaves the last good checkpoint in place.
+learning_curve.png and memory_access.png. A NaN or inf loss, gradient, parameter or optimizer
+state stops training with exit status 1 before anything is saved, so the last good checkpoint
+stays in place. --resume takes the options not given from the checkpoint and refuses to change
+the model, the task or the data (ON_RESUME lists what may change). --time-budget stops training
+after so many minutes of it, across resumes. Every metrics line and summary.json report the
+throughput (sequences_per_second).
 """
 
 import argparse
@@ -18,12 +22,16 @@ import math
 import os
 import resource
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from sparsemem.index import INDEXES
 from sparsemem.memory import SparseWeights
 from sparsemem.models import DNC, NTM, SAM, SDNC, MemoryModel
 from sparsemem.tasks import (
@@ -51,60 +59,92 @@ PLOT_SLOTS, PLOT_STEPS = 256, 200
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+
+def _option(default: Any, help: str, choices: Iterable[str] | None = None) -> Any:
+    """A Config field: its default, its --help text and, for names, the values it takes."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclasses.dataclass
 class Config:
-    """Everything a run depends on; the command-line flags are these fields.
+    """Everything a run depends on; the command-line flags are these fields (--help says what
+    each one does)."""
 
-    controller: "lstm" or "feedforward" (CONTROLLERS). min_level, max_level: the task's
-    difficulty range (sequence length, or items for associative recall; None: the task's
-    default). item_length: vectors per item in associative recall. threshold: bits in
-    error per sequence, averaged over the last `window` batches at the top level, that
-    advance the curriculum and count as mastered. k, index: SAM and SDNC's slots read per
-    head and nearest-neighbour index; link_k: SDNC's link entries per row (K_L).
-    bptt: truncated backpropagation through time, an update every `bptt` time steps with the
-    state carried on, detached (0: one update per sequence). key_bits, query_every, recent,
-    final_queries: the key-value-recall task's (see KeyValueRecall).
-    """
+    model: str = _option("dnc", "the model; sam and sdnc are the sparse ones", tuple(MODELS))
+    task: str = _option("copy", "the algorithmic task", tuple(TASKS))
+    steps: int = _option(2000, "train to this many steps (batches) in all, counting those before a --resume")
+    batch_size: int = _option(16, "sequences per batch (B)")
+    lr: float = _option(3e-3, "Adam's learning rate")
+    clip: float = _option(10.0, "clip the gradient's global norm to this (inf: no clipping)")
+    controller: str = _option(
+        "lstm", "an LSTM cell, or Linear + tanh (feedforward: only the memory crosses time steps)", CONTROLLERS
+    )
+    hidden_size: int = _option(64, "the controller's hidden size")
+    num_slots: int = _option(16, "memory slots (N)")
+    word_size: int = _option(16, "memory word size (W)")
+    num_reads: int = _option(1, "read heads (R)")
+    k: int = _option(8, "sam, sdnc: slots read per head (K)")
+    index: str = _option("exact", "sam, sdnc: the nearest-neighbour index", INDEXES)
+    link_k: int = _option(8, "sdnc: link entries kept per row (K_L)")
+    bits: int = _option(8, "bits per vector of the task")
+    item_length: int = _option(3, "associative-recall: vectors per item")
+    key_bits: int = _option(32, "key-value-recall: bits per key")
+    query_every: int = _option(4, "key-value-recall: a query about a recent pair after every this many stores")
+    recent: int = _option(16, "key-value-recall: those queries ask about one of the last this many pairs")
+    final_queries: int = _option(16, "key-value-recall: queries about any pair of the episode, at its end")
+    bptt: int = _option(
+        0,
+        "truncated backpropagation through time: an update every this many time steps, the state "
+        "carried on detached (0: one update per sequence)",
+    )
+    min_level: int | None = _option(
+        None, "the lowest difficulty: sequence length, or items for associative-recall; None: the task's"
+    )
+    max_level: int | None = _option(None, "the highest difficulty; None: the task's")
+    curriculum: bool = _option(
+        True, "raise the difficulty as the model masters it (--no-curriculum: every level from the start)"
+    )
+    threshold: float = _option(
+        0.1,
+        "bits in error per sequence, averaged over the last --window batches at the top level, "
+        "that raise the curriculum's level and, at the highest, count as mastered",
+    )
+    window: int = _option(20, "batches --threshold averages over")
+    stop_at_threshold: bool = _option(True, "stop once the highest level is mastered")
+    seed: int = _option(0, "seeds the parameters and the data")
+    device: str = _option("cpu", "cpu, cuda or cuda:INDEX")
+    out: str = _option("runs/train", "the run's directory: metrics, checkpoint, summary, plots")
+    checkpoint_every: int = _option(500, "write the checkpoint every this many steps (and at the end)")
+    log_every: int = _option(10, "log the metrics every this many steps")
+    threads: int = _option(1, "torch's CPU threads (small models run fastest on one)")
+    time_budget: float | None = _option(
+        None,
+        "stop training (checkpoint, summary) after this many minutes of it in all, counting those "
+        "before a --resume; None: no limit",
+    )
 
-    model: str = "dnc"
-    task: str = "copy"
-    steps: int = 2000
-    batch_size: int = 16
-    lr: float = 3e-3
-    clip: float = 10.0
-    controller: str = "lstm"
-    hidden_size: int = 64
-    num_slots: int = 16
-    word_size: int = 16
-    num_reads: int = 1
-    k: int = 8
-    index: str = "exact"
-    link_k: int = 8
-    bits: int = 8
-    item_length: int = 3
-    key_bits: int = 32
-    query_every: int = 4
-    recent: int = 16
-    final_queries: int = 16
-    bptt: int = 0
-    min_level: int | None = None
-    max_level: int | None = None
-    curriculum: bool = True
-    threshold: float = 0.1
-    window: int = 20
-    stop_at_threshold: bool = True
-    seed: int = 0
-    device: str = "cpu"
-    out: str = "runs/train"
-    checkpoint_every: int = 500
-    log_every: int = 10
-    threads: int = 1
+
+ON_RESUME = (
+    "steps",
+    "lr",
+    "clip",
+    "checkpoint_every",
+    "log_every",
+    "threads",
+    "time_budget",
+    "stop_at_threshold",
+    "device",
+    "out",
+)
+"""The options a --resume may change. Every other one fixes the model, the task or the data: a
+--resume that gives it a value other than the checkpoint's is refused."""
 
 
 class TrainingDiverged(RuntimeError):
-    """A NaN or inf loss or gradient: training stopped, the last good checkpoint is kept."""
+    """A NaN or inf loss, gradient, parameter or optimizer state: training stopped, the last
+    good checkpoint is kept."""
 
 
 def make_task(config: Config) -> Task:
@@ -184,11 +224,29 @@ def _to(batch: Batch, device: torch.device | str) -> Batch:
     return Batch(batch.inputs.to(device), batch.targets.to(device), batch.mask.to(device))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(temp_path), then rename over `path`: a reader never sees a half-written file."""
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """write(temp_path), flushed to the disk, then renamed over `path`: a reader never sees a
+    half-written file, and after a power loss `path` holds the old file or the new one, whole."""
     temp = path.with_name(f".{path.name}.tmp")
     write(temp)
+    _fsync(temp)
     os.replace(temp, path)
+    _fsync(path.parent)  # the rename itself
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _all_finite(tensors: Iterable[Tensor], device: torch.device) -> Tensor:
+    """Whether the floating-point tensors on `device` hold only finite values: a bool tensor on
+    that device, so asking costs no host sync (Adam's step counters stay on the CPU: skipped)."""
+    flags = [t.isfinite().all() for t in tensors if t.is_floating_point() and t.device == device]
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
 
 
 class Trainer:
@@ -196,7 +254,8 @@ class Trainer:
 
     model: train this model instead of the one the config names (it must fit the task's
     input and output sizes). Data come from a torch.Generator seeded by config.seed, so a
-    run is a function of its config.
+    run is a function of its config. The config is taken as it is; `check_config` is what
+    the command line runs on it first.
     """
 
     def __init__(self, config: Config, model: MemoryModel | None = None) -> None:
@@ -213,6 +272,8 @@ class Trainer:
         self.step = 0
         self.steps_to_threshold: int | None = None
         self.last_checkpoint: int | None = None
+        self.train_seconds = 0.0
+        """Wall time spent in the training loop so far, over all the runs this one resumes."""
 
     def train_step(self) -> dict:
         """One batch: forward, loss, backward, clipped update (one per `bptt` time steps with
@@ -231,8 +292,8 @@ class Trainer:
             scored = int(sampled.mask[:, start : start + window].sum())  # on the host: no device sync
             if scored:
                 loss, norm = self._update(logits, part)
-                losses.append((float(loss.detach()) * scored, scored))
-                grad_norms.append(float(norm))
+                losses.append((loss * scored, scored))
+                grad_norms.append(norm)
             state = state.detach()
         logits = torch.cat(outputs, dim=1)
         loss = sum(total for total, _ in losses) / max(1, sum(count for _, count in losses))
@@ -242,6 +303,8 @@ class Trainer:
         self.curriculum.update(level, bits_error)
         if self.steps_to_threshold is None and self.curriculum.mastered:
             self.steps_to_threshold = self.step
+        # the updates' reads and float(bits_error) waited for the device: the time is the step's, not its launch's
+        seconds = time.perf_counter() - started
         return {
             "step": self.step,
             "loss": loss,
@@ -249,38 +312,54 @@ class Trainer:
             "level": level,
             "top_level": self.curriculum.level,
             "grad_norm": grad_norm,
-            # float(loss) above waited for the device: the time is the step's, not its launch's
-            "step_seconds": time.perf_counter() - started,
+            "step_seconds": seconds,
+            "sequences_per_second": self.config.batch_size / seconds,
             "peak_memory_mb": peak_memory_bytes(self.config.device) / 2**20,
         }
 
-    def _update(self, logits: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Loss on the scored steps, backward, clipped optimizer step -> (loss, gradient norm)."""
+    def _update(self, logits: Tensor, batch: Batch) -> tuple[float, float]:
+        """Loss on the scored steps, backward, clipped optimizer step -> (loss, gradient norm).
+
+        Raises TrainingDiverged if the loss, the gradient norm, a parameter or the optimizer
+        state is NaN or inf. All four come from the device in one read, the update's only host
+        sync; a bad update is not undone, but nothing is saved after it."""
         loss = sequence_loss(logits, batch)
-        self._check_finite("loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
-        self._check_finite("gradient norm", grad_norm)
         self.optimizer.step()
-        return loss, grad_norm
-
-    def _check_finite(self, what: str, value: Tensor) -> None:
-        if not bool(torch.isfinite(value)):
-            kept = (
-                f"the last good checkpoint {self.out / CHECKPOINT} (step {self.last_checkpoint}) is kept; "
-                "resume from it with --resume, perhaps with a lower --lr or --clip"
-                if self.last_checkpoint is not None
-                else "no checkpoint was written yet"
-            )
-            number = float(value.detach())
-            raise TrainingDiverged(f"{what} is {number} at step {self.step + 1}: training stopped; {kept}")
+        device = loss.device
+        optimizer_state = (t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+        checks = [
+            loss.detach(),
+            grad_norm.to(device),
+            _all_finite(self.model.parameters(), device),
+            _all_finite(optimizer_state, device),
+        ]
+        loss_value, norm, parameters_finite, state_finite = torch.stack([c.to(loss.dtype) for c in checks]).tolist()
+        problems = [
+            (math.isfinite(loss_value), f"loss is {loss_value}"),
+            (math.isfinite(norm), f"gradient norm is {norm}"),
+            (parameters_finite, "a parameter is NaN or inf after the update"),
+            (state_finite, "the optimizer state holds NaN or inf after the update"),
+        ]
+        for finite, problem in problems:
+            if not finite:
+                kept = (
+                    f"the last good checkpoint {self.out / CHECKPOINT} (step {self.last_checkpoint}) is kept; "
+                    "resume from it with --resume, perhaps with a lower --lr or --clip"
+                    if self.last_checkpoint is not None
+                    else "no checkpoint was written yet"
+                )
+                raise TrainingDiverged(f"{problem} at step {self.step + 1}: training stopped; {kept}")
+        return loss_value, norm
 
     def state_dict(self) -> dict:
         return {
             "config": dataclasses.asdict(self.config),
             "step": self.step,
             "steps_to_threshold": self.steps_to_threshold,
+            "train_seconds": self.train_seconds,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
@@ -289,7 +368,7 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Write out/checkpoint.pt atomically (temp file + rename)."""
+        """Write out/checkpoint.pt atomically (temp file, fsync, rename)."""
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / CHECKPOINT
         state = self.state_dict()
@@ -298,31 +377,38 @@ class Trainer:
         return path
 
     def load(self, path: Path | str | None = None) -> None:
-        """Continue from a checkpoint (default out/checkpoint.pt) exactly where it was written."""
+        """Continue from a checkpoint (default out/checkpoint.pt) exactly where it was written,
+        with this trainer's config's learning rate (a --resume may have changed it)."""
         path = Path(path) if path is not None else self.out / CHECKPOINT
-        state = torch.load(path, map_location=self.config.device, weights_only=True)
+        state = read_checkpoint(path, self.config.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.curriculum.load_state_dict(state["curriculum"])
         self.step = state["step"]
         self.steps_to_threshold = state["steps_to_threshold"]
+        self.train_seconds = state.get("train_seconds", 0.0)  # absent from checkpoints older than --time-budget
         self.last_checkpoint = self.step
 
     def run(self, progress: bool = True, resume: bool = False) -> dict:
-        """Train to config.steps (or until the task is mastered), logging, checkpointing and
-        plotting under config.out. -> the summary, also written to summary.json."""
+        """Train to config.steps (or until the task is mastered, or the time budget is spent),
+        logging, checkpointing and plotting under config.out. -> the summary, also written to
+        summary.json."""
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.load()
         metrics = self._metrics_since_checkpoint()
         started = time.perf_counter()
+        clock = started - self.train_seconds  # so that train_seconds counts on from the checkpoint's
         bar = _progress(self.config.steps, self.step, enabled=progress)
         try:
             with open(self.out / METRICS, "a") as log:
-                while self.step < self.config.steps and not self._done():
+                while (stopped_by := self._stopped_by()) is None:
                     record = self.train_step()
+                    self.train_seconds = time.perf_counter() - clock
                     bar.update(1)
                     if self.step % self.config.log_every == 0 or self._done():
                         metrics.append(record)
@@ -336,35 +422,60 @@ class Trainer:
                             peak=f"{record['peak_memory_mb']:.0f}MiB",
                         )
                     if self.step % self.config.checkpoint_every == 0:
+                        os.fsync(log.fileno())  # the log up to a checkpoint is on the disk before it
                         self.save()
+                os.fsync(log.fileno())  # and before the last one
         finally:
             bar.close()
             _plot_learning_curve(metrics, self.out / "learning_curve.png", self.config)
         self.save()
+        sequences = self.step * self.config.batch_size
         summary = {
             "config": dataclasses.asdict(self.config),
             "steps": self.step,
             "steps_to_threshold": self.steps_to_threshold,
+            "stopped_by": stopped_by,
+            "train_seconds": self.train_seconds,
+            "sequences_per_second": sequences / self.train_seconds if self.train_seconds > 0 else None,
             "eval_bits_error": evaluate(self.model, self.task),
             "seconds": time.perf_counter() - started,
         }
         if isinstance(self.task, KeyValueRecall):
             levels = self.task.eval_levels()
             summary["final_query_error"] = {level: final_query_error(self.model, self.task, level) for level in levels}
-        _atomic_write(self.out / "summary.json", lambda temp: temp.write_text(json.dumps(summary, indent=2)))
+        _atomic_write(self.out / SUMMARY, lambda temp: temp.write_text(json.dumps(summary, indent=2)))
         plot_memory_access(self.model, self.task, self.out / "memory_access.png")
         return summary
 
     def _done(self) -> bool:
         return self.config.stop_at_threshold and self.steps_to_threshold is not None
 
+    def _stopped_by(self) -> str | None:
+        """Why training stops now: "steps", "threshold" or "time_budget"; None: it goes on."""
+        if self.step >= self.config.steps:
+            return "steps"
+        if self._done():
+            return "threshold"
+        if self.config.time_budget is not None and self.train_seconds >= 60 * self.config.time_budget:
+            return "time_budget"
+        return None
+
     def _metrics_since_checkpoint(self) -> list[dict]:
         """The logged metrics up to this run's step; lines an interrupted run logged past its
-        last checkpoint are dropped, so a resumed log reads as one uninterrupted run."""
+        last checkpoint are dropped, so a resumed log reads as one uninterrupted run. A last
+        line cut short (power loss, full disk) is dropped with a warning."""
         path = self.out / METRICS
         if not path.exists():
             return []
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                if number < len(lines):
+                    raise ValueError(f"{path}: line {number} is not JSON ({error})") from None
+                print(f"warning: {path}: dropped its last line, cut short: {line[:60]!r}", file=sys.stderr)
         records = [r for r in records if r["step"] <= self.step]
         _atomic_write(path, lambda temp: temp.write_text("".join(json.dumps(r) + "\n" for r in records)))
         return records
@@ -456,23 +567,163 @@ def plot_memory_access(model: MemoryModel, task: Task, path: Path, level: int | 
     plt.close(figure)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
-    parser = argparse.ArgumentParser(prog="python -m sparsemem.train", description=__doc__.split("\n\n")[0])
-    defaults = Config()
+CHECKPOINT_KEYS = ("config", "step", "steps_to_threshold", "model", "optimizer", "generator", "torch_rng", "curriculum")
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint that Trainer.save wrote, its tensors on `device`. ValueError naming the file
+    if there is none, if it cannot be read (empty, cut short, not a torch.save file), or if it
+    is something else's (another object, keys missing, a config this version does not know)."""
+    if not path.is_file():
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # empty, cut short, not torch's, or refused by weights_only: each its own type
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} cannot be read as a checkpoint: {reason}") from error
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a checkpoint of sparsemem.train: it holds a {type(state).__name__}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of sparsemem.train: it lacks {', '.join(missing)}")
+    if not isinstance(state["config"], dict):
+        raise ValueError(f"{path}: its config is a {type(state['config']).__name__}, not a dict")
+    fields = {field.name: field for field in dataclasses.fields(Config)}
+    unknown = sorted(set(state["config"]) - set(fields))
+    if unknown:
+        raise ValueError(f"{path}: its config has options this version does not know: {', '.join(unknown)}")
+    for name, value in state["config"].items():
+        kind, choices = fields[name].type, fields[name].metadata["choices"]
+        # an int fits a float field, as in Python's numbers
+        fits = isinstance(value, kind) or (type(value) is int and isinstance(float(value), kind))
+        if not fits or (choices is not None and value not in choices):
+            expected = f"one of {', '.join(choices)}" if choices else getattr(kind, "__name__", str(kind))
+            raise ValueError(f"{path}: its config's {name} is {value!r}, not {expected}")
+    return state
+
+
+LR_MAX = 0.1 * torch.finfo(torch.float32).max
+"""Adam's first step moves a parameter by up to lr / (1 - beta1) = 10 lr, which must be a float32."""
+
+
+def check_config(config: Config) -> None:
+    """ValueError naming the first option whose value cannot run (as --flag, as the command line
+    spells it). Builds the task and the model (on the meta device: no memory) to ask them too,
+    and creates --out to see that it can be written."""
+    rules = (
+        ("steps", config.steps >= 1, "a positive integer"),
+        ("batch_size", config.batch_size >= 1, "a positive integer"),
+        ("lr", 0 <= config.lr <= LR_MAX, f"a number in [0, {LR_MAX:.2g}]"),
+        ("clip", config.clip > 0, "a number > 0 (inf: no clipping)"),
+        ("bits", config.bits >= 1, "a positive integer"),
+        ("item_length", config.item_length >= 1, "a positive integer"),
+        ("bptt", config.bptt >= 0, "an integer >= 0 (0: one update per sequence)"),
+        ("threshold", config.threshold >= 0, "a number >= 0"),
+        ("window", config.window >= 1, "a positive integer"),
+        ("seed", -(2**63) <= config.seed < 2**64, "an integer in [-2^63, 2^64)"),
+        ("checkpoint_every", config.checkpoint_every >= 1, "a positive integer"),
+        ("log_every", config.log_every >= 1, "a positive integer"),
+        ("threads", config.threads >= 1, "a positive integer"),
+        ("time_budget", config.time_budget is None or config.time_budget > 0, "a number of minutes > 0"),
+    )
+    for name, valid, expected in rules:
+        if not valid:
+            raise ValueError(f"{_flag(name)} must be {expected}; got {getattr(config, name)!r}")
+    _check_device(config.device)
+    with torch.device("meta"):
+        make_model(config, make_task(config))
+    out = Path(config.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot write there ({error.strerror})") from None
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:INDEX; got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+
+
+def resume_config(given: dict[str, Any]) -> Config:
+    """The config of a --resume: the checkpoint's under --out, with the `given` options (those
+    on the command line) that ON_RESUME lets change. ValueError if another one would change."""
+    out = given.get("out", Config().out)
+    path = Path(out) / CHECKPOINT
+    saved = Config(**read_checkpoint(path)["config"])
+    for name, value in given.items():
+        if name not in ON_RESUME and value != getattr(saved, name):
+            allowed = ", ".join(_flag(name) for name in ON_RESUME)
+            raise ValueError(
+                f"--resume: {_flag(name)} is {getattr(saved, name)!r} in {path}, and a resumed run keeps "
+                f"its model, task and data (got {value!r}); only {allowed} may change"
+            )
+    return dataclasses.replace(saved, **(given | {"out": out}))  # the run goes on where it was found
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_FLAG_TYPES: dict[Any, type] = {int | None: int, float | None: float}
+"""The type a flag parses to, for the Config fields that may be None (a flag is never None)."""
+
+_UNSET = object()
+"""What a Config option not given on the command line parses to (argparse leaves an attribute
+already in the namespace alone), so that --resume knows what was given."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sparsemem.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     aliases = {"num_slots": ["--slots"]}
     for field in dataclasses.fields(Config):
-        flags = ["--" + field.name.replace("_", "-"), *aliases.get(field.name, [])]
-        default = getattr(defaults, field.name)
-        if isinstance(default, bool):
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default)
+        flags = [_flag(field.name), *aliases.get(field.name, [])]
+        options: dict[str, Any] = {"default": field.default, "help": field.metadata["help"]}
+        if field.type is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **options)
         else:
-            kind = int if field.name in ("min_level", "max_level") else type(default)
-            parser.add_argument(*flags, type=kind, default=default, metavar=field.name.upper())
-    parser.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT}")
+            choices = field.metadata["choices"]
+            metavar = None if choices else field.name.upper()
+            kind = _FLAG_TYPES.get(field.type, field.type)
+            parser.add_argument(*flags, type=kind, choices=choices, metavar=metavar, **options)
+    changeable = ", ".join(_flag(name) for name in ON_RESUME)
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue from OUT/{CHECKPOINT}: the options not given come from it, and only {changeable} may change",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = vars(parser.parse_args(argv))
-    resume, no_progress = args.pop("resume"), args.pop("no_progress")
-    return Config(**args), resume, not no_progress
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
+    """-> (config, resume, progress), the config checked (check_config; with --resume, the
+    checkpoint's, changed only where ON_RESUME allows). A bad option exits with the usage and a
+    message naming it (status 2), before anything trains."""
+    parser = _parser()
+    unset = argparse.Namespace(**{field.name: _UNSET for field in dataclasses.fields(Config)})
+    args = vars(parser.parse_args(argv, unset))
+    resume, progress = args.pop("resume"), not args.pop("no_progress")
+    given = {name: value for name, value in args.items() if value is not _UNSET}
+    try:
+        config = resume_config(given) if resume else Config(**given)
+        check_config(config)
+    except ValueError as error:
+        parser.error(str(error))
+    return config, resume, progress
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -488,9 +739,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     reached = summary["steps_to_threshold"]
     verdict = f"mastered after {reached} steps" if reached is not None else "threshold not reached"
+    if summary["stopped_by"] == "time_budget":
+        verdict += f" (time budget spent at step {summary['steps']})"
     worst = max(summary["eval_bits_error"].values())
     print(f"{config.model} on {config.task}: {verdict}; held-out bits error per sequence <= {worst:.3f} at every level")
-    print(f"wrote {config.out}/: {METRICS}, {CHECKPOINT}, summary.json, learning_curve.png, memory_access.png")
+    print(f"wrote {config.out}/: {METRICS}, {CHECKPOINT}, {SUMMARY}, learning_curve.png, memory_access.png")
     return 0 if math.isfinite(worst) else 1
 
 

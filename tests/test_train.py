@@ -1,12 +1,16 @@
-"""The training CLI: exact resume, divergence handling, its files."""
+"""The training CLI: exact resume, divergence handling, option checks, time budget, its files."""
 
 import dataclasses
+import io
 import json
+import math
+import re
 
 import pytest
 import torch
 
-from sparsemem.train import CHECKPOINT, METRICS, Config, Trainer, TrainingDiverged, main
+from sparsemem import train
+from sparsemem.train import CHECKPOINT, METRICS, SUMMARY, Config, Trainer, TrainingDiverged, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,19 +35,26 @@ def tiny(tmp_path, **kwargs) -> Config:
     return Config(**(options | kwargs))
 
 
+TINY_ARGV = ["--steps", "3", "--batch-size", "2", "--hidden-size", "8", "--slots", "5", "--word-size", "4"]
+TINY_ARGV += ["--bits", "3", "--max-level", "2", "--checkpoint-every", "3", "--log-every", "1", "--no-progress"]
+"""A CLI run of a few milliseconds a step."""
+
+
 @pytest.mark.parametrize("model", ["dnc", "ntm"])
-def test_resume_continues_bit_exactly(tmp_path, model):
+def test_resume_continues_bit_exactly(tmp_path, capsys, model):
     straight = Trainer(tiny(tmp_path / "straight", model=model))
     straight.run(progress=False)
 
     interrupted = Trainer(tiny(tmp_path / "resumed", model=model, steps=3))
     interrupted.run(progress=False)
-    # An interrupted run may have logged past its checkpoint; resume drops those lines.
+    # An interrupted run may have logged past its checkpoint, the last line cut short by a power
+    # loss; resume drops those lines.
     with open(tmp_path / "resumed" / METRICS, "a") as log:
-        log.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
+        log.write(json.dumps({"step": 4, "loss": 0.0}) + '\n{"step": 5, "lo')
     resumed = Trainer(tiny(tmp_path / "resumed", model=model))
     resumed.run(progress=False, resume=True)
 
+    assert "dropped its last line, cut short" in capsys.readouterr().err
     assert resumed.step == straight.step == 6
     assert resumed.curriculum.state_dict() == straight.curriculum.state_dict()
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
@@ -52,10 +63,17 @@ def test_resume_continues_bit_exactly(tmp_path, model):
     assert metrics(tmp_path / "resumed") == metrics(tmp_path / "straight")
 
 
-def metrics(out, timed=("step_seconds", "peak_memory_mb")) -> list[dict]:
+def metrics(out, timed=("step_seconds", "sequences_per_second", "peak_memory_mb")) -> list[dict]:
     """The logged records without the fields that measure the machine (they differ run to run)."""
     records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     return [{key: value for key, value in record.items() if key not in timed} for record in records]
+
+
+def test_a_bad_line_before_the_last_is_an_error_naming_it(tmp_path):
+    Trainer(tiny(tmp_path, steps=1)).run(progress=False)
+    (tmp_path / METRICS).write_text('{"step": 1}\n{"st\n{"step": 1}\n')
+    with pytest.raises(ValueError, match=f"{METRICS}: line 2 is not JSON"):
+        Trainer(tiny(tmp_path, steps=2)).run(progress=False, resume=True)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -74,6 +92,37 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("option", [{"lr": math.inf}, {"clip": math.nan}])
+def test_an_update_that_breaks_the_parameters_stops_before_any_checkpoint(tmp_path, option):
+    # The loss and the gradient norm of step 1 are finite; the parameters after it are not.
+    trainer = Trainer(tiny(tmp_path, checkpoint_every=1, **option))
+    with pytest.raises(
+        TrainingDiverged, match=r"a parameter is NaN or inf after the update at step 1: .*no checkpoint"
+    ):
+        trainer.run(progress=False)
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_a_broken_optimizer_state_stops_training(tmp_path):
+    trainer = Trainer(tiny(tmp_path))
+    trainer.train_step()
+    trainer.save()
+    for state in trainer.optimizer.state.values():
+        state["exp_avg_sq"].fill_(math.inf)  # Adam's update is then 0: the parameters stay finite
+    with pytest.raises(
+        TrainingDiverged, match=r"optimizer state holds NaN or inf after the update at step 2: .*\(step 1\)"
+    ):
+        trainer.run(progress=False)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 1
+
+
+def test_cli_divergence_exits_1_and_writes_no_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "sequence_loss", lambda logits, batch: logits.sum() * math.nan)
+    assert main([*TINY_ARGV, "--checkpoint-every", "1", "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == "error: loss is nan at step 1: training stopped; no checkpoint was written yet\n"
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
 def test_cli_writes_metrics_checkpoint_and_plots(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--model", "dnc", "--task", "associative-recall", "--steps", "4", "--batch-size", "2"]
@@ -83,11 +132,15 @@ def test_cli_writes_metrics_checkpoint_and_plots(tmp_path, capsys):
     assert main(argv) == 0
     assert "dnc on associative-recall" in capsys.readouterr().out
     names = {path.name for path in out.iterdir()}
-    assert names == {METRICS, CHECKPOINT, "summary.json", "learning_curve.png", "memory_access.png"}
+    assert names == {METRICS, CHECKPOINT, SUMMARY, "learning_curve.png", "memory_access.png"}
     records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
-    summary = json.loads((out / "summary.json").read_text())
+    assert all(r["sequences_per_second"] == pytest.approx(2 / r["step_seconds"]) for r in records)
+    summary = json.loads((out / SUMMARY).read_text())
     assert summary["steps"] == 4 and set(summary["eval_bits_error"]) == {"2", "3"}
+    assert summary["stopped_by"] == "steps" and summary["config"]["time_budget"] is None
+    assert summary["sequences_per_second"] == pytest.approx(4 * 2 / summary["train_seconds"])
+    assert sum(r["step_seconds"] for r in records) < summary["train_seconds"] < summary["seconds"]
     for plot in ("learning_curve.png", "memory_access.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -101,7 +154,7 @@ def test_cli_trains_the_sparse_models_and_reports_time_and_memory(tmp_path, caps
     argv += ["--out", str(out), "--no-progress"]
     assert main(argv) == 0
     assert f"{model} on copy" in capsys.readouterr().out
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / SUMMARY).read_text())
     assert summary["config"]["num_slots"] == 64 and summary["config"]["k"] == 3
     records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -121,8 +174,171 @@ def test_truncated_bptt_updates_once_per_window_and_scores_the_final_queries(tmp
     assert set(summary["final_query_error"]) == {8} and 0 <= summary["final_query_error"][8] <= 1
 
 
-def test_cli_rejects_unknown_names(tmp_path):
-    with pytest.raises(ValueError, match="unknown task 'sorting'"):
-        main(["--task", "sorting", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="unknown controller 'gru'"):
-        main(["--controller", "gru", "--out", str(tmp_path)])
+def test_resume_takes_the_checkpoints_options_and_the_given_learning_rate(tmp_path):
+    assert main([*TINY_ARGV, "--model", "ntm", "--lr", "1e-2", "--out", str(tmp_path)]) == 0
+    before = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    # --model ntm again is no change; --lr 0 must reach the optimizer, so the parameters stay
+    assert main(["--out", str(tmp_path), "--resume", "--steps", "5", "--lr", "0", "--model", "ntm"]) == 0
+    after = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert after["step"] == 5
+    assert after["config"] == before["config"] | {"steps": 5, "lr": 0.0}
+    assert [group["lr"] for group in after["optimizer"]["param_groups"]] == [0.0]
+    for name, value in before["model"].items():
+        assert torch.equal(after["model"][name], value), name
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ["--model", "dnc"],
+        ["--slots", "7"],
+        ["--seed", "1"],
+        ["--no-curriculum"],
+        ["--max-level", "2"],
+        ["--batch-size", "3"],
+        ["--controller", "feedforward"],
+        ["--bptt", "2"],
+        ["--threshold", "0.5"],
+    ],
+)
+def test_resume_refuses_to_change_the_model_the_task_or_the_data(tmp_path, capsys, change):
+    Trainer(tiny(tmp_path, model="ntm")).save()
+    with pytest.raises(SystemExit) as exit:
+        main(["--out", str(tmp_path), "--resume", "--steps", "5", *change])
+    assert exit.value.code == 2
+    flag = "--num-slots" if change[0] == "--slots" else change[0].replace("--no-", "--")
+    assert f"error: --resume: {flag} is " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--clip", "-1"], "--clip must be a number > 0"),
+        (["--clip", "0"], "--clip must be a number > 0"),
+        (["--clip", "nan"], "--clip must be a number > 0"),
+        (["--lr", "inf"], r"--lr must be a number in \[0, 3.4e\+37\]; got inf"),
+        (["--lr", "1e39"], r"--lr must be a number in \[0, 3.4e\+37\]"),
+        (["--lr", "-1"], r"--lr must be a number in \[0, 3.4e\+37\]"),
+        (["--steps", "-5"], "--steps must be a positive integer; got -5"),
+        (["--steps", "1.5"], "argument --steps: invalid int value: '1.5'"),
+        (["--window", "0"], "--window must be a positive integer"),
+        (["--checkpoint-every", "0"], "--checkpoint-every must be a positive integer"),
+        (["--log-every", "0"], "--log-every must be a positive integer"),
+        (["--threads", "0"], "--threads must be a positive integer"),
+        (["--time-budget", "0"], "--time-budget must be a number of minutes > 0"),
+        (["--bits", "0"], "--bits must be a positive integer"),
+        (["--model", "gru"], "argument --model: invalid choice: 'gru'"),
+        (["--task", "sorting"], "argument --task: invalid choice: 'sorting'"),
+        (["--controller", "gru"], "argument --controller: invalid choice: 'gru'"),
+        (["--index", "lsh"], "argument --index: invalid choice: 'lsh'"),
+        (["--device", "tpu"], "--device must be cpu, cuda or cuda:INDEX; got 'tpu'"),
+        (["--device", "cuda:x"], "--device must be cpu, cuda or cuda:INDEX; got 'cuda:x'"),
+        (["--device", "cuda:99"], "--device cuda:99: "),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device cuda: this torch .* sees no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there"),
+        ),
+        (["--hidden-size", "0"], "hidden_size must be a positive int; got 0"),
+        (["--model", "sam", "--k", "6"], r"k must be in \[1, N=5\]; got k=6"),
+        (["--min-level", "2", "--max-level", "1"], "min_level <= max_level; got 2, 1"),
+        (["--out", "{file}/run"], "--out .*/file/run: cannot write there"),
+        (["--out", "{tmp}/empty", "--resume"], "no checkpoint at .*/empty/checkpoint.pt"),
+    ],
+)
+def test_cli_refuses_bad_options_before_training(tmp_path, capsys, argv, message):
+    (tmp_path / "file").write_text("")
+    argv = [arg.format(file=tmp_path / "file", tmp=tmp_path) for arg in argv]
+    with pytest.raises(SystemExit) as exit:
+        main([*TINY_ARGV, "--out", str(tmp_path / "run"), *argv])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m sparsemem.train")
+    assert re.search(f"error: .*{message}", err), err
+    assert not (tmp_path / "run" / CHECKPOINT).exists()
+
+
+def _write(path, content) -> None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda good: b"", "cannot be read as a checkpoint"),
+        (lambda good: good[: len(good) // 2], "cannot be read as a checkpoint"),
+        (lambda good: b"not a checkpoint\n", "cannot be read as a checkpoint"),
+        (lambda good: torch.zeros(3), "is not a checkpoint of sparsemem.train: it holds a Tensor"),
+        (lambda good: {"config": {}, "model": {}}, "is not a checkpoint of sparsemem.train: it lacks step, "),
+        (lambda good: _replace(good, config=[1, 2]), "its config is a list, not a dict"),
+        (lambda good: _with_config(good, colour="blue"), "its config has options this version does not know: colour"),
+        (lambda good: _with_config(good, steps="many"), "its config's steps is 'many', not int"),
+        (lambda good: _with_config(good, max_level=2.5), r"its config's max_level is 2.5, not int \| None"),
+        (lambda good: _with_config(good, model="gru"), "its config's model is 'gru', not one of dnc, ntm, sam, sdnc"),
+    ],
+    ids=[
+        "empty",
+        "cut-short",
+        "text",
+        "tensor",
+        "keys-missing",
+        "config-list",
+        "unknown-option",
+        "wrong-type",
+        "not-none",
+        "name",
+    ],
+)
+def test_resume_refuses_a_damaged_or_foreign_checkpoint_naming_it(tmp_path, capsys, damage, message):
+    Trainer(tiny(tmp_path)).save()
+    path = tmp_path / CHECKPOINT
+    _write(path, damage(path.read_bytes()))
+    with pytest.raises(SystemExit) as exit:
+        main(["--out", str(tmp_path), "--resume", "--no-progress"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(f"error: {re.escape(str(path))}:? .*{message}", err), err
+
+
+def _replace(good: bytes, **entries) -> dict:
+    return torch.load(io.BytesIO(good), weights_only=True) | entries
+
+
+def _with_config(good: bytes, **options) -> dict:
+    state = torch.load(io.BytesIO(good), weights_only=True)
+    return state | {"config": state["config"] | options}
+
+
+def test_time_budget_stops_training_and_adds_up_across_resumes(tmp_path):
+    argv = [*TINY_ARGV, "--steps", "4", "--out", str(tmp_path)]
+    assert main([*argv, "--time-budget", "1e-9"]) == 0  # spent by the first step
+    first = json.loads((tmp_path / SUMMARY).read_text())
+    assert first["steps"] == 1 and first["stopped_by"] == "time_budget" and first["train_seconds"] > 0
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["train_seconds"] == first["train_seconds"]
+
+    assert main(["--out", str(tmp_path), "--resume"]) == 0  # still spent: no step
+    again = json.loads((tmp_path / SUMMARY).read_text())
+    assert again["steps"] == 1 and again["stopped_by"] == "time_budget"
+    assert again["train_seconds"] == first["train_seconds"]
+
+    assert main(["--out", str(tmp_path), "--resume", "--time-budget", "10"]) == 0
+    last = json.loads((tmp_path / SUMMARY).read_text())
+    assert last["steps"] == 4 and last["stopped_by"] == "steps"
+    assert last["train_seconds"] > first["train_seconds"]
+    assert last["sequences_per_second"] == pytest.approx(4 * 2 / last["train_seconds"])
+
+
+def test_help_gives_every_option_its_text_choices_and_default(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in text
+    options = len(dataclasses.fields(Config)) + 2  # and --resume, --no-progress
+    assert text.count("(default: ") == options
+    assert "--model {dnc,ntm,sam,sdnc}" in text and "--index {exact,ivf,faiss-hnsw,faiss-ivf}" in text
