@@ -97,11 +97,13 @@ def time_journaled_write(op: str, backend: str, num_slots: int, device: str = "c
     0 and 1 share half their K, the LRU row erased), group-summed weights. Forward: the write under
     no_grad; forward+backward: a one-write segment and its backward (the write node, the gradient
     buffer's set-up, the segment's source), from the write's version token."""
-    from sparsemem.memory._lazy import JournaledMemory, LazyMemory, group_sum
+    from sparsemem.memory.journal import JournaledMemory
+    from sparsemem.memory.row_store import RowStore
+    from sparsemem.memory.sam import group_sum
 
     os.environ["SPARSEMEM_BACKEND"] = backend
     g = torch.Generator().manual_seed(0)
-    store = LazyMemory(B, num_slots, torch.zeros(W, device=device), index="exact")
+    store = RowStore(B, num_slots, torch.zeros(W, device=device), index="exact")
     store.preload(lambda b, start, end: torch.randn(end - start, W, generator=g).to(device))
     store.index.update = lambda rows, slots: None  # excluded: the same exact-index update in both paths
     order = torch.stack([torch.randperm(num_slots, generator=g)[: R * K + 1] for _ in range(B)])

@@ -4,7 +4,7 @@ The step is reference/sam.py's sam_step_ref computed on gathered rows only: the 
 touches J <= R*K + 1 rows (the rows read at t-1 plus the LRU row), the read K rows per
 head found by a top-K search, and usage is an LRU (a list on the CPU; on a GPU last-access
 stamps and an argmin, so a step never waits on the host). No [B, R, N] tensor is formed;
-the memory is written in place through the journal of memory/_lazy.py.
+the memory is written in place through the journal of memory/journal.py.
 """
 
 from dataclasses import dataclass, replace
@@ -13,11 +13,29 @@ import torch
 from torch import Tensor, nn
 
 from sparsemem import ops
+from sparsemem._constants import DELTA
 from sparsemem._profiling import region
 from sparsemem.index import INDEXES
-from sparsemem.memory._lazy import LRU, JournaledMemory, LazyMemory, group_sum, make_lru
 from sparsemem.memory.base import Memory, check_mask
-from sparsemem.reference.sam import DELTA
+from sparsemem.memory.journal import JournaledMemory
+from sparsemem.memory.lru import LRU, make_lru
+from sparsemem.memory.row_store import RowStore
+
+
+def group_sum(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum values over equal indices along the last dimension.
+
+    indices [..., E] int64, values [..., E] -> (total [..., E]: each entry's group sum,
+    first [..., E] bool: one entry per group, the first in sorted order). Differentiable in values.
+    """
+    sorted_indices, order = indices.sort(dim=-1, stable=True)
+    first_sorted = torch.ones_like(sorted_indices, dtype=torch.bool)
+    first_sorted[..., 1:] = sorted_indices[..., 1:] != sorted_indices[..., :-1]
+    group = first_sorted.long().cumsum(-1) - 1
+    sums = torch.zeros_like(values).scatter_add(-1, group, values.gather(-1, order))
+    total = torch.zeros_like(values).scatter(-1, order, sums.gather(-1, group))
+    first = torch.zeros_like(first_sorted).scatter(-1, order, first_sorted)
+    return total, first
 
 
 @dataclass
@@ -130,9 +148,7 @@ class SAMMemory(Memory):
 
         Why: at gamma = 0.5 half of every write lands on the rows read at t-1, which early in
         training are arbitrary, and smears over the items already stored; new items belong in
-        a fresh row, which is where the LRU write puts them. Measured on copy (N=64, K=4, W=16,
-        LSTM 64, lengths 1-5, lr 1e-2, batch 32), steps to 0.1 bits in error, seeds 0-4: this
-        init 568, -, 532, 495, 470; the default (zero bias) none of five within 1500.
+        a fresh row, which is where the LRU write puts them (bench/results/learning/README.md, sam-copy).
         """
         R, W = self.num_reads, self.word_size
         with torch.no_grad():
@@ -149,14 +165,14 @@ class SAMMemory(Memory):
     ) -> SAMState:
         """A fresh memory (every slot the initial word), or memory [B, N, W] (or [N, W], shared
         by the batch) with every row written. With requires_grad, memory receives a gradient."""
-        memory = self.initial_memory(batch, memory, device, dtype)
-        like = memory if memory is not None else self.initial_word
+        initial_rows = self.initial_memory(batch, memory, device, dtype)
+        like = initial_rows if initial_rows is not None else self.initial_word
         word = self.initial_word.to(device=device or like.device, dtype=dtype or like.dtype)
-        store = LazyMemory(batch, self.num_slots, word, memory, self.index)
+        store = RowStore(batch, self.num_slots, word, initial_rows, self.index)
         zeros = torch.zeros(batch, self.num_reads, self.k, dtype=word.dtype, device=word.device)
         slots = torch.zeros(batch, self.num_reads, self.k, dtype=torch.int64, device=word.device)
         return SAMState(
-            memory=JournaledMemory(store, memory),
+            memory=JournaledMemory(store, initial_rows),
             usage=make_lru(batch, self.num_slots, word.device),
             read_weights=SparseWeights(slots, zeros),
             write_weights=SparseWeights(slots[:, 0, :1], zeros[:, 0, :1]),
@@ -216,16 +232,16 @@ class CapturedStep:
     memory, LRU and read weights advance in place; its write weights are the graph's output.
     """
 
-    def __init__(self, memory: SAMMemory, state: SAMState) -> None:
-        self.memory, self.state = memory, state
+    def __init__(self, module: SAMMemory, state: SAMState) -> None:
+        self.module, self.state = module, state
         batch = state.batch_size
         device, dtype = state.read_weights.weights.device, state.read_weights.weights.dtype
-        self._interface = torch.zeros(batch, memory.interface_size, device=device, dtype=dtype)
+        self._interface = torch.zeros(batch, module.interface_size, device=device, dtype=dtype)
         self._graph = None
         if device.type == "cuda":
             # Warm up (lazy initialisation, cuBLAS workspaces) on a scratch state of the same
             # shapes: capturing records kernels without running them, warming up runs them.
-            scratch = memory.init_state(batch, device=device, dtype=dtype)
+            scratch = module.init_state(batch, device=device, dtype=dtype)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.no_grad():
@@ -238,7 +254,7 @@ class CapturedStep:
 
     def _advance(self, state: SAMState) -> tuple[Tensor, SparseWeights]:
         """One step that leaves the read weights where the next step reads them (in place)."""
-        reads, new = self.memory.step(state, self._interface)
+        reads, new = self.module.step(state, self._interface)
         state.read_weights.indices.copy_(new.read_weights.indices)
         state.read_weights.weights.copy_(new.read_weights.weights)
         return reads, new.write_weights

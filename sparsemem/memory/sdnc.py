@@ -4,7 +4,7 @@ reference/sdnc.py is the dense specification: one link matrix L whose rows and c
 K_L entries each (the mutual top-K_L cut), so the backward link matrix is exactly L^T. Here
 L is stored twice, by slot, in a LinkStore: the forward store holds row s of L, the backward
 store row s of L^T, each as K_L (int32 index, value) pairs, written in place through the
-journal of memory/_lazy.py like the memory rows. A step
+journal of memory/journal.py like the memory rows. A step
   - finds the rows the update can change through the transposes (the written slots W, the
     forward rows at the entries of the backward rows of W and of the precedence slots P,
     the backward rows at W, P and the entries of the forward rows of W): at most
@@ -26,77 +26,39 @@ from torch import Tensor
 
 from sparsemem import _checks, ops
 from sparsemem._profiling import region
-from sparsemem.memory._lazy import JournaledMemory
+from sparsemem.memory.journal import JournaledMemory
+from sparsemem.memory.row_store import LazyRows
 from sparsemem.memory.sam import SAMInterface, SAMMemory, SAMState, SparseWeights
 
 
-class LinkStore:
+class LinkStore(LazyRows):
     """The forward and backward link rows of B batch rows, addressed by slot, K_L pairs per row.
 
-    The JournaledMemory interface of a LazyMemory with 2N "slots" per batch row: id s < N is
-    row s of L, id N + s row s of L^T; id -1 (padding) maps to one spare row that is never
-    marked written, so it reads as empty whatever is written to it. Values and int32 indices
-    live in flat buffers from torch.empty: only the pages of touched rows ever take memory,
-    and a reset clears the rows written since, in O(rows written).
+    LazyRows with 2N "slots" per batch row and values of K_L: id s < N is row s of L, id N + s
+    row s of L^T; id -1 (padding) maps to one spare row that is never marked written, so it
+    reads as empty whatever is written to it. Values and int32 indices live in flat buffers
+    from torch.empty: only the pages of touched rows ever take memory, and a reset clears the
+    rows written since, in O(rows written).
     """
 
     def __init__(self, batch: int, num_slots: int, link_k: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.batch, self.num_slots, self.word_size = batch, 2 * num_slots, link_k
-        self.initial_word = torch.zeros(link_k, dtype=dtype, device=device)
+        super().__init__(batch, 2 * num_slots, torch.zeros(link_k, dtype=dtype, device=device), spare_rows=1)
         self.spare = batch * self.num_slots
-        self.rows = torch.empty(self.spare + 1, link_k, dtype=dtype, device=device)
         self.indices = torch.empty(self.spare + 1, link_k, dtype=torch.int32, device=device)
-        self.written = torch.zeros(self.spare + 1, dtype=torch.bool, device=device)
-        self._written_keys: list[Tensor] = []
-        # as LazyMemory: the written-keys bookkeeping of O(rows written) resets reads on the host
-        self.on_host = _checks.on_host(device)
 
-    def keys(self, ids: Tensor) -> Tensor:
-        """ids [B, ...] in [-1, 2N) -> flat keys [B * ...]."""
+    def row_ids(self, ids: Tensor) -> Tensor:
+        """ids [B, ...] in [-1, 2N) -> row ids [B * ...] (-1: the spare row)."""
         offsets = torch.arange(self.batch, device=ids.device) * self.num_slots
-        keys = ids + offsets.view(-1, *([1] * (ids.dim() - 1)))
-        return torch.where(ids >= 0, keys, self.spare).reshape(-1)
+        row_ids = ids + offsets.view(-1, *([1] * (ids.dim() - 1)))
+        return torch.where(ids >= 0, row_ids, self.spare).reshape(-1)
 
-    def read(self, keys: Tensor) -> Tensor:
-        """keys [M] -> values [M, K_L] (0 where never written)."""
-        return torch.where(self.written[keys].unsqueeze(-1), self.rows[keys], 0)
+    def read_indices(self, row_ids: Tensor) -> Tensor:
+        """row_ids [M] -> int64 indices [M, K_L] (-1 where never written)."""
+        return torch.where(self.written[row_ids].unsqueeze(-1), self.indices[row_ids].long(), -1)
 
-    def read_indices(self, keys: Tensor) -> Tensor:
-        """keys [M] -> int64 indices [M, K_L] (-1 where never written)."""
-        return torch.where(self.written[keys].unsqueeze(-1), self.indices[keys].long(), -1)
-
-    def write(self, keys: Tensor, rows: Tensor, update_index: bool = True) -> None:
-        """Values [M, K_L] into keys [M] in place (write_indices sets their indices)."""
-        self.rows[keys] = rows
-        if not self.on_host:
-            self.written[keys] = keys != self.spare  # the spare row stays unwritten: it reads as 0
-            return
-        real = keys[(keys != self.spare) & ~self.written[keys]]
-        fresh = torch.unique(real)
-        if fresh.numel():
-            self.written[fresh] = True
-            self._written_keys.append(fresh)
-
-    def write_indices(self, keys: Tensor, indices: Tensor) -> None:
-        self.indices[keys] = indices.to(torch.int32)
-
-    def written_keys(self, rows: list[int]) -> Tensor:
-        """The flat keys written since the last reset in the given batch rows."""
-        keys = torch.cat([torch.empty(0, dtype=torch.int64, device=self.rows.device), *self._written_keys])
-        selected = torch.zeros(self.batch, dtype=torch.bool, device=keys.device)
-        selected[rows] = True
-        return keys[selected[keys // self.num_slots]]
-
-    def forget(self, mask: Tensor) -> None:
-        """Batch rows where mask [B] is True back to no links, in O(rows written) on the host."""
-        if not self.on_host:
-            written = self.written[: self.spare].view(self.batch, self.num_slots)
-            written.masked_fill_(mask.to(written.device).unsqueeze(-1), False)
-            return
-        self.written[self.written_keys(mask.nonzero().flatten().tolist())] = False
-        if self._written_keys:
-            remaining = torch.cat(self._written_keys)
-            self._written_keys = [remaining[self.written[remaining]]]
+    def write_indices(self, row_ids: Tensor, indices: Tensor) -> None:
+        """The indices [M, K_L] of the rows at row_ids [M] (write sets their values)."""
+        self.indices[row_ids] = indices.to(torch.int32)
 
 
 @dataclass
@@ -118,17 +80,17 @@ class SparseLinks:
 
     def indices(self, slots: Tensor, backward: bool) -> Tensor:
         """The stored entries' slots of the rows at slots [B, S] -> [B, S * K_L] (no gradient)."""
-        return self.store.read_indices(self.store.keys(self.ids(slots, backward))).view(slots.shape[0], -1)
+        return self.store.read_indices(self.store.row_ids(self.ids(slots, backward))).view(slots.shape[0], -1)
 
     def gather(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """ids [B, Q] -> (indices [B, Q, K_L], values [B, Q, K_L]); values are journaled."""
-        indices = self.store.read_indices(self.store.keys(ids)).view(*ids.shape, -1)
+        indices = self.store.read_indices(self.store.row_ids(ids)).view(*ids.shape, -1)
         return indices, self.rows.gather(ids)
 
     def scatter(self, ids: Tensor, indices: Tensor, values: Tensor) -> None:
         """Rows [B, Q, K_L] into ids [B, Q] (distinct, or -1: dropped) in place."""
         self.rows.scatter(ids, values, ids >= 0)
-        self.store.write_indices(self.store.keys(ids), indices.reshape(-1, indices.shape[-1]))
+        self.store.write_indices(self.store.row_ids(ids), indices.reshape(-1, indices.shape[-1]))
 
     def detach(self) -> "SparseLinks":
         return SparseLinks(self.rows.detached(), self.precedence_indices, self.precedence_values.detach())

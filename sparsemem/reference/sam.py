@@ -13,10 +13,8 @@ same step touching only O(R*K) rows. One step, in order:
 import torch
 from torch import Tensor
 
+from sparsemem._constants import DELTA
 from sparsemem.reference.dnc import cosine_similarity_ref
-
-DELTA = 0.005
-"""A slot counts as accessed when its write plus read weight exceeds this (Rae et al.)."""
 
 
 def lru_ref(last_access: Tensor) -> Tensor:

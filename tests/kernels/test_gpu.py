@@ -408,7 +408,9 @@ def test_journaled_write_on_gpu(backend, dtype, use_backend):
     # rows) and its backward through the journal, against the torch backend on the GPU
     if backend not in _backends._KERNELS["journaled_write"]:
         pytest.skip(f"no {backend} kernel for journaled_write")
-    from sparsemem.memory._lazy import JournaledMemory, LazyMemory, group_sum
+    from sparsemem.memory.journal import JournaledMemory
+    from sparsemem.memory.row_store import RowStore
+    from sparsemem.memory.sam import group_sum
 
     B, N, W, J = 3, 50, 65, 33
     g = torch.Generator().manual_seed(0)
@@ -423,8 +425,8 @@ def test_journaled_write_on_gpu(backend, dtype, use_backend):
 
     def run(chosen):
         use_backend(chosen)
-        store = LazyMemory(B, N, initial)
-        store.write(store.keys(prewritten), prerows)
+        store = RowStore(B, N, initial)
+        store.write(store.row_ids(prewritten), prerows)
         memory = JournaledMemory(store)
         total, first = group_sum(slots, raw)
         _, old, new = store.sparse_write(slots, total.detach(), add.detach(), erase_rows)

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sparsemem import _checks
 from sparsemem.index import ExactIndex
 from sparsemem.memory import SAMMemory, SDNCMemory
-from sparsemem.memory._lazy import ListLRU, TimestampLRU
+from sparsemem.memory.lru import ListLRU, TimestampLRU
 from sparsemem.memory.sam import capture_step
 from sparsemem.models import SAM
 from sparsemem.reference.sam import access_update_ref, lru_ref

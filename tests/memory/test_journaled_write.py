@@ -7,7 +7,9 @@ import torch
 
 from sparsemem import ops, reference
 from sparsemem.memory import SAMMemory
-from sparsemem.memory._lazy import JournaledMemory, LazyMemory, group_sum
+from sparsemem.memory.journal import JournaledMemory
+from sparsemem.memory.row_store import RowStore
+from sparsemem.memory.sam import group_sum
 from sparsemem.ops.sparse import journaled_write
 from tests.conftest import cpu_backends
 from tests.tolerances import tolerance
@@ -44,10 +46,10 @@ def make_store(dtype, preloaded, seed=1):
     g = torch.Generator().manual_seed(seed)
     initial = torch.randn(W, generator=g, dtype=dtype)
     memory = torch.randn(B, N, W, generator=g, dtype=dtype) if preloaded else None
-    store = LazyMemory(B, N, initial, memory)
+    store = RowStore(B, N, initial, memory)
     if not preloaded:
         slots = torch.stack([torch.randperm(N, generator=g)[:4] for _ in range(B)])
-        store.write(store.keys(slots), torch.randn(B * 4, W, generator=g, dtype=dtype))
+        store.write(store.row_ids(slots), torch.randn(B * 4, W, generator=g, dtype=dtype))
     return store
 
 
@@ -102,8 +104,8 @@ def test_journaled_write_matches_torch_backend(backend, dtype, use_backend, nan_
         store = make_store(dtype, preloaded=False)
         slots, raw, add, erase_rows = write_inputs(dtype, seed=5)
         total, _ = group_sum(slots, raw)
-        old, new, fresh = journaled_write(store.rows, store.written, store.initial_word, store.keys(slots).view(B, J),
-                                   total, add, erase_rows)  # fmt: skip
+        ids = store.row_ids(slots).view(B, J)
+        old, new, fresh = journaled_write(store.rows, store.written, store.initial_word, ids, total, add, erase_rows)
         outputs.append((old, new, fresh, store.dense(), store.written.clone()))
     (old, new, fresh, dense, written), (want_old, want_new, want_fresh, want_dense, want_written) = outputs
     # the journal entry is a copy: bit for bit; the write is arithmetic: to the tolerance
@@ -119,15 +121,15 @@ def test_journal_entry_is_the_rows_before_the_write(backend, use_backend, nan_po
     use_backend(backend)
     store = make_store(torch.float64, preloaded=False)
     slots, raw, add, erase_rows = write_inputs(torch.float64, seed=7)
-    keys = store.keys(slots)
-    before = store.read(keys).view(B, J, W)
+    row_ids = store.row_ids(slots)
+    before = store.read(row_ids).view(B, J, W)
     total, _ = group_sum(slots, raw)
-    written_keys, old, new = store.sparse_write(slots, total, add, erase_rows)
-    assert torch.equal(written_keys.view(-1), keys)
+    written_ids, old, new = store.sparse_write(slots, total, add, erase_rows)
+    assert torch.equal(written_ids.view(-1), row_ids)
     assert torch.equal(old, before)  # unwritten slots: the initial word; a repeat: the row before
     torch.testing.assert_close(new, reference.sparse_write_ref(before, total, add, erase_rows), rtol=0, atol=0)
-    assert torch.equal(store.read(keys).view(B, J, W), new)
-    assert store.written[keys].all()
+    assert torch.equal(store.read(row_ids).view(B, J, W), new)
+    assert store.written[row_ids].all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -189,18 +191,18 @@ def test_memory_after_backward_equals_forward_only(backend, use_backend):
 def test_journaled_write_rejects_bad_input():
     store = make_store(torch.float32, preloaded=False)
     slots, raw, add, erase_rows = write_inputs(torch.float32)
-    keys = store.keys(slots).view(B, J)
+    row_ids = store.row_ids(slots).view(B, J)
     with pytest.raises(ValueError, match="keys"):
-        journaled_write(store.rows, store.written, store.initial_word, keys + B * N, raw, add, erase_rows)
+        journaled_write(store.rows, store.written, store.initial_word, row_ids + B * N, raw, add, erase_rows)
     with pytest.raises(ValueError, match="add contains NaN"):
-        journaled_write(store.rows, store.written, store.initial_word, keys, raw, add * torch.nan, erase_rows)
+        journaled_write(store.rows, store.written, store.initial_word, row_ids, raw, add * torch.nan, erase_rows)
     with pytest.raises(ValueError, match="erase_rows"):
-        journaled_write(store.rows, store.written, store.initial_word, keys, raw, add, erase_rows.float())
+        journaled_write(store.rows, store.written, store.initial_word, row_ids, raw, add, erase_rows.float())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reset_between_steps_forgets_written_rows(backend, use_backend):
-    # a reset forgets exactly the rows written in the reset batch rows: the log of written keys
+    # a reset forgets exactly the rows written in the reset batch rows: the log of written rows
     # (the kernel's `fresh`) holds each written row once
     use_backend(backend)
     module = SAMMemory(N, W, 2, k=3)
@@ -216,5 +218,5 @@ def test_reset_between_steps_forgets_written_rows(backend, use_backend):
             assert not store.written.view(B, N)[[0, 2]].any()
     store = state.memory.store
     assert store.written.view(B, N)[1].sum() > 0
-    logged = torch.cat(store._written_keys)
+    logged = torch.cat(store._fresh_log)
     assert torch.equal(logged.sort().values, store.written.nonzero().flatten())

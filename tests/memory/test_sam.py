@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sparsemem.memory import SAMInterface, SAMMemory
-from sparsemem.memory._lazy import Journal, ListLRU
+from sparsemem.memory.journal import Journal
+from sparsemem.memory.lru import ListLRU
 from sparsemem.reference import content_read_ref
 from sparsemem.reference.sam import access_update_ref, lru_ref, sam_step_ref, topk_read_ref
 from sparsemem.testing import op_inputs
@@ -133,9 +134,9 @@ def test_gradient_buffer_holds_only_touched_rows(monkeypatch):
     finish = Journal.finish
 
     def recording_finish(self):
-        keys, grad = finish(self)
+        row_ids, grad = finish(self)
         sizes.append(grad.shape[0])
-        return keys, grad
+        return row_ids, grad
 
     monkeypatch.setattr(Journal, "finish", recording_finish)
     module = SAMMemory(1 << 16, 4, 2, k=4)

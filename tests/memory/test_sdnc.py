@@ -198,7 +198,7 @@ def test_link_storage_grows_with_written_slots_not_n():
     with torch.no_grad():
         for _ in range(4):
             _, state = module.step(state, torch.randn(2, module.interface_size, generator=g))
-    assert len(state.links.store.written_keys([0, 1])) <= 2 * 2 * 4 * (2 * 3 * 4 + 1)
+    assert len(state.links.store.written_row_ids([0, 1])) <= 2 * 2 * 4 * (2 * 3 * 4 + 1)
 
 
 def test_detach_and_reset():
