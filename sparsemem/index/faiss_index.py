@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from sparsemem.index.base import Index
+from sparsemem.index.buffer import WriteBuffer
 
 KINDS = ("hnsw", "ivf")
 LOAD_CHUNK = 2**16
@@ -102,9 +103,7 @@ class FaissIndex(Index):
         super().__init__(batch_size, num_slots, word_size, initial=initial, map_device="cpu")
         # _slot codes: -1 unwritten, >= 0 the faiss label holding the slot, <= -2 buffer row -2 - code.
         self._slots = self._slot.numpy()
-        self._buffer = torch.zeros(batch_size, self.buffer_rows, word_size)
-        self._buffer_ids = torch.full((batch_size, self.buffer_rows), -1, dtype=torch.int64)
-        self._buffered_rows = [0] * batch_size
+        self._buffer = WriteBuffer(self._slot, self.buffer_rows, word_size, torch.float32, "cpu")
         self._ann: list = [None] * batch_size
         # HNSW labels are 0, 1, 2, ... in insertion order: _label_ids maps them to slots and
         # _live is a bitmap (bit l of byte l >> 3) of labels whose slot still holds that row.
@@ -122,7 +121,7 @@ class FaissIndex(Index):
         batch, slots, unit = batch.cpu().numpy(), slots.cpu().numpy(), unit.float().cpu()
         codes = self._slots[batch, slots]
         buffered = codes <= -2  # still in the exact buffer: overwritten there
-        self._buffer[batch[buffered], -2 - codes[buffered]] = unit[buffered]
+        self._buffer.overwrite(batch[buffered], codes[buffered], unit[buffered])
         indexed = codes >= 0  # in faiss: the old entry leaves it now
         for b in np.unique(batch[indexed]):
             self._forget(b, codes[indexed & (batch == b)])
@@ -132,16 +131,13 @@ class FaissIndex(Index):
         appended = ~buffered
         batch, slots, unit = batch[appended], slots[appended], unit[appended]
         counts = np.bincount(batch, minlength=self.batch_size)
-        starts = np.asarray(self._buffered_rows)
+        starts = np.asarray(self._buffer.held)
         fits = starts + counts < self.buffer_rows  # no merge: straight into the buffer
         into = fits[batch]
         first_pair = np.concatenate([[0], np.cumsum(counts)[:-1]])
         positions = starts[batch] + np.arange(len(batch)) - first_pair[batch]
-        self._buffer[batch[into], positions[into]] = unit[into]
-        self._buffer_ids[batch[into], positions[into]] = torch.from_numpy(slots[into])
-        self._slots[batch[into], slots[into]] = -2 - positions[into]
-        for b in np.flatnonzero(fits & (counts > 0)).tolist():
-            self._buffered_rows[b] += int(counts[b])
+        self._buffer.put(*(torch.from_numpy(a[into]) for a in (batch, positions, slots)), unit[into])
+        self._buffer.grow(np.where(fits, counts, 0).tolist())
         for b in np.flatnonzero(~fits).tolist():
             self._append_row(b, slots[batch == b], unit[batch == b])
 
@@ -149,24 +145,23 @@ class FaissIndex(Index):
         """Rows of slots not in the buffer into batch row b's buffer, merging it into faiss whenever it fills."""
         if len(slots) >= self.buffer_rows:
             # A bulk write (a preloaded memory): into faiss at once, with what the buffer holds.
-            count = self._buffered_rows[b]
-            vectors = np.concatenate([self._buffer[b, :count].numpy(), unit.numpy()])
-            slots = np.concatenate([self._buffer_ids[b, :count].numpy(), slots])
-            self._buffered_rows[b] = 0
+            held_unit, held_slots = self._buffer.row(b)
+            vectors = np.concatenate([held_unit.numpy(), unit.numpy()])
+            slots = np.concatenate([held_slots.numpy(), slots])
+            self._buffer.clear(b)
             self._merge(b, vectors, slots)
             return
         while len(slots):
-            start = self._buffered_rows[b]
+            start = self._buffer.held[b]
             take = min(len(slots), self.buffer_rows - start)
-            positions = np.arange(start, start + take)
-            self._buffer[b, start : start + take] = unit[:take]
-            self._buffer_ids[b, start : start + take] = torch.from_numpy(slots[:take])
-            self._slots[b, slots[:take]] = -2 - positions
-            self._buffered_rows[b] = start + take
+            batch = torch.full((take,), b, dtype=torch.int64)
+            self._buffer.put(batch, torch.arange(start, start + take), torch.from_numpy(slots[:take]), unit[:take])
+            self._buffer.grow([take if row == b else 0 for row in range(self.batch_size)])
             slots, unit = slots[take:], unit[take:]
-            if self._buffered_rows[b] == self.buffer_rows:
-                self._merge(b, self._buffer[b].numpy(), self._buffer_ids[b].numpy().copy())
-                self._buffered_rows[b] = 0
+            if self._buffer.held[b] == self.buffer_rows:
+                held_unit, held_slots = self._buffer.row(b)
+                self._merge(b, held_unit.numpy(), held_slots.numpy().copy())
+                self._buffer.clear(b)
 
     def _load(self, rows: Tensor) -> None:
         """All N slots of every batch row at once (a preloaded memory): one build per batch row,
@@ -341,44 +336,28 @@ class FaissIndex(Index):
     def rebuild(self) -> None:
         """Merge every buffer and rebuild each faiss index from its live rows (drops tombstones, retrains IVF)."""
         for b in range(self.batch_size):
-            if self._ann[b] is None and self._buffered_rows[b] == 0:
+            if self._ann[b] is None and self._buffer.held[b] == 0:
                 continue
-            count = self._buffered_rows[b]
-            self._build(b, self._buffer[b, :count].numpy(), self._buffer_ids[b, :count].numpy().copy())
-            self._buffered_rows[b] = 0
+            held_unit, held_slots = self._buffer.row(b)
+            self._build(b, held_unit.numpy(), held_slots.numpy().copy())
+            self._buffer.clear(b)
 
     # ----- search
 
     def _search(self, unit: Tensor, k: int) -> tuple[Tensor, Tensor]:
         unit = unit.float().cpu()
-        scores, ids = self._search_buffer(unit, k)
+        scores, ids = self._buffer.search(unit, k)
         ann_scores = torch.full_like(scores, float("-inf"))
         ann_ids = torch.full_like(ids, -1)
         # One thread: a batch row's R queries are too few to split, and each OpenMP fork-join
         # waits for every worker; on a busy machine one that is not scheduled stalls the search
-        # for a scheduler tick (B=8, N=2^16, IVF, load 4 on 2 cores: 2.1 ms on one thread, 53 ms on two).
+        # for a scheduler tick.
         with self._one_thread():
             for b in range(self.batch_size):
                 if self._ann[b] is not None and self._ann[b].ntotal > self._dead[b]:
                     ann_scores[b], ann_ids[b] = self._search_ann(b, unit[b].numpy(), k)
         merged, order = torch.cat([scores, ann_scores], -1).topk(k, dim=-1)
         return merged, torch.cat([ids, ann_ids], -1).gather(-1, order)
-
-    def _search_buffer(self, unit: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        heads = unit.shape[1]
-        scores = torch.full((self.batch_size, heads, k), float("-inf"))
-        ids = torch.full((self.batch_size, heads, k), -1, dtype=torch.int64)
-        filled = max(self._buffered_rows)
-        if filled == 0:
-            return scores, ids
-        all_scores = unit @ self._buffer[:, :filled].transpose(1, 2)
-        empty = torch.arange(filled) >= torch.tensor(self._buffered_rows).unsqueeze(1)
-        all_scores = all_scores.masked_fill(empty.unsqueeze(1), float("-inf"))
-        top_scores, rows = all_scores.topk(min(k, filled), dim=-1)
-        top_ids = self._buffer_ids[:, :filled].gather(1, rows.flatten(1)).view_as(rows)
-        top_ids = top_ids.masked_fill(top_scores == float("-inf"), -1)
-        scores[..., : rows.shape[-1]], ids[..., : rows.shape[-1]] = top_scores, top_ids
-        return scores, ids
 
     def _search_ann(self, b: int, queries: np.ndarray, k: int) -> tuple[Tensor, Tensor]:
         ann = self._ann[b]
@@ -425,20 +404,20 @@ class FaissIndex(Index):
     def _reset_row(self, b: int) -> None:
         self._slot[b].fill_(-1)
         self._ann[b] = None
-        self._buffered_rows[b] = 0
+        self._buffer.clear(b)
         self._label_ids[b] = np.empty(0, dtype=np.int64)
         self._live[b] = np.empty(0, dtype=np.uint8)
         self._dead[b] = 0
         self._trained_rows[b] = 0
 
     def _buffered(self) -> int:
-        return sum(self._buffered_rows)
+        return self._buffer.total()
 
     def _tombstones(self) -> int:
         return sum(self._dead)
 
     def _bytes(self) -> int:
-        total = self._buffer.numel() * 4 + self._buffer_ids.numel() * 8
+        total = self._buffer.bytes()
         for b, ann in enumerate(self._ann):
             if ann is None:
                 continue

@@ -31,12 +31,12 @@ import torch
 from torch import Tensor
 
 from sparsemem.index.base import Index
+from sparsemem.index.buffer import WriteBuffer
 from sparsemem.reference.dnc import safe_norm
 
 LISTS_PER_SQRT_ROWS = 2.0
-"""Default nlist = 2 sqrt(rows): lists of ~sqrt(rows) / 2 rows. Measured (bench/results/index_ivf_sweep.json,
-clustered words, keys near stored ones, recall@8): at N = 2^18, sqrt(N) lists need 16 probes for recall
-0.976, 2 sqrt(N) lists 16 for 0.980 and 32 for 0.990 while scanning half the rows; 4 sqrt(N) builds 3x slower."""
+"""Default nlist = 2 sqrt(rows): lists of ~sqrt(rows) / 2 rows, the best recall per row scanned of the
+sweep in bench/results/index_ivf_sweep.json (more lists build slower)."""
 MIN_LIST_ROWS = 16
 """k-means never makes lists of fewer rows than this on average (few rows, few lists)."""
 
@@ -47,8 +47,8 @@ def default_nlist(rows: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists probed per query: 1/32 of the lists (1/32 of the rows scanned), at least 8. Measured recall@8
-    with 2 sqrt(N) lists: 1.000 at N = 2^14 and 2^16 (8 probes), 0.990 at 2^18 (32 probes)."""
+    """Lists probed per query: 1/32 of the lists (1/32 of the rows scanned), at least 8: recall@8 near 1
+    with default_nlist lists (bench/results/index_ivf_sweep.json)."""
     return max(8, nlist // 32)
 
 
@@ -94,6 +94,7 @@ class TorchIVFIndex(Index):
             raise ValueError(f"rebuild_fraction must be in (0, 1]; got {rebuild_fraction}")
         self.device = torch.device(device)
         self.dtype = self.row_dtype = dtype
+        self._plans: dict[int, tuple[int, int]] = {}
         self.nlist, self.nprobe = nlist, nprobe
         self.buffer_rows = min(buffer_rows, num_slots)
         self.rebuild_fraction = rebuild_fraction
@@ -103,10 +104,7 @@ class TorchIVFIndex(Index):
         super().__init__(batch_size, num_slots, word_size, initial=initial, map_device=self.device)
         # _slot codes: -1 unwritten, >= 0 the store row holding the slot, <= -2 buffer row -2 - code.
         B = batch_size
-        self._buffer = torch.zeros(B, self.buffer_rows, word_size, dtype=dtype, device=self.device)
-        self._buffer_ids = torch.full((B, self.buffer_rows), -1, dtype=torch.int64, device=self.device)
-        self._buffered_rows = [0] * B
-        self._buffer_counts = torch.zeros(B, dtype=torch.int64, device=self.device)
+        self._buffer = WriteBuffer(self._slot, self.buffer_rows, word_size, dtype, self.device)
         # The store: indexed rows in the order they were filed; _entry_ids[b, e] is the slot of
         # entry e (-1: a tombstone, or past the batch row's entries), _entry_list[b, e] its list.
         self._store = torch.empty(B, 0, word_size, dtype=dtype, device=self.device)
@@ -126,7 +124,6 @@ class TorchIVFIndex(Index):
         self._offsets = torch.zeros(B, 1, dtype=torch.int64, device=self.device)
         self._shortest = torch.zeros(B, 1, dtype=torch.int64)
         self._longest = torch.zeros(B, 1, dtype=torch.int64)
-        self._plans: dict[int, tuple[int, int]] = {}
 
     # ----- writes
 
@@ -135,7 +132,7 @@ class TorchIVFIndex(Index):
         unit = unit.to(device=self.device, dtype=self.dtype)
         codes = self._slot[batch, slots]
         buffered = codes <= -2
-        self._buffer[batch[buffered], -2 - codes[buffered]] = unit[buffered]
+        self._buffer.overwrite(batch[buffered], codes[buffered], unit[buffered])
         indexed = codes >= 0
         if indexed.any():
             dead_batch = batch[indexed]
@@ -149,17 +146,14 @@ class TorchIVFIndex(Index):
         appended = ~buffered
         batch, slots, unit = batch[appended], slots[appended], unit[appended]
         added = self._per_row(batch)
-        if any(held + count > self.buffer_rows for held, count in zip(self._buffered_rows, added, strict=True)):
+        if any(held + count > self.buffer_rows for held, count in zip(self._buffer.held, added, strict=True)):
             # The buffer cannot take them: file what it holds and these rows in one merge.
             self._merge(batch, slots, unit, added)
             return
-        positions = torch.tensor(self._buffered_rows, device=self.device)[batch] + _rank(batch, added)
-        self._buffer[batch, positions] = unit
-        self._buffer_ids[batch, positions] = slots
-        self._slot[batch, slots] = -2 - positions
-        self._buffered_rows = [held + count for held, count in zip(self._buffered_rows, added, strict=True)]
-        self._buffer_counts += torch.tensor(added, device=self.device)
-        if max(self._buffered_rows) == self.buffer_rows:  # a full buffer is merged at once, as FaissIndex does
+        positions = torch.tensor(self._buffer.held, device=self.device)[batch] + _rank(batch, added)
+        self._buffer.put(batch, positions, slots, unit)
+        self._buffer.grow(added)
+        if max(self._buffer.held) == self.buffer_rows:  # a full buffer is merged at once, as FaissIndex does
             self._merge(batch[:0], slots[:0], unit[:0], [0] * self.batch_size)
 
     def _per_row(self, batch: Tensor) -> list[int]:
@@ -169,16 +163,14 @@ class TorchIVFIndex(Index):
         """File the buffer's rows and (batch, slots, unit) rows (sorted by batch row) into the lists,
         rebuilding the batch rows whose lists have drifted or hold too many tombstones."""
         start = time.perf_counter()
-        held = torch.arange(self.buffer_rows, device=self.device) < self._buffer_counts.unsqueeze(1)
-        held_batch = held.nonzero()[:, 0]
+        held_batch, held_slots, held_unit = self._buffer.held_rows()
         batch = torch.cat([held_batch, batch])
         order = torch.sort(batch, stable=True).indices  # buffer rows first within each batch row
         batch = batch[order]
-        slots = torch.cat([self._buffer_ids[held], slots])[order]
-        unit = torch.cat([self._buffer[held], unit])[order]
-        added = [a + h for a, h in zip(added, self._buffered_rows, strict=True)]
-        self._buffered_rows = [0] * self.batch_size
-        self._buffer_counts.zero_()
+        slots = torch.cat([held_slots, slots])[order]
+        unit = torch.cat([held_unit, unit])[order]
+        added = [a + h for a, h in zip(added, self._buffer.held, strict=True)]
+        self._buffer.clear()
         rebuilt = [
             b
             for b in range(self.batch_size)
@@ -340,36 +332,31 @@ class TorchIVFIndex(Index):
         if not any(self._rows):
             return
         empty = torch.empty(0, dtype=torch.int64, device=self.device)
-        self._merge(empty, empty, self._buffer.new_empty(0, self.word_size), [0] * self.batch_size, rebuild_all=True)
+        no_rows = self._buffer.rows.new_empty(0, self.word_size)
+        self._merge(empty, empty, no_rows, [0] * self.batch_size, rebuild_all=True)
 
     # ----- search
 
     def _search(self, unit: Tensor, k: int) -> tuple[Tensor, Tensor]:
         unit = unit.to(device=self.device, dtype=self.dtype)
-        scores, ids = self._search_buffer(unit, k)
+        scores, ids = self._buffer.search(unit, k)
         if self._centroids is not None and any(e > d for e, d in zip(self._entries, self._dead, strict=True)):
             list_scores, list_ids = self._search_lists(unit, k)
             scores, order = torch.cat([scores, list_scores], -1).topk(k, dim=-1)
             ids = torch.cat([ids, list_ids], -1).gather(-1, order)
         return scores, ids
 
-    def _search_buffer(self, unit: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        heads = unit.shape[1]
-        scores = unit.new_full((self.batch_size, heads, k), float("-inf"))
-        ids = torch.full((self.batch_size, heads, k), -1, dtype=torch.int64, device=self.device)
-        filled = max(self._buffered_rows)
-        if filled == 0:
-            return scores, ids
-        all_scores = torch.bmm(unit, self._buffer[:, :filled].transpose(1, 2))
-        empty = torch.arange(filled, device=self.device) >= self._buffer_counts.unsqueeze(1)
-        all_scores = all_scores.masked_fill(empty.unsqueeze(1), float("-inf"))
-        top_scores, rows = all_scores.topk(min(k, filled), dim=-1)
-        top_ids = self._buffer_ids[:, :filled].gather(1, rows.flatten(1)).view_as(rows)
-        top_ids = top_ids.masked_fill(top_scores == float("-inf"), -1)
-        scores[..., : rows.shape[-1]], ids[..., : rows.shape[-1]] = top_scores, top_ids
-        return scores, ids
+    @property
+    def nprobe(self) -> int | None:
+        """Lists probed per query at least (None: default_nprobe(nlist)); settable between searches."""
+        return self._nprobe
 
-    def _plan(self, k: int) -> tuple[int, int]:
+    @nprobe.setter
+    def nprobe(self, nprobe: int | None) -> None:
+        self._nprobe = nprobe
+        self._plans.clear()  # plans are cached per K for one nprobe
+
+    def probe_plan(self, k: int) -> tuple[int, int]:
         """(lists to probe, candidates a query can meet at most) for top-K, from host-side list lengths.
 
         Probes at least nprobe lists, and enough that even the shortest lists probed hold
@@ -389,7 +376,7 @@ class TorchIVFIndex(Index):
 
     def _search_lists(self, unit: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Top-K over the filed rows: probe the best lists, gather their rows chunk by chunk, score exactly."""
-        probes, candidates = self._plan(k)
+        probes, candidates = self.probe_plan(k)
         B, heads = self.batch_size, unit.shape[1]
         probed = torch.baddbmm(self._bias.unsqueeze(1), unit, self._centroids.transpose(1, 2)).topk(probes, -1).indices
         starts = self._offsets.gather(1, probed.flatten(1)).view_as(probed)
@@ -424,12 +411,11 @@ class TorchIVFIndex(Index):
     # ----- bookkeeping
 
     def _reset_row(self, b: int) -> None:
-        written = torch.cat([self._entry_ids[b, : self._entries[b]], self._buffer_ids[b, : self._buffered_rows[b]]])
+        written = torch.cat([self._entry_ids[b, : self._entries[b]], self._buffer.row(b)[1]])
         self._slot[b, written[written >= 0]] = -1
         self._entry_ids[b] = -1
         self._entries[b] = self._dead[b] = self._trained[b] = self._fresh[b] = 0
-        self._buffered_rows[b] = 0
-        self._buffer_counts[b] = 0
+        self._buffer.clear(b)
         # Empty lists for b: its centroids stay until its next merge retrains them (_trained is 0).
         self._offsets[b] = 0
         self._shortest[b] = self._longest[b] = 0
@@ -437,15 +423,15 @@ class TorchIVFIndex(Index):
         self._plans.clear()
 
     def _buffered(self) -> int:
-        return sum(self._buffered_rows)
+        return self._buffer.total()
 
     def _tombstones(self) -> int:
         return sum(self._dead)
 
     def _bytes(self) -> int:
-        tensors = [self._buffer, self._buffer_ids, self._store, self._entry_ids, self._entry_list, self._order]
-        tensors += [self._offsets, self._bias] + ([] if self._centroids is None else [self._centroids])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [self._store, self._entry_ids, self._entry_list, self._order, self._offsets, self._bias]
+        tensors += [] if self._centroids is None else [self._centroids]
+        return self._buffer.bytes() + sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _rank(batch: Tensor, counts: list[int]) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from sparsemem.index import ExactIndex, make_index
 from sparsemem.index.faiss_index import FaissIndex, load_faiss
 from sparsemem.index.memories import clustered_words, near_queries, recall
-from tests.index.test_index import LazyMemory, check_search
+from tests.index.test_index import DenseMirror, check_search
 
 pytest.importorskip("faiss")
 
@@ -18,7 +18,7 @@ W = 7
 def overwrite(index, memory, g, writes, batch_size, num_slots):
     """Writes new rows at `writes` distinct random slots per batch row; returns what they held before."""
     ids = torch.stack([torch.randperm(num_slots, generator=g)[:writes] for _ in range(batch_size)])
-    old = memory.memory.gather(1, ids.unsqueeze(-1).expand(-1, -1, W)).float()
+    old = memory.words.gather(1, ids.unsqueeze(-1).expand(-1, -1, W)).float()
     rows = torch.randn(batch_size, writes, W, generator=g)
     index.update(rows, ids)
     memory.update(rows, ids)
@@ -29,7 +29,7 @@ def test_hnsw_tombstones_are_filtered_then_purged_by_a_rebuild():
     g = torch.Generator().manual_seed(0)
     batch_size, num_slots = 2, 200
     index = FaissIndex(batch_size, num_slots, W, buffer_rows=16, ef_search=256)
-    memory = LazyMemory(batch_size=batch_size, num_slots=num_slots)
+    memory = DenseMirror(batch_size=batch_size, num_slots=num_slots)
     rows = torch.randn(batch_size, num_slots, W, generator=g)
     for first in range(0, num_slots, 10):  # step-sized writes go through the buffer
         slots = torch.arange(first, first + 10).expand(batch_size, -1)
@@ -57,7 +57,7 @@ def test_a_bulk_write_goes_to_faiss_at_once():
     g = torch.Generator().manual_seed(10)
     batch_size, num_slots = 2, 200
     index = FaissIndex(batch_size, num_slots, W, buffer_rows=16, ef_search=256)
-    memory = LazyMemory(batch_size=batch_size, num_slots=num_slots)
+    memory = DenseMirror(batch_size=batch_size, num_slots=num_slots)
     overwrite(index, memory, g, 5, batch_size, num_slots)
     overwrite(index, memory, g, 150, batch_size, num_slots)  # with the 5 buffered rows, one build
     stats = index.stats()
@@ -69,7 +69,7 @@ def test_ivf_removes_overwritten_rows_at_once():
     g = torch.Generator().manual_seed(1)
     batch_size, num_slots = 2, 300
     index = FaissIndex(batch_size, num_slots, W, kind="ivf", buffer_rows=64, nprobe=64)
-    memory = LazyMemory(batch_size=batch_size, num_slots=num_slots)
+    memory = DenseMirror(batch_size=batch_size, num_slots=num_slots)
     overwrite(index, memory, g, num_slots, batch_size, num_slots)
     old_rows = overwrite(index, memory, g, 100, batch_size, num_slots)
     assert index.stats().tombstones == 0
@@ -82,7 +82,7 @@ def test_rebuild_merges_the_buffer_and_keeps_results(kind):
     g = torch.Generator().manual_seed(2)
     batch_size, num_slots = 2, 150
     index = FaissIndex(batch_size, num_slots, W, kind=kind, buffer_rows=32, ef_search=256, nprobe=64)
-    memory = LazyMemory(batch_size=batch_size, num_slots=num_slots)
+    memory = DenseMirror(batch_size=batch_size, num_slots=num_slots)
     for _ in range(4):
         overwrite(index, memory, g, 50, batch_size, num_slots)
     queries = torch.randn(batch_size, 4, W, generator=g)
@@ -92,7 +92,7 @@ def test_rebuild_merges_the_buffer_and_keeps_results(kind):
     assert stats.buffered == 0 and stats.tombstones == 0
     check_search(index, memory, queries, 8)
     index.reset(torch.tensor([True, False]))
-    memory.memory[0] = 0
+    memory.words[0] = 0
     check_search(index, memory, queries, 8)
 
 
@@ -176,7 +176,7 @@ def test_brute_force_fallback_when_the_search_reaches_too_few_rows(monkeypatch):
     g = torch.Generator().manual_seed(9)
     batch_size, num_slots = 1, 4096
     index = FaissIndex(batch_size, num_slots, W, kind="ivf", buffer_rows=num_slots, nprobe=1)
-    memory = LazyMemory(batch_size=batch_size, num_slots=num_slots)
+    memory = DenseMirror(batch_size=batch_size, num_slots=num_slots)
     overwrite(index, memory, g, num_slots, batch_size, num_slots)
     monkeypatch.setattr(index, "_effort_limit", lambda b: 1)
     check_search(index, memory, torch.randn(batch_size, 3, W, generator=g), 64)
@@ -186,7 +186,7 @@ def current_scores(memory, queries, ids):
     """The eps-cosine of each query with what the memory holds now at ids."""
     from sparsemem.reference.dnc import cosine_similarity_ref
 
-    return cosine_similarity_ref(memory.memory, queries.double()).gather(-1, ids)
+    return cosine_similarity_ref(memory.words, queries.double()).gather(-1, ids)
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
@@ -221,7 +221,7 @@ def test_writes_after_a_load_are_found_and_stale_rows_never_returned(kind):
     g = torch.Generator().manual_seed(13)
     batch_size, num_slots, buffer_rows = 2, 2000, 64
     index = FaissIndex(batch_size, num_slots, W, kind=kind, buffer_rows=buffer_rows, ef_search=256, nprobe=64)
-    memory = LazyMemory(batch_size=batch_size, num_slots=num_slots)
+    memory = DenseMirror(batch_size=batch_size, num_slots=num_slots)
     rows = torch.randn(batch_size, num_slots, W, generator=g)
     index.load(rows)
     memory.update(rows, torch.arange(num_slots).expand(batch_size, -1))

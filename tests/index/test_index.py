@@ -27,29 +27,29 @@ def build(name: str, batch_size: int = B, num_slots: int = N, word_size: int = W
     return make_index("exact" if name.startswith("exact") else name, batch_size, num_slots, word_size, **options)
 
 
-class LazyMemory:
+class DenseMirror:
     """The dense memory an index stands for: the initial word everywhere, written rows on top."""
 
     def __init__(self, initial: torch.Tensor | None = None, batch_size: int = B, num_slots: int = N):
         word = torch.zeros(W, dtype=torch.float64) if initial is None else initial.double()
-        self.memory = word.expand(batch_size, num_slots, W).clone()
+        self.words = word.expand(batch_size, num_slots, W).clone()
 
     def update(self, rows: torch.Tensor, ids: torch.Tensor) -> None:
         batch = torch.arange(ids.shape[0])
         for j in range(ids.shape[1]):  # in order, so a repeated id keeps its last row
-            self.memory[batch, ids[:, j]] = rows[:, j].double()
+            self.words[batch, ids[:, j]] = rows[:, j].double()
 
 
-def check_search(index, memory: LazyMemory, queries: torch.Tensor, k: int) -> None:
+def check_search(index, memory: DenseMirror, queries: torch.Tensor, k: int) -> None:
     """Scores equal the brute-force top-K; ids are distinct and score what the memory holds now."""
     scores, ids = index.search(queries, k)
     assert scores.shape == ids.shape == (queries.shape[0], queries.shape[1], k)
     assert ids.dtype == torch.int64
-    expected, _ = topk_content_ref(memory.memory, queries.double(), k)
+    expected, _ = topk_content_ref(memory.words, queries.double(), k)
     torch.testing.assert_close(scores.double(), expected, **tolerance(torch.float32))
     assert (ids >= 0).all()
     assert all(row.unique().numel() == k for row in ids.flatten(0, 1))
-    similarity = cosine_similarity_ref(memory.memory, queries.double())
+    similarity = cosine_similarity_ref(memory.words, queries.double())
     torch.testing.assert_close(similarity.gather(-1, ids), scores.double(), **tolerance(torch.float32))
 
 
@@ -62,7 +62,7 @@ def random_writes(generator: torch.Generator, writes: int, batch_size: int = B, 
 @pytest.mark.parametrize("k", [1, 8, N])
 def test_matches_brute_force_as_rows_are_written(name, k):
     g = torch.Generator().manual_seed(k)
-    index, memory = build(name), LazyMemory()
+    index, memory = build(name), DenseMirror()
     check_search(index, memory, torch.randn(B, R, W, generator=g), k)  # a fresh memory: all initial
     for _ in range(12):
         rows, ids = random_writes(g, 9)
@@ -100,7 +100,7 @@ def test_load_equals_update_of_every_slot(name):
     g = torch.Generator().manual_seed(12)
     rows = torch.randn(B, N, W, generator=g)
     every_slot = torch.arange(N).expand(B, -1)
-    loaded, updated, memory = build(name), build(name), LazyMemory()
+    loaded, updated, memory = build(name), build(name), DenseMirror()
     loaded.update(*random_writes(g, 20))  # forgotten by the load
     loaded.load(rows)
     updated.update(rows, every_slot)
@@ -116,7 +116,7 @@ def test_load_equals_update_of_every_slot(name):
     # Writes after a load: the new content is found, the old never returned, merges included.
     for writes in (2, 9, 30):
         ids = torch.stack([torch.randperm(N, generator=g)[:writes] for _ in range(B)])
-        old = memory.memory.gather(1, ids.unsqueeze(-1).expand(-1, -1, W)).float()
+        old = memory.words.gather(1, ids.unsqueeze(-1).expand(-1, -1, W)).float()
         new_rows = torch.randn(B, writes, W, generator=g)
         loaded.update(new_rows, ids)
         memory.update(new_rows, ids)
@@ -162,7 +162,7 @@ def test_batch_rows_are_independent(name):
     after = index.search(queries, 6)
     for got, was in zip(after, before, strict=True):
         torch.testing.assert_close(got[1:], was[1:])
-    memory = LazyMemory()
+    memory = DenseMirror()
     memory.update(other, ids)
     check_search(index, memory, queries, 6)
 
@@ -171,14 +171,14 @@ def test_batch_rows_are_independent(name):
 def test_reset_forgets_only_masked_batch_rows(name):
     g = torch.Generator().manual_seed(4)
     initial = torch.randn(W, generator=g)
-    index, memory = build(name, initial=initial), LazyMemory(initial)
+    index, memory = build(name, initial=initial), DenseMirror(initial)
     rows, ids = random_writes(g, 30)
     index.update(rows, ids)
     memory.update(rows, ids)
     kept = index.stats().rows
     index.reset(torch.tensor([True, False, True]))
-    memory.memory[0] = initial
-    memory.memory[2] = initial
+    memory.words[0] = initial
+    memory.words[2] = initial
     assert kept == sum(row.unique().numel() for row in ids)
     assert index.stats().rows == ids[1].unique().numel()
     check_search(index, memory, torch.randn(B, R, W, generator=g), 8)
@@ -212,14 +212,14 @@ def test_unwritten_scan_finds_slots_past_a_written_prefix():
 def test_exact_index_float64_equals_reference_to_float64_tolerance():
     g = torch.Generator().manual_seed(6)
     index = ExactIndex(B, N, W, dtype=torch.float64, chunk_rows=7)
-    memory = LazyMemory()
+    memory = DenseMirror()
     rows, ids = random_writes(g, 40)
     rows = rows.double()
     index.update(rows, ids)
     memory.update(rows, ids)
     queries = torch.randn(B, R, W, generator=g, dtype=torch.float64)
     scores, _ = index.search(queries, 10)
-    expected, _ = topk_content_ref(memory.memory, queries, 10)
+    expected, _ = topk_content_ref(memory.words, queries, 10)
     torch.testing.assert_close(scores, expected, **tolerance(torch.float64))
 
 
@@ -230,7 +230,7 @@ def test_exact_index_searches_with_every_topk_content_backend(backend, chunk_row
     rows whose squared norm is near the eps of ||x||_eps (where unit rows would rank differently)."""
     use_backend(backend)
     g = torch.Generator().manual_seed(8)
-    index, memory = ExactIndex(B, N, W, chunk_rows=chunk_rows), LazyMemory()
+    index, memory = ExactIndex(B, N, W, chunk_rows=chunk_rows), DenseMirror()
     for scale in (1.0, 1e-3):
         rows, ids = random_writes(g, 25)
         rows = rows * scale * torch.rand(B, 25, 1, generator=g)

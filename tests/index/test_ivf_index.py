@@ -7,7 +7,7 @@ import sparsemem as sm
 from sparsemem.index import ExactIndex, TorchIVFIndex
 from sparsemem.index.ivf import default_nlist, default_nprobe
 from sparsemem.index.memories import clustered_words, near_queries, recall
-from tests.index.test_index import LazyMemory, check_search
+from tests.index.test_index import DenseMirror, check_search
 from tests.tolerances import tolerance
 
 W = 7
@@ -16,7 +16,7 @@ W = 7
 def overwrite(index, memory, g, writes, batch_size, num_slots):
     """Writes new rows at `writes` distinct random slots per batch row; returns what they held before."""
     ids = torch.stack([torch.randperm(num_slots, generator=g)[:writes] for _ in range(batch_size)])
-    old = memory.memory.gather(1, ids.unsqueeze(-1).expand(-1, -1, W)).float()
+    old = memory.words.gather(1, ids.unsqueeze(-1).expand(-1, -1, W)).float()
     rows = torch.randn(batch_size, writes, W, generator=g)
     index.update(rows, ids)
     memory.update(rows, ids)
@@ -27,7 +27,7 @@ def test_buffer_merges_then_tombstones_then_rebuilds():
     g = torch.Generator().manual_seed(0)
     batch_size, num_slots = 2, 400
     index = TorchIVFIndex(batch_size, num_slots, W, buffer_rows=32, nprobe=1024)
-    memory = LazyMemory(batch_size=batch_size, num_slots=num_slots)
+    memory = DenseMirror(batch_size=batch_size, num_slots=num_slots)
     rows = torch.randn(batch_size, num_slots, W, generator=g)
     for first in range(0, num_slots, 16):  # step-sized writes go through the buffer
         slots = torch.arange(first, first + 16).expand(batch_size, -1)
@@ -59,7 +59,7 @@ def test_a_bulk_write_is_filed_at_once():
     g = torch.Generator().manual_seed(1)
     batch_size, num_slots = 2, 300
     index = TorchIVFIndex(batch_size, num_slots, W, buffer_rows=16, nprobe=1024)
-    memory = LazyMemory(batch_size=batch_size, num_slots=num_slots)
+    memory = DenseMirror(batch_size=batch_size, num_slots=num_slots)
     overwrite(index, memory, g, 5, batch_size, num_slots)
     overwrite(index, memory, g, 150, batch_size, num_slots)  # with the 5 buffered rows, one build
     stats = index.stats()
@@ -72,7 +72,7 @@ def test_one_probe_widens_until_k_live_rows_are_reachable():
     g = torch.Generator().manual_seed(2)
     batch_size, num_slots = 2, 256
     index = TorchIVFIndex(batch_size, num_slots, W, buffer_rows=64, nprobe=1, nlist=16)
-    memory = LazyMemory(batch_size=batch_size, num_slots=num_slots)
+    memory = DenseMirror(batch_size=batch_size, num_slots=num_slots)
     overwrite(index, memory, g, num_slots, batch_size, num_slots)
     overwrite(index, memory, g, 60, batch_size, num_slots)  # tombstones, new rows in the buffer
     assert index.stats().tombstones == 60 * batch_size
@@ -86,11 +86,11 @@ def test_reset_retrains_only_the_reset_batch_row():
     g = torch.Generator().manual_seed(3)
     batch_size, num_slots = 3, 200
     index = TorchIVFIndex(batch_size, num_slots, W, buffer_rows=32, nprobe=1024)
-    memory = LazyMemory(batch_size=batch_size, num_slots=num_slots)
+    memory = DenseMirror(batch_size=batch_size, num_slots=num_slots)
     overwrite(index, memory, g, 150, batch_size, num_slots)
     builds = index.stats().rebuilds
     index.reset(torch.tensor([False, True, False]))
-    memory.memory[1] = 0
+    memory.words[1] = 0
     check_search(index, memory, torch.randn(batch_size, 4, W, generator=g), 8)
     overwrite(index, memory, g, 40, batch_size, num_slots)  # a merge: batch row 1 is trained anew
     assert index.stats().rebuilds == builds + 1  # counted per batch row
@@ -165,3 +165,14 @@ def test_ivf_on_cuda_matches_cpu_and_searches_without_host_syncs():
         indexes[1].search(queries.cuda(), 8)  # every slot written: no unwritten-slot merge either
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_probe_plan_follows_nprobe_set_between_searches():
+    # what bench/bench_index.py sweeps: nprobe changed on a built index, the plan of the next search
+    words = clustered_words(1, 1024, W, seed=3)
+    index = TorchIVFIndex(1, 1024, W, nlist=32, nprobe=2)
+    index.update(words, torch.arange(1024).expand(1, -1))
+    few_probes, few_candidates = index.probe_plan(8)
+    assert 2 <= few_probes < 32 and few_candidates < 1024
+    index.nprobe = 32
+    assert index.probe_plan(8) == (32, 1024)  # every list probed: every row a candidate
