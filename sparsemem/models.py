@@ -298,6 +298,5 @@ class SDNC(MemoryModel):
     ) -> None:
         memory = SDNCMemory(num_slots, word_size, num_reads, k, index, link_k)
         super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first)
-        # SAM's init (its part of the interface comes first): copy, N=64, K=4, seeds 0-4, steps
-        # to threshold 298, 367, 303, 340, 278 with it, 327, 408, 342, 334, 326 without
+        # SAM's init (its part of the interface comes first): fewer steps to learn copy
         memory.init_interface_bias(self.interface.bias)

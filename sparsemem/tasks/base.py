@@ -76,13 +76,9 @@ class Curriculum:
     Each batch's level is drawn uniformly from [min_level, level], so earlier levels stay
     rehearsed. Once the mean bits error of the last `window` batches drawn at the top level
     is below `threshold`, the top level goes up by one; at max_level `mastered` turns True.
-    enabled=False: the top level is max_level from the start.
-
-    Measured (DNC copy, lengths 1-5, lr 1e-2, batch 32, seeds 0 and 1): 897 and 890 steps to
-    mastery with the curriculum, 352 without; advancing below 1 bit per sequence instead of
-    below `threshold` (1250, 898) or drawing the top level half the time (852, 1037) did not
-    help. The levels up to 5 are learnt as fast together as one by one; a curriculum pays
-    where the long levels cannot be learnt from scratch.
+    enabled=False: the top level is max_level from the start. A curriculum pays where the long
+    levels cannot be learnt from scratch; on short ones it only costs steps
+    (bench/results/learning/README.md, "Curriculum").
     """
 
     def __init__(
