@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from sparsemem import _checks
-from sparsemem._checks import check_finite, check_indices
+from sparsemem._checks import Shapes, check_finite, check_indices, check_range
 from sparsemem._profiling import region
 from sparsemem.reference.dnc import safe_norm
 
@@ -54,6 +54,12 @@ class Index(abc.ABC):
     - `update(rows [B, J, W], ids [B, J])` sets the content of slots `ids` to `rows`
       (an id written before is replaced; a repeated id within one call keeps its last row).
       The next `search` sees it; no stale content of an overwritten slot is ever returned.
+    - `update_entries(batch [M], slots [M], rows [M, W])`: update() for M entries of any
+      batch rows (a repeated (batch, slot) pair keeps its last row).
+    - `forget(batch [M], slots [M])`: those slots hold the initial word again, as if not written
+      since the last reset; O(M) plus amortised structure work, never a rebuild. Forgetting the
+      slots an update appended, after restoring the ones it overwrote with update_entries, undoes
+      it: an ExactIndex is then bit for bit as before (row order, so the order of equal scores).
     - `search(queries [B, R, W], k)` -> (scores [B, R, K], ids [B, R, K]), sorted by
       score descending, ids distinct per query, cosine similarity
       D(q, M_i) = q . M_i / (||q||_eps ||M_i||_eps), ||x||_eps = sqrt(sum x^2 + 1e-6)
@@ -74,7 +80,7 @@ class Index(abc.ABC):
     (`on_host`) unless it is `sync_free` and its map lives on a GPU. Then it never reads a
     value back (each read would be a sync with the host): it stores rows by slot, unwritten
     slots holding the initial word, so _search scores all N slots and the map `_slot` alone
-    says which are written; update, search and reset are device ops only (repeated ids are
+    says which are written; update, forget, search and reset are device ops only (repeated ids are
     deduplicated by sorting, never by torch.unique).
     """
 
@@ -157,14 +163,43 @@ class Index(abc.ABC):
             if self.on_host and (ids.shape[1] == 1 or bool((ids[:, 1:] > ids[:, :-1]).all())):
                 self._update_ascending(rows, ids)
                 return
-            batch, slots, order = (_last_writes if self.on_host else _sorted_writes)(ids, self.num_slots)
-            flat = rows.reshape(-1, self.word_size)
-            # In chunks, so a whole preloaded memory (J = N) is never copied or widened at once.
-            for start in range(0, order.numel(), UPDATE_CHUNK):
-                chunk = slice(start, start + UPDATE_CHUNK)
-                self._update(batch[chunk], slots[chunk], self._stored(flat[order[chunk]]))
+            batch = torch.arange(self.batch_size, device=ids.device).unsqueeze(1).expand_as(ids)
+            self._write(batch.flatten(), ids.flatten(), rows.reshape(-1, self.word_size))
 
     add = update
+
+    def update_entries(self, batch: Tensor, slots: Tensor, rows: Tensor) -> None:
+        """Write rows [M, W] at (batch rows batch [M], slots [M]), both int64: update() for M entries
+        anywhere in the B memories (a repeated pair keeps its last row; M = 0 writes nothing)."""
+        self._check_entries(batch, slots, rows)
+        if batch.numel() == 0:
+            return
+        with region("index.update"):
+            self._write(batch, slots, rows.detach())
+
+    def forget(self, batch: Tensor, slots: Tensor) -> None:
+        """Unwrite (batch rows batch [M], slots [M]), both int64: they hold the initial word again, as if
+        not written since the last reset (an unwritten slot stays so). O(M) plus amortised index work."""
+        self._check_entries(batch, slots)
+        if batch.numel() == 0:
+            return
+        with region("index.forget"):
+            batch, slots = batch.to(self._slot.device), slots.to(self._slot.device)
+            if not self.on_host:
+                self._forget_on_device(batch, slots)
+                return
+            keys = torch.unique(batch * self.num_slots + slots)  # sorted, distinct
+            batch, slots = keys // self.num_slots, keys % self.num_slots
+            written = self._slot[batch, slots] != -1
+            batch, slots = batch[written], slots[written]
+            if batch.numel() == 0:
+                return
+            self._forget(batch, slots)
+            forgotten = torch.bincount(batch, minlength=self.batch_size).tolist()
+            self._rows = [rows - count for rows, count in zip(self._rows, forgotten, strict=True)]
+            lowest = torch.full((self.batch_size,), self.num_slots, device=slots.device)
+            lowest = lowest.scatter_reduce(0, batch, slots, reduce="amin").tolist()
+            self._cursor = [min(cursor, low) for cursor, low in zip(self._cursor, lowest, strict=True)]
 
     def load(self, rows: Tensor) -> None:
         """Write every slot at once, rows [B, N, W] (a preloaded memory, the full regime): what
@@ -278,6 +313,15 @@ class Index(abc.ABC):
         """Top-K over the written rows for unit queries [B, R, W] (float64): (scores, ids) [B, R, K],
         padded with -inf and -1 where a batch row holds fewer than K written rows."""
 
+    @abc.abstractmethod
+    def _forget(self, batch: Tensor, slots: Tensor) -> None:
+        """Unwrite the written slots (batch [M], slots [M]), distinct and sorted, on the map's device: drop
+        their rows and set their _slot entries to -1 (forget() then updates _rows and _cursor)."""
+
+    def _forget_on_device(self, batch: Tensor, slots: Tensor) -> None:
+        """The device path's forget (pairs may repeat): slots (batch [M], slots [M]) hold the initial word again."""
+        self._slot[batch, slots] = -1
+
     def _reset_on_device(self, mask: Tensor) -> None:
         """The device path's reset: batch rows where mask [B] is True hold the initial word again."""
         self._slot.masked_fill_(mask.unsqueeze(-1), -1)
@@ -296,6 +340,27 @@ class Index(abc.ABC):
     def _bytes(self) -> int: ...
 
     # ----- shared machinery
+
+    def _write(self, batch: Tensor, slots: Tensor, rows: Tensor) -> None:
+        """update() and update_entries() after their checks: rows [M, W] at (batch [M], slots [M])."""
+        keys = batch * self.num_slots + slots
+        batch, slots, order = (_last_writes if self.on_host else _sorted_writes)(keys, self.num_slots)
+        # In chunks, so a whole preloaded memory (J = N) is never copied or widened at once.
+        for start in range(0, order.numel(), UPDATE_CHUNK):
+            chunk = slice(start, start + UPDATE_CHUNK)
+            self._update(batch[chunk], slots[chunk], self._stored(rows[order[chunk]]))
+
+    def _check_entries(self, batch: object, slots: object, rows: object = None) -> None:
+        """The checks of update_entries (rows given) and forget: batch [M], slots [M] int64, rows [M, W]."""
+        shapes = Shapes()
+        shapes.sizes["W"] = (self.word_size, "the index")
+        shapes.check("batch", batch, "M", "index").check("slots", slots, "M", "index")
+        if rows is not None:
+            shapes.check("rows", rows, "M W")
+        check_range("batch", batch, 0, self.batch_size - 1)
+        check_indices("slots", slots, self.num_slots)
+        if rows is not None:
+            check_finite("rows", rows)
 
     def _check_batch(self, name: str, tensor: object, dims: int) -> None:
         if not isinstance(tensor, Tensor):
@@ -360,24 +425,38 @@ def _unit(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x / safe_norm(x).unsqueeze(-1)
 
 
-def _sorted_writes(ids: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Every (batch row, slot) pair of ids [B, J], sorted, repeats kept, each with the flat position
-    of its pair's last occurrence (so repeats carry the same row): _last_writes without the sync
-    of torch.unique, for indexes on a device that store rows by slot."""
-    batch_size = ids.shape[0]
-    keys = (torch.arange(batch_size, device=ids.device).unsqueeze(1) * num_slots + ids).flatten()
+def compaction_moves(batch: Tensor, positions: Tensor, counts: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """How to remove the rows at distinct (batch [M], positions [M]) from a store where batch row b
+    holds its rows at positions 0 .. counts[b] - 1: (batch [H], sources [H], targets [H]), each of the
+    H holes below a batch row's new count filled with one of its kept rows above it, lowest with
+    lowest. Removing a batch row's last rows moves nothing, so its other rows keep their order."""
+    removed = torch.bincount(batch, minlength=len(counts))
+    kept = torch.tensor(counts, device=batch.device) - removed
+    width = max(counts) + 1
+    keys = (batch * width + positions).sort().values
+    batch = keys // width
+    # Batch row b's tail, positions kept[b] .. counts[b] - 1: as many as it removes; its kept rows move.
+    rank = torch.arange(keys.numel(), device=keys.device) - (removed.cumsum(0) - removed)[batch]
+    tail = batch * width + kept[batch] + rank
+    sources = tail[~torch.isin(tail, keys)]
+    targets = keys[keys % width < kept[batch]]
+    return sources // width, sources % width, targets % width
+
+
+def _sorted_writes(keys: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Every (batch row, slot) pair of keys [M] (batch row * N + slot), sorted, repeats kept, each with
+    the position in keys of its pair's last occurrence (so repeats carry the same row): _last_writes
+    without the sync of torch.unique, for indexes on a device that store rows by slot."""
     keys, order = keys.sort(stable=True)
     # stable sort: a pair's last entry in sorted order is its last occurrence in the call
     last = torch.searchsorted(keys, keys, right=True) - 1
     return keys // num_slots, keys % num_slots, order[last]
 
 
-def _last_writes(ids: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Distinct (batch row, slot) pairs of ids [B, J], sorted, each with the flat position of its
-    last occurrence: a slot written twice in one call keeps its last row, as two calls would."""
-    batch_size = ids.shape[0]
-    keys = (torch.arange(batch_size, device=ids.device).unsqueeze(1) * num_slots + ids).flatten()
+def _last_writes(keys: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Distinct (batch row, slot) pairs of keys [M] (batch row * N + slot), sorted, each with the position
+    of its last occurrence: a slot written twice in one call keeps its last row, as two calls would."""
     unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-    positions = torch.arange(keys.numel(), device=ids.device)
+    positions = torch.arange(keys.numel(), device=keys.device)
     last = torch.full_like(unique, -1).scatter_reduce(0, inverse, positions, reduce="amax")
     return unique // num_slots, unique % num_slots, last

@@ -8,6 +8,8 @@ buffer. An index keeps its own policy for when to merge; the buffer keeps the ro
 import torch
 from torch import Tensor
 
+from sparsemem.index.base import compaction_moves
+
 
 class WriteBuffer:
     """Up to `capacity` unit rows per batch row, with their slots, searched exactly.
@@ -37,6 +39,19 @@ class WriteBuffer:
         self.rows[batch, positions] = unit
         self.slots[batch, positions] = slots
         self.slot_map[batch, slots] = -2 - positions
+
+    def remove(self, batch: Tensor, codes: Tensor) -> None:
+        """Drop the rows of distinct buffered slots, given by (batch [M], their slot-map codes [M]): a
+        batch row's last held rows fill the holes, their codes follow (the dropped slots' are the index's)."""
+        if not batch.numel():
+            return
+        moved, sources, targets = compaction_moves(batch, -2 - codes, self.held)
+        self.rows[moved, targets] = self.rows[moved, sources]
+        self.slots[moved, targets] = self.slots[moved, sources]
+        self.slot_map[moved, self.slots[moved, targets]] = -2 - targets
+        removed = torch.bincount(batch, minlength=len(self.held))
+        self.held = [held - count for held, count in zip(self.held, removed.tolist(), strict=True)]
+        self.counts -= removed.to(self.counts.device)
 
     def grow(self, added: list[int]) -> None:
         """Count added[b] more rows held by batch row b (after put())."""

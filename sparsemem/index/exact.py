@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from sparsemem import _backends, ops
-from sparsemem.index.base import Index
+from sparsemem.index.base import Index, compaction_moves
 from sparsemem.reference.dnc import safe_norm
 
 TORCH_CHUNK_ROWS = 2**14
@@ -16,9 +16,12 @@ class ExactIndex(Index):
     """Exact top-K cosine search over the written rows with sparsemem.ops.topk_content.
 
     Written rows are kept compact (row r of batch row b holds slot _ids[b, r]), so a fresh
-    memory costs O(rows written), not O(N). Rows are stored as written, in `dtype` (float64
-    for gradcheck-grade comparisons): topk_content computes the eps-cosine itself, in one pass
-    over the rows on a fused backend (cpp, triton, cuda). On the torch backend, or with
+    memory costs O(rows written), not O(N). New slots are appended after a batch row's last
+    row and forget() fills its holes from the last rows, so forgetting the rows appended
+    last restores the store, and the order of equal scores, exactly as it was.
+    Rows are stored as written, in `dtype` (float64 for gradcheck-grade comparisons):
+    topk_content computes the eps-cosine itself, in one pass over the rows on a fused
+    backend (cpp, triton, cuda). On the torch backend, or with
     `chunk_rows` set, the rows are searched `chunk_rows` at a time and the chunks' top K merged,
     so temporary memory stays O(B R chunk_rows) for any N.
 
@@ -78,6 +81,17 @@ class ExactIndex(Index):
         self._ids[batch, rows] = slots
         self._slot[batch, slots] = rows
         self._rows = totals
+
+    def _forget(self, batch: Tensor, slots: Tensor) -> None:
+        moved, sources, targets = compaction_moves(batch, self._slot[batch, slots], self._rows)
+        self._slot[batch, slots] = -1
+        self._store[moved, targets] = self._store[moved, sources]
+        self._ids[moved, targets] = self._ids[moved, sources]
+        self._slot[moved, self._ids[moved, targets]] = targets
+
+    def _forget_on_device(self, batch: Tensor, slots: Tensor) -> None:
+        super()._forget_on_device(batch, slots)
+        self._store[batch, slots] = self._stored(self.initial)[batch]
 
     def _reserve(self, rows: int) -> None:
         """Room for `rows` rows per batch row. Rows past a batch row's count are never read."""

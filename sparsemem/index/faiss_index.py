@@ -123,8 +123,7 @@ class FaissIndex(Index):
         buffered = codes <= -2  # still in the exact buffer: overwritten there
         self._buffer.overwrite(batch[buffered], codes[buffered], unit[buffered])
         indexed = codes >= 0  # in faiss: the old entry leaves it now
-        for b in np.unique(batch[indexed]):
-            self._forget(b, codes[indexed & (batch == b)])
+        self._drop(batch[indexed], codes[indexed])
         self._slots[batch[indexed], slots[indexed]] = -1  # until the buffer takes them below
         for b, fresh in enumerate(np.bincount(batch[codes == -1], minlength=self.batch_size).tolist()):
             self._rows[b] += fresh
@@ -241,13 +240,24 @@ class FaissIndex(Index):
         self._ann[b] = ann
         self._trained_rows[b] = self.num_slots
 
-    def _forget(self, b: int, labels: np.ndarray) -> None:
-        """Drop faiss entries whose slot is being overwritten."""
-        if self.kind == "ivf":
-            self._ann[b].remove_ids(self.faiss.IDSelectorArray(labels))
-            return
-        np.bitwise_and.at(self._live[b], labels >> 3, ~(1 << (labels & 7)).astype(np.uint8))
-        self._dead[b] += len(labels)
+    def _forget(self, batch: Tensor, slots: Tensor) -> None:
+        batch, slots = batch.numpy(), slots.numpy()
+        codes = self._slots[batch, slots]
+        indexed, buffered = codes >= 0, codes <= -2
+        self._drop(batch[indexed], codes[indexed])
+        self._buffer.remove(torch.from_numpy(batch[buffered]), torch.from_numpy(codes[buffered]))
+        self._slots[batch, slots] = -1
+
+    def _drop(self, batch: np.ndarray, labels: np.ndarray) -> None:
+        """Faiss entries `labels` of batch rows `batch` leave the index (their slots were overwritten or
+        forgotten): IVF removes them; HNSW marks them dead, tombstones that count toward a rebuild at a merge."""
+        for b in np.unique(batch).tolist():
+            mine = labels[batch == b]
+            if self.kind == "ivf":
+                self._ann[b].remove_ids(self.faiss.IDSelectorArray(mine))
+                continue
+            np.bitwise_and.at(self._live[b], mine >> 3, ~(1 << (mine & 7)).astype(np.uint8))
+            self._dead[b] += len(mine)
 
     def _merge(self, b: int, vectors: np.ndarray, slots: np.ndarray) -> None:
         """Put unit rows `vectors` of `slots` into batch row b's faiss index (building it if there is none)."""

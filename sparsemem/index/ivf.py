@@ -134,13 +134,7 @@ class TorchIVFIndex(Index):
         buffered = codes <= -2
         self._buffer.overwrite(batch[buffered], codes[buffered], unit[buffered])
         indexed = codes >= 0
-        if indexed.any():
-            dead_batch = batch[indexed]
-            self._entry_ids[dead_batch, codes[indexed]] = -1
-            dead = self._per_row(dead_batch)
-            self._dead = [a + d for a, d in zip(self._dead, dead, strict=True)]
-            self._listed_dead = [a + d for a, d in zip(self._listed_dead, dead, strict=True)]
-            self._plans.clear()
+        self._tombstone(batch[indexed], codes[indexed])
         new = self._per_row(batch[codes == -1])
         self._rows = [a + n for a, n in zip(self._rows, new, strict=True)]
         appended = ~buffered
@@ -155,6 +149,24 @@ class TorchIVFIndex(Index):
         self._buffer.grow(added)
         if max(self._buffer.held) == self.buffer_rows:  # a full buffer is merged at once, as FaissIndex does
             self._merge(batch[:0], slots[:0], unit[:0], [0] * self.batch_size)
+
+    def _forget(self, batch: Tensor, slots: Tensor) -> None:
+        codes = self._slot[batch, slots]
+        indexed, buffered = codes >= 0, codes <= -2
+        self._tombstone(batch[indexed], codes[indexed])
+        self._buffer.remove(batch[buffered], codes[buffered])
+        self._slot[batch, slots] = -1
+
+    def _tombstone(self, batch: Tensor, entries: Tensor) -> None:
+        """Store entries [M] of batch rows batch [M] become tombstones (their slots were overwritten or
+        forgotten): filtered at search, dropped when the batch row is next rebuilt."""
+        if not batch.numel():
+            return
+        self._entry_ids[batch, entries] = -1
+        dead = self._per_row(batch)
+        self._dead = [a + d for a, d in zip(self._dead, dead, strict=True)]
+        self._listed_dead = [a + d for a, d in zip(self._listed_dead, dead, strict=True)]
+        self._plans.clear()
 
     def _per_row(self, batch: Tensor) -> list[int]:
         return torch.bincount(batch, minlength=self.batch_size).tolist()
