@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparsemem import _checks
 from sparsemem._profiling import region
 from sparsemem.memory import DNCMemory, Memory, NTMMemory, SAMMemory, SDNCMemory
 from sparsemem.memory.base import check_mask
@@ -63,6 +64,11 @@ class ModelState:
         """The same values cut from the autograd graph: the next forward's backward stops here
         (truncated BPTT)."""
         return ModelState(tuple(c.detach() for c in self.controller), self.access.detach(), self.reads.detach())
+
+    def clone(self) -> "ModelState":
+        """An independent copy to branch from (a sparse memory's rows, index and LRU copied:
+        see SAMState.clone)."""
+        return ModelState(tuple(c.clone() for c in self.controller), self.access.clone(), self.reads.clone())
 
     def reset(self, mask: Tensor) -> "ModelState":
         """A state where batch rows with mask[B] True restart (fresh memory, controller state
@@ -129,27 +135,55 @@ class MemoryModel(nn.Module):
         reads = torch.zeros(batch_size, R, W, device=device, dtype=dtype)
         return ModelState(self._controller_init(batch_size, device, dtype), access, reads)
 
-    def forward(self, x: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
-        """x [B, T, input_size] ([T, B, input_size] if not batch_first) -> (y [B, T, output_size], state)."""
+    def forward(
+        self, x: Tensor, state: ModelState | None = None, lengths: Tensor | None = None
+    ) -> tuple[Tensor, ModelState]:
+        """x [B, T, input_size] ([T, B, input_size] if not batch_first) -> (y [B, T, output_size], state).
+
+        lengths int64 [B] in [1, T] (a padded batch): at steps t >= lengths[b] row b writes
+        nothing and keeps its state, and its outputs are zeros, so each row ends as if run alone."""
         self._check_input(x, state)
-        if state is None:
-            state = self.init_state(x.shape[0] if self.batch_first else x.shape[1])
         time_dim = 1 if self.batch_first else 0
+        batch = x.shape[1 - time_dim]
+        self._check_lengths(lengths, batch, x.shape[time_dim], x.device)
+        if state is None:
+            state = self.init_state(batch)
         outputs = []
-        for x_t in x.unbind(time_dim):
-            y_t, state = self._step(x_t, state)
+        for t, x_t in enumerate(x.unbind(time_dim)):
+            y_t, state = self._step(x_t, state, None if lengths is None else t < lengths)
             outputs.append(y_t)
         return torch.stack(outputs, dim=time_dim), state
 
-    def _step(self, x: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+    def _step(self, x: Tensor, state: ModelState, active: Tensor | None = None) -> tuple[Tensor, ModelState]:
         with region("controller"):
             controller_in = torch.cat([x, state.reads.flatten(1)], dim=-1)
             hidden, controller_state = self._controller_step(controller_in, state.controller)
             interface = self.memory.split_interface(self.interface(hidden))
-        reads, access = self.memory.step(state.access, interface)
+        reads, access = self.memory.step(state.access, interface, active)
         with region("controller"):
             y = self.output(torch.cat([hidden, reads.flatten(1)], dim=-1))
-        return y, ModelState(controller_state, access, reads)
+        if active is None:
+            return y, ModelState(controller_state, access, reads)
+
+        def kept(new: Tensor, old: Tensor) -> Tensor:
+            return torch.where(active.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+        controller_state = tuple(kept(new, old) for new, old in zip(controller_state, state.controller, strict=True))
+        y = torch.where(active.unsqueeze(-1), y, 0)
+        return y, ModelState(controller_state, access, kept(reads, state.reads))
+
+    def _check_lengths(self, lengths: object, batch: int, steps: int, device: torch.device) -> None:
+        if lengths is None:
+            return
+        if not isinstance(lengths, Tensor) or lengths.dtype != torch.int64 or tuple(lengths.shape) != (batch,):
+            got = f"{lengths.dtype} {list(lengths.shape)}" if isinstance(lengths, Tensor) else type(lengths).__name__
+            raise ValueError(f"lengths must be an int64 tensor [B] with B={batch}; got {got}")
+        if lengths.device != device:
+            raise ValueError(f"lengths is on {lengths.device} but x is on {device}")
+        if _checks.on_host(device) or _checks.debug():
+            low, high = int(lengths.min()), int(lengths.max())
+            if low < 1 or high > steps:
+                raise ValueError(f"lengths must be in [1, T={steps}]; got values in [{low}, {high}]")
 
     def _controller_init(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
         controller = self.controller
@@ -196,6 +230,7 @@ class MemoryModel(nn.Module):
             raise ValueError(f"x is {x.dtype} but the model's parameters are {weight.dtype}; convert one of them")
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but the model is on {weight.device}")
+        _checks.check_finite("x (the model input)", x)
         if state is None:
             return
         if not isinstance(state, ModelState):
@@ -206,6 +241,7 @@ class MemoryModel(nn.Module):
                 f"state is for a batch of B={state.batch_size} but x has B={batch}; "
                 "start one with model.init_state(B) or pass state=None"
             )
+        self.memory.check_state(state.access)
         if state.reads.dtype != x.dtype or state.reads.device != x.device:
             raise ValueError(
                 f"state is {state.reads.dtype} on {state.reads.device} but x is {x.dtype} on {x.device}; "

@@ -58,6 +58,18 @@ class DenseState:
         """The same values cut from the autograd graph (truncated BPTT)."""
         return dataclasses.replace(self, **{name: getattr(self, name).detach() for name in self._recurrent_fields()})
 
+    def clone(self: StateT) -> StateT:
+        """An independent copy (tensors cloned: gradients still flow through it)."""
+        return dataclasses.replace(self, **{name: getattr(self, name).clone() for name in self._recurrent_fields()})
+
+    def where(self: StateT, active: Tensor, other: StateT) -> StateT:
+        """This state in the batch rows where active [B] is True, `other` elsewhere (padding)."""
+        changed = {}
+        for name in self._recurrent_fields():
+            value = getattr(self, name)
+            changed[name] = torch.where(active.view(-1, *([1] * (value.dim() - 1))), value, getattr(other, name))
+        return dataclasses.replace(self, **changed)
+
     def reset(self: StateT, mask: Tensor) -> StateT:
         """A state where the batch rows with mask[B] True start afresh and the others carry on."""
         mask = check_mask(mask, self.batch_size)
@@ -80,10 +92,15 @@ class Memory(nn.Module, ABC):
       init_state(B, memory=None, device=None, dtype=None)
                                the state of a fresh memory; memory [B, N, W] (or [N, W],
                                shared by the batch) starts from given rows.
-      step(state, interface)   one time step -> (reads [B, R, W], new state).
+      step(state, interface, active=None)
+                               one time step -> (reads [B, R, W], new state); batch rows
+                               where active [B] is False (padding) change nothing.
     The state must offer detach(), reset(mask [B] bool) (both returning the new state),
     batch_size, and the attributes memory, read_weights and write_weights (for plots).
     """
+
+    state_type: type
+    """The class of this memory's states (check_state refuses any other)."""
 
     def __init__(self, num_slots: int, word_size: int, num_reads: int) -> None:
         super().__init__()
@@ -111,7 +128,33 @@ class Memory(nn.Module, ABC):
     ) -> Any: ...
 
     @abstractmethod
-    def step(self, state: Any, interface: Any) -> tuple[Tensor, Any]: ...
+    def step(self, state: Any, interface: Any, active: Tensor | None = None) -> tuple[Tensor, Any]:
+        """One time step -> (reads [B, R, W], new state). active [B] bool (padded batches): rows
+        where it is False write nothing (memory, usage, links, index) and keep their state."""
+
+    def state_sizes(self) -> dict[str, int]:
+        """The sizes a state of this memory has, by glossary letter (check_state compares them)."""
+        return {"N": self.num_slots, "W": self.word_size, "R": self.num_reads}
+
+    def sizes_of(self, state: Any) -> dict[str, int]:
+        """The sizes of a state of this memory's type (dense: memory [B, N, W], read_weights [B, R, N])."""
+        return {"N": state.memory.shape[1], "W": state.memory.shape[2], "R": state.read_weights.shape[1]}
+
+    def check_state(self, state: Any) -> None:
+        """A ValueError unless `state` is this memory's type of state with its sizes."""
+        kind = self.state_type
+        if type(state) is not kind:
+            raise ValueError(
+                f"state holds a {type(state).__name__}, but this model's memory takes a {kind.__name__}; "
+                "start one with model.init_state(B)"
+            )
+        got, want = self.sizes_of(state), self.state_sizes()
+        if got != want:
+            show = ", ".join
+            raise ValueError(
+                f"state is for {show(f'{k}={v}' for k, v in got.items())} but this model has "
+                f"{show(f'{k}={v}' for k, v in want.items())}; start one with model.init_state(B)"
+            )
 
     def initial_memory(
         self, batch_size: int, memory: Tensor | None, device: torch.device | str | None, dtype: torch.dtype | None

@@ -82,6 +82,8 @@ class DNCMemory(Memory):
     erase, write vector, free gates, allocation and write gates, 3 read modes per head).
     """
 
+    state_type = DNCState
+
     @property
     def interface_size(self) -> int:
         R, W = self.num_reads, self.word_size
@@ -131,7 +133,7 @@ class DNCMemory(Memory):
         )
         return state if initial is None else state.fresh()
 
-    def step(self, state: DNCState, interface: DNCInterface) -> tuple[Tensor, DNCState]:
+    def step(self, state: DNCState, interface: DNCInterface, active: Tensor | None = None) -> tuple[Tensor, DNCState]:
         """One DNC step, in the paper's order: usage, allocation, write weights, write, links,
         temporal and content read weights, read. -> (reads [B, R, W], state)."""
         usage = ops.usage_update(state.usage, state.write_weights, state.read_weights, interface.free_gates)
@@ -157,4 +159,4 @@ class DNCMemory(Memory):
             write_weights=write_weights,
             initial_memory=state.initial_memory,
         )
-        return reads, new_state
+        return reads, new_state if active is None else new_state.where(active, state)

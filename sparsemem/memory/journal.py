@@ -31,15 +31,39 @@ from sparsemem.memory.row_store import LazyRows
 class Journal:
     """A segment's touched row ids and, during backward, the row-keyed gradient buffer."""
 
-    def __init__(self, store: LazyRows) -> None:
+    def __init__(self, store: LazyRows, parent: "Journal | None" = None, branch_point: int = 0) -> None:
         self.store = store
+        self.parent, self.branch_point = parent, branch_point
         self._logged: list[Tensor] = []
         self._row_ids: Tensor | None = None
         self._grad: Tensor | None = None
         self._task = -1
+        self._tokens = 0
+        self._handed: dict[tuple[int, int], list[tuple[Tensor, Tensor]]] = {}
 
     def log(self, row_ids: Tensor) -> None:
-        self._logged.append(row_ids)
+        """Row ids a node touches; a branch's ids are its ancestors' too, whose buffers take its gradient."""
+        journal = self
+        while journal is not None:
+            journal._logged.append(row_ids)
+            journal = journal.parent
+
+    def next_token(self) -> int:
+        """The position of the version token a new node makes (the source's is 0)."""
+        self._tokens += 1
+        return self._tokens
+
+    def hand(self, position: int, row_ids: Tensor, grad: Tensor) -> None:
+        """A branch's gradient at the rows row_ids [P] when it started from this journal's token
+        `position`; the node that made that token adds it in (it runs after every user of it)."""
+        key = (torch._C._current_graph_task_id(), position)
+        self._handed.setdefault(key, []).append((row_ids, grad))
+
+    def receive(self, position: int) -> None:
+        """Add what branches handed in at token `position` (a node's backward calls this first)."""
+        task = torch._C._current_graph_task_id()
+        for row_ids, grad in self._handed.pop((task, position), ()):
+            self.accumulate(self.positions(row_ids, grad.dtype), grad)
 
     def _in_pass(self) -> bool:
         # One buffer per backward pass: a pass that skips the source (autograd.grad with
@@ -93,7 +117,10 @@ class Journal:
 
 
 class _Source(torch.autograd.Function):
-    """The first version token of a segment; its backward runs last and ends the segment's pass."""
+    """The first version token of a segment; its backward runs last and ends the segment's pass.
+
+    anchor: a branch's parent token (its gradient goes to the parent journal), or the initial
+    memory [B, N, W] (which gets the gradient left, dense), or a scalar that ends the chain."""
 
     @staticmethod
     def forward(ctx, journal: Journal, anchor: Tensor) -> Tensor:
@@ -103,20 +130,27 @@ class _Source(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _grad_token: Tensor):
-        row_ids, grad = ctx.journal.finish()
+        journal = ctx.journal
+        journal.receive(0)
+        row_ids, grad = journal.finish()
+        if journal.parent is not None:
+            if row_ids is not None:
+                journal.parent.hand(journal.branch_point, row_ids, grad)
+            return None, None
         if not ctx.needs_input_grad[1] or len(ctx.anchor_shape) != 3:
             return None, None
-        store = ctx.journal.store
+        store = journal.store
         dense = grad.new_zeros(store.batch * store.num_slots, store.word_size)
         if row_ids is not None:
-            dense.index_add_(0, row_ids, grad)  # a repeated id's extra rows hold zeros
+            slots = row_ids < len(dense)  # not a store's spare row (padding's writes land there)
+            dense.index_add_(0, row_ids[slots], grad[slots])  # a repeated id's extra rows hold zeros
         return None, dense.view(ctx.anchor_shape)
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, journal: Journal, token: Tensor, row_ids: Tensor) -> tuple[Tensor, Tensor]:
-        ctx.journal = journal
+        ctx.journal, ctx.position = journal, journal.next_token()
         ctx.save_for_backward(row_ids)
         journal.log(row_ids)
         return journal.store.read(row_ids), token.new_empty(0)
@@ -124,6 +158,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows: Tensor, _grad_token: Tensor):
         (row_ids,) = ctx.saved_tensors
+        ctx.journal.receive(ctx.position)
         ctx.journal.accumulate(ctx.journal.positions(row_ids, grad_rows.dtype), grad_rows)
         return None, None, None
 
@@ -131,7 +166,7 @@ class _Gather(torch.autograd.Function):
 class _Scatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, journal: Journal, token: Tensor, row_ids: Tensor, rows: Tensor, first: Tensor) -> Tensor:
-        ctx.journal = journal
+        ctx.journal, ctx.position = journal, journal.next_token()
         ctx.save_for_backward(row_ids, first)
         journal.log(row_ids)
         journal.store.write(row_ids, rows.detach())
@@ -141,6 +176,7 @@ class _Scatter(torch.autograd.Function):
     def backward(ctx, _grad_token: Tensor):
         row_ids, first = ctx.saved_tensors
         journal = ctx.journal
+        journal.receive(ctx.position)
         return None, None, None, journal.take(journal.positions(row_ids, journal.store.rows.dtype), first), None
 
 
@@ -151,11 +187,13 @@ class _Write(torch.autograd.Function):
     old rows' gradient added back, at positions found once."""
 
     @staticmethod
-    def forward(ctx, journal: Journal, token: Tensor, slots: Tensor, weights: Tensor, add: Tensor, erase_rows, first):
+    def forward(
+        ctx, journal: Journal, token: Tensor, slots: Tensor, weights: Tensor, add: Tensor, erase_rows, first, active
+    ):
         store = journal.store
-        ctx.journal = journal
+        ctx.journal, ctx.position = journal, journal.next_token()
         ctx.kernel = _backends.kernel("journaled_write", store.rows.device)
-        row_ids, old, new = store.sparse_write(slots, weights, add, erase_rows)
+        row_ids, old, new = store.sparse_write(slots, weights, add, erase_rows, active)
         journal.log(row_ids.view(-1))
         ctx.save_for_backward(row_ids, first, old, weights, add, erase_rows, new)
         return token.new_empty(0)
@@ -164,11 +202,12 @@ class _Write(torch.autograd.Function):
     def backward(ctx, _grad_token: Tensor):
         row_ids, first, old, weights, add, erase_rows, new = ctx.saved_tensors
         journal = ctx.journal
+        journal.receive(ctx.position)
         positions = journal.positions(row_ids.view(-1), old.dtype).view_as(row_ids)
         grad_weights, grad_add = ctx.kernel.backward(
             journal.buffer(), positions, first, old, weights, add, erase_rows, new
         )
-        return None, None, None, grad_weights, grad_add, None, None
+        return None, None, None, grad_weights, grad_add, None, None, None
 
 
 class _Reset(torch.autograd.Function):
@@ -177,27 +216,55 @@ class _Reset(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, journal: Journal, token: Tensor, mask: Tensor) -> Tensor:
-        ctx.journal, ctx.mask = journal, mask
+        ctx.journal, ctx.mask, ctx.position = journal, mask, journal.next_token()
         return token.new_empty(0)
 
     @staticmethod
     def backward(ctx, _grad_token: Tensor):
+        ctx.journal.receive(ctx.position)
         ctx.journal.clear(ctx.mask)
         return None, None, None
 
 
 class JournaledMemory:
-    """One BPTT segment over a RowStore (or LinkStore): differentiable gather and in-place scatter of rows.
+    """A state's view of a store of rows (RowStore, or SDNC's LinkStore) within one BPTT segment:
+    differentiable gathers and in-place writes, chained by the version token.
+
+    A view is advanced once per step (advance()): the first step from it continues its segment,
+    any later one (the same state used again) starts a branch, a journal of its own whose
+    backward hands its gradient to this one at the token it started from, so the gradients of
+    two forwards from one state are each right and add up when taken together. Which rows the
+    store holds is the Timeline's business (memory/versions.py), not the view's.
 
     initial: the memory passed to init_state; with requires_grad it receives the gradient
-    of the rows the segment read before overwriting them (dense, as the user asked for it).
+    of the rows read before they were overwritten (dense, as the user asked for it).
     """
 
-    def __init__(self, store: LazyRows, initial: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        store: LazyRows,
+        initial: Tensor | None = None,
+        journal: Journal | None = None,
+        token: Tensor | None = None,
+        position: int = 0,
+    ) -> None:
         self.store = store
-        self.journal = Journal(store)
         self._initial = initial if initial is not None and initial.requires_grad else None
-        self._token: Tensor | None = None
+        self.journal = journal if journal is not None else Journal(store)
+        self._token, self._position = token, position
+        self._continued = False
+
+    def advance(self) -> "JournaledMemory":
+        """The view a step from this one writes through: this segment the first time, a branch after."""
+        first, self._continued = not self._continued, True
+        if first:
+            return JournaledMemory(self.store, self._initial, self.journal, self._token, self._position)
+        if self._token is None:  # nothing recorded yet: a new segment from the same start
+            return JournaledMemory(self.store, self._initial)
+        if not torch.is_grad_enabled():  # no gradient will come back through it: a segment of its own
+            return JournaledMemory(self.store)
+        branch = Journal(self.store, self.journal, self._position)
+        return JournaledMemory(self.store, None, branch, _Source.apply(branch, self._token))
 
     def token(self) -> Tensor:
         if self._token is None:
@@ -207,11 +274,15 @@ class JournaledMemory:
             self._token = _Source.apply(self.journal, anchor)
         return self._token
 
+    def _chain(self, token: Tensor) -> None:
+        self._token, self._position = token, self.journal._tokens
+
     def gather(self, slots: Tensor) -> Tensor:
         """slots [B, Q] -> rows [B, Q, W]."""
         row_ids = self.store.row_ids(slots)
         if torch.is_grad_enabled():
-            rows, self._token = _Gather.apply(self.journal, self.token(), row_ids)
+            rows, token = _Gather.apply(self.journal, self.token(), row_ids)
+            self._chain(token)
         else:
             rows = self.store.read(row_ids)
         return rows.view(*slots.shape, self.store.word_size)
@@ -222,18 +293,27 @@ class JournaledMemory:
         row_ids = self.store.row_ids(slots)
         flat_rows = rows.reshape(-1, self.store.word_size)
         if torch.is_grad_enabled():
-            self._token = _Scatter.apply(self.journal, self.token(), row_ids, flat_rows, first.reshape(-1))
+            self._chain(_Scatter.apply(self.journal, self.token(), row_ids, flat_rows, first.reshape(-1)))
         else:
             self.store.write(row_ids, flat_rows)
 
-    def write(self, slots: Tensor, weights: Tensor, add: Tensor, erase_rows: Tensor, first: Tensor) -> None:
+    def write(
+        self,
+        slots: Tensor,
+        weights: Tensor,
+        add: Tensor,
+        erase_rows: Tensor,
+        first: Tensor,
+        active: Tensor | None = None,
+    ) -> None:
         """new = old (1 - erase) + w add^T in place on slots [B, J]: weights [B, J], add [B, W],
         erase_rows [B, J] bool; first [B, J] marks one entry per distinct slot (a repeated slot
-        must carry the same weight and erase: its entries store one row)."""
+        must carry the same weight and erase: its entries store one row); batch rows where
+        active [B] is False write nothing."""
         if torch.is_grad_enabled():
-            self._token = _Write.apply(self.journal, self.token(), slots, weights, add, erase_rows, first)
+            self._chain(_Write.apply(self.journal, self.token(), slots, weights, add, erase_rows, first, active))
         else:
-            self.store.sparse_write(slots, weights, add, erase_rows)
+            self.store.sparse_write(slots, weights, add, erase_rows, active)
 
     def detached(self) -> "JournaledMemory":
         """The same rows, a new segment: no gradient flows to what came before."""
@@ -243,5 +323,5 @@ class JournaledMemory:
         """Batch rows where mask [B] bool is True back to the initial word; under grad no
         gradient crosses the reset."""
         if torch.is_grad_enabled():
-            self._token = _Reset.apply(self.journal, self.token(), mask)
+            self._chain(_Reset.apply(self.journal, self.token(), mask))
         self.store.forget(mask)

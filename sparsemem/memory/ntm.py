@@ -72,6 +72,8 @@ class NTMMemory(Memory):
     logits and sharpening; for the write head also erase and add vectors.
     """
 
+    state_type = NTMState
+
     def __init__(self, num_slots: int, word_size: int, num_reads: int = 1, shift_range: int = 3) -> None:
         super().__init__(num_slots, word_size, num_reads)
         if shift_range < 1 or shift_range % 2 == 0 or shift_range > num_slots:
@@ -120,7 +122,7 @@ class NTMMemory(Memory):
         )
         return empty.fresh()
 
-    def step(self, state: NTMState, interface: NTMInterface) -> tuple[Tensor, NTMState]:
+    def step(self, state: NTMState, interface: NTMInterface, active: Tensor | None = None) -> tuple[Tensor, NTMState]:
         """Address and write with the write head, then address and read with the R read heads."""
         write = interface.write
         write_weights = ops.ntm_address(
@@ -138,7 +140,8 @@ class NTMMemory(Memory):
             memory, read.key, read.strength, read.gate, read.shift, read.sharpen, state.read_weights
         )
         reads = ops.memory_read(memory, read_weights)
-        return reads, NTMState(memory, read_weights, write_weights, state.initial_memory)
+        new_state = NTMState(memory, read_weights, write_weights, state.initial_memory)
+        return reads, new_state if active is None else new_state.where(active, state)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, S={self.shift_range}"

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from sparsemem import _checks
 from sparsemem.index import make_index
+from sparsemem.memory.versions import Change, Timeline
 from sparsemem.ops.sparse import journaled_write
 
 
@@ -28,7 +29,12 @@ class LazyRows:
     the last reset are kept, so a reset costs O(rows written); on a device that bookkeeping
     would sync every write, so a reset is one masked fill of the written mask instead.
     A preloaded batch row counts as written everywhere until its next reset.
+
+    timeline: where every write and reset is recorded with what it overwrote, so a state can
+    take the rows back to its version (memory/versions.py); None records nothing.
     """
+
+    timeline: Timeline | None = None
 
     def __init__(self, batch: int, num_slots: int, initial_word: Tensor, spare_rows: int = 0) -> None:
         self.batch, self.num_slots, self.word_size = batch, num_slots, initial_word.shape[-1]
@@ -46,6 +52,14 @@ class LazyRows:
 
     def write(self, row_ids: Tensor, rows: Tensor) -> None:
         """rows [M, W] into row_ids [M] in place; duplicate ids must carry identical rows."""
+        self._record(_Rewrite(self, row_ids, rows))
+        self._put(row_ids, rows)
+
+    def _record(self, change: Change) -> None:
+        if self.timeline is not None:
+            self.timeline.record(change)
+
+    def _put(self, row_ids: Tensor, rows: Tensor) -> None:
         self.rows[row_ids] = rows
         real = row_ids < self.batch * self.num_slots
         if not self.on_host:
@@ -76,8 +90,28 @@ class LazyRows:
         preloaded = [torch.arange(b * N, (b + 1) * N) for b in batch_rows if self._preloaded[b]]
         return torch.cat([row_ids[selected[row_ids // N]], *preloaded])
 
+    def copy(self, timeline: Timeline) -> "LazyRows":
+        """A store of its own holding this one's written rows (O(rows written)), on `timeline`."""
+        copy = self._empty_like()
+        row_ids = self.written[: self.batch * self.num_slots].nonzero().flatten()
+        copy._put(row_ids, self.rows[row_ids])
+        copy.timeline = timeline
+        return copy
+
+    def _empty_like(self) -> "LazyRows":
+        return LazyRows(self.batch, self.num_slots, self.initial_word, len(self.written) - self.batch * self.num_slots)
+
+    def _restore(self, row_ids: Tensor, rows: Tensor, written: Tensor) -> None:
+        """Put back rows [M, W] and their written flags [M] at row_ids [M] (an undo)."""
+        self.rows[row_ids] = rows
+        self.written[row_ids] = written
+
     def forget(self, mask: Tensor) -> None:
         """Batch rows where mask [B] bool is True back to the initial word everywhere."""
+        self._record(_Forget(self, mask))
+        self._forget(mask)
+
+    def _forget(self, mask: Tensor) -> None:
         if not self.on_host:
             written = self.written[: self.batch * self.num_slots].view(self.batch, self.num_slots)
             written.masked_fill_(mask.to(written.device).unsqueeze(-1), False)
@@ -89,6 +123,60 @@ class LazyRows:
             self._fresh_log = [remaining[self.written[remaining]]]
         for b in batch_rows:
             self._preloaded[b] = False
+
+    def _unforget(self, change: "_Forget") -> Tensor:
+        """Undo a reset: its rows written again (they were never overwritten in the buffer: any
+        write since was undone first). -> the row ids written again."""
+        if change.row_ids is None:  # device: put back the reset batch rows' written mask (this syncs)
+            written = self.written[: self.batch * self.num_slots].view(self.batch, self.num_slots)
+            kept = change.written.view(self.batch, self.num_slots)
+            written.copy_(torch.where(change.mask.unsqueeze(-1), kept, written))
+            return (kept & change.mask.unsqueeze(-1)).flatten().nonzero().flatten()
+        self.written[change.row_ids] = True
+        self._log_fresh(change.row_ids)
+        for b, preloaded in change.preloaded.items():
+            self._preloaded[b] = preloaded
+        return change.row_ids
+
+
+class _Rewrite:
+    """Rows written at row_ids [M]: undo puts back the rows and written flags they replaced
+    (the buffer's own contents, so a row hidden by a reset comes back with the reset's undo)."""
+
+    def __init__(self, store: LazyRows, row_ids: Tensor, rows: Tensor | None) -> None:
+        self.store, self.row_ids, self.new_rows = store, row_ids, rows
+        self.old_rows, self.old_written = store.rows[row_ids], store.written[row_ids]
+        self.rows = row_ids.numel()
+
+    def undo(self) -> None:
+        self.store._restore(self.row_ids, self.old_rows, self.old_written)
+
+    def redo(self) -> None:
+        self.store._put(self.row_ids, self.new_rows)
+
+
+class _Forget:
+    """A reset of the batch rows where mask [B] is True: undo marks its rows written again, in
+    O(rows written) on the host (on a device, the reset rows' written mask is kept whole)."""
+
+    def __init__(self, store: LazyRows, mask: Tensor) -> None:
+        self.store, self.mask = store, mask
+        self.row_ids: Tensor | None = None
+        if store.on_host:
+            batch_rows = mask.nonzero().flatten().tolist()
+            row_ids = store.written_row_ids(batch_rows)
+            self.row_ids = row_ids[store.written[row_ids]]  # the log may name rows an undo unwrote
+            self.preloaded = {b: store._preloaded[b] for b in batch_rows}
+            self.rows = self.row_ids.numel()
+        else:  # the whole mask, not its masked rows: selecting them would wait for the device
+            self.written = store.written[: store.batch * store.num_slots].clone()
+            self.rows = 0
+
+    def undo(self) -> None:
+        self.store._unforget(self)
+
+    def redo(self) -> None:
+        self.store._forget(self.mask)
 
 
 class RowStore(LazyRows):
@@ -111,7 +199,10 @@ class RowStore(LazyRows):
         # The torch indexes live beside the memory (its device and dtype); faiss is CPU float32.
         torch_index = index in ("exact", "ivf")
         options = {"dtype": initial_word.dtype, "device": initial_word.device} if torch_index else {}
-        super().__init__(batch, num_slots, initial_word)
+        # one spare row after the B*N: a padded batch row's writes land there, never read
+        super().__init__(batch, num_slots, initial_word, spare_rows=1)
+        self.spare = batch * num_slots
+        self.index_name = index
         self.index = make_index(index, batch, num_slots, self.word_size, initial=initial_word.detach(), **options)
         # row id = slot + offset: the row of slot s in batch row b is b*N + s
         self._offsets = torch.arange(batch, device=initial_word.device).unsqueeze(-1) * num_slots
@@ -124,7 +215,7 @@ class RowStore(LazyRows):
         second full copy, and the index is built once from all N rows (an approximate index
         trained on the final rows, not grown and retrained chunk by chunk), reading the memory
         a chunk at a time."""
-        view = self.rows.view(self.batch, self.num_slots, self.word_size)
+        view = self.rows[: self.spare].view(self.batch, self.num_slots, self.word_size)
         for start in range(0, self.num_slots, chunk):
             end = min(start + chunk, self.num_slots)
             for b in range(self.batch):
@@ -137,31 +228,58 @@ class RowStore(LazyRows):
         offsets = self._offsets.view(-1, *([1] * (slots.dim() - 1)))
         return (slots + offsets.to(slots.device)).reshape(-1)
 
-    def write(self, row_ids: Tensor, rows: Tensor) -> None:
+    def _empty_like(self) -> "RowStore":
+        return RowStore(self.batch, self.num_slots, self.initial_word, index=self.index_name)
+
+    def _put(self, row_ids: Tensor, rows: Tensor) -> None:
         """rows [M, W] into row_ids [M] (M = B*J, J per batch row) in place, and into the index;
         duplicate ids must carry identical rows."""
-        super().write(row_ids, rows)
-        slots = (row_ids % self.num_slots).view(self.batch, -1)
-        self.index.update(rows.view(self.batch, -1, self.word_size), slots)
+        super()._put(row_ids, rows)
+        real = row_ids < self.spare
+        self.index.update_entries(row_ids[real] // self.num_slots, row_ids[real] % self.num_slots, rows[real])
+
+    def _restore(self, row_ids: Tensor, rows: Tensor, written: Tensor) -> None:
+        super()._restore(row_ids, rows, written)
+        real = row_ids < self.spare
+        batch, slots = row_ids // self.num_slots, row_ids % self.num_slots
+        self.index.update_entries(batch[written & real], slots[written & real], rows[written & real])
+        self.index.forget(batch[~written & real], slots[~written & real])
 
     def sparse_write(
-        self, slots: Tensor, weights: Tensor, add: Tensor, erase_rows: Tensor
+        self, slots: Tensor, weights: Tensor, add: Tensor, erase_rows: Tensor, active: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """new = old (1 - erase) + w add^T in place at slots [B, J]: weights [B, J], add [B, W],
         erase_rows [B, J] bool; a slot repeated in a batch row must carry the same weight and
         erase. -> (row ids [B, J], old rows, new rows [B, J, W]); an old row is the initial word
-        where the slot was unwritten."""
+        where the slot was unwritten. Batch rows where active [B] is False write the spare row
+        instead, which no slot reads and the index never sees."""
         row_ids = slots + self._offsets
+        if active is not None:
+            row_ids = torch.where(active.unsqueeze(-1), row_ids, self.spare)
+        change = _Rewrite(self, row_ids.view(-1), None) if self.timeline is not None else None
         old, new, fresh = journaled_write(self.rows, self.written, self.initial_word, row_ids, weights, add, erase_rows)
+        if change is not None:
+            change.new_rows = new.view(-1, self.word_size)
+            self._record(change)
+        if active is None:
+            if self.on_host:
+                self._log_fresh(row_ids[fresh])
+            self.index.update(new, slots)
+            return row_ids, old, new
+        real = row_ids < self.spare
         if self.on_host:
-            self._log_fresh(row_ids[fresh])
-        self.index.update(new, slots)
+            self._log_fresh(row_ids[fresh & real])
+        self.index.update_entries(row_ids[real] // self.num_slots, slots[real], new[real])
         return row_ids, old, new
 
-    def forget(self, mask: Tensor) -> None:
-        """Batch rows where mask [B] bool is True back to the initial word everywhere."""
-        super().forget(mask)
+    def _forget(self, mask: Tensor) -> None:
+        super()._forget(mask)
         self.index.reset(mask)
+
+    def _unforget(self, change: _Forget) -> Tensor:
+        row_ids = super()._unforget(change)
+        self.index.update_entries(row_ids // self.num_slots, row_ids % self.num_slots, self.rows[row_ids])
+        return row_ids
 
     def dense(self) -> Tensor:
         """The whole memory [B, N, W] (O(N): for tests and plots, never on the sparse path)."""

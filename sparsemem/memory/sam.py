@@ -20,6 +20,7 @@ from sparsemem.memory.base import Memory, check_mask
 from sparsemem.memory.journal import JournaledMemory
 from sparsemem.memory.lru import LRU, make_lru
 from sparsemem.memory.row_store import RowStore
+from sparsemem.memory.versions import Timeline, VersionRef
 
 
 def group_sum(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
@@ -72,17 +73,33 @@ class SAMInterface:
 @dataclass
 class SAMState:
     """memory: the rows (written in place); usage: the LRU; read_weights [B, R, K] and
-    write_weights [B, J] as (indices, weights); step: steps since init_state."""
+    write_weights [B, J] as (indices, weights); version: the version of the rows, LRU (and
+    SDNC's links) this state names (memory/versions.py); step: steps since init_state.
+
+    A value, like nn.LSTM's (h, c): stepping from it twice, or from an older state, first
+    brings the storage back to its version (undoing what was written since), so it gives the
+    same outputs and gradients each time; reset() returns a new state and leaves this one."""
 
     memory: JournaledMemory
     usage: LRU
     read_weights: SparseWeights
     write_weights: SparseWeights
+    version: VersionRef
     step: int = 0
 
     @property
     def batch_size(self) -> int:
         return self.memory.store.batch
+
+    @property
+    def timeline(self) -> Timeline:
+        return self.memory.store.timeline
+
+    def advanced(self) -> "SAMState":
+        """This state as the start of a step: the storage at its version, a new version begun
+        for what the step writes, and views of the rows that continue its segment (or branch)."""
+        version = self.timeline.branch(self.version.version)
+        return replace(self, memory=self.memory.advance(), version=self.timeline.hold(version))
 
     def detach(self) -> "SAMState":
         """The same state cut from the graph (truncated BPTT); the rows stay where they are."""
@@ -93,14 +110,38 @@ class SAMState:
             write_weights=self.write_weights.detach(),
         )
 
-    def reset(self, mask: Tensor) -> "SAMState":
-        """Samples where mask [B] is True start afresh: initial memory, no access history."""
-        mask = check_mask(mask, self.batch_size)
-        self.memory.reset(mask)
-        self.usage.reset(mask)
+    def clone(self) -> "SAMState":
+        """An independent copy: its own rows, index and LRU, so two branches can live at once
+        without going back and forth; O(rows written) (a preloaded memory's N rows). A new
+        BPTT segment: no gradient flows from the copy back into this state."""
+        self.timeline.checkout(self.version.version)
+        timeline = Timeline()
         return replace(
-            self, read_weights=_cleared(self.read_weights, mask), write_weights=_cleared(self.write_weights, mask)
+            self.detach(),
+            memory=JournaledMemory(self.memory.store.copy(timeline)),
+            usage=self.usage.copy(timeline),
+            version=timeline.hold(timeline.head),
         )
+
+    def reset(self, mask: Tensor) -> "SAMState":
+        """A new state where samples with mask [B] True start afresh (initial memory, no access
+        history); this one stays usable."""
+        mask = check_mask(mask, self.batch_size)
+        state = self.advanced()
+        state.memory.reset(mask)
+        state.usage.reset(mask)
+        return replace(
+            state, read_weights=_cleared(self.read_weights, mask), write_weights=_cleared(self.write_weights, mask)
+        )
+
+
+def kept(new: SparseWeights, old: SparseWeights, active: Tensor | None) -> SparseWeights:
+    """new where active [B] is True, old elsewhere (padded steps leave a state unchanged). A
+    state's first step may change the shape of a weighting; every row is active there."""
+    if active is None or new.indices.shape != old.indices.shape:
+        return new
+    where = active.view(-1, *([1] * (new.indices.dim() - 1)))
+    return SparseWeights(torch.where(where, new.indices, old.indices), torch.where(where, new.weights, old.weights))
 
 
 def _cleared(weights: SparseWeights, mask: Tensor) -> SparseWeights:
@@ -119,6 +160,10 @@ class SAMMemory(Memory):
     Interface per step [B, R*W + R + W + 2]: read keys, read strengths (oneplus), add
     vector, write gate and interpolation gate (sigmoid).
     """
+
+    state_type = SAMState
+    read_width = 1
+    """Entries per read head per K (SDNC reads 3K: backward, content, forward)."""
 
     def __init__(self, num_slots: int, word_size: int, num_reads: int, k: int = 8, index: str = "exact") -> None:
         super().__init__(num_slots, word_size, num_reads)
@@ -139,6 +184,13 @@ class SAMMemory(Memory):
         keys, strengths, add, gates = interface.split([R * W, R, W, 2], dim=-1)
         gates = torch.sigmoid(gates)
         return SAMInterface(keys.view(-1, R, W), _oneplus(strengths), add, gates[:, 0], gates[:, 1])
+
+    def state_sizes(self) -> dict[str, int]:
+        return {**super().state_sizes(), "K": self.k}
+
+    def sizes_of(self, state: SAMState) -> dict[str, int]:
+        store, (heads, width) = state.memory.store, state.read_weights.indices.shape[1:]
+        return {"N": store.num_slots, "W": store.word_size, "R": heads, "K": width // self.read_width}
 
     def init_interface_bias(self, bias: Tensor) -> None:
         """Set the bias of the controller's interface layer (bias [interface_size], in place)
@@ -169,17 +221,22 @@ class SAMMemory(Memory):
         like = initial_rows if initial_rows is not None else self.initial_word
         word = self.initial_word.to(device=device or like.device, dtype=dtype or like.dtype)
         store = RowStore(batch, self.num_slots, word, initial_rows, self.index)
+        store.timeline = timeline = Timeline()  # after the preload: it is every version's start
         zeros = torch.zeros(batch, self.num_reads, self.k, dtype=word.dtype, device=word.device)
         slots = torch.zeros(batch, self.num_reads, self.k, dtype=torch.int64, device=word.device)
         return SAMState(
             memory=JournaledMemory(store, initial_rows),
-            usage=make_lru(batch, self.num_slots, word.device),
+            usage=make_lru(batch, self.num_slots, word.device, timeline),
             read_weights=SparseWeights(slots, zeros),
             write_weights=SparseWeights(slots[:, 0, :1], zeros[:, 0, :1]),
+            version=timeline.hold(timeline.head),
         )
 
-    def write(self, state: SAMState, add: Tensor, write_gate: Tensor, interp_gate: Tensor) -> SparseWeights:
-        """M_t = M (1 - I^U 1^T) + w^W a^T on the J rows read at t-1 plus the LRU row.
+    def write(
+        self, state: SAMState, add: Tensor, write_gate: Tensor, interp_gate: Tensor, active: Tensor | None = None
+    ) -> SparseWeights:
+        """M_t = M (1 - I^U 1^T) + w^W a^T on the J rows read at t-1 plus the LRU row; batch rows
+        where active [B] is False write nothing.
 
         Returns the write weights as J entries (a slot read by several heads appears
         several times; each entry carries its share).
@@ -192,7 +249,7 @@ class SAMMemory(Memory):
         read_share = (write_gate * interp_gate).unsqueeze(-1) * previous.weights.reshape(batch, -1) / self.num_reads
         weights = torch.cat([read_share, (write_gate * (1 - interp_gate)).unsqueeze(-1)], dim=-1)
         total, first = group_sum(slots, weights)
-        state.memory.write(slots, total, add, slots == lru, first)
+        state.memory.write(slots, total, add, slots == lru, first, active)
         return SparseWeights(slots, weights)
 
     def content_read(self, state: SAMState, keys: Tensor, strengths: Tensor) -> tuple[SparseWeights, Tensor]:
@@ -204,23 +261,31 @@ class SAMMemory(Memory):
         weights, reads = ops.sparse_read(rows, local, keys, strengths)
         return SparseWeights(slots, weights), reads
 
-    def record_access(self, state: SAMState, write_w: SparseWeights, read_w: SparseWeights) -> None:
-        """Slots with w^W(i) + sum_r w^R_r(i) > DELTA become the most recently used."""
+    def record_access(
+        self, state: SAMState, write_w: SparseWeights, read_w: SparseWeights, active: Tensor | None = None
+    ) -> None:
+        """Slots with w^W(i) + sum_r w^R_r(i) > DELTA become the most recently used (in the
+        batch rows where active [B] is True)."""
         batch = write_w.indices.shape[0]
         slots = torch.cat([write_w.indices, read_w.indices.reshape(batch, -1)], dim=-1)
         weights = torch.cat([write_w.weights, read_w.weights.reshape(batch, -1)], dim=-1).detach()
         total, first = group_sum(slots, weights)
-        state.usage.touch(slots, first & (total > DELTA))
+        accessed = first & (total > DELTA)
+        state.usage.touch(slots, accessed if active is None else accessed & active.unsqueeze(-1))
 
-    def step(self, state: SAMState, interface: Tensor | SAMInterface) -> tuple[Tensor, SAMState]:
+    def step(
+        self, state: SAMState, interface: Tensor | SAMInterface, active: Tensor | None = None
+    ) -> tuple[Tensor, SAMState]:
         """One SAM step (reference/sam.py's order): -> (reads [B, R, W], state)."""
         parts = interface if isinstance(interface, SAMInterface) else self.split_interface(interface)
+        previous, state = state, state.advanced()
         with region("memory.write"):
-            write_w = self.write(state, parts.add, parts.write_gate, parts.interp_gate)
+            write_w = self.write(state, parts.add, parts.write_gate, parts.interp_gate, active)
         with region("memory.read"):
             read_w, reads = self.content_read(state, parts.keys, parts.strengths)
         with region("memory.lru"):
-            self.record_access(state, write_w, read_w)
+            self.record_access(state, write_w, read_w, active)
+        read_w, write_w = kept(read_w, previous.read_weights, active), kept(write_w, previous.write_weights, active)
         return reads, replace(state, read_weights=read_w, write_weights=write_w, step=state.step + 1)
 
 
@@ -230,6 +295,9 @@ class CapturedStep:
     step(interface [B, R*W + R + W + 2]) -> reads [B, R, W], a static buffer that the next
     call overwrites (clone it to keep it). `state` is the state after the last call: its
     memory, LRU and read weights advance in place; its write weights are the graph's output.
+    A replay records nothing for going back (no Python runs), so the capture seals the
+    memory's timeline: states older than the capture can no longer be stepped from (they are
+    refused with a message), and `state` names the version the replays keep changing.
     """
 
     def __init__(self, module: SAMMemory, state: SAMState) -> None:
@@ -246,26 +314,29 @@ class CapturedStep:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.no_grad():
                 for _ in range(2):
-                    self._advance(scratch)
+                    scratch = self._advance(scratch)[1]
             torch.cuda.current_stream().wait_stream(stream)
             self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph), torch.no_grad():
-                self._reads, self._write_weights = self._advance(state)
+            with state.timeline.paused(), torch.cuda.graph(self._graph), torch.no_grad():
+                self._reads, stepped = self._advance(state)
+            self.state = replace(stepped, read_weights=state.read_weights)
+            self._write_weights = stepped.write_weights
+            state.timeline.seal()
 
-    def _advance(self, state: SAMState) -> tuple[Tensor, SparseWeights]:
+    def _advance(self, state: SAMState) -> tuple[Tensor, SAMState]:
         """One step that leaves the read weights where the next step reads them (in place)."""
         reads, new = self.module.step(state, self._interface)
         state.read_weights.indices.copy_(new.read_weights.indices)
         state.read_weights.weights.copy_(new.read_weights.weights)
-        return reads, new.write_weights
+        return reads, new
 
     def __call__(self, interface: Tensor) -> Tensor:
         self._interface.copy_(interface)
         if self._graph is None:  # nothing to capture off CUDA: the same step, eagerly
             with torch.no_grad():
-                self._reads, self._write_weights = self._advance(self.state)
-        else:
-            self._graph.replay()
+                reads, self.state = self.module.step(self.state, self._interface)
+            return reads
+        self._graph.replay()
         self.state = replace(self.state, write_weights=self._write_weights, step=self.state.step + 1)
         return self._reads
 

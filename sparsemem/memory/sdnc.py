@@ -28,7 +28,8 @@ from sparsemem import _checks, ops
 from sparsemem._profiling import region
 from sparsemem.memory.journal import JournaledMemory
 from sparsemem.memory.row_store import LazyRows
-from sparsemem.memory.sam import SAMInterface, SAMMemory, SAMState, SparseWeights
+from sparsemem.memory.sam import SAMInterface, SAMMemory, SAMState, SparseWeights, kept
+from sparsemem.memory.versions import Timeline
 
 
 class LinkStore(LazyRows):
@@ -46,6 +47,14 @@ class LinkStore(LazyRows):
         self.spare = batch * self.num_slots
         self.indices = torch.empty(self.spare + 1, link_k, dtype=torch.int32, device=device)
 
+    def _empty_like(self) -> "LinkStore":
+        return LinkStore(self.batch, self.num_slots // 2, self.word_size, self.rows.dtype, self.rows.device)
+
+    def copy(self, timeline: Timeline) -> "LinkStore":
+        copy = super().copy(timeline)
+        copy.indices.copy_(self.indices)  # only written rows' indices are ever read
+        return copy
+
     def row_ids(self, ids: Tensor) -> Tensor:
         """ids [B, ...] in [-1, 2N) -> row ids [B * ...] (-1: the spare row)."""
         offsets = torch.arange(self.batch, device=ids.device) * self.num_slots
@@ -58,7 +67,26 @@ class LinkStore(LazyRows):
 
     def write_indices(self, row_ids: Tensor, indices: Tensor) -> None:
         """The indices [M, K_L] of the rows at row_ids [M] (write sets their values)."""
-        self.indices[row_ids] = indices.to(torch.int32)
+        indices = indices.to(torch.int32)
+        self._record(_Reindex(self, row_ids, indices))
+        self.indices[row_ids] = indices
+
+
+class _Reindex:
+    """Link rows' indices set at row_ids [M]: undo puts back the ones they replaced (their values
+    are the LazyRows write beside it, which counts the rows)."""
+
+    rows = 0
+
+    def __init__(self, store: LinkStore, row_ids: Tensor, indices: Tensor) -> None:
+        self.store, self.row_ids, self.new = store, row_ids, indices
+        self.old = store.indices[row_ids]
+
+    def undo(self) -> None:
+        self.store.indices[self.row_ids] = self.old
+
+    def redo(self) -> None:
+        self.store.indices[self.row_ids] = self.new
 
 
 @dataclass
@@ -197,11 +225,21 @@ class SDNCState(SAMState):
 
     links: SparseLinks = None
 
+    def advanced(self) -> "SDNCState":
+        state = super().advanced()
+        return replace(state, links=replace(self.links, rows=self.links.rows.advance()))
+
     def detach(self) -> "SDNCState":
         return replace(super().detach(), links=self.links.detach())
 
+    def clone(self) -> "SDNCState":
+        state = super().clone()
+        rows = JournaledMemory(self.links.store.copy(state.timeline))
+        return replace(state, links=replace(self.links.detach(), rows=rows))
+
     def reset(self, mask: Tensor) -> "SDNCState":
-        return replace(super().reset(mask), links=self.links.reset(mask))
+        state = super().reset(mask)
+        return replace(state, links=state.links.reset(mask))
 
 
 class SDNCMemory(SAMMemory):
@@ -209,6 +247,9 @@ class SDNCMemory(SAMMemory):
 
     Interface per step [B, R*W + R + W + 2 + 3R]: SAM's, then read modes (softmax over 3 per head).
     """
+
+    state_type = SDNCState
+    read_width = 3
 
     def __init__(
         self, num_slots: int, word_size: int, num_reads: int, k: int = 8, index: str = "exact", link_k: int = 8
@@ -221,6 +262,12 @@ class SDNCMemory(SAMMemory):
     @property
     def interface_size(self) -> int:
         return super().interface_size + 3 * self.num_reads
+
+    def state_sizes(self) -> dict[str, int]:
+        return {**super().state_sizes(), "K_L": self.link_k}
+
+    def sizes_of(self, state: SDNCState) -> dict[str, int]:
+        return {**super().sizes_of(state), "K_L": state.links.store.word_size}
 
     def split_interface(self, interface: Tensor) -> SDNCInterface:
         sam_part, modes = interface.split([super().interface_size, 3 * self.num_reads], dim=-1)
@@ -242,20 +289,27 @@ class SDNCMemory(SAMMemory):
             torch.zeros(batch, heads, width, dtype=torch.int64, device=device),
             torch.zeros(batch, heads, width, dtype=dtype, device=device),
         )
+        link_store = LinkStore(batch, self.num_slots, self.link_k, dtype, device)
+        link_store.timeline = sam.timeline  # one timeline: a state names a version of both stores
         links = SparseLinks(
-            JournaledMemory(LinkStore(batch, self.num_slots, self.link_k, dtype, device)),
+            JournaledMemory(link_store),
             torch.full((batch, self.link_k), -1, dtype=torch.int64, device=device),
             torch.zeros(batch, self.link_k, dtype=dtype, device=device),
         )
         return SDNCState(**{**vars(sam), "read_weights": reads, "links": links})
 
-    def step(self, state: SDNCState, interface: Tensor | SDNCInterface) -> tuple[Tensor, SDNCState]:
+    def step(
+        self, state: SDNCState, interface: Tensor | SDNCInterface, active: Tensor | None = None
+    ) -> tuple[Tensor, SDNCState]:
         """One SDNC step (reference/sdnc.py's order): -> (reads [B, R, W], state)."""
         parts = interface if isinstance(interface, SDNCInterface) else self.split_interface(interface)
+        previous, state = state, state.advanced()
         with region("memory.write"):
-            write_w = self.write(state, parts.add, parts.write_gate, parts.interp_gate)
+            write_w = self.write(state, parts.add, parts.write_gate, parts.interp_gate, active)
         with region("memory.links"):
-            links = sparse_link_update(state.links, write_w)
+            # a padded row's write weights count as zero: its links and precedence stay as they are
+            link_w = write_w if active is None else replace(write_w, weights=write_w.weights * active.unsqueeze(-1))
+            links = sparse_link_update(state.links, link_w)
             forward, backward = sparse_temporal_reads(links, state.read_weights, self.k)
 
         with region("memory.read"):
@@ -275,5 +329,6 @@ class SDNCMemory(SAMMemory):
             reads = torch.einsum("brq,brqw->brw", weights, rows.view(batch, heads, 3 * k, -1))
             read_w = SparseWeights(slots, weights)
         with region("memory.lru"):
-            self.record_access(state, write_w, read_w)
+            self.record_access(state, write_w, read_w, active)
+        read_w, write_w = kept(read_w, previous.read_weights, active), kept(write_w, previous.write_weights, active)
         return reads, replace(state, read_weights=read_w, write_weights=write_w, links=links, step=state.step + 1)

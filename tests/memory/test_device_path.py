@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sparsemem import _checks
 from sparsemem.index import ExactIndex
 from sparsemem.memory import SAMMemory, SDNCMemory
-from sparsemem.memory.lru import ListLRU, TimestampLRU
+from sparsemem.memory.lru import HostLRU, TimestampLRU
 from sparsemem.memory.sam import capture_step
 from sparsemem.models import SAM
 from sparsemem.reference.sam import access_update_ref, lru_ref
@@ -36,7 +36,7 @@ def device_path(monkeypatch):
 
 def test_timestamp_lru_matches_the_list_and_the_reference():
     g = torch.Generator().manual_seed(0)
-    listed, stamped = ListLRU(B, N), TimestampLRU(B, N, "cpu")
+    listed, stamped = HostLRU(B, N), TimestampLRU(B, N, "cpu")
     last_access = torch.zeros(B, N, dtype=torch.int64)
     for step in range(1, 60):
         want = lru_ref(last_access)
@@ -93,7 +93,7 @@ def test_device_path_computes_what_the_host_path_computes(monkeypatch, memory_cl
     host = run(memory, [p.clone() for p in parts], preloaded, reset_at=3)
     monkeypatch.setattr(_checks, "on_host", lambda device: False)
     device = run(memory, [p.clone() for p in parts], preloaded, reset_at=3)
-    assert isinstance(device[1].usage, TimestampLRU) and isinstance(host[1].usage, ListLRU)
+    assert isinstance(device[1].usage, TimestampLRU) and isinstance(host[1].usage, HostLRU)
     torch.testing.assert_close(device[0], host[0], **tolerance(torch.float64))
     if preload:
         # Distinct rows, no ties. From a fresh memory equal rows arise (unwritten slots read with

@@ -5,7 +5,7 @@ import torch
 
 from sparsemem.memory import SAMInterface, SAMMemory
 from sparsemem.memory.journal import Journal
-from sparsemem.memory.lru import ListLRU
+from sparsemem.memory.lru import HostLRU
 from sparsemem.reference import content_read_ref
 from sparsemem.reference.sam import access_update_ref, lru_ref, sam_step_ref, topk_read_ref
 from sparsemem.testing import op_inputs
@@ -155,7 +155,7 @@ def test_gradient_buffer_holds_only_touched_rows(monkeypatch):
 
 def test_lru_list_matches_argmin_of_last_access():
     g = torch.Generator().manual_seed(0)
-    lru = ListLRU(B, N)
+    lru = HostLRU(B, N)
     last_access = torch.zeros(B, N, dtype=torch.int64)
     slots = torch.arange(N).expand(B, -1)
     for step in range(1, 20):
