@@ -25,16 +25,23 @@ Writes bench/results/breakdown.json, breakdown.md (tables) and breakdown.png (st
 import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from bench.bench_sparse import CONFIG, build_model, fill
-from bench.common import RESULTS, header, write_json
+from bench.common import (
+    RESULTS,
+    header,
+    measured_median,
+    peak_rss_bytes,
+    pyplot,
+    run_module,
+    save_figure,
+    write_json,
+    write_text,
+)
 from sparsemem._profiling import PREFIX, region
 
 CATEGORIES = (
@@ -105,7 +112,7 @@ def run_case(name: str, log2_slots: int, index: str, repeats: int) -> dict:
     for region_name, ms in regions.items():
         shares[region_name if region_name in shares else "other"] += ms / profiled
     shares["other"] += 1 - sum(shares.values())
-    per_step = sorted(episodes)[len(episodes) // 2] / c["steps"]
+    per_step = measured_median(episodes) / c["steps"]
     return {
         "load_average": os.getloadavg()[0],
         "model": name,
@@ -118,7 +125,7 @@ def run_case(name: str, log2_slots: int, index: str, repeats: int) -> dict:
         "profiled_ms_per_step": profiled / c["steps"],
         "shares": shares,
         "ms_per_step": {category: share * per_step * 1e3 for category, share in shares.items()},
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 
@@ -126,12 +133,10 @@ def _in_process(backend: str, args: list[str]) -> dict:
     env = {key: value for key, value in os.environ.items() if key != "SPARSEMEM_BACKEND"}
     if backend != "default":
         env["SPARSEMEM_BACKEND"] = backend
-    command = [sys.executable, "-m", "bench.bench_breakdown", *args]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    if done.returncode:
-        error = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
-        return {"args": args, "backend": backend, "error": error}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_module("bench.bench_breakdown", args, env)
+    if "error" in result:
+        result["backend"] = backend
+    return result
 
 
 def markdown(results: list[dict], config: dict) -> str:
@@ -152,9 +157,9 @@ def markdown(results: list[dict], config: dict) -> str:
             torch_case = _find(done, r["model"], log2_slots, r["index"], "torch")
             ratios = ["", ""]
             if r["backend"] == "default" and torch_case is not None:
-                ratios = [f"{_per_step(torch_case, f) / _per_step(r, f):.2f}x" for f in (_median, min)]
+                ratios = [f"{_per_step(torch_case, f) / _per_step(r, f):.2f}x" for f in (measured_median, min)]
             cells = [f"{r['ms_per_step'][c]:.1f} ({100 * r['shares'][c]:.0f}%)" for c in CATEGORIES]
-            times = [f"{1e3 * _per_step(r, f):.1f}" for f in (_median, min)]
+            times = [f"{1e3 * _per_step(r, f):.1f}" for f in (measured_median, min)]
             load = f"{r['load_average']:.1f}" if "load_average" in r else ""
             row = [r["model"].upper(), r["backend"], r["index"], times[0], ratios[0], times[1], ratios[1], load]
             lines.append("| " + " | ".join([*row, *cells]) + " |")
@@ -162,10 +167,6 @@ def markdown(results: list[dict], config: dict) -> str:
         if "error" in r:
             lines.append(f"\nFailed: {r['backend']} {' '.join(r['args'])}: {r['error']}")
     return "\n".join(lines) + "\n"
-
-
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def _per_step(result: dict, statistic) -> float:
@@ -182,11 +183,7 @@ def _find(results: list[dict], model: str, log2_slots: int, index: str, backend:
 
 def plot(results: list[dict], path: Path) -> None:
     """Stacked bars of ms per step by category, one panel per N, a bar per (model, index, backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     done = [r for r in results if "error" not in r]
     sizes = sorted({r["log2_slots"] for r in done})
     figure, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 5), squeeze=False)
@@ -203,9 +200,7 @@ def plot(results: list[dict], path: Path) -> None:
         axis.set_ylabel("ms per step (forward + backward)")
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
-    temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary, dpi=110)
-    os.replace(temporary, path)
+    save_figure(figure, path, dpi=110)
 
 
 def main() -> None:
@@ -241,9 +236,7 @@ def main() -> None:
         config = {**CONFIG, "index": args.index, "threads": args.threads, "repeats": args.repeats}
         print(write_json(out, {"header": header(config), "results": results}))
     table = markdown(results, config)
-    temporary = out.with_suffix(".md.tmp")
-    temporary.write_text(table)
-    os.replace(temporary, out.with_suffix(".md"))
+    write_text(out.with_suffix(".md"), table)
     plot(results, out.with_suffix(".png"))
     print(table)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.common import RESULTS, header, time_cpu, time_gpu, write_json
+from bench.common import RESULTS, header, log_axes, pyplot, save_figure, time_cpu, time_gpu, write_json
 from sparsemem.index import ExactIndex, make_index
 from sparsemem.index.ivf import TorchIVFIndex
 from sparsemem.index.memories import clustered_words, near_queries, recall
@@ -171,11 +171,7 @@ def run_sweep(num_slots: int, config: dict, lists_per_sqrt: list[float], probes:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [
         ("search_ms", "search ms (B x R keys)", True),
         ("recall", "recall@K vs exact", False),
@@ -194,17 +190,10 @@ def plot(results: list[dict], path: Path) -> None:
             rows = [r for r in results if r["index"] == name and r.get(key) is not None]
             if rows:
                 axis.plot([r["N"] for r in rows], [r[key] for r in rows], marker="o", label=name, color=colours[name])
-        axis.set_xscale("log", base=2)
-        if log:
-            axis.set_yscale("log")
-        axis.set_title(title)
-        axis.set_xlabel("N")
-        axis.grid(True, which="both", alpha=0.3)
+        log_axes(axis, title, log_y=log)
     axes.flat[0].legend()
     figure.tight_layout()
-    temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary, dpi=100)
-    temporary.replace(path)
+    save_figure(figure, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -20,16 +20,25 @@ hooks): the journal's O(T K W) rows and the controller's activations; it must no
 import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import sparsemem as sm
-from bench.common import RESULTS, header, write_json
+from bench.common import (
+    RESULTS,
+    find_index,
+    header,
+    log_axes,
+    measured_median,
+    peak_rss_bytes,
+    pyplot,
+    rss_bytes,
+    run_module,
+    save_figure,
+    write_json,
+)
 
 CONFIG = dict(batch=8, word_size=64, num_reads=4, k=8, link_k=8, steps=16, hidden=128, input_size=8)
 
@@ -55,11 +64,6 @@ def fill(state: sm.ModelState, seed: int = 1) -> None:
     state.access.memory.store.preload(random_words)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
-
-
 def _saved_bytes(model: sm.MemoryModel, x: torch.Tensor, state) -> tuple[int, object]:
     total = 0
 
@@ -80,24 +84,24 @@ def run_one(name: str, log2_slots: int, regime: str, index: str, repeats: int) -
     c = CONFIG
     num_slots = 1 << log2_slots
     model = build_model(name, num_slots, index)
-    rss_start = _rss_bytes()
+    rss_start = rss_bytes()
     start = time.perf_counter()
     state = model.init_state(c["batch"])
     preload_seconds = 0.0
     if regime == "full":
         fill(state)
         preload_seconds = time.perf_counter() - start
-    preloaded = state.access.memory.store.index.stats()
+    preloaded = find_index(state).stats()
     x = torch.randn(c["batch"], c["steps"], c["input_size"], generator=torch.Generator().manual_seed(2))
     episode_seconds, saved, rebuilds, merges = [], [], [], []
     for episode in range(repeats + 1):
         if regime == "fresh":
             state = state.reset(torch.ones(c["batch"], dtype=torch.bool))
-        index_before = state.access.memory.store.index.stats()
+        index_before = find_index(state).stats()
         start = time.perf_counter()
         saved_bytes, state = _saved_bytes(model, x, state)
         elapsed = time.perf_counter() - start
-        index_after = state.access.memory.store.index.stats()
+        index_after = find_index(state).stats()
         model.zero_grad(set_to_none=True)
         state = state.detach()
         rebuild = index_after.build_seconds - index_before.build_seconds
@@ -106,9 +110,9 @@ def run_one(name: str, log2_slots: int, regime: str, index: str, repeats: int) -
             saved.append(saved_bytes)
             rebuilds.append(rebuild)
             merges.append(index_after.merge_seconds - index_before.merge_seconds)
-    stats = state.access.memory.store.index.stats()
+    stats = find_index(state).stats()
     matrix = c["batch"] * num_slots * c["word_size"] * 4
-    per_step = sorted(episode_seconds)[len(episode_seconds) // 2] / c["steps"]
+    per_step = measured_median(episode_seconds) / c["steps"]
     timed_steps = len(episode_seconds) * c["steps"]
     return {
         "model": name,
@@ -127,9 +131,9 @@ def run_one(name: str, log2_slots: int, regime: str, index: str, repeats: int) -
         "index_merge_seconds_per_step": sum(merges) / timed_steps,
         "index_bytes": stats.bytes,
         "memory_matrix_bytes": matrix,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "rss_at_start_bytes": rss_start,
-        "peak_rss_over_matrix": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / matrix,
+        "peak_rss_over_matrix": peak_rss_bytes() / matrix,
         "saved_for_backward_bytes": max(saved),
         "load_average": os.getloadavg(),  # at the end: a busy machine slows every timing above
     }
@@ -144,25 +148,13 @@ def backward_memory(name: str, log2_slots: int, steps: list[int]) -> dict:
     for length in steps:
         x = torch.randn(c["batch"], length, c["input_size"], generator=torch.Generator().manual_seed(2))
         saved[length], _ = _saved_bytes(model, x, model.init_state(c["batch"]))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return {"model": name, "log2_slots": log2_slots, "saved_for_backward_bytes": saved, "peak_rss_bytes": peak}
-
-
-def _in_process(args: list[str]) -> dict:
-    command = [sys.executable, "-m", "bench.bench_sparse", *args]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode:
-        return {"args": args, "error": done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def plot(results: list[dict], path: Path) -> None:
     """ms per step, peak RSS over the memory matrix and the preload against N, one line per model and regime."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [
         ("seconds_per_step", 1e3, "forward+backward ms per step", True),
         ("peak_rss_over_matrix", 1, "peak RSS / memory matrix (B N W float32)", True),
@@ -180,15 +172,10 @@ def plot(results: list[dict], path: Path) -> None:
                 continue
             label = f"{model.upper()} {regime} ({rows[0]['index']})"
             axis.plot([1 << r["log2_slots"] for r in rows], [r[key] * scale for r in rows], marker="o", label=label)
-        axis.set_xscale("log", base=2)
-        if log:
-            axis.set_yscale("log")
-        axis.set_title(title)
-        axis.set_xlabel("N")
-        axis.grid(True, which="both", alpha=0.3)
+        log_axes(axis, title, log_y=log)
     axes[0].legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path, dpi=100)
 
 
 def main() -> None:
@@ -223,14 +210,15 @@ def main() -> None:
     if args.backward_memory:
         for name in args.models:
             for log2_slots in (16, 20):
-                results.append(_in_process([*threads, "--one", "memory", name, str(log2_slots), "4", "8", "16", "32"]))
+                one = ["memory", name, str(log2_slots), "4", "8", "16", "32"]
+                results.append(run_module("bench.bench_sparse", [*threads, "--one", *one]))
                 print(json.dumps(results[-1]), flush=True)
     else:
         for name in args.models:
             for regime in args.regimes:
                 for log2_slots in args.log2_slots:
                     one = ["step", name, str(log2_slots), regime, args.index, str(args.repeats)]
-                    results.append(_in_process([*threads, "--one", *one]))
+                    results.append(run_module("bench.bench_sparse", [*threads, "--one", *one]))
                     print(json.dumps(results[-1]), flush=True)
     config = {**CONFIG, "index": args.index, "threads": args.threads, "repeats": args.repeats}
     config["load_average_at_start"] = load_at_start

@@ -1,16 +1,34 @@
-"""What every benchmark shares: the result header, timing, and atomic JSON output."""
+"""The harness every benchmark shares; each bench is its cases.
+
+Result files (header, atomic JSON / text / PNG writes), timing, memory (RSS, peak, what the
+machine has), processes (a case in its own process, so its peak memory is its own), fits
+(log-log slopes) and log-log plots.
+"""
 
 import json
+import math
+import multiprocessing
 import os
 import platform
+import resource
 import subprocess
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.utils.benchmark as torch_benchmark
+from torch import Tensor
+
+from sparsemem.index import Index
 
 RESULTS = Path(__file__).resolve().parent / "results"
+GIB = 2**30
+
+# ---------------------------------------------------------------------------------------------
+# Result files
+# ---------------------------------------------------------------------------------------------
 
 
 def header(config: dict) -> dict:
@@ -44,6 +62,38 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """write(temporary) in path's folder, then a rename onto path: an interrupted run never
+    leaves half a file. The temporary keeps path's suffix (matplotlib picks the format by it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        write(Path(name))
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    return _write_atomically(path, lambda temporary: temporary.write_text(json.dumps(payload, indent=2)))
+
+
+def write_text(path: Path, text: str) -> Path:
+    return _write_atomically(path, lambda temporary: temporary.write_text(text))
+
+
+def save_figure(figure, path: Path, dpi: int) -> Path:
+    return _write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=dpi))
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
 def time_cpu(fn, min_run_time: float = 0.2) -> dict:
     """Median, interquartile range and the 10/25/75/90% quantiles in seconds, from
     torch.utils.benchmark (adaptive repeats)."""
@@ -73,10 +123,239 @@ def copy_bandwidth(num_bytes: int = 2**30) -> float:
     return 2 * num_bytes / time_gpu(lambda: target.copy_(source))["median"]
 
 
-def write_json(path: Path, payload: dict) -> Path:
-    """Writes atomically (temp file + rename), so an interrupted run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(handle.name, path)
-    return path
+def measured_median(values: list[float]) -> float:
+    """The middle value (the upper middle one of an even count): always one that was measured."""
+    return sorted(values)[len(values) // 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+
+
+def proc_status(field: str) -> int:
+    """A size field of /proc/self/status (VmRSS, VmHWM, VmSize) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now."""
+    return proc_status("VmRSS")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started (ru_maxrss; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Current and peak memory of this process on one device, with a resettable peak.
+
+    CPU: VmRSS / VmHWM from /proc/self/status; writing 5 to /proc/self/clear_refs resets
+    the peak (Linux >= 4.0). Elsewhere the peak is ru_maxrss, which cannot be reset, so
+    later phases report the peak so far ("rss-cumulative"). GPU: the caching allocator's
+    allocated bytes.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cuda":
+            self.kind = "cuda-allocated"
+        else:
+            self.kind = "rss" if self._can_reset_rss() else "rss-cumulative"
+
+    @staticmethod
+    def _can_reset_rss() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    def current(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return rss_bytes() if self.kind == "rss" else peak_rss_bytes()
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.kind == "rss":
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return proc_status("VmHWM") if self.kind == "rss" else peak_rss_bytes()
+
+
+def available_bytes(device: str) -> int:
+    """What the machine has now: MemAvailable on the CPU, free memory on the GPU."""
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return free
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def limit_address_space(budget: int) -> None:
+    """Caps this process's address space at its size now plus budget, so an estimate that was
+    too low fails the case with an allocation error instead of calling the kernel's OOM killer
+    onto a shared machine."""
+    size = proc_status("VmSize") if Path("/proc/self/status").exists() else 0
+    limit = size + budget + 2 * GIB  # slack for thread stacks and allocator arenas
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+# ---------------------------------------------------------------------------------------------
+# A sparse model's index
+# ---------------------------------------------------------------------------------------------
+
+
+def find_index(state: object) -> Index | None:
+    """The nearest-neighbour index inside a sparse model's state; None for the dense models.
+
+    Where it sits (state -> memory state -> lazy rows -> index) is the memory module's
+    business, so this looks for it breadth first instead of naming the path.
+    """
+    frontier, seen = [state], set()
+    for _depth in range(6):
+        following = []
+        for value in frontier:
+            if isinstance(value, Index):
+                return value
+            if id(value) in seen or isinstance(value, Tensor | str | int | float | bool | None):
+                continue
+            seen.add(id(value))
+            if isinstance(value, list | tuple):
+                following.extend(value)
+            elif hasattr(value, "__dict__"):
+                following.extend(vars(value).values())
+        frontier = following
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# A case in its own process
+# ---------------------------------------------------------------------------------------------
+
+
+class NotAvailable(Exception):
+    """The installed sparsemem cannot run this case (no such model, index backend, package)."""
+
+
+def run_module(module: str, args: list[str], env: dict[str, str] | None = None) -> dict:
+    """`python -m module args` in a fresh process: the JSON object its last line of output prints,
+    or {"args": args, "error": the last line of its errors, or its exit code}."""
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=False, env=env)
+    if done.returncode:
+        error = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
+        return {"args": args, "error": error}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_in_process(function: Callable[..., dict], args: tuple, timeout: float, memory_budget: int | None) -> dict:
+    """function(*args) in a fresh process forked from the fork server (which has imported torch
+    once, see multiprocessing.set_forkserver_preload), killed after timeout seconds.
+
+    function returns a dict, its result; its exceptions become {"status", "reason"}: "not
+    available" for NotAvailable and ImportError (an optional package such as faiss, needed
+    only once the case runs), "error" for the rest; a timeout or a dead process likewise.
+    memory_budget (bytes): the process's address space is capped at its start plus this.
+    function and args are pickled: module-level names of an importable module.
+    """
+    context = multiprocessing.get_context("forkserver")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(function, args, memory_budget, sender), daemon=True)
+    process.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout):
+            return {"status": "timeout", "reason": f"over {timeout:.3g} s"}
+        return receiver.recv()
+    except EOFError:
+        process.join()
+        code = process.exitcode
+        cause = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return {"status": "error", "reason": f"the case's process died ({cause})"}
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join()
+        receiver.close()
+
+
+def _child(function: Callable[..., dict], args: tuple, memory_budget: int | None, connection) -> None:
+    try:
+        if memory_budget is not None:
+            limit_address_space(memory_budget)
+        result = function(*args)
+    except NotAvailable as error:
+        result = {"status": "not available", "reason": str(error)}
+    except ImportError as error:
+        result = {"status": "not available", "reason": f"{type(error).__name__}: {error}"}
+    except Exception as error:  # whatever a case raises is its result, reported in the table
+        result = {"status": "error", "reason": f"{type(error).__name__}: {error}"}
+    connection.send(result)
+    connection.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fits and plots
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_slope(sizes: list[float], values: list[float]) -> float | None:
+    """Least-squares slope of log(value) against log(N): value ~ c * N^slope.
+
+    Points with a non-positive value are left out; fewer than two points give None.
+    """
+    points = [(math.log(n), math.log(v)) for n, v in zip(sizes, values, strict=True) if v > 0]
+    if len(points) < 2:
+        return None
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    if spread == 0:
+        return None
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+
+
+def predict_seconds(done: list[tuple[int, float]], num_slots: int) -> float | None:
+    """A case's wall time at num_slots, extrapolated from the last two of its series (slope >= 0)."""
+    if len(done) < 2:
+        return None
+    (n1, t1), (n2, t2) = done[-2:]
+    slope = max(0.0, math.log(t2 / t1) / math.log(n2 / n1))
+    return t2 * (num_slots / n2) ** slope
+
+
+def log2_label(n: int) -> str:
+    """2^k for a power of two, else the number."""
+    return f"2^{int(math.log2(n))}" if n & (n - 1) == 0 else str(n)
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files only (Agg), imported when a plot is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def log_axes(axis, title: str | None = None, x_label: str = "N", log_y: bool = True, y_base: int = 10) -> None:
+    """N on a base-2 log axis, the value on a log axis (or linear), a grid on both."""
+    axis.set_xscale("log", base=2)
+    if log_y:
+        axis.set_yscale("log", base=y_base)
+    if title is not None:
+        axis.set_title(title)
+    axis.set_xlabel(x_label)
+    axis.grid(True, which="both", alpha=0.3)

@@ -35,7 +35,6 @@ import argparse
 import math
 import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import time
@@ -49,8 +48,24 @@ from torch import Tensor
 from tqdm import tqdm
 
 import sparsemem as sm
-from bench.common import RESULTS, header, write_json
-from sparsemem.index import Index
+from bench.common import (
+    GIB,
+    RESULTS,
+    NotAvailable,
+    PeakMemory,
+    available_bytes,
+    find_index,
+    fit_slope,
+    header,
+    log2_label,
+    log_axes,
+    predict_seconds,
+    pyplot,
+    run_in_process,
+    save_figure,
+    write_json,
+    write_text,
+)
 
 DENSE = ("NTM", "DNC")
 SPARSE = ("SAM", "SDNC")
@@ -61,8 +76,6 @@ machine has no faiss, and sparsemem's own IVF index runs there."""
 REGIMES = ("fresh", "full")
 FIT_POINTS = 4
 """Slopes are fitted over the largest sizes measured, where fixed per-step costs matter least."""
-
-GIB = 2**30
 
 # Each case process re-runs this module as __mp_main__ (multiprocessing's spawn preparation)
 # after the fork server has imported it; runpy warns about that, harmlessly, once per case.
@@ -128,76 +141,9 @@ def estimate_bytes(case: Case, config: Config) -> int:
     return word * (memories * B * N * W + links * B * N * N + vectors * B * R * N) + per_slot * B * N
 
 
-def available_bytes(device: str) -> int:
-    """What the machine has now: MemAvailable on the CPU, free memory on the GPU."""
-    if device.startswith("cuda"):
-        free, _total = torch.cuda.mem_get_info(torch.device(device))
-        return free
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
 # ---------------------------------------------------------------------------------------------
-# One case, in its own process.
+# One case (run_cases runs each in its own process).
 # ---------------------------------------------------------------------------------------------
-
-
-class NotAvailable(Exception):
-    """The installed sparsemem has no such model or index backend."""
-
-
-class PeakMemory:
-    """Current and peak memory of this process on one device, with a resettable peak.
-
-    CPU: VmRSS / VmHWM from /proc/self/status; writing 5 to /proc/self/clear_refs resets
-    the peak (Linux >= 4.0). Elsewhere the peak is ru_maxrss, which cannot be reset, so
-    later phases report the peak so far ("rss-cumulative"). GPU: the caching allocator's
-    allocated bytes.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        if device.type == "cuda":
-            self.kind = "cuda-allocated"
-        else:
-            self.kind = "rss" if self._can_reset_rss() else "rss-cumulative"
-
-    @staticmethod
-    def _can_reset_rss() -> bool:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            return True
-        except OSError:
-            return False
-
-    def current(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device)
-        if self.kind == "rss":
-            return self._status("VmRSS")
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def reset_peak(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.kind == "rss":
-            Path("/proc/self/clear_refs").write_text("5")
-
-    def peak(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device)
-        if self.kind == "rss":
-            return self._status("VmHWM")
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    @staticmethod
-    def _status(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def build_model(case: Case, config: Config) -> torch.nn.Module:
@@ -218,29 +164,6 @@ def build_model(case: Case, config: Config) -> torch.nn.Module:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def find_index(state: object) -> Index | None:
-    """The nearest-neighbour index inside a sparse model's state; None for the dense models.
-
-    Where it sits (state -> memory state -> lazy rows -> index) is the memory module's
-    business, so this looks for it breadth first instead of naming the path.
-    """
-    frontier, seen = [state], set()
-    for _depth in range(6):
-        following = []
-        for value in frontier:
-            if isinstance(value, Index):
-                return value
-            if id(value) in seen or isinstance(value, Tensor | str | int | float | bool | None):
-                continue
-            seen.add(id(value))
-            if isinstance(value, list | tuple):
-                following.extend(value)
-            elif hasattr(value, "__dict__"):
-                following.extend(vars(value).values())
-        frontier = following
-    return None
 
 
 INDEX_COUNTERS = ("merges", "merge_seconds", "rebuilds", "build_seconds")
@@ -365,82 +288,9 @@ def measure(case: Case, config: Config) -> dict:
     }
 
 
-def _address_space_limit(config: Config, budget: int) -> None:
-    """On the CPU, caps the case's address space at its start plus the memory budget, so an
-    estimate that was too low fails that case with an allocation error instead of calling
-    the kernel's OOM killer onto a shared machine."""
-    if config.device != "cpu":
-        return
-    size = PeakMemory._status("VmSize") if Path("/proc/self/status").exists() else 0
-    limit = size + budget + 2 * GIB  # slack for thread stacks and allocator arenas
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
-def _child(case: Case, config: Config, budget: int, connection) -> None:
-    try:
-        _address_space_limit(config, budget)
-        result = measure(case, config)
-    except NotAvailable as error:
-        result = {"status": "not available", "reason": str(error)}
-    except ImportError as error:  # an optional package (faiss) that the case needs only once it runs
-        result = {"status": "not available", "reason": f"{type(error).__name__}: {error}"}
-    except Exception as error:  # whatever a case raises is its result, reported in the table
-        result = {"status": "error", "reason": f"{type(error).__name__}: {error}"}
-    connection.send(result)
-    connection.close()
-
-
-def run_in_process(case: Case, config: Config, budget: int, timeout: float) -> dict:
-    """measure(case) in a fresh process (forked from a server that has imported torch), killed after timeout."""
-    context = multiprocessing.get_context("forkserver")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(case, config, budget, sender), daemon=True)
-    process.start()
-    sender.close()
-    try:
-        if not receiver.poll(timeout):
-            return {"status": "timeout", "reason": f"over {timeout:.3g} s"}
-        return receiver.recv()
-    except EOFError:
-        process.join()
-        code = process.exitcode
-        cause = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        return {"status": "error", "reason": f"the case's process died ({cause})"}
-    finally:
-        if process.is_alive():
-            process.kill()
-        process.join()
-        receiver.close()
-
-
 # ---------------------------------------------------------------------------------------------
 # The run: plan, skip, measure, summarise.
 # ---------------------------------------------------------------------------------------------
-
-
-def fit_slope(sizes: list[float], values: list[float]) -> float | None:
-    """Least-squares slope of log(value) against log(N): value ~ c * N^slope.
-
-    Points with a non-positive value are left out; fewer than two points give None.
-    """
-    points = [(math.log(n), math.log(v)) for n, v in zip(sizes, values, strict=True) if v > 0]
-    if len(points) < 2:
-        return None
-    mean_x = sum(x for x, _ in points) / len(points)
-    mean_y = sum(y for _, y in points) / len(points)
-    spread = sum((x - mean_x) ** 2 for x, _ in points)
-    if spread == 0:
-        return None
-    return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
-
-
-def predict_seconds(done: list[tuple[int, float]], num_slots: int) -> float | None:
-    """A case's wall time at num_slots, extrapolated from the last two of its series (slope >= 0)."""
-    if len(done) < 2:
-        return None
-    (n1, t1), (n2, t2) = done[-2:]
-    slope = max(0.0, math.log(t2 / t1) / math.log(n2 / n1))
-    return t2 * (num_slots / n2) ** slope
 
 
 def plan(args: argparse.Namespace) -> list[Case]:
@@ -484,7 +334,7 @@ def run_cases(
     while any(queues.values()):
         key = min((k for k in queues if queues[k]), key=lambda k: (expected(k), queues[k][0].num_slots))
         case = queues[key].pop(0)
-        progress.set_postfix_str(f"{case.series} {case.regime} N={_log2(case.num_slots)}")
+        progress.set_postfix_str(f"{case.series} {case.regime} N={log2_label(case.num_slots)}")
         estimate = estimate_bytes(case, config)
         result = {**asdict(case), "series": case.series, "estimate_bytes": estimate}
         left = math.inf if time_budget is None else time_budget - (time.perf_counter() - start)
@@ -503,7 +353,8 @@ def run_cases(
             result.update(status="skipped", reason=f"predicted {predicted:.0f} s ({why})")
         else:
             started = time.perf_counter()
-            result.update(run_in_process(case, config, memory_budget, limit))
+            address_space = memory_budget if config.device == "cpu" else None
+            result.update(run_in_process(measure, (case, config), limit, address_space))
             if result["status"] == "timeout" and limit < timeout:
                 result["reason"] += " (the rest of the run's time budget)"
             result["wall_seconds"] = time.perf_counter() - started
@@ -512,7 +363,7 @@ def run_cases(
             elif result["status"] == "not available":
                 stopped[key] = result["reason"]
             else:
-                stopped[key] = f"after {result['status']} at N={_log2(case.num_slots)}"
+                stopped[key] = f"after {result['status']} at N={log2_label(case.num_slots)}"
         results[case] = result
         progress.update()
     progress.close()
@@ -568,10 +419,6 @@ def crossovers(results: list[dict]) -> list[dict]:
     return rows
 
 
-def _log2(n: int) -> str:
-    return f"2^{int(math.log2(n))}" if n & (n - 1) == 0 else str(n)
-
-
 def table(results: list[dict]) -> str:
     """A markdown table: one row per measured case; a series' run of skipped sizes on one row."""
     lines = [
@@ -586,7 +433,7 @@ def table(results: list[dict]) -> str:
             index_time = f"{index['seconds_per_step'] * 1e3:.2f}" if index else ""
             index_bytes = f"{r['memory']['index'] / 2**20:.0f}" if "index" in r["memory"] else ""
             lines.append(
-                f"| {r['series']} | {r['regime']} | {_log2(r['num_slots'])} "
+                f"| {r['series']} | {r['regime']} | {log2_label(r['num_slots'])} "
                 f"| {r['forward']['median'] * 1e3:.2f} | {r['forward_backward']['median'] * 1e3:.2f} "
                 f"| {index_time} | {r['init']['seconds']:.2f} "
                 f"| {r['memory']['forward_backward'] / 2**20:.0f} | {index_bytes} | |"
@@ -600,9 +447,9 @@ def table(results: list[dict]) -> str:
             and (results[last + 1]["series"], results[last + 1]["regime"]) == (r["series"], r["regime"])
         ):
             last += 1
-        sizes = _log2(r["num_slots"])
+        sizes = log2_label(r["num_slots"])
         if last > position:
-            sizes += f"..{_log2(results[last]['num_slots'])}"
+            sizes += f"..{log2_label(results[last]['num_slots'])}"
         note = r["reason"] if r["status"] == "skipped" else f"{r['status']}: {r['reason']}"
         lines.append(f"| {r['series']} | {r['regime']} | {sizes} | | | | | | | {note.replace('|', '/')} |")
         position = last + 1
@@ -625,7 +472,7 @@ def pivot(results: list[dict], regime: str) -> str:
                 row.append(f"{case['forward_backward']['median'] * 1e3:.0f}")
             else:
                 row.append("skipped" if case["status"] == "skipped" else case["status"])
-        lines.append(f"| {_log2(n)} | {' | '.join(row)} |")
+        lines.append(f"| {log2_label(n)} | {' | '.join(row)} |")
     return "\n".join(lines)
 
 
@@ -641,7 +488,7 @@ def summary(slope_rows: list[dict], crossover_rows: list[dict]) -> str:
     ]
     for s in slope_rows:
         if s["sizes"]:
-            sizes = f"{_log2(s['sizes'][0])}..{_log2(s['sizes'][-1])}"
+            sizes = f"{log2_label(s['sizes'][0])}..{log2_label(s['sizes'][-1])}"
             lines.append(
                 f"| {s['series']} | {s['regime']} | {sizes} | {fmt(s['forward'])} "
                 f"| {fmt(s['forward_backward'])} | {fmt(s['memory'])} |"
@@ -649,25 +496,22 @@ def summary(slope_rows: list[dict], crossover_rows: list[dict]) -> str:
     if crossover_rows:
         lines += ["", "Crossover (smallest N where the sparse fwd+bwd step is faster than the dense one):", ""]
         for c in crossover_rows:
+            first, last = (log2_label(n) for n in c["compared"]) if c["compared"] else ("", "")
             if c["compared"] is None:
                 found = "no size measured for both"
             elif c["N"] is None:
-                found = f"not faster at any N in {_log2(c['compared'][0])}..{_log2(c['compared'][1])}"
+                found = f"not faster at any N in {first}..{last}"
             elif c["N"] == c["compared"][0]:
-                found = f"faster from the smallest N compared, {_log2(c['N'])} (up to {_log2(c['compared'][1])})"
+                found = f"faster from the smallest N compared, {first} (up to {last})"
             else:
-                found = f"N = {_log2(c['N'])} (compared {_log2(c['compared'][0])}..{_log2(c['compared'][1])})"
+                found = f"N = {log2_label(c['N'])} (compared {first}..{last})"
             lines.append(f"- {c['regime']}: {c['sparse']} vs {c['dense']}: {found}")
     return "\n".join(lines)
 
 
 def plot(results: list[dict], slope_rows: list[dict], stem: Path) -> list[Path]:
     """Log-log plots of time per step and of peak memory against N, the slope of each series in its label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     slope_of = {(s["series"], s["regime"]): s for s in slope_rows}
     series = list(dict.fromkeys(r["series"] for r in results))
     # colour by model, line style by index backend
@@ -681,7 +525,7 @@ def plot(results: list[dict], slope_rows: list[dict], stem: Path) -> list[Path]:
                 continue
             slope = slope_of[(name, regime)][metric]
             label = name if slope is None else f"{name} (slope {slope:.2f})"
-            axis.loglog(
+            axis.plot(
                 [r["num_slots"] for r in ok],
                 [value(r) for r in ok],
                 styles[ok[0]["index"]],
@@ -689,10 +533,8 @@ def plot(results: list[dict], slope_rows: list[dict], stem: Path) -> list[Path]:
                 ms=3,
                 color=colors[ok[0]["model"]],
                 label=label,
-                base=2,
             )
-        axis.set_xlabel("N (memory slots)")
-        axis.grid(True, which="both", alpha=0.3)
+        log_axes(axis, x_label="N (memory slots)", y_base=2)
         if axis.has_data():
             axis.legend(fontsize=7)
         else:
@@ -707,7 +549,7 @@ def plot(results: list[dict], slope_rows: list[dict], stem: Path) -> list[Path]:
             axis.set_title(f"{regime} memory: {title} time per step")
             axis.set_ylabel("ms per step")
     figure.tight_layout()
-    paths.append(_save(figure, stem.with_name(stem.name + "-time.png")))
+    paths.append(save_figure(figure, stem.with_name(stem.name + "-time.png"), dpi=110))
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
     for column, regime in enumerate(REGIMES):
@@ -716,17 +558,9 @@ def plot(results: list[dict], slope_rows: list[dict], stem: Path) -> list[Path]:
         axis.set_title(f"{regime} memory: peak memory of forward+backward")
         axis.set_ylabel("MiB above the process baseline")
     figure.tight_layout()
-    paths.append(_save(figure, stem.with_name(stem.name + "-memory.png")))
+    paths.append(save_figure(figure, stem.with_name(stem.name + "-memory.png"), dpi=110))
     plt.close("all")
     return paths
-
-
-def _save(figure, path: Path) -> Path:
-    """Atomic like write_json: a temporary file, then a rename."""
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=110)
-    os.replace(temporary, path)
-    return path
 
 
 def _slots(text: str) -> int:
@@ -849,14 +683,11 @@ def main(argv: list[str] | None = None) -> dict:
         "plots": [],
     }
     stem = out.with_suffix("")
-    out.parent.mkdir(parents=True, exist_ok=True)
     if not args.no_plot:
         payload["plots"] = [p.name for p in plot(results, slope_rows, stem)]
     write_json(out, payload)
     markdown = stem.with_name(stem.name + ".md")
-    temporary = markdown.with_name(markdown.name + ".tmp")
-    temporary.write_text(text + "\n")
-    os.replace(temporary, markdown)
+    write_text(markdown, text + "\n")
     written = ", ".join([markdown.name, *payload["plots"]])
     print(f"\n{text}\n\n{len(cases)} cases in {wall:.0f} s; wrote {out} and {written}")
     return payload
@@ -864,7 +695,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     # Run under the module's own name, not __main__, so that the case processes can
-    # unpickle Case, Config and _child by reference.
+    # unpickle measure, Case and Config by reference.
     from bench import scaling
 
     scaling.main()

@@ -1,8 +1,6 @@
-"""bench/scaling.py: the slope fit on synthetic data, the memory plan, and a run on tiny sizes."""
+"""bench/scaling.py: the memory plan, the budgets, and a run on tiny sizes."""
 
 import json
-import math
-import random
 
 import pytest
 
@@ -14,21 +12,6 @@ TINY = [
     "--batch", "2", "--word", "8", "--reads", "2", "--k", "2", "--steps", "2", "--hidden", "8", "--inputs", "3",
     "--min-run-time", "0", "--timeout", "120", "--memory-gib", "1",
 ]  # fmt: skip
-
-
-@pytest.mark.parametrize("exponent", [0.0, 0.5, 1.0, 2.0])
-def test_fit_slope_recovers_the_exponent(exponent):
-    sizes = [2**e for e in range(10, 21)]
-    assert scaling.fit_slope(sizes, [3e-4 * n**exponent for n in sizes]) == pytest.approx(exponent, abs=1e-9)
-    noise = random.Random(0)
-    noisy = [3e-4 * n**exponent * math.exp(noise.gauss(0, 0.1)) for n in sizes]
-    assert scaling.fit_slope(sizes, noisy) == pytest.approx(exponent, abs=0.05)
-
-
-def test_fit_slope_needs_two_sizes_with_positive_values():
-    assert scaling.fit_slope([1024], [1.0]) is None
-    assert scaling.fit_slope([1024, 2048], [1.0, 0.0]) is None
-    assert scaling.fit_slope([1024, 1024], [1.0, 2.0]) is None
 
 
 def test_estimate_follows_each_models_memory():
@@ -45,12 +28,6 @@ def test_estimate_follows_each_models_memory():
     assert dnc > 2**40  # far over any machine here: skipped, never attempted
     sam = scaling.estimate_bytes(scaling.Case("SAM", "faiss-hnsw", "fresh", 2**20), config)
     assert sam < 2**30
-
-
-def test_prediction_extrapolates_the_last_two_sizes():
-    assert scaling.predict_seconds([(1024, 1.0)], 2048) is None
-    assert scaling.predict_seconds([(1024, 1.0), (2048, 4.0)], 4096) == pytest.approx(16.0)
-    assert scaling.predict_seconds([(1024, 2.0), (2048, 1.0)], 4096) == pytest.approx(1.0)  # never falls
 
 
 def test_cases_over_the_memory_budget_are_skipped_without_running():

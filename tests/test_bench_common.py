@@ -1,0 +1,41 @@
+"""bench/common.py: the slope fit on synthetic data, the time prediction, subprocesses and atomic writes."""
+
+import math
+import random
+
+import pytest
+
+from bench.common import fit_slope, predict_seconds, run_module, write_text
+
+
+@pytest.mark.parametrize("exponent", [0.0, 0.5, 1.0, 2.0])
+def test_fit_slope_recovers_the_exponent(exponent):
+    sizes = [2**e for e in range(10, 21)]
+    assert fit_slope(sizes, [3e-4 * n**exponent for n in sizes]) == pytest.approx(exponent, abs=1e-9)
+    noise = random.Random(0)
+    noisy = [3e-4 * n**exponent * math.exp(noise.gauss(0, 0.1)) for n in sizes]
+    assert fit_slope(sizes, noisy) == pytest.approx(exponent, abs=0.05)
+
+
+def test_fit_slope_needs_two_sizes_with_positive_values():
+    assert fit_slope([1024], [1.0]) is None
+    assert fit_slope([1024, 2048], [1.0, 0.0]) is None
+    assert fit_slope([1024, 1024], [1.0, 2.0]) is None
+
+
+def test_prediction_extrapolates_the_last_two_sizes():
+    assert predict_seconds([(1024, 1.0)], 2048) is None
+    assert predict_seconds([(1024, 1.0), (2048, 4.0)], 4096) == pytest.approx(16.0)
+    assert predict_seconds([(1024, 2.0), (2048, 1.0)], 4096) == pytest.approx(1.0)  # never falls
+
+
+def test_a_failed_module_run_reports_its_last_error_line():
+    result = run_module("bench.no_such_bench", ["--x"])
+    assert result["args"] == ["--x"]
+    assert "No module named bench.no_such_bench" in result["error"]
+
+
+def test_atomic_write_leaves_only_the_file(tmp_path):
+    path = write_text(tmp_path / "deep" / "table.md", "| a |\n")
+    assert path.read_text() == "| a |\n"
+    assert [p.name for p in path.parent.iterdir()] == ["table.md"]
