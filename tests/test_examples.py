@@ -1,8 +1,9 @@
-"""examples/ run as written (a few steps each)."""
+"""examples/ run as written and do what they say."""
 
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -15,10 +16,23 @@ def load(name: str):
     return module
 
 
-def test_memory_layer_example_trains():
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_memory_layer_example_beats_a_constant_guess(monkeypatch):
+    """The example as documented (300 steps) tags better than always giving the commoner label of
+    the chunks it is scored on (3 to 4 points better on seeds 0 and 1)."""
     example = load("memory_layer")
-    accuracy = example.main(steps=8, batch=4, chunk=4)
-    assert 0.0 <= accuracy <= 1.0
+    labelled, seen_rates = example.seen_before, []
+
+    def seen_before(tokens, history):
+        labels, history = labelled(tokens, history)
+        seen_rates.append(labels.mean().item())
+        return labels, history
+
+    monkeypatch.setattr(example, "seen_before", seen_before)
+    accuracy = example.main()
+    seen = sum(seen_rates[-50:]) / 50
+    assert accuracy > max(seen, 1 - seen) + 0.02
 
 
 def test_seen_before_labels():

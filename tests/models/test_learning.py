@@ -65,10 +65,8 @@ def test_copy_is_not_learned_without_reads(tmp_path, model):
 
 
 def test_dnc_learns_associative_recall(tmp_path):
-    # Seed-sensitive: seeds 0, 1, 2 master it at steps 671, 1927 and not within 2000 (dac9a26), and
-    # a float-level change in a DNC op (b4829ac's content kernel) moved seed 0 past the budget until
-    # the next change moved it back. When this fails after a change that only rounds differently,
-    # look at a few seeds before suspecting a bug. Tried and no better: max_level 4, lr 3e-3.
+    # Seed-sensitive (seed history in bench/results/learning/README.md): after a change that only
+    # rounds differently, try a few seeds before suspecting a bug.
     trainer, error, per_level = train(tmp_path, ablate=False, **RECALL)
     assert trainer.steps_to_threshold is not None, f"not mastered in {RECALL['steps']} steps: {per_level}"
     assert error < THRESHOLD, per_level
