@@ -149,7 +149,6 @@ def run_sweep(num_slots: int, config: dict, lists_per_sqrt: list[float], probes:
             if nprobe > nlist:
                 continue
             index.nprobe = nprobe
-            index._plans.clear()  # the probe plan caches nprobe
             search = timer(device)(lambda index=index: index.search(keys, k))
             results.append(
                 {
@@ -160,8 +159,8 @@ def run_sweep(num_slots: int, config: dict, lists_per_sqrt: list[float], probes:
                     "build_seconds": build,
                     "search_ms": search["median"] * 1e3,
                     "recall": recall(index, exact, recall_keys, k),
-                    "probes_used": index._plan(k)[0],
-                    "candidates_bound": index._plan(k)[1],
+                    "probes_used": index.probe_plan(k)[0],
+                    "candidates_bound": index.probe_plan(k)[1],
                     "load_average": os.getloadavg()[0],
                 }
             )
