@@ -1,0 +1,17 @@
+"""bench/bench_versions.py runs end to end on a tiny configuration and writes its JSON and plot."""
+
+import json
+
+from bench import bench_versions
+
+
+def test_bench_versions_writes_rollback_and_stream_results(tmp_path):
+    stem = tmp_path / "versions"
+    args = ["--models", "sam", "--log2-slots", "6", "--steps", "2", "4", "--repeats", "1"]
+    bench_versions.main([*args, "--stream-steps", "30", "--stream-log2-slots", "6", "--out", str(stem)])
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert [(row["N"], row["T"]) for row in result["rollback"]] == [(64, 2), (64, 4)]
+    assert all(row["step_ms"] > 0 for row in result["rollback"])
+    stream = result["stream"][0]
+    assert stream["steps"] == 30 and stream["rss"][-1]["step"] == 30
+    assert stem.with_suffix(".png").stat().st_size > 0
