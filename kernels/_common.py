@@ -1,4 +1,5 @@
-"""What the Triton kernels share: accumulator dtypes, block sizes, how many programs to launch, tile indexing."""
+"""What the Triton kernels share: accumulator dtypes, block sizes, how many programs to launch, tile indexing,
+and the gather of K rows per head with its cosine backward (topk_content and sparse_read)."""
 
 import functools
 
@@ -105,3 +106,36 @@ def memory_tile(memory_ptr, b, N, W, n, w, w_ok, keys, EPS: tl.constexpr):
     dtype): -> (words [BLOCK_N, BLOCK_W], their norms [BLOCK_N], key . word dots [BLOCK_R, BLOCK_N])."""
     words = load_rows(memory_ptr, b * N, n, n < N, W, w, w_ok, keys.dtype)
     return words, norms(words, EPS), tl.sum(keys[:, None, :] * words[None, :, :], 2)
+
+
+@triton.jit
+def gathered_cosine_backward(rows, key, key_norm, grad_similarity, EPS: tl.constexpr):
+    # s_j = D(key, x_j) = key . x_j / (a m_j); given gs_j = dL/ds_j, for the head's rows x
+    # [BLOCK_K, BLOCK_W] (zero past K):
+    #   grad x_j = gs_j (key / (a m_j) - s_j x_j / m_j^2),  grad key = sum_j gs_j (x_j / (a m_j) - s_j key / a^2).
+    word_norm = norms(rows, EPS)
+    similarity = tl.sum(rows * key[None, :], 1) / (key_norm * word_norm)
+    cross = grad_similarity / (key_norm * word_norm)
+    grad_rows = cross[:, None] * key[None, :] - (grad_similarity * similarity / (word_norm * word_norm))[:, None] * rows
+    grad_key = tl.sum(cross[:, None] * rows, 0) - tl.sum(grad_similarity * similarity) / (key_norm * key_norm) * key
+    return grad_rows, grad_key
+
+
+@triton.jit
+def gather_head(memory_ptr, indices_ptr, keys_ptr, head, N, R, W, K, acc: tl.constexpr, EPS: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):  # fmt: skip
+    # Head (b, r)'s K rows of memory [BLOCK_K, BLOCK_W] (0 past K) and its key [BLOCK_W], with ||key||.
+    j = tl.arange(0, BLOCK_K)
+    w = tl.arange(0, BLOCK_W)
+    slots = tl.load(indices_ptr + head * K + j, mask=j < K, other=0)
+    rows = load_rows(memory_ptr, head // R * N, slots, j < K, W, w, w < W, acc)
+    key = tl.load(keys_ptr + head * W + w, mask=w < W, other=0.0).to(acc)
+    return rows, key, norm(key, EPS)
+
+
+def scatter_rows(memory: Tensor, indices: Tensor, grad_rows: Tensor) -> Tensor:
+    """The dense [B, N, W] memory gradient from the gradients of the gathered rows [B, R, K, W]."""
+    B, N, W = memory.shape
+    grad_memory = torch.zeros(B, N, W, dtype=grad_rows.dtype, device=memory.device)
+    flat = indices.reshape(B, -1, 1).expand(-1, -1, W)
+    return grad_memory.scatter_add_(1, flat, grad_rows.reshape(B, -1, W)).to(memory.dtype)

@@ -1,7 +1,7 @@
 """sparsemem: fast, exact external memories (NTM, DNC, SAM, SDNC) for PyTorch."""
 
 from sparsemem import _backends, memory, ops, reference
-from sparsemem._backends import backends
+from sparsemem._backends import backends, backends_for
 from sparsemem.models import DNC, NTM, SAM, SDNC, MemoryModel, ModelState
 
 __version__ = "0.1.0"
@@ -10,4 +10,16 @@ __version__ = "0.1.0"
 # a missing extension only makes the cpp/cuda backends unavailable.
 _backends.extension()
 
-__all__ = ["DNC", "NTM", "SAM", "SDNC", "MemoryModel", "ModelState", "backends", "memory", "ops", "reference"]
+__all__ = [
+    "DNC",
+    "NTM",
+    "SAM",
+    "SDNC",
+    "MemoryModel",
+    "ModelState",
+    "backends",
+    "backends_for",
+    "memory",
+    "ops",
+    "reference",
+]

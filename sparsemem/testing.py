@@ -1,12 +1,16 @@
 """Valid inputs for every registered op, at any size and dtype, for tests and benchmarks.
 
-op_inputs(op, dtype, B, N, W, R) -> positional arguments of sparsemem.ops.<op>.
+op_inputs(op, dtype, B, N, W, R) -> positional arguments of sparsemem.ops.<op> (for the internal
+journaled_write, of sparsemem.ops.journaled_write.journaled_write). The tables of ops below come
+from the backend registry.
 Values are in the ranges the ops expect (weights are distributions, gates in [0, 1],
 sharpening >= 1) and usages are distinct so sorts have no ties.
 """
 
 import torch
 
+import sparsemem.ops  # noqa: F401  (declares every op in the registry)
+from sparsemem import _backends
 from sparsemem.reference import sdnc_link_update_ref
 
 K = 4
@@ -73,6 +77,14 @@ def op_inputs(op: str, dtype: torch.dtype = torch.float64, B=3, N=7, W=5, R=3, s
         return randn(B, J, W), distribution(B, J), randn(B, W), erase
     if op in ("sparse_link_update", "sparse_temporal_reads"):
         return _sparse_link_inputs(op, B, N, R, g, rand, distribution)
+    if op == "journaled_write":
+        # sparse_write's arguments in place on a store of B*N flat rows, half of them written;
+        # keys b*N + slot, distinct per batch row
+        rows, weights, add, erase_rows = op_inputs("sparse_write", dtype, B, N, W, R, seed)
+        J = rows.shape[1]
+        slots = torch.stack([torch.randperm(N, generator=g)[:J] for _ in range(B)])
+        written = torch.rand(B * N, generator=g) < 0.5
+        return randn(B * N, W), written, randn(W), slots + N * torch.arange(B)[:, None], weights, add, erase_rows
     raise KeyError(op)
 
 
@@ -113,38 +125,25 @@ def _sparse_link_inputs(op, B, N, R, g, rand, distribution) -> tuple:
     return (*gathered(link), *gathered(link.transpose(1, 2)), precedence, precedence_values, writes, write_weights)
 
 
-DENSE_KERNEL_OPS = (
-    "content_weights",
-    "content_read",
-    "allocation_weights",
-    "memory_write",
-    "memory_read",
-    "link_update",
-    "temporal_reads",
-    "link_update_reads",
-)
+def _kernel_ops(every_input_differentiable: bool) -> tuple[str, ...]:
+    def dense(info) -> bool:
+        return len(info.differentiable) == len(info.inputs)
+
+    return tuple(
+        op
+        for op in OPS
+        if "cpp" in _backends.op_info(op).backends and dense(_backends.op_info(op)) == every_input_differentiable
+    )
+
+
+OPS = _backends.ops(public=True)
+"""Every public op (sparsemem.ops), in the registry's order."""
+
+DENSE_KERNEL_OPS = _kernel_ops(every_input_differentiable=True)
 """The dense ops with C++, CUDA and Triton kernels; every input of each is differentiable."""
 
-SPARSE_KERNEL_OPS = ("topk_content", "sparse_read", "sparse_write", "sparse_link_update", "sparse_temporal_reads")
+SPARSE_KERNEL_OPS = _kernel_ops(every_input_differentiable=False)
 """The sparse ops with C++, CUDA and Triton kernels; their index inputs take no gradient."""
 
-QUADRATIC_OPS = ("link_update", "temporal_reads", "link_update_reads")
-"""Ops on [B, N, N] link matrices: N = 4097 is 50M elements per tensor in float64."""
-
-OPS = (
-    "content_weights",
-    "content_read",
-    "usage_update",
-    "allocation_weights",
-    "memory_write",
-    "memory_read",
-    "link_update",
-    "temporal_reads",
-    "link_update_reads",
-    "ntm_address",
-    "topk_content",
-    "sparse_read",
-    "sparse_write",
-    "sparse_link_update",
-    "sparse_temporal_reads",
-)
+QUADRATIC_OPS = tuple(op for op in OPS if _backends.op_info(op).stem == "links")
+"""Ops on [B, N, N] link matrices (the links family): N = 4097 is 50M elements per tensor in float64."""

@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-from sparsemem import _backends
+import sparsemem as sm
+from sparsemem import reference
 
 
 def pytest_collection_modifyitems(config, items):
@@ -17,11 +18,23 @@ def pytest_collection_modifyitems(config, items):
 
 def cpu_backends(op: str) -> list[str]:
     """Backends that implement `op` and can run it on CPU tensors here."""
-    return [
-        backend
-        for backend in _backends._KERNELS[op]
-        if _backends.availability()[backend] is None and _backends._runs_on(backend, "cpu")
-    ]
+    return list(sm.backends_for(op, "cpu").runnable)
+
+
+def run_backward(outputs, leaves):
+    """Gradients of the float outputs with seeded random upstream gradients -> (grads, seeds)."""
+    outputs = [o for o in outputs if o.is_floating_point()]
+    seeds = [torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=o.dtype) for o in outputs]
+    return torch.autograd.grad(outputs, leaves, seeds), seeds
+
+
+def reference_with_grads(op: str, args: tuple, seeds: list) -> tuple[tuple, tuple]:
+    """The reference's outputs and input gradients (float64) for upstream gradients `seeds`."""
+    leaves = [a.detach().double().requires_grad_(True) for a in args]
+    outputs = getattr(reference, f"{op}_ref")(*leaves)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    grads = torch.autograd.grad(outputs, leaves, [s.double() for s in seeds])
+    return tuple(o.detach() for o in outputs), grads
 
 
 @pytest.fixture
@@ -31,6 +44,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def nan_poisoned():
+    """Every tensor torch allocates uninitialised (at::empty in the C++ kernels, torch.empty in the
+    triton wrappers) starts as NaN, integers as their largest value, so an element no kernel writes
+    shows: torch fills uninitialised memory when deterministic algorithms are on."""
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.empty(4).isnan().all(), "the poisoning these tests rely on is off"
+    yield
+    torch.use_deterministic_algorithms(False)
 
 
 @pytest.fixture

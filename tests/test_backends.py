@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -14,9 +16,43 @@ def test_report_lists_every_backend_and_op(capsys):
     assert capsys.readouterr().out.strip() == report.strip()
 
 
-def test_unavailable_backends_say_why():
-    for backend, reason in _backends.availability().items():
-        assert reason is None or len(reason) > 10, backend
+NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")
+def test_without_a_gpu_cuda_says_so():
+    assert _backends.availability()["cuda"] == NO_CUDA
+    assert sm.backends_for("memory_read", "cuda").unavailable["cuda"] == NO_CUDA
+
+
+def test_backends_for_says_which_backends_implement_an_op_and_why_the_others_cannot_run():
+    ntm = sm.backends_for("ntm_address", "cpu")
+    assert ntm.implemented == ("torch",) and ntm.runnable == ("torch",) and ntm.chosen == "torch"
+    assert ntm.unavailable["cpp"] == "ntm_address has no cpp kernel"
+    read = sm.backends_for("memory_read", torch.device("cpu"))
+    assert read.implemented == ("torch", "cpp", "triton", "cuda")
+    assert read.unavailable["cuda"] == (
+        NO_CUDA if not torch.cuda.is_available() else "cuda runs on cuda tensors, not cpu"
+    )
+    assert read.chosen == _backends.backend_for("memory_read", torch.device("cpu"))
+    assert set(read.runnable) | set(read.unavailable) == set(_backends.BACKENDS)
+    if _backends.availability()["cpp"] is None:
+        assert read.runnable[:2] == ("torch", "cpp")
+    else:
+        assert read.unavailable["cpp"] == _backends.availability()["cpp"]
+        assert "reinstall with SPARSEMEM_BUILD_EXT=1" in read.unavailable["cpp"]
+    if os.environ.get("TRITON_INTERPRET") == "1" and _backends.availability()["triton"] is None:
+        assert "triton" in read.runnable
+
+
+def test_backends_for_an_unknown_op_lists_the_ops():
+    with pytest.raises(ValueError, match="unknown op 'nonsense'; the ops are allocation_weights"):
+        sm.backends_for("nonsense")
+
+
+def test_every_public_op_is_declared_once():
+    assert sorted(_backends.ops(public=True)) == sorted(sm.ops.__all__)
+    assert _backends.ops(public=False) == ("journaled_write",)
 
 
 def test_forced_backend(monkeypatch):
@@ -46,7 +82,7 @@ def test_extension_is_built_and_preferred_on_cpu():
 def test_kernel_choice_follows_sparsemem_backend(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("SPARSEMEM_BACKEND", "torch")
-    assert _backends.kernel("memory_read", cpu) is _backends._KERNELS["memory_read"]["torch"]
+    assert _backends.kernel("memory_read", cpu) is _backends.implementations("memory_read")["torch"]
     monkeypatch.delenv("SPARSEMEM_BACKEND")
-    chosen = _backends._KERNELS["memory_read"][_backends.backend_for("memory_read", cpu)]
+    chosen = _backends.implementations("memory_read")[_backends.backend_for("memory_read", cpu)]
     assert _backends.kernel("memory_read", cpu) is chosen

@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 import sparsemem as sm
 from bench.common import RESULTS, copy_bandwidth, header, time_cpu, time_gpu, write_json
-from sparsemem import _backends
 from sparsemem.testing import OPS, op_inputs
 
 QUADRATIC = {"link_update", "temporal_reads", "link_update_reads"}  # [B, N, N] inputs: capped lower
@@ -107,9 +106,10 @@ def plot(results: list[dict], path: Path) -> Path:
     columns = min(4, len(ops))
     rows = (len(ops) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
-    colours = {backend: f"C{i}" for i, backend in enumerate(_backends.BACKENDS)}
+    backends = sorted({r["backend"] for r in results})
+    colours = {backend: f"C{i}" for i, backend in enumerate(backends)}
     for axis, op in zip(axes.flat, ops, strict=False):
-        for backend in _backends.BACKENDS:
+        for backend in backends:
             cases = sorted((r for r in results if r["op"] == op and r["backend"] == backend), key=lambda r: r["N"])
             if not cases:
                 continue
@@ -177,8 +177,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     forced = os.environ.get("SPARSEMEM_BACKEND")
     cases, skipped = [], []
     for op in args.ops.split(","):
-        backends = [b for b in _backends._KERNELS[op] if _backends.availability()[b] is None]
-        backends = [b for b in backends if _backends._runs_on(b, args.device)]
+        backends = sm.backends_for(op, args.device).runnable
         for exponent in range(args.min_log2_slots, (top_links if op in QUADRATIC else top) + 1):
             if estimated_bytes(op, 2**exponent, config) > args.max_memory_gb * 2**30:
                 skipped.append({"op": op, "N": 2**exponent, "reason": f"estimated above {args.max_memory_gb} GB"})

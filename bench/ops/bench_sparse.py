@@ -39,7 +39,6 @@ import torch
 
 import sparsemem as sm
 from bench.common import RESULTS, header, time_cpu, time_gpu, write_json
-from sparsemem import _backends
 
 B, W, R, K, K_L = 8, 64, 4, 8, 8
 LINK_OPS = ("sparse_link_update", "sparse_temporal_reads")
@@ -49,8 +48,7 @@ JOURNAL_OPS = ("journaled_write", "write_3_nodes")
 def timed_backends(op: str, device: str) -> list[str]:
     """The backends of `op` that run on `device`, torch first; interpreted triton on the CPU is
     a correctness check, not a timing."""
-    kernels = _backends._KERNELS["sparse_write" if op == "write_3_nodes" else op]
-    found = [b for b in kernels if _backends.availability()[b] is None and _backends._runs_on(b, device)]
+    found = sm.backends_for("sparse_write" if op == "write_3_nodes" else op, device).runnable
     return [b for b in found if device == "cuda" or b != "triton"]
 
 

@@ -7,7 +7,7 @@ autograd runs their backwards in exactly the reverse order of the forward:
     source -> gather -> write -> gather -> ... -> token held by the state
 
 A write (SAM's: new = old (1 - erase) + w a^T on J rows) is one node and one kernel
-(sparsemem.ops.sparse.journaled_write): it reads the rows it overwrites, keeps them as the
+(sparsemem.ops.journaled_write): it reads the rows it overwrites, keeps them as the
 step's journal entry (J*W, saved by autograd; the journal proper holds only row ids), and
 stores the new rows. Backward never reads the memory: it leaves the memory holding the
 end-of-forward state, bit-identical to a forward-only run, and needs no undo/redo pass.
@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sparsemem import _backends, _checks
+from sparsemem import _checks
 from sparsemem.memory.row_store import LazyRows
+from sparsemem.ops.journaled_write import journaled_write_backward
 
 
 class Journal:
@@ -182,9 +183,9 @@ class _Scatter(torch.autograd.Function):
 
 class _Write(torch.autograd.Function):
     """A step's write in one node: new = old (1 - erase) + w a^T in place (RowStore.sparse_write),
-    the old rows kept for backward. Backward, by the kernel of the backend that ran the forward:
-    the written rows' gradient taken from the buffer (and zeroed there), through the write, the
-    old rows' gradient added back, at positions found once."""
+    the old rows kept for backward. Backward (journaled_write_backward): the written rows' gradient
+    taken from the buffer (and zeroed there), through the write, the old rows' gradient added back,
+    at positions found once."""
 
     @staticmethod
     def forward(
@@ -192,7 +193,6 @@ class _Write(torch.autograd.Function):
     ):
         store = journal.store
         ctx.journal, ctx.position = journal, journal.next_token()
-        ctx.kernel = _backends.kernel("journaled_write", store.rows.device)
         row_ids, old, new = store.sparse_write(slots, weights, add, erase_rows, active)
         journal.log(row_ids.view(-1))
         ctx.save_for_backward(row_ids, first, old, weights, add, erase_rows, new)
@@ -204,7 +204,7 @@ class _Write(torch.autograd.Function):
         journal = ctx.journal
         journal.receive(ctx.position)
         positions = journal.positions(row_ids.view(-1), old.dtype).view_as(row_ids)
-        grad_weights, grad_add = ctx.kernel.backward(
+        grad_weights, grad_add = journaled_write_backward(
             journal.buffer(), positions, first, old, weights, add, erase_rows, new
         )
         return None, None, None, grad_weights, grad_add, None, None, None

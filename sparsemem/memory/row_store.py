@@ -17,7 +17,7 @@ from torch import Tensor
 from sparsemem import _checks
 from sparsemem.index import make_index
 from sparsemem.memory.versions import Change, Timeline
-from sparsemem.ops.sparse import journaled_write
+from sparsemem.ops.journaled_write import journaled_write
 
 
 class LazyRows:

@@ -1,13 +1,24 @@
-"""Public ops: validated at the boundary, registered as torch.ops.sparsemem.*, backend-dispatched."""
+"""Public ops: validated at the boundary, registered as torch.ops.sparsemem.*, backend-dispatched.
+
+One module per op family (its file stem in every layer: kernels/, csrc/, tests/ops/); the backend
+registry (sparsemem._backends, sparsemem.backends_for) lists them all. journaled_write, the sparse
+memory's in-place write, is registered too but internal: sparsemem.ops.journaled_write.
+"""
 
 from sparsemem.ops.allocation import allocation_weights
 from sparsemem.ops.content import content_read, content_weights
 from sparsemem.ops.links import link_update, link_update_reads, temporal_reads
 from sparsemem.ops.memory_rw import memory_read, memory_write
 from sparsemem.ops.ntm import ntm_address
-from sparsemem.ops.sparse import sparse_read, sparse_write, topk_content
 from sparsemem.ops.sparse_links import sparse_link_update, sparse_temporal_reads
+from sparsemem.ops.sparse_read import sparse_read
+from sparsemem.ops.sparse_write import sparse_write
+from sparsemem.ops.topk_content import topk_content
 from sparsemem.ops.usage import usage_update
+
+# isort: split
+# the internal op, registered after the public ones (its backward composes sparse_write's kernels)
+from sparsemem.ops import journaled_write  # noqa: F401
 
 __all__ = [
     "allocation_weights",

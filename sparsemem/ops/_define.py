@@ -69,8 +69,8 @@ def extension_kernel(name: str, schema: str, differentiable: Sequence[int]) -> _
     return _backends.Kernel(forward_op, backward)
 
 
-def triton_kernel(module: str, name: str, differentiable: Sequence[int] | None = None) -> _backends.Kernel:
-    """The triton backend of `name`: <name>_forward / <name>_backward in sparsemem.kernels.<module>.
+def triton_kernel(stem: str, name: str, differentiable: Sequence[int] | None = None) -> _backends.Kernel:
+    """The triton backend of `name`: <name>_forward / <name>_backward in sparsemem.kernels.<stem>.
 
     The module (and with it triton) is imported on the first call, never by `import sparsemem`.
     The backward runs as the custom op sparsemem::triton_<name>_backward, so autograd tracing
@@ -80,7 +80,7 @@ def triton_kernel(module: str, name: str, differentiable: Sequence[int] | None =
     """
 
     def load():
-        return importlib.import_module(f"sparsemem.kernels.{module}")
+        return importlib.import_module(f"sparsemem.kernels.{stem}")
 
     def positions(inputs: Sequence[object]) -> Sequence[int]:
         return range(len(inputs)) if differentiable is None else differentiable
@@ -111,27 +111,65 @@ def triton_kernel(module: str, name: str, differentiable: Sequence[int] | None =
     return _backends.Kernel(forward, backward)
 
 
-def _register_extension(name: str, schema: str, differentiable: Sequence[int]) -> None:
-    """Registers the compiled kernels of `name` for the devices the extension built them for."""
+def _register_extension(name: str, schema: str, differentiable: Sequence[int], kernels: Sequence[str]) -> None:
+    """Registers the compiled kernels of `name` (of the backends in `kernels`) for the devices the
+    extension built them for."""
     if _backends.extension() is None or not hasattr(torch.ops.sparsemem, f"ext_{name}"):
         return
     kernel = extension_kernel(name, schema, differentiable)
     for backend, dispatch_key in (("cpp", "CPU"), ("cuda", "CUDA")):
-        if torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsemem::ext_{name}", dispatch_key):
+        if backend in kernels and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"sparsemem::ext_{name}", dispatch_key
+        ):
             _backends.register(name, backend, kernel)
 
 
-def define_op(name: str, schema: str, reference: Callable, fake: Callable, differentiable: Sequence[int]):
-    """Register torch.ops.sparsemem.<name> with the torch backend; other backends add kernels later.
+def schema_inputs(schema: str) -> tuple[str, ...]:
+    """The argument names of a schema's argument part, e.g. "(Tensor(a!) rows, SymInt k) -> Tensor"."""
+    arguments = schema.split("->")[0].strip()[1:-1]
+    return tuple(argument.split()[-1] for argument in arguments.split(","))
+
+
+def declare_op(
+    name: str,
+    stem: str,
+    schema: str,
+    differentiable: Sequence[int],
+    kernels: Sequence[str] = ("cpp", "cuda", "triton"),
+    public: bool = True,
+) -> None:
+    """Declare `name` in the backend registry: its family's file stem, the backends it has kernel
+    sources for besides torch, its inputs; the cpp/cuda kernels register when the extension has them."""
+    info = _backends.OpInfo(stem, ("torch", *kernels), schema_inputs(schema), tuple(differentiable), public)
+    _backends.declare(name, info)
+
+
+def define_op(
+    name: str,
+    schema: str,
+    reference: Callable,
+    fake: Callable,
+    differentiable: Sequence[int],
+    *,
+    stem: str,
+    kernels: Sequence[str] = ("cpp", "cuda", "triton"),
+):
+    """Register torch.ops.sparsemem.<name>: its declaration and every backend's kernel, in one call.
 
     schema: the argument and return part of a torch schema, e.g. "(Tensor usage) -> Tensor".
+    stem: the op family's file stem (ops/<stem>.py, kernels/<stem>.py, csrc/*/<stem>.*); kernels:
+    the backends with kernel sources besides torch (the reference, differentiated by vjp): triton's
+    <name>_forward / <name>_backward in kernels/<stem>.py, cpp and cuda's ext_<name> in csrc/.
     Returns a function of the op's inputs: inside torch.compile it calls the registered custom op
     (traced through its fake and autograd registrations); in eager mode it runs the same kernel
     and backward through a plain torch.autograd.Function, skipping the custom op's dispatch, which
     costs more than the whole kernel at the sizes of a sparse step (~100 us a call on 2 cores).
     """
+    declare_op(name, stem, schema, differentiable, kernels)
     _backends.register(name, "torch", torch_kernel(reference, differentiable))
-    _register_extension(name, schema, differentiable)
+    _register_extension(name, schema, differentiable, kernels)
+    if "triton" in kernels:
+        _backends.register(name, "triton", triton_kernel(stem, name, differentiable))
 
     def run_forward(*inputs):
         return _backends.kernel(name, _device(inputs)).forward(*inputs)

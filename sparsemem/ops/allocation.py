@@ -2,9 +2,8 @@
 
 from torch import Tensor
 
-from sparsemem import _backends
 from sparsemem._checks import Shapes, check_finite
-from sparsemem.ops._define import define_op, triton_kernel
+from sparsemem.ops._define import define_op
 from sparsemem.reference import allocation_weights_ref
 
 _allocation_weights = define_op(
@@ -13,8 +12,8 @@ _allocation_weights = define_op(
     allocation_weights_ref,
     lambda usage: usage.new_empty(usage.shape),
     differentiable=(0,),
+    stem="allocation",
 )
-_backends.register("allocation_weights", "triton", triton_kernel("allocation", "allocation_weights"))
 
 
 def allocation_weights(usage: Tensor) -> Tensor:

@@ -3,9 +3,8 @@
 import torch
 from torch import Tensor
 
-from sparsemem import _backends
 from sparsemem._checks import Shapes, check_finite
-from sparsemem.ops._define import define_op, triton_kernel
+from sparsemem.ops._define import define_op
 from sparsemem.reference import content_read_ref, content_weights_ref
 
 
@@ -22,8 +21,8 @@ _content_weights = define_op(
     content_weights_ref,
     lambda memory, keys, strengths: keys.new_empty(keys.shape[0], keys.shape[1], memory.shape[1]),
     differentiable=(0, 1, 2),
+    stem="content",
 )
-_backends.register("content_weights", "triton", triton_kernel("content", "content_weights"))
 
 
 def content_weights(memory: Tensor, keys: Tensor, strengths: Tensor) -> Tensor:
@@ -42,8 +41,8 @@ _content_read = define_op(
     content_read_ref,
     _content_read_fake,
     differentiable=(0, 1, 2),
+    stem="content",
 )
-_backends.register("content_read", "triton", triton_kernel("content", "content_read"))
 
 
 def content_read(memory: Tensor, keys: Tensor, strengths: Tensor) -> tuple[Tensor, Tensor]:

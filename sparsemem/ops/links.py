@@ -3,9 +3,8 @@
 import torch
 from torch import Tensor
 
-from sparsemem import _backends
 from sparsemem._checks import Shapes, check_finite
-from sparsemem.ops._define import define_op, triton_kernel
+from sparsemem.ops._define import define_op
 from sparsemem.reference import link_update_reads_ref, link_update_ref, temporal_reads_ref
 
 _link_update = define_op(
@@ -14,8 +13,8 @@ _link_update = define_op(
     link_update_ref,
     lambda link, precedence, write_w: (torch.empty_like(link), torch.empty_like(precedence)),
     differentiable=(0, 1, 2),
+    stem="links",
 )
-_backends.register("link_update", "triton", triton_kernel("links", "link_update"))
 
 
 def link_update(link: Tensor, precedence: Tensor, write_w: Tensor) -> tuple[Tensor, Tensor]:
@@ -37,8 +36,8 @@ _temporal_reads = define_op(
     temporal_reads_ref,
     _temporal_reads_fake,
     differentiable=(0, 1),
+    stem="links",
 )
-_backends.register("temporal_reads", "triton", triton_kernel("links", "temporal_reads"))
 
 
 def temporal_reads(link: Tensor, read_w: Tensor) -> tuple[Tensor, Tensor]:
@@ -61,8 +60,8 @@ _link_update_reads = define_op(
     link_update_reads_ref,
     _link_update_reads_fake,
     differentiable=(0, 1, 2, 3),
+    stem="links",
 )
-_backends.register("link_update_reads", "triton", triton_kernel("links", "link_update_reads"))
 
 
 def link_update_reads(

@@ -3,9 +3,8 @@
 import torch
 from torch import Tensor
 
-from sparsemem import _backends
 from sparsemem._checks import Shapes, check_finite, check_range
-from sparsemem.ops._define import define_op, triton_kernel
+from sparsemem.ops._define import define_op
 from sparsemem.reference import memory_read_ref, memory_write_ref
 
 _memory_write = define_op(
@@ -14,8 +13,8 @@ _memory_write = define_op(
     memory_write_ref,
     lambda memory, write_w, erase, add: torch.empty_like(memory),
     differentiable=(0, 1, 2, 3),
+    stem="memory_rw",
 )
-_backends.register("memory_write", "triton", triton_kernel("memory_rw", "memory_write"))
 
 
 def memory_write(memory: Tensor, write_w: Tensor, erase: Tensor, add: Tensor) -> Tensor:
@@ -35,8 +34,8 @@ _memory_read = define_op(
     memory_read_ref,
     lambda memory, read_w: memory.new_empty(read_w.shape[0], read_w.shape[1], memory.shape[2]),
     differentiable=(0, 1),
+    stem="memory_rw",
 )
-_backends.register("memory_read", "triton", triton_kernel("memory_rw", "memory_read"))
 
 
 def memory_read(memory: Tensor, read_w: Tensor) -> Tensor:

@@ -13,6 +13,8 @@ _ntm_address = define_op(
     ntm_address_ref,
     lambda memory, key, strength, gate, shift, sharpen, prev_w: torch.empty_like(prev_w),
     differentiable=(0, 1, 2, 3, 4, 5, 6),
+    stem="ntm",
+    kernels=(),
 )
 
 

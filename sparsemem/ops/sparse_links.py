@@ -9,9 +9,8 @@ a kernel sees fixed shapes only and the caller scatters the results back.
 
 from torch import Tensor
 
-from sparsemem import _backends
 from sparsemem._checks import Shapes, check_finite
-from sparsemem.ops._define import define_op, triton_kernel
+from sparsemem.ops._define import define_op
 from sparsemem.reference import sparse_link_update_ref, sparse_temporal_reads_ref
 
 
@@ -37,11 +36,7 @@ _sparse_link_update = define_op(
     sparse_link_update_ref,
     _sparse_link_update_fake,
     differentiable=(2, 5, 7, 9),
-)
-
-
-_backends.register(
-    "sparse_link_update", "triton", triton_kernel("sparse_links", "sparse_link_update", differentiable=(2, 5, 7, 9))
+    stem="sparse_links",
 )
 
 
@@ -117,11 +112,7 @@ _sparse_temporal_reads = define_op(
     sparse_temporal_reads_ref,
     _sparse_temporal_reads_fake,
     differentiable=(0, 2, 4),
-)
-
-
-_backends.register(
-    "sparse_temporal_reads", "triton", triton_kernel("sparse_links", "sparse_temporal_reads", differentiable=(0, 2, 4))
+    stem="sparse_links",
 )
 
 

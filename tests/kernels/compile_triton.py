@@ -16,18 +16,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from sparsemem import reference
+from sparsemem import _backends, reference
 from sparsemem.testing import op_inputs
 
 TARGET = GPUTarget("cuda", 90, 32)
-TRITON_OPS = {
-    "content": ("content_weights", "content_read"),
-    "allocation": ("allocation_weights",),
-    "links": ("link_update", "temporal_reads", "link_update_reads"),
-    "memory_rw": ("memory_write", "memory_read"),
-    "sparse": ("topk_content", "sparse_read", "sparse_write"),
-    "sparse_links": ("sparse_link_update", "sparse_temporal_reads"),
-}
+TRITON_OPS = [op for op in _backends.ops() if "triton" in _backends.op_info(op).backends]
 TYPES = {
     torch.float32: "fp32",
     torch.float64: "fp64",
@@ -72,29 +65,23 @@ def record_launches(dtypes: list[torch.dtype]) -> dict:
     try:
         import importlib
 
-        for module_name, ops in TRITON_OPS.items():
-            module = importlib.import_module(f"sparsemem.kernels.{module_name}")
-            for op in ops:
-                for dtype in dtypes:
-                    inputs = op_inputs(op, dtype, B=2, N=40, W=5, R=3)
-                    getattr(module, f"{op}_forward")(*inputs)
-                    # recorded launches write nothing: the backward gets the reference's outputs
-                    # (valid indices for the torch ops around the kernels)
-                    outputs = getattr(reference, f"{op}_ref")(*inputs)
-                    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-                    # as sparsemem.ops._define.triton_kernel calls it: grads of the float outputs,
-                    # the tensor inputs
-                    grads = [torch.ones(o.shape, dtype=dtype) for o in outputs if o.is_floating_point()]
-                    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
-                    getattr(module, f"{op}_backward")(grads, tensors, outputs)
-            if module_name == "sparse":  # journaled_write: in place on a row store, no reference op
-                rows, weights, add, erase_rows = op_inputs("sparse_write", dtypes[0], B=2, N=40, W=5, R=3)
-                B, J, W = rows.shape
-                store, written = torch.zeros(B * 40, W, dtype=rows.dtype), torch.zeros(B * 40, dtype=torch.bool)
-                keys = torch.arange(B * J).view(B, J)
-                module.journaled_write_forward(store, written, torch.zeros(W, dtype=rows.dtype), keys, weights, add,
-                                               erase_rows)  # fmt: skip
-            if module_name == "allocation":  # the multi-tile path as well
+        for op in TRITON_OPS:
+            module = importlib.import_module(f"sparsemem.kernels.{_backends.op_info(op).stem}")
+            for dtype in dtypes:
+                inputs = op_inputs(op, dtype, B=2, N=40, W=5, R=3)
+                getattr(module, f"{op}_forward")(*inputs)
+                if not hasattr(module, f"{op}_backward"):
+                    continue  # journaled_write: its backward is composed around sparse_write's kernels
+                # recorded launches write nothing: the backward gets the reference's outputs
+                # (valid indices for the torch ops around the kernels)
+                outputs = getattr(reference, f"{op}_ref")(*inputs)
+                outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+                # as sparsemem.ops._define.triton_kernel calls it: grads of the float outputs,
+                # the tensor inputs
+                grads = [torch.ones(o.shape, dtype=dtype) for o in outputs if o.is_floating_point()]
+                tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+                getattr(module, f"{op}_backward")(grads, tensors, outputs)
+            if op == "allocation_weights":  # the multi-tile path as well
                 (usage,) = op_inputs("allocation_weights", dtypes[0], B=2, N=40)
                 out = module.allocation_weights_forward(usage, block=16)
                 module.allocation_weights_backward([torch.ones_like(out)], [usage], [out], block=16)

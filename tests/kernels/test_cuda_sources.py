@@ -1,5 +1,6 @@
-"""The CUDA sources compile (device code for sm_90 included) wherever nvcc exists, even without a GPU
-or a CUDA build of torch; the gpu-marked tests in test_gpu.py run them."""
+"""Every kernel file belongs to an op the backend registry declares, and every declared kernel has
+its file and is in the built extension; the CUDA sources compile (device code for sm_90 included)
+wherever nvcc exists, even without a GPU or a CUDA build of torch (test_gpu.py runs them)."""
 
 import shutil
 import subprocess
@@ -7,18 +8,46 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 from torch.utils import cpp_extension
+
+import sparsemem as sm
+from sparsemem import _backends
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 
 
-def test_every_kernel_file_is_checked():
-    # the glob above picks up every .cu file: the dense ops' and the sparse ops' (topk_content,
-    # sparse_read, sparse_write, sparse_links), which no CPU-only run executes
-    names = {source.stem for source in SOURCES}
-    assert {"content", "allocation", "links", "memory_rw"} <= names
-    assert {"topk_content", "sparse_read", "sparse_write", "sparse_links"} <= names
+LAYERS = {"cpp": ("csrc/cpu", ".cpp"), "cuda": ("csrc/cuda", ".cu"), "triton": ("kernels", ".py")}
+
+
+def test_kernel_files_and_declared_kernels_agree():
+    # ops/<stem>.py, and a file of that stem in each layer the op declares a kernel in; and every
+    # kernel file (not a shared _helper) is the stem of an op declaring a kernel there
+    declared = {backend: set() for backend in LAYERS}
+    for op in _backends.ops():
+        info = _backends.op_info(op)
+        assert (ROOT / "sparsemem" / "ops" / f"{info.stem}.py").exists(), op
+        for backend in set(info.backends) - {"torch"}:
+            folder, suffix = LAYERS[backend]
+            assert (ROOT / folder / f"{info.stem}{suffix}").exists(), f"{op} declares {backend}: no {info.stem}{suffix}"
+            declared[backend].add(info.stem)
+    for backend, (folder, suffix) in LAYERS.items():
+        stems = {path.stem for path in (ROOT / folder).glob(f"*{suffix}") if not path.stem.startswith("_")}
+        assert stems == declared[backend], f"{folder}: files without a declared op, or the reverse"
+
+
+def test_the_extension_has_every_declared_compiled_kernel():
+    # setup.py compiles every csrc/cpu/*.cpp (and, with CUDA, csrc/cuda/*.cu): each op declaring a
+    # cpp (cuda) kernel then runs on that backend here
+    built = {"cpp": _backends.availability()["cpp"] is None}
+    built["cuda"] = built["cpp"] and torch.cuda.is_available() and "cuda" in torch.ops.sparsemem.ext_info()
+    if not built["cpp"]:
+        pytest.skip(_backends.availability()["cpp"])
+    for backend, device in (("cpp", "cpu"), ("cuda", "cuda")):
+        for op in _backends.ops():
+            if built[backend] and backend in _backends.op_info(op).backends:
+                assert backend in sm.backends_for(op, device).runnable, sm.backends_for(op, device).unavailable
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.gpu
 
 def gpu_cases() -> list[tuple[str, str]]:
     backends = ("triton", "cuda")
-    return [(op, backend) for op in DENSE_KERNEL_OPS for backend in backends if backend in _backends._KERNELS[op]]
+    return [
+        (op, backend) for op in DENSE_KERNEL_OPS for backend in backends if backend in _backends.implementations(op)
+    ]
 
 
 SPARSE_LINK_OPS = ("sparse_link_update", "sparse_temporal_reads")
@@ -29,7 +31,7 @@ SPARSE_LINK_OPS = ("sparse_link_update", "sparse_temporal_reads")
 
 def sparse_link_cases() -> list[tuple[str, str]]:
     backends = ("triton", "cuda")
-    return [(op, backend) for op in SPARSE_LINK_OPS for backend in backends if backend in _backends._KERNELS[op]]
+    return [(op, backend) for op in SPARSE_LINK_OPS for backend in backends if backend in _backends.implementations(op)]
 
 
 def _as_tuple(value):
@@ -93,7 +95,7 @@ def test_gradcheck_and_opcheck_on_gpu(op, backend, use_backend):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize(("N", "dtype"), [(4097, torch.float64), (2**20, torch.float32)])
 def test_allocation_with_zeros_ones_and_ties_on_gpu(backend, N, dtype, use_backend):
-    if backend not in _backends._KERNELS["allocation_weights"]:
+    if backend not in _backends.implementations("allocation_weights"):
         pytest.skip(f"no {backend} allocation kernel")
     use_backend(backend)
     usage = hard_usages(8, N, dtype).cuda().requires_grad_(True)
@@ -109,7 +111,7 @@ def test_allocation_with_zeros_ones_and_ties_on_gpu(backend, N, dtype, use_backe
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_content_read_at_scale_on_gpu(backend, use_backend):
-    if backend not in _backends._KERNELS["content_read"]:
+    if backend not in _backends.implementations("content_read"):
         pytest.skip(f"no {backend} content kernel")
     use_backend(backend)
     memory, keys, strengths = _cuda(op_inputs("content_read", torch.float32, B=8, N=2**16, W=64, R=4))
@@ -182,11 +184,11 @@ SAM_OPS = tuple(op for op in SPARSE_KERNEL_OPS if op not in SPARSE_LINK_OPS)
 
 def sparse_gpu_cases() -> list[tuple[str, str]]:
     backends = ("triton", "cuda")
-    return [(op, backend) for op in SAM_OPS for backend in backends if backend in _backends._KERNELS[op]]
+    return [(op, backend) for op in SAM_OPS for backend in backends if backend in _backends.implementations(op)]
 
 
 def cuda_backend(op: str) -> None:
-    if "cuda" not in _backends._KERNELS[op]:
+    if "cuda" not in _backends.implementations(op):
         pytest.skip(f"no cuda kernel for {op} (sparsemem._C built without CUDA)")
 
 
@@ -217,7 +219,7 @@ def test_sparse_cuda_kernels_match_the_cpp_kernels(op, N, dtype, use_backend):
     # The same algorithm on both: equal indices (ties included: the link ops' values are rounded
     # step by step on both, without FMA contraction) and values within the tolerance.
     cuda_backend(op)
-    if "cpp" not in _backends._KERNELS[op]:
+    if "cpp" not in _backends.implementations(op):
         pytest.skip("no cpp kernel here")
     args = op_inputs(op, dtype, B=3, N=N, W=9, R=3)
     use_backend("cpp")
@@ -406,7 +408,7 @@ def test_sparse_memory_with_cuda_kernels_matches_torch_on_gpu(name, use_backend)
 def test_journaled_write_on_gpu(backend, dtype, use_backend):
     # SAM's in-place write (repeated slots, unwritten slots read as a non-zero initial word, erased
     # rows) and its backward through the journal, against the torch backend on the GPU
-    if backend not in _backends._KERNELS["journaled_write"]:
+    if backend not in _backends.implementations("journaled_write"):
         pytest.skip(f"no {backend} kernel for journaled_write")
     from sparsemem.memory.journal import JournaledMemory
     from sparsemem.memory.row_store import RowStore

@@ -1,6 +1,6 @@
 """The journaled write (JournaledMemory.write: one node, one in-place kernel) against the path it
 replaced (gather, sparsemem.ops.sparse_write, scatter: three nodes), bit for bit, and every
-backend of sparsemem.ops.sparse.journaled_write against the torch one."""
+backend of sparsemem.ops.journaled_write.journaled_write against the torch one."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from sparsemem.memory import SAMMemory
 from sparsemem.memory.journal import JournaledMemory
 from sparsemem.memory.row_store import RowStore
 from sparsemem.memory.sam import group_sum
-from sparsemem.ops.sparse import journaled_write
+from sparsemem.ops.journaled_write import journaled_write
 from tests.conftest import cpu_backends
 from tests.tolerances import tolerance
 

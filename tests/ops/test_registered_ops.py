@@ -32,7 +32,7 @@ def test_matches_reference(op, backend, size, dtype, use_backend):
         pytest.skip("interpreted triton takes ~30 s for N x N at N = 1000; N = 33 covers partial tiles")
     if backend == "triton" and op == "sparse_link_update" and size["N"] > 100:
         # its mutual cut compares each entry with every gathered row of the other store (1002 here)
-        pytest.skip("interpreted triton takes ~15 s at N = 1000; tests/ops/test_sparse_link_kernels.py covers blocks")
+        pytest.skip("interpreted triton takes ~15 s at N = 1000; tests/ops/test_sparse_links.py covers blocks")
     use_backend(backend)
     args = op_inputs(op, dtype, **size)
     expected = _as_tuple(getattr(reference, f"{op}_ref")(*args))

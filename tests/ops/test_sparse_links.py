@@ -25,17 +25,6 @@ def backends_of(op: str) -> list[str]:
     return [backend for name, backend in CASES if name == op]
 
 
-@pytest.fixture
-def nan_poisoned():
-    """torch.empty (at::empty in C++, torch.empty in the triton wrappers) starts as NaN, integers
-    as their largest value, so an element no kernel writes shows."""
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.empty(4).isnan().all(), "the poisoning these tests rely on is off"
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
 def assert_outputs_equal(got, want, dtype):
     for g_, w in zip(got, want, strict=True):
         if w.is_floating_point():
