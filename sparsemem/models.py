@@ -159,7 +159,9 @@ class MemoryModel(nn.Module):
             controller_in = torch.cat([x, state.reads.flatten(1)], dim=-1)
             hidden, controller_state = self._controller_step(controller_in, state.controller)
             interface = self.memory.split_interface(self.interface(hidden))
-        reads, access = self.memory.step(state.access, interface, active)
+        # a memory written before padded batches takes (state, interface): pass active only when set
+        step_args = (state.access, interface) if active is None else (state.access, interface, active)
+        reads, access = self.memory.step(*step_args)
         with region("controller"):
             y = self.output(torch.cat([hidden, reads.flatten(1)], dim=-1))
         if active is None:

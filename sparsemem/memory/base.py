@@ -100,7 +100,7 @@ class Memory(nn.Module, ABC):
     """
 
     state_type: type
-    """The class of this memory's states (check_state refuses any other)."""
+    """The class of this memory's states (check_state refuses any other; optional)."""
 
     def __init__(self, num_slots: int, word_size: int, num_reads: int) -> None:
         super().__init__()
@@ -142,7 +142,9 @@ class Memory(nn.Module, ABC):
 
     def check_state(self, state: Any) -> None:
         """A ValueError unless `state` is this memory's type of state with its sizes."""
-        kind = self.state_type
+        kind = getattr(self, "state_type", None)
+        if kind is None:  # a memory that does not declare its state class is not checked
+            return
         if type(state) is not kind:
             raise ValueError(
                 f"state holds a {type(state).__name__}, but this model's memory takes a {kind.__name__}; "

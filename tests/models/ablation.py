@@ -24,6 +24,9 @@ class ZeroReads(Memory):
     def init_state(self, batch_size, memory=None, device=None, dtype=None):
         return self.inner.init_state(batch_size, memory, device, dtype)
 
-    def step(self, state, interface) -> tuple[Tensor, object]:
-        reads, state = self.inner.step(state, interface)
+    def check_state(self, state) -> None:
+        self.inner.check_state(state)
+
+    def step(self, state, interface, active=None) -> tuple[Tensor, object]:
+        reads, state = self.inner.step(state, interface, active)
         return torch.zeros_like(reads), state

@@ -94,3 +94,33 @@ def test_lengths_are_checked(model_cls):
         model(x, lengths=torch.tensor([0, 2, 3]))
     with pytest.raises(ValueError, match=r"lengths must be in \[1, T=6\]"):
         model(x, lengths=torch.tensor([7, 2, 3]))
+
+
+class OldStep(sm.memory.Memory):
+    """A memory written before padded batches: step(state, interface), no `active`."""
+
+    def __init__(self, inner):
+        super().__init__(inner.num_slots, inner.word_size, inner.num_reads)
+        self.inner = inner
+
+    @property
+    def interface_size(self):
+        return self.inner.interface_size
+
+    def split_interface(self, interface):
+        return self.inner.split_interface(interface)
+
+    def init_state(self, batch_size, memory=None, device=None, dtype=None):
+        return self.inner.init_state(batch_size, memory, device, dtype)
+
+    def step(self, state, interface):
+        return self.inner.step(state, interface)
+
+
+def test_a_memory_without_padding_support_still_runs_unpadded_batches():
+    torch.manual_seed(0)
+    model = sm.MemoryModel(OldStep(sm.memory.DNCMemory(N, W, R)), I, H).double()
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    y, state = model(x)
+    y2, _ = model(x, state)
+    assert y.shape == (B, T, H) and torch.isfinite(y2).all()
