@@ -1,8 +1,9 @@
-"""Train a memory model on an algorithmic task.
+"""Train a memory model on an algorithmic task or on bAbI.
 
     python -m sparsemem.train --model dnc --task copy --steps 2000 --out runs/dnc-copy
     python -m sparsemem.train --model sam --task associative-recall --slots 1048576 --device cuda
     python -m sparsemem.train --model sam --task key-value-recall --bptt 64 --slots 1048576 --device cuda
+    python -m sparsemem.train --model dnc --task babi --data-dir ~/data/tasks_1-20_v1-2 --babi-tasks 1
 
 Writes to --out: metrics.jsonl (one JSON object per logged step), checkpoint.pt (every
 --checkpoint-every steps and at the end, written atomically; --resume continues from it
@@ -13,9 +14,19 @@ stays in place. --resume takes the options not given from the checkpoint and ref
 the model, the task or the data (ON_RESUME lists what may change). --time-budget stops training
 after so many minutes of it, across resumes. Every metrics line and summary.json report the
 throughput (sequences_per_second).
+
+--task babi trains on the bAbI question-answering tasks read from --data-dir (the release the
+user downloaded; nothing is read from anywhere else): an embedding of the words, the model
+(--model lstm: a plain nn.LSTM, the baseline) and logits over the vocabulary, the loss at the
+answer steps only. 10% of each task's training stories (seeded) are held out: scored every
+--eval-every steps, the best of them kept in best.pt (with the vocabulary), training stops early
+after --patience scores without a better one; at the end the test files are scored once from
+best.pt, per task, in summary.json's "babi".
 """
 
+import abc
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -30,6 +41,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from sparsemem.index import INDEXES
 from sparsemem.memory import SparseWeights
@@ -44,12 +56,33 @@ from sparsemem.tasks import (
     bits_in_error,
     sequence_loss,
 )
+from sparsemem.tasks.babi import (
+    RESERVED,
+    SETS,
+    TASK_NUMBERS,
+    BabiScore,
+    EncodedStory,
+    Vocabulary,
+    answer_loss,
+    bucket_batches,
+    collate,
+    encode_story,
+    load_babi,
+    split_stories,
+)
 
 MODELS: dict[str, type[MemoryModel]] = {"dnc": DNC, "ntm": NTM, "sam": SAM, "sdnc": SDNC}
 """The models by their command-line name; each takes (input_size, hidden_size, num_slots=N,
 word_size=W, num_reads=R, output_size=...); sam and sdnc also k and index, sdnc link_k."""
 
+MODEL_NAMES = (*MODELS, "lstm")
+"""--model: the memory models, and lstm (a plain nn.LSTM, the baseline; --task babi only)."""
+
 SPARSE = ("sam", "sdnc")
+
+BABI = "babi"
+TASK_NAMES = (*TASKS, BABI)
+"""--task: the algorithmic tasks, and babi (the bAbI question answering, read from --data-dir)."""
 
 CONTROLLERS = ("lstm", "feedforward")
 """--controller: an LSTM cell (the default), or Linear + tanh with no state of its own."""
@@ -58,6 +91,7 @@ PLOT_SLOTS, PLOT_STEPS = 256, 200
 """The memory access plot shows at most these many slots and time steps."""
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 
@@ -72,8 +106,10 @@ class Config:
     """Everything a run depends on; the command-line flags are these fields (--help says what
     each one does)."""
 
-    model: str = _option("dnc", "the model; sam and sdnc are the sparse ones", tuple(MODELS))
-    task: str = _option("copy", "the algorithmic task", tuple(TASKS))
+    model: str = _option(
+        "dnc", "the model; sam and sdnc are the sparse ones, lstm a plain nn.LSTM (babi only)", MODEL_NAMES
+    )
+    task: str = _option("copy", "the algorithmic task, or babi (needs --data-dir)", TASK_NAMES)
     steps: int = _option(2000, "train to this many steps (batches) in all, counting those before a --resume")
     batch_size: int = _option(16, "sequences per batch (B)")
     lr: float = _option(3e-3, "Adam's learning rate")
@@ -124,6 +160,27 @@ class Config:
         "stop training (checkpoint, summary) after this many minutes of it in all, counting those "
         "before a --resume; None: no limit",
     )
+    data_dir: str | None = _option(
+        None,
+        "babi: the bAbI release you downloaded, read from nowhere else: its root (tasks_1-20_v1-2/), "
+        "a folder of qa*_train.txt and qa*_test.txt files, or the .tar.gz archive",
+    )
+    babi_set: str = _option("en-10k", "babi: train on 1,000 (en) or 10,000 (en-10k) questions per task", SETS)
+    babi_tasks: str = _option("all", "babi: the tasks one model trains on together: all, or numbers as 1,2,3")
+    babi_fallback_1k: bool = _option(
+        False,
+        "babi: a task with no training file in --babi-set (en-10k's task 3) trains on en/'s 1k file, "
+        "with a warning and listed under fallback in summary.json; without it, a missing file is an error",
+    )
+    embedding_size: int = _option(32, "babi: the size of the word embedding the model reads")
+    eval_every: int = _option(
+        200,
+        "babi: score the validation stories (10%% of each task's training stories, seeded) every this many "
+        "steps, and at the end; the best-scored model is kept in best.pt",
+    )
+    patience: int | None = _option(
+        None, "babi: stop after this many validation scores in a row without a better one; None: never"
+    )
 
 
 ON_RESUME = (
@@ -137,6 +194,8 @@ ON_RESUME = (
     "stop_at_threshold",
     "device",
     "out",
+    "eval_every",
+    "patience",
 )
 """The options a --resume may change. Every other one fixes the model, the task or the data: a
 --resume that gives it a value other than the checkpoint's is refused."""
@@ -163,28 +222,100 @@ def make_task(config: Config) -> Task:
 
 
 def make_model(config: Config, task: Task) -> MemoryModel:
+    return _sequence_model(config, task.input_size, task.output_size)
+
+
+def _sequence_model(config: Config, input_size: int, output_size: int) -> "MemoryModel | LSTMModel":
+    """The model config.model names, mapping [B, T, input_size] to [B, T, output_size]."""
+    if config.model == "lstm":
+        return LSTMModel(input_size, config.hidden_size, output_size)
     if config.model not in MODELS:
-        raise ValueError(f"unknown model {config.model!r}; expected one of {sorted(MODELS)}")
+        raise ValueError(f"unknown model {config.model!r}; expected one of {list(MODEL_NAMES)}")
     if config.controller not in CONTROLLERS:
         raise ValueError(f"unknown controller {config.controller!r}; expected one of {CONTROLLERS}")
     controller = None
     if config.controller == "feedforward":
         # Nothing crosses time steps but the memory: the DNC paper's feed-forward controller.
-        controller_in = task.input_size + config.num_reads * config.word_size
+        controller_in = input_size + config.num_reads * config.word_size
         controller = nn.Sequential(nn.Linear(controller_in, config.hidden_size), nn.Tanh())
     sparse = {"k": config.k, "index": config.index} if config.model in SPARSE else {}
     if config.model == "sdnc":
         sparse["link_k"] = config.link_k
     return MODELS[config.model](
-        task.input_size,
+        input_size,
         config.hidden_size,
         num_slots=config.num_slots,
         word_size=config.word_size,
         num_reads=config.num_reads,
-        output_size=task.output_size,
+        output_size=output_size,
         controller=controller,
         **sparse,
     )
+
+
+class LSTMModel(nn.Module):
+    """The baseline: nn.LSTM over the whole sequence (its fused loop), then a Linear to
+    output_size. Called as the memory models are: x [B, T, input_size], lengths int64 [B] ->
+    (y [B, T, output_size], (h, c) each [1, B, hidden_size]); the steps t >= lengths[b] are
+    skipped (a packed sequence) and y is zero there."""
+
+    def __init__(self, input_size: int, hidden_size: int, output_size: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
+        self.output = nn.Linear(hidden_size, output_size)
+
+    def forward(
+        self, x: Tensor, state: tuple[Tensor, Tensor] | None = None, lengths: Tensor | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        if lengths is None:
+            hidden, state = self.lstm(x, state)
+            return self.output(hidden), state
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        hidden, state = self.lstm(packed, state)
+        # the Linear on the packed rows only: the padding stays zero
+        y, _ = pad_packed_sequence(hidden._replace(data=self.output(hidden.data)), True, total_length=x.shape[1])
+        return y, state
+
+
+class BabiModel(nn.Module):
+    """A word embedding (V words into config.embedding_size), the model config.model names, and
+    its output Linear to the V words: tokens [B, T] int64, lengths [B] int64 -> logits [B, T, V],
+    zero at the padded steps t >= lengths[b]."""
+
+    def __init__(self, config: Config, vocabulary_size: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocabulary_size, config.embedding_size)
+        self.sequence = _sequence_model(config, config.embedding_size, vocabulary_size)
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        logits, _ = self.sequence(self.embedding(tokens), lengths=lengths)
+        return logits
+
+
+EVAL_BATCH_SIZE = 64
+"""Stories per batch when scoring: each row is scored alone, so it changes only the speed."""
+
+
+def score_stories(model: BabiModel, stories: list[EncodedStory]) -> BabiScore:
+    """The questions of `stories` answered wrongly, per task; batches of similar lengths."""
+    device = next(model.parameters()).device
+    score = BabiScore()
+    with torch.no_grad():
+        for indices in bucket_batches([len(story) for story in stories], EVAL_BATCH_SIZE):
+            batch = collate([stories[i] for i in indices]).to(device)
+            score.update(model(batch.tokens, batch.lengths), batch)
+    return score
+
+
+def babi_task_numbers(text: str) -> list[int]:
+    """--babi-tasks: "all" or comma-separated task numbers ("1,2,3") -> the numbers, sorted."""
+    if text == "all":
+        return list(TASK_NUMBERS)
+    parts = text.split(",")
+    numbers = sorted({int(part) for part in parts if part.strip().isdigit()})
+    if len(numbers) != len(parts) or not set(numbers) <= set(TASK_NUMBERS):
+        raise ValueError(f"--babi-tasks must be all or distinct task numbers in 1..20 as 1,2,3; got {text!r}")
+    return numbers
 
 
 def evaluate(model: MemoryModel, task: Task, batch_size: int = 32, seed: int = 1234) -> dict[int, float]:
@@ -251,81 +382,75 @@ def _all_finite(tensors: Iterable[Tensor], device: torch.device) -> Tensor:
     return torch.stack(sums).sum().isfinite() if sums else torch.ones((), dtype=torch.bool, device=device)
 
 
-class Trainer:
-    """One training run: model, optimizer, data generator and curriculum, checkpointed together.
-
-    model: train this model instead of the one the config names (it must fit the task's
-    input and output sizes). Data come from a torch.Generator seeded by config.seed, so a
-    run is a function of its config. The config is taken as it is; `check_config` is what
-    the command line runs on it first.
+class TrainingRun(abc.ABC):
+    """What every run shares: the model and its Adam optimizer, a data generator seeded by
+    config.seed (so a run is a function of its config), the loop (steps, --time-budget, the
+    metrics log, checkpoints, the divergence checks) and the checkpoint. A subclass says how a
+    step trains, what it scores between steps, what its checkpoint adds, when it is done early
+    and what its summary reports: Trainer for the algorithmic tasks, BabiTrainer for bAbI.
+    The config is taken as it is; `check_config` is what the command line runs on it first.
     """
 
-    def __init__(self, config: Config, model: MemoryModel | None = None) -> None:
+    outputs: tuple[str, ...]
+    """The files a run writes under --out."""
+
+    shown: tuple[str, ...]
+    """The metrics the progress bar shows, besides the step time and the peak memory."""
+
+    def __init__(self, config: Config, model: nn.Module) -> None:
         self.config = config
         self.out = Path(config.out)
-        self.task = make_task(config)
-        torch.manual_seed(config.seed)
-        self.model = (model if model is not None else make_model(config, self.task)).to(config.device)
+        self.model = model.to(config.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.curriculum = Curriculum(
-            self.task.min_level, self.task.max_level, config.threshold, config.window, enabled=config.curriculum
-        )
         self.step = 0
-        self.steps_to_threshold: int | None = None
         self.last_checkpoint: int | None = None
         self.train_seconds = 0.0
         """Wall time spent in the training loop so far, over all the runs this one resumes."""
 
+    @abc.abstractmethod
     def train_step(self) -> dict:
-        """One batch: forward, loss, backward, clipped update (one per `bptt` time steps with
-        bptt, the state carried on detached). -> this step's metrics."""
-        started = time.perf_counter()
-        level = self.curriculum.draw(self.generator)
-        sampled = self.task.sample(self.config.batch_size, level, self.generator)
-        batch = _to(sampled, self.config.device)
-        length = batch.inputs.shape[1]
-        window = self.config.bptt or length
-        state, outputs, losses, grad_norms = None, [], [], []
-        for start in range(0, length, window):
-            part = Batch(*(field[:, start : start + window] for field in (batch.inputs, batch.targets, batch.mask)))
-            logits, state = self.model(part.inputs, state)
-            outputs.append(logits.detach())
-            scored = int(sampled.mask[:, start : start + window].sum())  # on the host: no device sync
-            if scored:
-                loss, norm = self._update(logits, part)
-                losses.append((loss * scored, scored))
-                grad_norms.append(norm)
-            state = state.detach()
-        logits = torch.cat(outputs, dim=1)
-        loss = sum(total for total, _ in losses) / max(1, sum(count for _, count in losses))
-        grad_norm = max(grad_norms, default=0.0)
-        self.step += 1
-        bits_error = float(bits_in_error(logits, batch))
-        self.curriculum.update(level, bits_error)
-        if self.steps_to_threshold is None and self.curriculum.mastered:
-            self.steps_to_threshold = self.step
-        # the updates' reads and float(bits_error) waited for the device: the time is the step's, not its launch's
-        seconds = time.perf_counter() - started
-        return {
-            "step": self.step,
-            "loss": loss,
-            "bits_error": bits_error,
-            "level": level,
-            "top_level": self.curriculum.level,
-            "grad_norm": grad_norm,
-            "step_seconds": seconds,
-            "sequences_per_second": self.config.batch_size / seconds,
-            "peak_memory_mb": peak_memory_bytes(self.config.device) / 2**20,
-        }
+        """One batch: forward, loss, backward, update. -> this step's metrics."""
 
-    def _update(self, logits: Tensor, batch: Batch) -> tuple[float, float]:
-        """Loss on the scored steps, backward, clipped optimizer step -> (loss, gradient norm).
+    def _evaluate(self, last: bool) -> dict:
+        """Scores taken after a step (counted in the time budget), added to its metrics and
+        logged; `last`: training stops after this step. None by default."""
+        return {}
+
+    def _finished(self) -> str | None:
+        """Why training is done before config.steps ("threshold", "patience"); None: it is not."""
+        return None
+
+    @abc.abstractmethod
+    def _task_state(self) -> dict:
+        """What the checkpoint holds besides the model, the optimizer, the RNGs and the step."""
+
+    @abc.abstractmethod
+    def _load_task_state(self, state: dict) -> None:
+        """Continue from a checkpoint's _task_state."""
+
+    @abc.abstractmethod
+    def _sequences(self) -> int:
+        """Sequences trained on so far, over all the runs this one resumes."""
+
+    @abc.abstractmethod
+    def _results(self) -> dict:
+        """The summary's entries about the trained model (scored after training, not timed)."""
+
+    @abc.abstractmethod
+    def _plot_curve(self, metrics: list[dict]) -> None:
+        """learning_curve.png from the logged metrics."""
+
+    @abc.abstractmethod
+    def report(self, summary: dict) -> tuple[str, bool]:
+        """-> (a line saying how training went, whether its scores are finite)."""
+
+    def _update(self, loss: Tensor) -> tuple[float, float]:
+        """Backward, clipped optimizer step -> (loss, gradient norm).
 
         Raises TrainingDiverged if the loss, the gradient norm, a parameter or the optimizer
         state is NaN or inf. All four come from the device in one read, the update's only host
         sync; a bad update is not undone, but nothing is saved after it."""
-        loss = sequence_loss(logits, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
@@ -360,14 +485,12 @@ class Trainer:
         return {
             "config": dataclasses.asdict(self.config),
             "step": self.step,
-            "steps_to_threshold": self.steps_to_threshold,
             "train_seconds": self.train_seconds,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "curriculum": self.curriculum.state_dict(),
-        }
+        } | self._task_state()
 
     def save(self) -> Path:
         """Write out/checkpoint.pt atomically (temp file, fsync, rename)."""
@@ -389,16 +512,14 @@ class Trainer:
             group["lr"] = self.config.lr
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        self.curriculum.load_state_dict(state["curriculum"])
         self.step = state["step"]
-        self.steps_to_threshold = state["steps_to_threshold"]
         self.train_seconds = state.get("train_seconds", 0.0)  # absent from checkpoints older than --time-budget
         self.last_checkpoint = self.step
+        self._load_task_state(state)
 
     def run(self, progress: bool = True, resume: bool = False) -> dict:
-        """Train to config.steps (or until the task is mastered, or the time budget is spent),
-        logging, checkpointing and plotting under config.out. -> the summary, also written to
-        summary.json."""
+        """Train to config.steps (or until done early, or the time budget is spent), logging
+        and checkpointing under config.out. -> the summary, also written to summary.json."""
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.load()
@@ -411,53 +532,44 @@ class Trainer:
                 while (stopped_by := self._stopped_by()) is None:
                     record = self.train_step()
                     self.train_seconds = time.perf_counter() - clock
+                    last = self._stopped_by() is not None
+                    scores = self._evaluate(last)
+                    record |= scores
+                    self.train_seconds = time.perf_counter() - clock
                     bar.update(1)
-                    if self.step % self.config.log_every == 0 or self._done():
+                    if self.step % self.config.log_every == 0 or last or scores:
                         metrics.append(record)
                         log.write(json.dumps(record) + "\n")
                         log.flush()
-                        bar.set_postfix(
-                            loss=f"{record['loss']:.4f}",
-                            bits_error=f"{record['bits_error']:.3f}",
-                            level=record["top_level"],
-                            step=f"{1000 * record['step_seconds']:.1f}ms",
-                            peak=f"{record['peak_memory_mb']:.0f}MiB",
-                        )
+                        shown = {key: _short(record[key]) for key in self.shown if key in record}
+                        step, peak = 1000 * record["step_seconds"], record["peak_memory_mb"]
+                        bar.set_postfix(shown | {"step": f"{step:.1f}ms", "peak": f"{peak:.0f}MiB"})
                     if self.step % self.config.checkpoint_every == 0:
                         os.fsync(log.fileno())  # the log up to a checkpoint is on the disk before it
                         self.save()
                 os.fsync(log.fileno())  # and before the last one
         finally:
             bar.close()
-            _plot_learning_curve(metrics, self.out / "learning_curve.png", self.config)
+            self._plot_curve(metrics)
         self.save()
-        sequences = self.step * self.config.batch_size
         summary = {
             "config": dataclasses.asdict(self.config),
             "steps": self.step,
-            "steps_to_threshold": self.steps_to_threshold,
             "stopped_by": stopped_by,
             "train_seconds": self.train_seconds,
-            "sequences_per_second": sequences / self.train_seconds if self.train_seconds > 0 else None,
-            "eval_bits_error": evaluate(self.model, self.task),
-            "seconds": time.perf_counter() - started,
+            "sequences_per_second": self._sequences() / self.train_seconds if self.train_seconds > 0 else None,
         }
-        if isinstance(self.task, KeyValueRecall):
-            levels = self.task.eval_levels()
-            summary["final_query_error"] = {level: final_query_error(self.model, self.task, level) for level in levels}
+        summary |= self._results()
+        summary["seconds"] = time.perf_counter() - started
         _atomic_write(self.out / SUMMARY, lambda temp: temp.write_text(json.dumps(summary, indent=2)))
-        plot_memory_access(self.model, self.task, self.out / "memory_access.png")
         return summary
 
-    def _done(self) -> bool:
-        return self.config.stop_at_threshold and self.steps_to_threshold is not None
-
     def _stopped_by(self) -> str | None:
-        """Why training stops now: "steps", "threshold" or "time_budget"; None: it goes on."""
+        """Why training stops now: "steps", a _finished reason or "time_budget"; None: it goes on."""
         if self.step >= self.config.steps:
             return "steps"
-        if self._done():
-            return "threshold"
+        if (finished := self._finished()) is not None:
+            return finished
         if self.config.time_budget is not None and self.train_seconds >= 60 * self.config.time_budget:
             return "time_budget"
         return None
@@ -481,6 +593,284 @@ class Trainer:
         records = [r for r in records if r["step"] <= self.step]
         _atomic_write(path, lambda temp: temp.write_text("".join(json.dumps(r) + "\n" for r in records)))
         return records
+
+
+def _short(value: object) -> object:
+    return f"{value:.4f}" if isinstance(value, float) else value
+
+
+class Trainer(TrainingRun):
+    """A run on an algorithmic task: its seeded batches and its curriculum, checkpointed with
+    the model. model: train this model instead of the one the config names (it must fit the
+    task's input and output sizes)."""
+
+    outputs = (METRICS, CHECKPOINT, SUMMARY, "learning_curve.png", "memory_access.png")
+    shown = ("loss", "bits_error", "top_level")
+
+    def __init__(self, config: Config, model: MemoryModel | None = None) -> None:
+        self.task = make_task(config)
+        torch.manual_seed(config.seed)
+        super().__init__(config, model if model is not None else make_model(config, self.task))
+        self.curriculum = Curriculum(
+            self.task.min_level, self.task.max_level, config.threshold, config.window, enabled=config.curriculum
+        )
+        self.steps_to_threshold: int | None = None
+
+    def train_step(self) -> dict:
+        """One batch: forward, loss, backward, clipped update (one per `bptt` time steps with
+        bptt, the state carried on detached). -> this step's metrics."""
+        started = time.perf_counter()
+        level = self.curriculum.draw(self.generator)
+        sampled = self.task.sample(self.config.batch_size, level, self.generator)
+        batch = _to(sampled, self.config.device)
+        length = batch.inputs.shape[1]
+        window = self.config.bptt or length
+        state, outputs, losses, grad_norms = None, [], [], []
+        for start in range(0, length, window):
+            part = Batch(*(field[:, start : start + window] for field in (batch.inputs, batch.targets, batch.mask)))
+            logits, state = self.model(part.inputs, state)
+            outputs.append(logits.detach())
+            scored = int(sampled.mask[:, start : start + window].sum())  # on the host: no device sync
+            if scored:
+                loss, norm = self._update(sequence_loss(logits, part))
+                losses.append((loss * scored, scored))
+                grad_norms.append(norm)
+            state = state.detach()
+        logits = torch.cat(outputs, dim=1)
+        loss = sum(total for total, _ in losses) / max(1, sum(count for _, count in losses))
+        grad_norm = max(grad_norms, default=0.0)
+        self.step += 1
+        bits_error = float(bits_in_error(logits, batch))
+        self.curriculum.update(level, bits_error)
+        if self.steps_to_threshold is None and self.curriculum.mastered:
+            self.steps_to_threshold = self.step
+        # the updates' reads and float(bits_error) waited for the device: the time is the step's, not its launch's
+        seconds = time.perf_counter() - started
+        return {
+            "step": self.step,
+            "loss": loss,
+            "bits_error": bits_error,
+            "level": level,
+            "top_level": self.curriculum.level,
+            "grad_norm": grad_norm,
+            "step_seconds": seconds,
+            "sequences_per_second": self.config.batch_size / seconds,
+            "peak_memory_mb": peak_memory_bytes(self.config.device) / 2**20,
+        }
+
+    def _finished(self) -> str | None:
+        return "threshold" if self.config.stop_at_threshold and self.steps_to_threshold is not None else None
+
+    def _task_state(self) -> dict:
+        return {"steps_to_threshold": self.steps_to_threshold, "curriculum": self.curriculum.state_dict()}
+
+    def _load_task_state(self, state: dict) -> None:
+        self.curriculum.load_state_dict(state["curriculum"])
+        self.steps_to_threshold = state["steps_to_threshold"]
+
+    def _sequences(self) -> int:
+        return self.step * self.config.batch_size
+
+    def _results(self) -> dict:
+        """Bits in error at every level (and for key-value-recall, on the final queries); the
+        memory access plot."""
+        results = {"steps_to_threshold": self.steps_to_threshold, "eval_bits_error": evaluate(self.model, self.task)}
+        if isinstance(self.task, KeyValueRecall):
+            levels = self.task.eval_levels()
+            results["final_query_error"] = {level: final_query_error(self.model, self.task, level) for level in levels}
+        plot_memory_access(self.model, self.task, self.out / "memory_access.png")
+        return results
+
+    def _plot_curve(self, metrics: list[dict]) -> None:
+        _plot_learning_curve(metrics, self.out / "learning_curve.png", self.config)
+
+    def report(self, summary: dict) -> tuple[str, bool]:
+        reached = summary["steps_to_threshold"]
+        verdict = f"mastered after {reached} steps" if reached is not None else "threshold not reached"
+        if summary["stopped_by"] == "time_budget":
+            verdict += f" (time budget spent at step {summary['steps']})"
+        worst = max(summary["eval_bits_error"].values())
+        text = f"{self.config.model} on {self.config.task}: {verdict}; held-out bits error per sequence <= {worst:.3f}"
+        return text + " at every level", math.isfinite(worst)
+
+
+VALIDATION_FRACTION = 0.1
+"""The share of each bAbI task's training stories held out for validation."""
+
+PASSED = 0.05
+"""A bAbI task counts as passed below this test error (Weston et al. 2015)."""
+
+
+class BabiTrainer(TrainingRun):
+    """A run on the bAbI tasks config.babi_tasks, read from config.data_dir: one model for all
+    of them, trained on their stories (less the validation stories) in length-bucketed,
+    shuffled batches, epoch after epoch. The best validation score's model is kept (in the
+    checkpoint, and in best.pt for the user) and scored on the test files at the end.
+
+    vocabulary: a resumed run's (from its checkpoint); None: built from the training stories.
+    """
+
+    outputs = (METRICS, CHECKPOINT, BEST, SUMMARY, "learning_curve.png")
+    shown = ("loss", "answer_error", "validation_error")
+
+    def __init__(self, config: Config, vocabulary: Vocabulary | None = None) -> None:
+        tasks = babi_task_numbers(config.babi_tasks)
+        self.data = load_babi(config.data_dir, tasks, config.babi_set, config.babi_fallback_1k)
+        for task in self.data.fallback:
+            print(
+                f"warning: {config.babi_set} has no training file for task {task}: it trains on en/'s "
+                "(the 1k set; summary.json lists it under fallback)",
+                file=sys.stderr,
+            )
+        train, validation = split_stories(self.data.train, VALIDATION_FRACTION, config.seed)
+        too_few = [task for task in tasks if not validation[task]]
+        if too_few:
+            raise ValueError(f"bAbI tasks {too_few}: too few training stories to hold out {VALIDATION_FRACTION:.0%}")
+        if vocabulary is None:
+            vocabulary = Vocabulary.build(story for task in tasks for story in train[task])
+        self.vocabulary = vocabulary
+        self.train_stories = [encode_story(story, self.vocabulary) for task in tasks for story in train[task]]
+        self.validation_stories = [encode_story(story, self.vocabulary) for task in tasks for story in validation[task]]
+        torch.manual_seed(config.seed)
+        super().__init__(config, BabiModel(config, len(self.vocabulary)))
+        self.epoch: list[list[int]] = []
+        """The training stories' indices in this epoch's batches; self.position: the next batch."""
+        self.position = 0
+        self.stories = 0
+        self.best: dict | None = None
+        """The best validation score so far: {"step", "validation_error", "model" (its state_dict)}."""
+        self.validated_step: int | None = None
+        self.scores_since_best = 0
+
+    def train_step(self) -> dict:
+        """One batch of stories: forward, loss at the answer steps, backward, clipped update."""
+        started = time.perf_counter()
+        if self.position == len(self.epoch):
+            lengths = [len(story) for story in self.train_stories]
+            self.epoch, self.position = bucket_batches(lengths, self.config.batch_size, self.generator), 0
+        stories = [self.train_stories[i] for i in self.epoch[self.position]]
+        self.position += 1
+        batch = collate(stories).to(self.config.device)
+        logits = self.model(batch.tokens, batch.lengths)
+        loss, grad_norm = self._update(answer_loss(logits, batch))
+        wrong = logits.detach()[batch.mask].argmax(-1) != batch.targets[batch.mask]
+        answer_error = float(wrong.float().mean())
+        self.step += 1
+        self.stories += len(stories)
+        seconds = time.perf_counter() - started
+        return {
+            "step": self.step,
+            "loss": loss,
+            "answer_error": answer_error,
+            "grad_norm": grad_norm,
+            "step_seconds": seconds,
+            "sequences_per_second": len(stories) / seconds,
+            "peak_memory_mb": peak_memory_bytes(self.config.device) / 2**20,
+        }
+
+    def _evaluate(self, last: bool) -> dict:
+        """Every --eval-every steps and after the last: the validation error (the mean over the
+        tasks of the wrongly answered questions' fraction); a better one than before is kept."""
+        if self.step % self.config.eval_every and not last:
+            return {}
+        return {"validation_error": self._validate()}
+
+    def _validate(self) -> float:
+        self.model.eval()
+        error = score_stories(self.model, self.validation_stories).mean_error()
+        self.model.train()
+        self.validated_step = self.step
+        if self.best is not None and error >= self.best["validation_error"]:
+            self.scores_since_best += 1
+            return error
+        model = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
+        self.best = {"step": self.step, "validation_error": error, "model": model}
+        self.scores_since_best = 0
+        self._save_best()
+        return error
+
+    def _save_best(self) -> None:
+        """best.pt, written atomically: the best model with its vocabulary and config, plain
+        values only (torch.load(weights_only=True) reads it)."""
+        best = self.best | {"config": dataclasses.asdict(self.config), "vocabulary": self.vocabulary.to_dict()}
+        _atomic_write(self.out / BEST, lambda temp: torch.save(best, temp))
+
+    def _finished(self) -> str | None:
+        patience = self.config.patience
+        return "patience" if patience is not None and self.scores_since_best >= patience else None
+
+    def _task_state(self) -> dict:
+        babi = {
+            "vocabulary": self.vocabulary.to_dict(),
+            "epoch": self.epoch,
+            "position": self.position,
+            "stories": self.stories,
+            "best": self.best,
+            "validated_step": self.validated_step,
+            "scores_since_best": self.scores_since_best,
+        }
+        return {"babi": babi}
+
+    def _load_task_state(self, state: dict) -> None:
+        babi = state["babi"]
+        if Vocabulary.from_dict(babi["vocabulary"]) != self.vocabulary:
+            raise ValueError(f"{self.out / CHECKPOINT}: its vocabulary is not this run's (was the data changed?)")
+        self.epoch, self.position, self.stories = babi["epoch"], babi["position"], babi["stories"]
+        self.best, self.validated_step = babi["best"], babi["validated_step"]
+        self.scores_since_best = babi["scores_since_best"]
+        if self.best is not None:
+            self._save_best()  # an interrupted run may have written a better one after its checkpoint
+
+    def _sequences(self) -> int:
+        return self.stories
+
+    def _results(self) -> dict:
+        """The test files scored once, from best.pt: per task the error and the questions."""
+        if self.validated_step != self.step:  # a resumed run that had nothing left to train
+            self._validate()
+        best = torch.load(self.out / BEST, map_location=self.config.device, weights_only=True)
+        vocabulary = Vocabulary.from_dict(best["vocabulary"])
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(best["model"])
+        model.eval()
+        test = [encode_story(story, vocabulary) for task in sorted(self.data.test) for story in self.data.test[task]]
+        score = score_stories(model, test)
+        errors = score.errors()
+        tasks = {str(task): {"error": error, "questions": score.questions[task]} for task, error in errors.items()}
+        babi = {
+            "tasks": tasks,
+            "mean_error": score.mean_error(),
+            "tasks_passed": sum(error < PASSED for error in errors.values()),
+            "fallback": self.data.fallback,
+            "train_seconds": self.train_seconds,
+            "stories_per_second": self.stories / self.train_seconds if self.train_seconds > 0 else None,
+            "validation_error": best["validation_error"],
+            "best_step": best["step"],
+        }
+        return {"babi": babi}
+
+    def _plot_curve(self, metrics: list[dict]) -> None:
+        _plot_babi_curve(metrics, self.out / "learning_curve.png", self.config)
+
+    def report(self, summary: dict) -> tuple[str, bool]:
+        babi = summary["babi"]
+        text = (
+            f"{self.config.model} on bAbI {self.config.babi_set} tasks {self.config.babi_tasks}: "
+            f"validation error {babi['validation_error']:.3f} at step {babi['best_step']} of {summary['steps']} "
+            f"({summary['stopped_by']}); test error {babi['mean_error']:.3f} (mean over tasks), "
+            f"{babi['tasks_passed']} of {len(babi['tasks'])} tasks passed (< {PASSED:.0%})"
+        )
+        return text, math.isfinite(babi["mean_error"])
+
+
+def make_trainer(config: Config, resume: bool = False) -> TrainingRun:
+    """The run config.task asks for; resume: a bAbI run takes its vocabulary from the checkpoint."""
+    if config.task != BABI:
+        return Trainer(config)
+    vocabulary = None
+    if resume:
+        vocabulary = Vocabulary.from_dict(read_checkpoint(Path(config.out) / CHECKPOINT)["babi"]["vocabulary"])
+    return BabiTrainer(config, vocabulary)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -521,6 +911,37 @@ def _plot_learning_curve(metrics: list[dict], path: Path, config: Config) -> Non
     levels.plot(steps, [m["top_level"] for m in metrics], lw=1, color="black")
     levels.set_ylabel("curriculum level")
     levels.set_xlabel("step")
+    _save_figure(figure, path)
+
+
+def _plot_babi_curve(metrics: list[dict], path: Path, config: Config) -> None:
+    plt = _pyplot()
+    if plt is None or not metrics:
+        return
+    figure, axis = plt.subplots(figsize=(7, 4))
+    steps = [m["step"] for m in metrics]
+    axis.plot(steps, [m["loss"] for m in metrics], lw=1, color="C1", label="loss (cross-entropy per answer word)")
+    axis.plot(steps, [m["answer_error"] for m in metrics], lw=0.5, alpha=0.6, color="C0", label="training answer error")
+    validated = [m for m in metrics if "validation_error" in m]
+    axis.plot(
+        [m["step"] for m in validated],
+        [m["validation_error"] for m in validated],
+        "o-",
+        color="C2",
+        label="validation error (questions)",
+    )
+    axis.axhline(PASSED, color="gray", ls="--", lw=1, label=f"passed: error < {PASSED:.0%}")
+    axis.set_yscale("symlog", linthresh=1e-2)
+    axis.set_ylim(bottom=0)
+    axis.set_xlabel("step")
+    axis.legend()
+    axis.set_title(f"{config.model} on bAbI {config.babi_set}, tasks {config.babi_tasks}")
+    _save_figure(figure, path)
+
+
+def _save_figure(figure: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     _atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=100))
     plt.close(figure)
@@ -564,12 +985,12 @@ def plot_memory_access(model: MemoryModel, task: Task, path: Path, level: int | 
         axis.imshow(image.float().numpy(), aspect="auto", interpolation="nearest", cmap="viridis")
         axis.set_title(title, fontsize=9)
     axes[-1].set_xlabel("time step")
-    figure.tight_layout()
-    _atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=100))
-    plt.close(figure)
+    _save_figure(figure, path)
 
 
-CHECKPOINT_KEYS = ("config", "step", "steps_to_threshold", "model", "optimizer", "generator", "torch_rng", "curriculum")
+CHECKPOINT_KEYS = ("config", "step", "model", "optimizer", "generator", "torch_rng")
+TASK_CHECKPOINT_KEYS = ("steps_to_threshold", "curriculum")
+"""What an algorithmic task's checkpoint adds; a bAbI run's adds "babi"."""
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
@@ -601,6 +1022,10 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
         if not fits or (choices is not None and value not in choices):
             expected = f"one of {', '.join(choices)}" if choices else getattr(kind, "__name__", str(kind))
             raise ValueError(f"{path}: its config's {name} is {value!r}, not {expected}")
+    task_keys = ("babi",) if state["config"].get("task") == BABI else TASK_CHECKPOINT_KEYS
+    missing = [key for key in task_keys if key not in state]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of sparsemem.train: it lacks {', '.join(missing)}")
     return state
 
 
@@ -608,10 +1033,15 @@ LR_MAX = 0.1 * torch.finfo(torch.float32).max
 """Adam's first step moves a parameter by up to lr / (1 - beta1) = 10 lr, which must be a float32."""
 
 
+BABI_OPTIONS = ("data_dir", "babi_set", "babi_tasks", "babi_fallback_1k", "embedding_size", "eval_every", "patience")
+"""The options only --task babi reads."""
+
+
 def check_config(config: Config) -> None:
     """ValueError naming the first option whose value cannot run (as --flag, as the command line
     spells it). Builds the task and the model (on the meta device: no memory) to ask them too,
-    and creates --out to see that it can be written."""
+    and creates --out to see that it can be written. The bAbI files are read later, by the
+    run: a missing or malformed one is a FileNotFoundError or BabiFormatError naming it."""
     rules = (
         ("steps", config.steps >= 1, "a positive integer"),
         ("batch_size", config.batch_size >= 1, "a positive integer"),
@@ -627,13 +1057,27 @@ def check_config(config: Config) -> None:
         ("log_every", config.log_every >= 1, "a positive integer"),
         ("threads", config.threads >= 1, "a positive integer"),
         ("time_budget", config.time_budget is None or config.time_budget > 0, "a number of minutes > 0"),
+        ("embedding_size", config.embedding_size >= 1, "a positive integer"),
+        ("eval_every", config.eval_every >= 1, "a positive integer"),
+        ("patience", config.patience is None or config.patience >= 1, "a positive integer"),
     )
     for name, valid, expected in rules:
         if not valid:
             raise ValueError(f"{_flag(name)} must be {expected}; got {getattr(config, name)!r}")
     _check_device(config.device)
-    with torch.device("meta"):
-        make_model(config, make_task(config))
+    if config.task == BABI:
+        _check_babi(config)
+        with torch.device("meta"):
+            BabiModel(config, len(RESERVED) + 1)
+    else:
+        defaults = Config()
+        for name in BABI_OPTIONS:
+            if getattr(config, name) != getattr(defaults, name):
+                raise ValueError(f"{_flag(name)} is for --task babi only; got it with --task {config.task}")
+        if config.model not in MODELS:
+            raise ValueError(f"--model {config.model} trains on --task babi only; got --task {config.task}")
+        with torch.device("meta"):
+            make_model(config, make_task(config))
     out = Path(config.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -641,6 +1085,19 @@ def check_config(config: Config) -> None:
             pass
     except OSError as error:
         raise ValueError(f"--out {out}: cannot write there ({error.strerror})") from None
+
+
+def _check_babi(config: Config) -> None:
+    if config.data_dir is None:
+        raise ValueError(
+            "--task babi needs --data-dir DIR: the bAbI release you downloaded (its root, a folder of "
+            "qa*_train.txt and qa*_test.txt files, or the .tar.gz); no default place is read"
+        )
+    if not Path(config.data_dir).exists():
+        raise ValueError(f"--data-dir {config.data_dir}: no such file or directory")
+    babi_task_numbers(config.babi_tasks)
+    if config.bptt:
+        raise ValueError(f"--bptt is not for --task babi (one update per story); got {config.bptt}")
 
 
 def _check_device(name: str) -> None:
@@ -676,7 +1133,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-_FLAG_TYPES: dict[Any, type] = {int | None: int, float | None: float}
+_FLAG_TYPES: dict[Any, type] = {int | None: int, float | None: float, str | None: str}
 """The type a flag parses to, for the Config fields that may be None (a flag is never None)."""
 
 _UNSET = object()
@@ -733,20 +1190,20 @@ def main(argv: list[str] | None = None) -> int:
     # Small models run fastest on one thread: each op is too small to split, and spare
     # threads only spin against other processes on a shared machine.
     torch.set_num_threads(config.threads)
-    trainer = Trainer(config)
+    try:
+        trainer = make_trainer(config, resume)
+    except (FileNotFoundError, ValueError) as error:  # the bAbI files (BabiFormatError), read only now
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         summary = trainer.run(progress=progress, resume=resume)
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    reached = summary["steps_to_threshold"]
-    verdict = f"mastered after {reached} steps" if reached is not None else "threshold not reached"
-    if summary["stopped_by"] == "time_budget":
-        verdict += f" (time budget spent at step {summary['steps']})"
-    worst = max(summary["eval_bits_error"].values())
-    print(f"{config.model} on {config.task}: {verdict}; held-out bits error per sequence <= {worst:.3f} at every level")
-    print(f"wrote {config.out}/: {METRICS}, {CHECKPOINT}, {SUMMARY}, learning_curve.png, memory_access.png")
-    return 0 if math.isfinite(worst) else 1
+    text, finite = trainer.report(summary)
+    print(text)
+    print(f"wrote {config.out}/: {', '.join(trainer.outputs)}")
+    return 0 if finite else 1
 
 
 if __name__ == "__main__":

@@ -341,4 +341,8 @@ def test_help_gives_every_option_its_text_choices_and_default(capsys):
         assert flag in text
     options = len(dataclasses.fields(Config)) + 2  # and --resume, --no-progress
     assert text.count("(default: ") == options
-    assert "--model {dnc,ntm,sam,sdnc}" in text and "--index {exact,ivf,faiss-hnsw,faiss-ivf}" in text
+    assert (
+        "--model {dnc,ntm,sam,sdnc,lstm}" in text
+        and "--babi-set {en,en-10k}" in text
+        and "--index {exact,ivf,faiss-hnsw,faiss-ivf}" in text
+    )
