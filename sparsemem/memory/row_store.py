@@ -52,12 +52,13 @@ class LazyRows:
 
     def write(self, row_ids: Tensor, rows: Tensor) -> None:
         """rows [M, W] into row_ids [M] in place; duplicate ids must carry identical rows."""
-        self._record(_Rewrite(self, row_ids, rows))
+        self._record(lambda: _Rewrite(self, row_ids, rows))
         self._put(row_ids, rows)
 
-    def _record(self, change: Change) -> None:
+    def _record(self, change: Callable[[], Change]) -> None:
+        """Record change() on the timeline; made only when there is one (it copies what it overwrites)."""
         if self.timeline is not None:
-            self.timeline.record(change)
+            self.timeline.record(change())
 
     def _put(self, row_ids: Tensor, rows: Tensor) -> None:
         self.rows[row_ids] = rows
@@ -108,7 +109,7 @@ class LazyRows:
 
     def forget(self, mask: Tensor) -> None:
         """Batch rows where mask [B] bool is True back to the initial word everywhere."""
-        self._record(_Forget(self, mask))
+        self._record(lambda: _Forget(self, mask))
         self._forget(mask)
 
     def _forget(self, mask: Tensor) -> None:
@@ -260,7 +261,7 @@ class RowStore(LazyRows):
         old, new, fresh = journaled_write(self.rows, self.written, self.initial_word, row_ids, weights, add, erase_rows)
         if change is not None:
             change.new_rows = new.view(-1, self.word_size)
-            self._record(change)
+            self.timeline.record(change)
         if active is None:
             if self.on_host:
                 self._log_fresh(row_ids[fresh])

@@ -68,7 +68,7 @@ class LinkStore(LazyRows):
     def write_indices(self, row_ids: Tensor, indices: Tensor) -> None:
         """The indices [M, K_L] of the rows at row_ids [M] (write sets their values)."""
         indices = indices.to(torch.int32)
-        self._record(_Reindex(self, row_ids, indices))
+        self._record(lambda: _Reindex(self, row_ids, indices))
         self.indices[row_ids] = indices
 
 
