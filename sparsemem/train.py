@@ -841,7 +841,7 @@ class BabiTrainer(TrainingRun):
             "tasks": tasks,
             "mean_error": score.mean_error(),
             "tasks_passed": sum(error < PASSED for error in errors.values()),
-            "fallback": self.data.fallback,
+            "fallback": [str(task) for task in self.data.fallback],
             "train_seconds": self.train_seconds,
             "stories_per_second": self.stories / self.train_seconds if self.train_seconds > 0 else None,
             "validation_error": best["validation_error"],

@@ -130,7 +130,7 @@ def test_a_missing_training_file_is_an_error_unless_the_1k_fallback_is_asked(tmp
     assert main([*on_10k, "--babi-fallback-1k"]) == 0
     assert "warning: en-10k has no training file for task 8" in capsys.readouterr().err
     summary = json.loads((tmp_path / "run" / SUMMARY).read_text())
-    assert summary["babi"]["fallback"] == [8]
+    assert summary["babi"]["fallback"] == ["8"]
     assert {task: scores["questions"] for task, scores in summary["babi"]["tasks"].items()} == TEST_QUESTIONS
 
 
