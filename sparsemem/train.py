@@ -26,6 +26,7 @@ best.pt, per task, in summary.json's "babi".
 
 import abc
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -40,9 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from sparsemem import distributed
+from sparsemem.distributed import World
 from sparsemem.index import INDEXES
 from sparsemem.memory import SparseWeights
 from sparsemem.models import DNC, NTM, SAM, SDNC, MemoryModel
@@ -389,6 +393,13 @@ class TrainingRun(abc.ABC):
     step trains, what it scores between steps, what its checkpoint adds, when it is done early
     and what its summary reports: Trainer for the algorithmic tasks, BabiTrainer for bAbI.
     The config is taken as it is; `check_config` is what the command line runs on it first.
+
+    In a process group of P > 1 ranks (torchrun; see sparsemem.distributed) every rank draws the
+    same global batch of config.batch_size rows and trains on its rows r::P through
+    DistributedDataParallel, its loss scaled so that DDP's mean of the ranks' gradients is the
+    gradient of the global batch's loss; the metrics, the stop decisions and the curriculum come
+    from all-reduced values, so every rank decides alike. Rank 0 writes every file: the
+    checkpoint holds every rank's RNG and curriculum state, and a resume needs the same P.
     """
 
     outputs: tuple[str, ...]
@@ -400,7 +411,14 @@ class TrainingRun(abc.ABC):
     def __init__(self, config: Config, model: nn.Module) -> None:
         self.config = config
         self.out = Path(config.out)
+        self.world = World.current()
+        if config.batch_size < self.world.size:
+            raise ValueError(
+                f"--batch-size {config.batch_size} is split over {self.world.size} processes: too few rows"
+            )
         self.model = model.to(config.device)
+        self.network = self.world.wrap(self.model)
+        """What train_step calls: the DistributedDataParallel wrapper, or self.model in one process."""
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
@@ -419,6 +437,19 @@ class TrainingRun(abc.ABC):
 
     def _finished(self) -> str | None:
         """Why training is done before config.steps ("threshold", "patience"); None: it is not."""
+        return None
+
+    def _close(self) -> None:
+        """What every rank does after the last step, before rank 0 scores the model (_results).
+        Nothing by default."""
+        return None
+
+    def _rank_state(self) -> dict:
+        """What each rank's own entry in a distributed checkpoint adds to its RNG states."""
+        return {}
+
+    def _load_rank_state(self, state: dict) -> None:
+        """Continue from this rank's _rank_state."""
         return None
 
     @abc.abstractmethod
@@ -463,7 +494,12 @@ class TrainingRun(abc.ABC):
             _all_finite(self.model.parameters(), device),
             _all_finite(optimizer_state, device),
         ]
-        loss_value, norm, parameters_finite, state_finite = torch.stack([c.to(loss.dtype) for c in checks]).tolist()
+        values = torch.stack([c.to(loss.dtype) for c in checks])
+        if self.world.distributed:
+            # DDP averaged the gradients, so the norms, the parameters and the optimizer states are
+            # the same on every rank; the losses are the ranks' shares of the global batch's, times P.
+            values = torch.cat([self.world.sum(values[:1] / self.world.size), values[1:]])
+        loss_value, norm, parameters_finite, state_finite = values.tolist()
         problems = [
             (math.isfinite(loss_value), f"loss is {loss_value}"),
             (math.isfinite(norm), f"gradient norm is {norm}"),
@@ -482,22 +518,31 @@ class TrainingRun(abc.ABC):
         return loss_value, norm
 
     def state_dict(self) -> dict:
-        return {
+        """The checkpoint; in a distributed run every rank must call it (it gathers the ranks'
+        RNG states on rank 0, under "ranks", and is whole there only)."""
+        state = {
             "config": dataclasses.asdict(self.config),
             "step": self.step,
             "train_seconds": self.train_seconds,
+            "world_size": self.world.size,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
         } | self._task_state()
+        if self.world.distributed:
+            rank = {"generator": state["generator"], "torch_rng": state["torch_rng"]} | self._rank_state()
+            state["ranks"] = self.world.gather(rank)
+        return state
 
     def save(self) -> Path:
-        """Write out/checkpoint.pt atomically (temp file, fsync, rename)."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Write out/checkpoint.pt atomically (temp file, fsync, rename); rank 0 writes it, every
+        rank must call it."""
         path = self.out / CHECKPOINT
         state = self.state_dict()
-        _atomic_write(path, lambda temp: torch.save(state, temp))
+        if self.world.writes:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, lambda temp: torch.save(state, temp))
         self.last_checkpoint = self.step
         return path
 
@@ -506,38 +551,47 @@ class TrainingRun(abc.ABC):
         with this trainer's config's learning rate (a --resume may have changed it)."""
         path = Path(path) if path is not None else self.out / CHECKPOINT
         state = read_checkpoint(path, self.config.device)
+        check_world_size(state, path, self.world.size)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        rank = state["ranks"][self.world.rank] if self.world.distributed else state
+        self.generator.set_state(rank["generator"])
+        torch.set_rng_state(rank["torch_rng"])
         self.step = state["step"]
         self.train_seconds = state.get("train_seconds", 0.0)  # absent from checkpoints older than --time-budget
         self.last_checkpoint = self.step
         self._load_task_state(state)
+        if self.world.distributed:
+            self._load_rank_state(rank)
 
     def run(self, progress: bool = True, resume: bool = False) -> dict:
         """Train to config.steps (or until done early, or the time budget is spent), logging
-        and checkpointing under config.out. -> the summary, also written to summary.json."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        and checkpointing under config.out. -> the summary, also written to summary.json.
+
+        In a distributed run every rank runs it and rank 0 alone writes; the others return the
+        summary without the scores of the trained model (_results)."""
+        writes = self.world.writes
+        if writes:
+            self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.load()
-        metrics = self._metrics_since_checkpoint()
+        metrics = self._metrics_since_checkpoint() if writes else []
         started = time.perf_counter()
         clock = started - self.train_seconds  # so that train_seconds counts on from the checkpoint's
-        bar = _progress(self.config.steps, self.step, enabled=progress)
+        bar = _progress(self.config.steps, self.step, enabled=progress and writes)
         try:
-            with open(self.out / METRICS, "a") as log:
+            with open(self.out / METRICS, "a") if writes else contextlib.nullcontext() as log:
                 while (stopped_by := self._stopped_by()) is None:
                     record = self.train_step()
-                    self.train_seconds = time.perf_counter() - clock
+                    self.train_seconds = self._elapsed(clock)
                     last = self._stopped_by() is not None
                     scores = self._evaluate(last)
                     record |= scores
-                    self.train_seconds = time.perf_counter() - clock
+                    self.train_seconds = self._elapsed(clock)
                     bar.update(1)
-                    if self.step % self.config.log_every == 0 or last or scores:
+                    if log is not None and (self.step % self.config.log_every == 0 or last or scores):
                         metrics.append(record)
                         log.write(json.dumps(record) + "\n")
                         log.flush()
@@ -545,13 +599,17 @@ class TrainingRun(abc.ABC):
                         step, peak = 1000 * record["step_seconds"], record["peak_memory_mb"]
                         bar.set_postfix(shown | {"step": f"{step:.1f}ms", "peak": f"{peak:.0f}MiB"})
                     if self.step % self.config.checkpoint_every == 0:
-                        os.fsync(log.fileno())  # the log up to a checkpoint is on the disk before it
+                        if log is not None:
+                            os.fsync(log.fileno())  # the log up to a checkpoint is on the disk before it
                         self.save()
-                os.fsync(log.fileno())  # and before the last one
+                if log is not None:
+                    os.fsync(log.fileno())  # and before the last one
         finally:
             bar.close()
-            self._plot_curve(metrics)
+            if writes:
+                self._plot_curve(metrics)
         self.save()
+        self._close()
         summary = {
             "config": dataclasses.asdict(self.config),
             "steps": self.step,
@@ -559,10 +617,29 @@ class TrainingRun(abc.ABC):
             "train_seconds": self.train_seconds,
             "sequences_per_second": self._sequences() / self.train_seconds if self.train_seconds > 0 else None,
         }
+        if not writes:
+            return summary
         summary |= self._results()
         summary["seconds"] = time.perf_counter() - started
         _atomic_write(self.out / SUMMARY, lambda temp: temp.write_text(json.dumps(summary, indent=2)))
         return summary
+
+    def _elapsed(self, clock: float) -> float:
+        """Seconds since `clock`; in a distributed run under --time-budget the slowest rank's, so
+        that every rank stops at the same step."""
+        seconds = time.perf_counter() - clock
+        if self.world.distributed and self.config.time_budget is not None:
+            return float(self.world.max(torch.tensor([seconds], dtype=torch.float64, device=self.config.device)))
+        return seconds
+
+    def _step_cost(self, started: float) -> tuple[float, float]:
+        """(the step's seconds since `started`, peak memory in MiB); in a distributed run the
+        largest over the ranks."""
+        seconds, peak = time.perf_counter() - started, peak_memory_bytes(self.config.device) / 2**20
+        if self.world.distributed:
+            cost = torch.tensor([seconds, peak], dtype=torch.float64, device=self.config.device)
+            seconds, peak = self.world.max(cost).tolist()
+        return seconds, peak
 
     def _stopped_by(self) -> str | None:
         """Why training stops now: "steps", a _finished reason or "time_budget"; None: it goes on."""
@@ -622,17 +699,21 @@ class Trainer(TrainingRun):
         started = time.perf_counter()
         level = self.curriculum.draw(self.generator)
         sampled = self.task.sample(self.config.batch_size, level, self.generator)
-        batch = _to(sampled, self.config.device)
+        if self.world.distributed:  # every rank drew the global batch: its rows r::P
+            rows = self.world.rows(self.config.batch_size)
+            batch = _to(Batch(sampled.inputs[rows], sampled.targets[rows], sampled.mask[rows]), self.config.device)
+        else:
+            batch = _to(sampled, self.config.device)
         length = batch.inputs.shape[1]
         window = self.config.bptt or length
         state, outputs, losses, grad_norms = None, [], [], []
         for start in range(0, length, window):
             part = Batch(*(field[:, start : start + window] for field in (batch.inputs, batch.targets, batch.mask)))
-            logits, state = self.model(part.inputs, state)
+            logits, state = self.network(part.inputs, state)
             outputs.append(logits.detach())
-            scored = int(sampled.mask[:, start : start + window].sum())  # on the host: no device sync
+            scored = int(sampled.mask[:, start : start + window].sum())  # the global batch's, on the host: no sync
             if scored:
-                loss, norm = self._update(sequence_loss(logits, part))
+                loss, norm = self._update(self._loss(logits, part, scored))
                 losses.append((loss * scored, scored))
                 grad_norms.append(norm)
             state = state.detach()
@@ -640,12 +721,12 @@ class Trainer(TrainingRun):
         loss = sum(total for total, _ in losses) / max(1, sum(count for _, count in losses))
         grad_norm = max(grad_norms, default=0.0)
         self.step += 1
-        bits_error = float(bits_in_error(logits, batch))
+        bits_error = self._bits_error(logits, batch)
         self.curriculum.update(level, bits_error)
         if self.steps_to_threshold is None and self.curriculum.mastered:
             self.steps_to_threshold = self.step
         # the updates' reads and float(bits_error) waited for the device: the time is the step's, not its launch's
-        seconds = time.perf_counter() - started
+        seconds, peak = self._step_cost(started)
         return {
             "step": self.step,
             "loss": loss,
@@ -655,14 +736,38 @@ class Trainer(TrainingRun):
             "grad_norm": grad_norm,
             "step_seconds": seconds,
             "sequences_per_second": self.config.batch_size / seconds,
-            "peak_memory_mb": peak_memory_bytes(self.config.device) / 2**20,
+            "peak_memory_mb": peak,
         }
+
+    def _loss(self, logits: Tensor, part: Batch, scored: int) -> Tensor:
+        """The loss of one window: the BCE per scored bit; in a distributed run this rank's share,
+        its bits' BCE summed times P / (the global batch's scored bits), so that DDP's mean of
+        the ranks' gradients is the gradient of the global batch's mean. scored: the global
+        batch's scored steps in the window."""
+        if not self.world.distributed:
+            return sequence_loss(logits, part)
+        bits = part.mask.unsqueeze(-1).expand_as(logits)
+        total = F.binary_cross_entropy_with_logits(logits[bits], part.targets[bits], reduction="sum")
+        return total * (self.world.size / (scored * logits.shape[-1]))
+
+    def _bits_error(self, logits: Tensor, batch: Batch) -> float:
+        """Bits in error per sequence of the (global) batch."""
+        if not self.world.distributed:
+            return float(bits_in_error(logits, batch))
+        wrong = ((logits > 0) != (batch.targets > 0.5)) & batch.mask.unsqueeze(-1)
+        return float(self.world.sum(wrong.sum().float()) / self.config.batch_size)
 
     def _finished(self) -> str | None:
         return "threshold" if self.config.stop_at_threshold and self.steps_to_threshold is not None else None
 
     def _task_state(self) -> dict:
         return {"steps_to_threshold": self.steps_to_threshold, "curriculum": self.curriculum.state_dict()}
+
+    def _rank_state(self) -> dict:
+        return {"curriculum": self.curriculum.state_dict()}
+
+    def _load_rank_state(self, state: dict) -> None:
+        self.curriculum.load_state_dict(state["curriculum"])
 
     def _load_task_state(self, state: dict) -> None:
         self.curriculum.load_state_dict(state["curriculum"])
@@ -716,7 +821,7 @@ class BabiTrainer(TrainingRun):
     def __init__(self, config: Config, vocabulary: Vocabulary | None = None) -> None:
         tasks = babi_task_numbers(config.babi_tasks)
         self.data = load_babi(config.data_dir, tasks, config.babi_set, config.babi_fallback_1k)
-        for task in self.data.fallback:
+        for task in self.data.fallback if World.current().writes else ():
             print(
                 f"warning: {config.babi_set} has no training file for task {task}: it trains on en/'s "
                 "(the 1k set; summary.json lists it under fallback)",
@@ -750,14 +855,17 @@ class BabiTrainer(TrainingRun):
             self.epoch, self.position = bucket_batches(lengths, self.config.batch_size, self.generator), 0
         stories = [self.train_stories[i] for i in self.epoch[self.position]]
         self.position += 1
-        batch = collate(stories).to(self.config.device)
-        logits = self.model(batch.tokens, batch.lengths)
-        loss, grad_norm = self._update(answer_loss(logits, batch))
-        wrong = logits.detach()[batch.mask].argmax(-1) != batch.targets[batch.mask]
-        answer_error = float(wrong.float().mean())
+        if not self.world.distributed:
+            batch = collate(stories).to(self.config.device)
+            logits = self.network(batch.tokens, batch.lengths)
+            loss, grad_norm = self._update(answer_loss(logits, batch))
+            wrong = logits.detach()[batch.mask].argmax(-1) != batch.targets[batch.mask]
+            answer_error = float(wrong.float().mean())
+        else:
+            loss, grad_norm, answer_error = self._train_rows(stories)
         self.step += 1
         self.stories += len(stories)
-        seconds = time.perf_counter() - started
+        seconds, peak = self._step_cost(started)
         return {
             "step": self.step,
             "loss": loss,
@@ -765,8 +873,26 @@ class BabiTrainer(TrainingRun):
             "grad_norm": grad_norm,
             "step_seconds": seconds,
             "sequences_per_second": len(stories) / seconds,
-            "peak_memory_mb": peak_memory_bytes(self.config.device) / 2**20,
+            "peak_memory_mb": peak,
         }
+
+    def _train_rows(self, stories: list[EncodedStory]) -> tuple[float, float, float]:
+        """A distributed step on this rank's rows r::P of the global batch `stories`: the
+        cross-entropy summed over its answer steps times P / (the global batch's answer steps),
+        so that DDP's mean of the ranks' gradients is the global batch's. -> (loss, gradient
+        norm, answer error) of the global batch."""
+        mine = stories[self.world.rows(len(stories))]
+        # An epoch's last batch may have fewer stories than ranks: a rank left without one runs
+        # the first story with no answer step scored (DDP needs every rank's backward) and adds 0.
+        batch = collate(mine or stories[:1]).to(self.config.device)
+        if not mine:
+            batch = dataclasses.replace(batch, mask=torch.zeros_like(batch.mask))
+        answers = sum(int((story.question >= 0).sum()) for story in stories)
+        logits = self.network(batch.tokens, batch.lengths)
+        total = F.cross_entropy(logits[batch.mask], batch.targets[batch.mask], reduction="sum")
+        loss, grad_norm = self._update(total * (self.world.size / answers))
+        wrong = logits.detach()[batch.mask].argmax(-1) != batch.targets[batch.mask]
+        return loss, grad_norm, float(self.world.sum(wrong.sum().float()) / answers)
 
     def _evaluate(self, last: bool) -> dict:
         """Every --eval-every steps and after the last: the validation error (the mean over the
@@ -777,7 +903,7 @@ class BabiTrainer(TrainingRun):
 
     def _validate(self) -> float:
         self.model.eval()
-        error = score_stories(self.model, self.validation_stories).mean_error()
+        error = self._score_validation().mean_error()
         self.model.train()
         self.validated_step = self.step
         if self.best is not None and error >= self.best["validation_error"]:
@@ -789,9 +915,29 @@ class BabiTrainer(TrainingRun):
         self._save_best()
         return error
 
+    def _score_validation(self) -> BabiScore:
+        """The validation stories' score; in a distributed run rank r scores the batches r::P
+        and the counts are summed over the ranks."""
+        if not self.world.distributed:
+            return score_stories(self.model, self.validation_stories)
+        score = BabiScore()
+        device = next(self.model.parameters()).device
+        batches = bucket_batches([len(story) for story in self.validation_stories], EVAL_BATCH_SIZE)
+        with torch.no_grad():
+            for indices in batches[self.world.rows(len(batches))]:
+                batch = collate([self.validation_stories[i] for i in indices]).to(device)
+                score.update(self.model(batch.tokens, batch.lengths), batch)
+        tasks = sorted({story.task for story in self.validation_stories})
+        counts = [[score.questions.get(task, 0), score.wrong.get(task, 0)] for task in tasks]
+        questions, wrong = self.world.sum(torch.tensor(counts, device=device)).T.tolist()
+        score.questions, score.wrong = dict(zip(tasks, questions, strict=True)), dict(zip(tasks, wrong, strict=True))
+        return score
+
     def _save_best(self) -> None:
         """best.pt, written atomically: the best model with its vocabulary and config, plain
-        values only (torch.load(weights_only=True) reads it)."""
+        values only (torch.load(weights_only=True) reads it); rank 0 writes it."""
+        if not self.world.writes:
+            return
         best = self.best | {"config": dataclasses.asdict(self.config), "vocabulary": self.vocabulary.to_dict()}
         _atomic_write(self.out / BEST, lambda temp: torch.save(best, temp))
 
@@ -824,10 +970,12 @@ class BabiTrainer(TrainingRun):
     def _sequences(self) -> int:
         return self.stories
 
-    def _results(self) -> dict:
-        """The test files scored once, from best.pt: per task the error and the questions."""
+    def _close(self) -> None:
         if self.validated_step != self.step:  # a resumed run that had nothing left to train
             self._validate()
+
+    def _results(self) -> dict:
+        """The test files scored once, from best.pt: per task the error and the questions."""
         best = torch.load(self.out / BEST, map_location=self.config.device, weights_only=True)
         vocabulary = Vocabulary.from_dict(best["vocabulary"])
         model = copy.deepcopy(self.model)
@@ -1065,6 +1213,16 @@ def check_config(config: Config) -> None:
         if not valid:
             raise ValueError(f"{_flag(name)} must be {expected}; got {getattr(config, name)!r}")
     _check_device(config.device)
+    world_size = distributed.launched_world_size()
+    if config.batch_size < world_size:
+        raise ValueError(
+            f"--batch-size is the global batch, split over the {world_size} processes: it must be at least "
+            f"{world_size}; got {config.batch_size}"
+        )
+    if world_size > 1 and torch.device(config.device).index is not None:
+        raise ValueError(
+            f"--device {config.device}: under torchrun give --device cuda (each rank takes cuda:LOCAL_RANK)"
+        )
     if config.task == BABI:
         _check_babi(config)
         with torch.device("meta"):
@@ -1079,6 +1237,8 @@ def check_config(config: Config) -> None:
         with torch.device("meta"):
             make_model(config, make_task(config))
     out = Path(config.out)
+    if distributed.launched_rank() != 0:
+        return  # rank 0 writes the run's files
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -1113,12 +1273,29 @@ def _check_device(name: str) -> None:
         raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
 
 
+def check_world_size(state: dict, path: Path, world_size: int) -> None:
+    """ValueError unless the checkpoint `state` (read from `path`) was written by a run of
+    `world_size` processes: a resume is exact only with the same rows on every rank."""
+    saved = state.get("world_size", 1)  # absent from checkpoints older than data-parallel training
+    if saved != world_size:
+
+        def launch(size: int) -> str:
+            return "one process (no torchrun)" if size == 1 else f"{size} processes (torchrun)"
+
+        raise ValueError(
+            f"--resume: {path} was written by a run of {launch(saved)}, and this run has {launch(world_size)}; "
+            f"a resume is exact only with the same number: run it with {launch(saved)}"
+        )
+
+
 def resume_config(given: dict[str, Any]) -> Config:
     """The config of a --resume: the checkpoint's under --out, with the `given` options (those
     on the command line) that ON_RESUME lets change. ValueError if another one would change."""
     out = given.get("out", Config().out)
     path = Path(out) / CHECKPOINT
-    saved = Config(**read_checkpoint(path)["config"])
+    state = read_checkpoint(path)
+    check_world_size(state, path, distributed.launched_world_size())
+    saved = Config(**state["config"])
     for name, value in given.items():
         if name not in ON_RESUME and value != getattr(saved, name):
             allowed = ", ".join(_flag(name) for name in ON_RESUME)
@@ -1165,31 +1342,49 @@ def _parser() -> argparse.ArgumentParser:
         help=f"continue from OUT/{CHECKPOINT}: the options not given come from it, and only {changeable} may change",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=distributed.DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="under torchrun: how long a rank waits for the others at a collective before the run stops "
+        "with an error (a rank that died or hangs); the last good checkpoint is kept",
+    )
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
-    """-> (config, resume, progress), the config checked (check_config; with --resume, the
+def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool, float]:
+    """-> (config, resume, progress, dist_timeout), the config checked (check_config; with --resume, the
     checkpoint's, changed only where ON_RESUME allows). A bad option exits with the usage and a
     message naming it (status 2), before anything trains."""
     parser = _parser()
     unset = argparse.Namespace(**{field.name: _UNSET for field in dataclasses.fields(Config)})
     args = vars(parser.parse_args(argv, unset))
-    resume, progress = args.pop("resume"), not args.pop("no_progress")
+    resume, progress, dist_timeout = args.pop("resume"), not args.pop("no_progress"), args.pop("dist_timeout")
     given = {name: value for name, value in args.items() if value is not _UNSET}
     try:
         config = resume_config(given) if resume else Config(**given)
         check_config(config)
+        if not dist_timeout > 0:
+            raise ValueError(f"--dist-timeout must be a number of seconds > 0; got {dist_timeout!r}")
     except ValueError as error:
         parser.error(str(error))
-    return config, resume, progress
+    return config, resume, progress, dist_timeout
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, resume, progress = parse_args(argv)
+    config, resume, progress, dist_timeout = parse_args(argv)
     # Small models run fastest on one thread: each op is too small to split, and spare
     # threads only spin against other processes on a shared machine.
     torch.set_num_threads(config.threads)
+    world = distributed.join(config.device, dist_timeout)  # under torchrun with more than one process
+    try:
+        return _train(config, resume, progress, world, dist_timeout)
+    finally:
+        distributed.leave()
+
+
+def _train(config: Config, resume: bool, progress: bool, world: World, dist_timeout: float) -> int:
     try:
         trainer = make_trainer(config, resume)
     except (FileNotFoundError, ValueError) as error:  # the bAbI files (BabiFormatError), read only now
@@ -1198,8 +1393,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = trainer.run(progress=progress, resume=resume)
     except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
+        if world.writes:  # every rank stops at the same step, for the same all-reduced reason
+            print(f"error: {error}", file=sys.stderr)
         return 1
+    except RuntimeError as error:
+        if not world.distributed:
+            raise
+        # gloo and nccl raise a RuntimeError when a peer closed its connections or a collective
+        # waited past the timeout: the run ends here, and no checkpoint is written after it.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        kept = (
+            f"the last good checkpoint {trainer.out / CHECKPOINT} (step {trainer.last_checkpoint}) is kept"
+            if trainer.last_checkpoint is not None
+            else "no checkpoint was written yet"
+        )
+        print(
+            f"error: rank {world.rank} of {world.size} stopped after step {trainer.step}: {reason}\n"
+            f"Another rank has likely died or hung (no answer within --dist-timeout {dist_timeout:g} s; see its "
+            f"log); {kept}: resume from it with --resume and the same number of processes",
+            file=sys.stderr,
+        )
+        return 1
+    if not world.writes:
+        return 0
     text, finite = trainer.report(summary)
     print(text)
     print(f"wrote {config.out}/: {', '.join(trainer.outputs)}")
