@@ -88,6 +88,11 @@ class World:
             dist.all_reduce(tensor, op)
         return tensor
 
+    def barrier(self) -> None:
+        """Wait until every rank is here."""
+        if self.distributed:
+            dist.barrier()
+
     def gather(self, value: Any) -> list[Any] | None:
         """Every rank's `value` (picklable), in rank order, on rank 0; None on the others."""
         if not self.distributed:

@@ -22,6 +22,11 @@ answer steps only. 10% of each task's training stories (seeded) are held out: sc
 --eval-every steps, the best of them kept in best.pt (with the vocabulary), training stops early
 after --patience scores without a better one; at the end the test files are scored once from
 best.pt, per task, in summary.json's "babi".
+
+Under torchrun (torchrun --standalone --nproc-per-node P -m sparsemem.train ...) P processes
+train data-parallel (DistributedDataParallel; gloo on the CPU, nccl on CUDA): --batch-size is the
+global batch, rank r trains on its rows r::P, every decision comes from all-reduced values, rank
+0 writes every file, and --resume needs the same P (TrainingRun; sparsemem.distributed).
 """
 
 import abc
@@ -1395,6 +1400,7 @@ def _train(config: Config, resume: bool, progress: bool, world: World, dist_time
     except TrainingDiverged as error:
         if world.writes:  # every rank stops at the same step, for the same all-reduced reason
             print(f"error: {error}", file=sys.stderr)
+        world.barrier()  # torchrun ends the ranks once one fails: rank 0 says why first
         return 1
     except RuntimeError as error:
         if not world.distributed:

@@ -339,7 +339,7 @@ def test_help_gives_every_option_its_text_choices_and_default(capsys):
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         assert flag in text
-    options = len(dataclasses.fields(Config)) + 2  # and --resume, --no-progress
+    options = len(dataclasses.fields(Config)) + 3  # and --resume, --no-progress, --dist-timeout
     assert text.count("(default: ") == options
     assert (
         "--model {dnc,ntm,sam,sdnc,lstm}" in text
