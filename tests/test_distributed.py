@@ -97,10 +97,11 @@ def free_ports(count: int) -> list[int]:
 
 
 def succeeded(ranks: Ranks) -> str:
-    """Wait for a run that must succeed -> rank 0's stdout."""
+    """Wait for a run that must succeed -> rank 0's stdout (the other ranks print nothing)."""
     results = ranks.wait()
-    for rank, (status, _, err) in enumerate(results):
+    for rank, (status, out, err) in enumerate(results):
         assert status == 0, f"rank {rank} exited {status}:\n{err[-3000:]}"
+        assert rank == 0 or out == "", f"rank {rank} printed {out!r}"
     return results[0][1]
 
 
