@@ -277,10 +277,25 @@ class Index(abc.ABC):
             free = torch.where(self._slot < 0, slot_ids, self.num_slots)
             lowest = free.topk(min(count, self.num_slots), dim=-1, largest=False).values
             return lowest.masked_fill(lowest == self.num_slots, -1)
-        out = torch.full((self.batch_size, count), -1, dtype=torch.int64)
-        for b in range(self.batch_size):
-            ids = self._unwritten_row(b, count)
-            out[b, : ids.numel()] = ids.cpu()
+        # One window above each batch row's cursor, all batch rows at once: writes usually fill
+        # slots from the bottom (the LRU slot is the lowest unwritten one), so it mostly holds
+        # `count` unwritten slots; a batch row where it does not is scanned on its own.
+        window = min(max(64, 2 * count), self.num_slots)
+        cursor = torch.tensor(self._cursor, device=self._slot.device)
+        positions = cursor.unsqueeze(-1) + torch.arange(window, device=self._slot.device)
+        inside = positions < self.num_slots
+        free = inside & (self._slot.gather(1, positions.clamp(max=self.num_slots - 1)) == -1)
+        lowest = torch.where(free, positions, self.num_slots).topk(count, dim=-1, largest=False, sorted=True).values
+        out = lowest.masked_fill(lowest == self.num_slots, -1).cpu()
+        # a batch row whose window found fewer than count and did not reach N: scanned further
+        short = ((free.sum(-1) < count) & inside[:, -1]).tolist()
+        for b, first in enumerate(out[:, 0].tolist()):
+            if short[b]:
+                ids = self._unwritten_row(b, count)
+                out[b] = -1
+                out[b, : ids.numel()] = ids.cpu()
+            else:
+                self._cursor[b] = self.num_slots if first < 0 else first
         return out
 
     def stats(self) -> IndexStats:

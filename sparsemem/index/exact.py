@@ -54,6 +54,7 @@ class ExactIndex(Index):
         super().__init__(batch_size, num_slots, word_size, initial=initial, map_device=self.device)
         self._store = torch.empty(batch_size, 0, word_size, dtype=dtype, device=self.device)
         self._ids = torch.empty(batch_size, 0, dtype=torch.int64, device=self.device)
+        self._clean = 0  # host path: rows below this position hold finite values in every batch row
         if not self.on_host:
             self._store = self._stored(self.initial).unsqueeze(1).repeat(1, num_slots, 1)
 
@@ -77,6 +78,15 @@ class ExactIndex(Index):
         rows[new] = counts[new_batch] + rank
         totals = (counts + added).tolist()
         self._reserve(max(totals))
+        top = max(totals)
+        if top > self._clean:
+            # Rows no batch row had reached hold what torch.empty left (maybe NaN): zeros in the batch
+            # rows that do not write them now, so a search up to the fullest batch row's count reads
+            # only finite rows (a preload, all counts equal, zeroes nothing).
+            for b, total in enumerate(totals):
+                if total < top:
+                    self._store[b, max(total, self._clean) : top] = 0
+            self._clean = top
         self._store[batch, rows] = words
         self._ids[batch, rows] = slots
         self._slot[batch, slots] = rows
@@ -114,14 +124,24 @@ class ExactIndex(Index):
         if not self.on_host:  # rows are slots, the unwritten ones the initial word: search them all
             scores, slots = self._top_rows(self._store, queries, k)
             return scores * safe_norm(queries).unsqueeze(-1), slots
-        if len(set(self._rows)) == 1:
-            scores, rows = self._top_rows(self._store[:, : self._rows[0]], queries, k)
-        else:  # batch rows hold different row counts: each searches only its own
-            found = [
-                self._top_rows(self._store[b : b + 1, :count], queries[b : b + 1], k)
-                for b, count in enumerate(self._rows)
-            ]
-            scores, rows = (torch.cat(parts) for parts in zip(*found, strict=True))
+        low, high = min(self._rows), max(self._rows)
+        if low == high:
+            scores, rows = self._top_rows(self._store[:, :high], queries, k)
+        else:
+            # Batch rows hold different row counts: one search over the fullest's, asking for as
+            # many more candidates as a batch row can have rows past its count (rows that hold
+            # zeros or stale words, never NaN: see _update), which are then dropped. Among equal
+            # scores earlier rows come first, so the result is each batch row's own top K.
+            scores, rows = self._top_rows(self._store[:, :high], queries, min(k + high - low, high))
+            past = rows >= torch.tensor(self._rows, device=self.device).view(-1, 1, 1)
+            scores = scores.masked_fill(past, float("-inf"))
+            scores, order = scores.sort(dim=-1, descending=True, stable=True)
+            rows = rows.masked_fill(past, -1).gather(-1, order)
+            if rows.shape[-1] < k:
+                pad = (*rows.shape[:-1], k - rows.shape[-1])
+                scores = torch.cat([scores, scores.new_full(pad, float("-inf"))], -1)
+                rows = torch.cat([rows, rows.new_full(pad, -1)], -1)
+            scores, rows = scores[..., :k], rows[..., :k]
         # topk_content scores D(q', M_i) for the unit query q' = q / ||q||_eps, and
         # D(q, M_i) = D(q', M_i) ||q'||_eps: the same ranking, rescaled to the contract's score.
         scores = scores * safe_norm(queries).unsqueeze(-1)

@@ -1,7 +1,8 @@
 """The sparse memories' usage: which slot was least recently used (Rae et al.'s LRU).
 
 HostLRU on the host (last-access stamps and a heap, O(log E) per access), TimestampLRU on a
-device (a last-access stamp per slot and an argmin, no host sync); make_lru picks by device.
+device (a last-access stamp per slot and an argmin, no host sync); make_lru picks by device
+and, on the host, by N (the argmin is cheaper than the heap's Python work for small N).
 Both record each step's accesses on the memory's Timeline (memory/versions.py), so a state
 that goes back in time finds the LRU as it was.
 """
@@ -243,8 +244,14 @@ class _StampRows:
 LRU = HostLRU | TimestampLRU
 
 
+HOST_LRU_MIN_SLOTS = 2**15
+"""From this N up the CPU uses HostLRU; below it TimestampLRU's O(B N) argmin (tens of us at
+N = 2^14, B = 8) is cheaper than HostLRU's Python work per accessed slot (several hundred us a step)."""
+
+
 def make_lru(batch: int, num_slots: int, device: torch.device, timeline: Timeline | None = None) -> LRU:
-    """HostLRU on the CPU (O(log E) per access), TimestampLRU elsewhere (no host sync)."""
-    if _checks.on_host(device):
+    """TimestampLRU on a device (no host sync) and for N < HOST_LRU_MIN_SLOTS on the CPU; HostLRU
+    (O(log E) per access, nothing O(N)) for larger N on the CPU. Both give the same slots."""
+    if _checks.on_host(device) and num_slots >= HOST_LRU_MIN_SLOTS:
         return HostLRU(batch, num_slots, timeline)
     return TimestampLRU(batch, num_slots, device, timeline)

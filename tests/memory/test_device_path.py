@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsemem import _checks
 from sparsemem.index import ExactIndex
-from sparsemem.memory import SAMMemory, SDNCMemory
+from sparsemem.memory import SAMMemory, SDNCMemory, lru
 from sparsemem.memory.lru import HostLRU, TimestampLRU
 from sparsemem.memory.sam import capture_step
 from sparsemem.models import SAM
@@ -87,6 +87,7 @@ def run(memory, parts, preloaded=None, reset_at=None):
 @pytest.mark.parametrize("memory_cls", [SAMMemory, SDNCMemory])
 @pytest.mark.parametrize("preload", [False, True])
 def test_device_path_computes_what_the_host_path_computes(monkeypatch, memory_cls, preload):
+    monkeypatch.setattr(lru, "HOST_LRU_MIN_SLOTS", 0)  # the host's own LRU at this small N too
     memory = memory_cls(N, W, R, k=K).double()
     parts = interface_tensor(memory, T)
     preloaded = torch.randn(B, N, W, dtype=torch.float64, requires_grad=True) if preload else None
