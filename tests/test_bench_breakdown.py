@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bench.bench_breakdown import CATEGORIES, markdown, run_case
+from bench.bench_breakdown import CATEGORIES, markdown, parse_case, profile_case, profile_markdown, run_case
 
 
 @pytest.mark.parametrize("name", ["sam", "sdnc"])
@@ -21,3 +21,19 @@ def test_breakdown_finds_every_region_of_a_step(name, one_thread):
     table = markdown([result, torch_case], {"steps": 16})
     assert "| SDNC | default | exact |" in table or "| SAM | default | exact |" in table
     assert "| 2.00x |" in table
+
+
+@pytest.mark.parametrize("case", ["sam:6:fresh:exact", "sdnc:6:full:exact", "dnc:4"])
+def test_profile_counts_ops_and_splits_kernel_from_python_time(case, one_thread):
+    name, log2_slots, regime, index = parse_case(case)
+    result = profile_case(name, log2_slots, regime, index, repeats=1)
+    for phase in ("forward", "backward"):
+        assert result["ops_per_step"][phase] > 10, phase  # a step is many small ops, not one
+        ms = result["ms_per_step"][phase]
+        kernel, python = result["kernel_ms_per_step"][phase], result["python_ms_per_step"][phase]
+        assert 0 < kernel <= ms and math.isclose(kernel + python, ms)
+    assert (result["recall_at_k"] is not None) == (regime == "full")
+    if regime == "full":
+        assert result["recall_at_k"] == 1.0  # the exact index finds the exact top K
+    table = profile_markdown([result], {"steps": 16})
+    assert f"| {name.upper()} | 2^{log2_slots} |" in table
