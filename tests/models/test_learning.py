@@ -8,6 +8,8 @@ except through the memory, so the ablation stays at chance (4 bits of an 8-bit a
 If the memory were broken, the model would be its ablation and the first test would fail.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -16,10 +18,13 @@ from tests.models.ablation import ZeroReads
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
+SEED = int(os.environ.get("SPARSEMEM_LEARNING_SEED", "0"))
+"""The seed every learning test trains with; tests/models/learning_seeds.py runs them on others."""
+
 THRESHOLD = 0.1
 """Bits in error per sequence on held-out batches, averaged over the task's levels."""
 
-TRAINING = dict(lr=1e-2, batch_size=32, curriculum=False, threshold=THRESHOLD, window=20, seed=0)
+TRAINING = dict(lr=1e-2, batch_size=32, curriculum=False, threshold=THRESHOLD, window=20, seed=SEED)
 COPY = dict(task="copy", bits=8, max_level=5, hidden_size=64, num_slots=16, word_size=16, num_reads=1, steps=800)
 RECALL = dict(
     model="dnc",

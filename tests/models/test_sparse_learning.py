@@ -19,7 +19,7 @@ from torch import nn
 
 import sparsemem as sm
 from sparsemem.memory import SAMMemory
-from tests.models.test_learning import THRESHOLD
+from tests.models.test_learning import SEED, THRESHOLD
 from tests.models.test_learning import train as train_task
 
 COPY = dict(task="copy", bits=8, max_level=5, hidden_size=64, num_slots=64, k=4, word_size=16, num_reads=1)
@@ -46,9 +46,9 @@ def recall_batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat([store, query], dim=1), targets
 
 
-def train(zero_reads: bool, iterations: int) -> float:
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
+def train(zero_reads: bool, iterations: int, seed: int = SEED) -> float:
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     inputs = 2 * BITS + 1
     controller = nn.Sequential(nn.Linear(inputs + W, HIDDEN), nn.Tanh())
     model = sm.SAM(inputs, HIDDEN, num_slots=N, word_size=W, num_reads=1, k=K, output_size=BITS, controller=controller)

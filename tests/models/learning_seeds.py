@@ -1,0 +1,86 @@
+"""The learning tests' runs on several seeds, one after another, as a table (the tests train one:
+tests/models/test_learning.py's SEED). Each row: the run, the seed, steps to threshold (learning
+runs), the held-out error (bits in error per sequence; the sparse recall test: its loss), whether
+the test's assertion holds, and the CPU seconds.
+
+    nice python -m tests.models.learning_seeds                  # seeds 0-4, every run
+    nice python -m tests.models.learning_seeds --seeds 0 3 -k recall
+"""
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from tests.models import test_learning as dense
+from tests.models import test_sparse_learning as sparse
+
+
+def _task_run(model: str, config: dict, ablate: bool, steps: int | None = None):
+    def run(seed: int) -> tuple[int | None, float, bool]:
+        options = config | {"model": model, "seed": seed} | ({"steps": steps} if steps is not None else {})
+        with tempfile.TemporaryDirectory() as out:
+            trainer, error, _ = dense.train(out, ablate=ablate, **options)
+        if ablate:
+            bound = 3 if config is dense.RECALL else 10 * dense.THRESHOLD
+            return None, error, error > bound
+        reached = trainer.steps_to_threshold
+        return reached, error, reached is not None and error < dense.THRESHOLD
+
+    return run
+
+
+def _sparse_recall(ablate: bool):
+    def run(seed: int) -> tuple[int | None, float, bool]:
+        if ablate:
+            loss = sparse.train(zero_reads=True, iterations=40, seed=seed)
+            return None, loss, loss > 0.6
+        loss = sparse.train(zero_reads=False, iterations=150, seed=seed)
+        return None, loss, loss < 0.35
+
+    return run
+
+
+RUNS = {
+    "dnc copy": _task_run("dnc", dense.COPY, False),
+    "ntm copy": _task_run("ntm", dense.COPY, False),
+    "dnc copy, reads zeroed": _task_run("dnc", dense.COPY, True),
+    "ntm copy, reads zeroed": _task_run("ntm", dense.COPY, True),
+    "dnc recall": _task_run("dnc", dense.RECALL, False),
+    "dnc recall, reads zeroed": _task_run("dnc", dense.RECALL, True),
+    "sam recall (loss)": _sparse_recall(False),
+    "sam recall, reads zeroed (loss)": _sparse_recall(True),
+    **{
+        f"{model} copy{', reads zeroed' if ablate else ''}": _task_run(
+            model, sparse.COPY, ablate, sparse.COPY_STEPS[model]
+        )
+        for model in ("sam", "sdnc")
+        for ablate in (False, True)
+    },
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("-k", nargs="+", default=[""], help="only the runs whose name contains one of these")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print("| run | seed | steps to threshold | held-out error | passes | CPU s |")
+    print("|---|---:|---:|---:|---|---:|")
+    for name, run in RUNS.items():
+        if not any(part in name for part in args.k):
+            continue
+        for seed in args.seeds:
+            started = time.process_time()
+            reached, error, passes = run(seed)
+            seconds = time.process_time() - started
+            steps = "-" if reached is None else str(reached)
+            print(
+                f"| {name} | {seed} | {steps} | {error:.3f} | {'yes' if passes else 'NO'} | {seconds:.1f} |", flush=True
+            )
+
+
+if __name__ == "__main__":
+    main()
