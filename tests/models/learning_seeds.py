@@ -43,10 +43,11 @@ def _sparse_recall(ablate: bool):
 
 
 RUNS = {
-    "dnc copy": _task_run("dnc", dense.COPY, False),
-    "ntm copy": _task_run("ntm", dense.COPY, False),
-    "dnc copy, reads zeroed": _task_run("dnc", dense.COPY, True),
-    "ntm copy, reads zeroed": _task_run("ntm", dense.COPY, True),
+    **{
+        f"{model} copy{', reads zeroed' if ablate else ''}": _task_run(model, dense.COPY | options, ablate)
+        for model, options in dense.COPY_MODEL.items()
+        for ablate in (False, True)
+    },
     "dnc recall": _task_run("dnc", dense.RECALL, False),
     "dnc recall, reads zeroed": _task_run("dnc", dense.RECALL, True),
     "sam recall (loss)": _sparse_recall(False),

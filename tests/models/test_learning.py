@@ -26,6 +26,9 @@ THRESHOLD = 0.1
 
 TRAINING = dict(lr=1e-2, batch_size=32, curriculum=False, threshold=THRESHOLD, window=20, seed=SEED)
 COPY = dict(task="copy", bits=8, max_level=5, hidden_size=64, num_slots=16, word_size=16, num_reads=1, steps=800)
+COPY_MODEL = {"dnc": {}, "ntm": dict(lr=5e-3, steps=1200)}
+"""Per model: the NTM at lr 1e-2 missed 800 steps (and 1600) on seed 1; at 5e-3 it masters seeds 0-4
+within 1200 (tests/models/learning_seeds.py)."""
 RECALL = dict(
     model="dnc",
     task="associative-recall",
@@ -58,14 +61,15 @@ def train(tmp_path, ablate: bool, **options) -> tuple[Trainer, float, dict[int, 
 
 @pytest.mark.parametrize("model", ["dnc", "ntm"])
 def test_learns_copy(tmp_path, model):
-    trainer, error, per_level = train(tmp_path, ablate=False, model=model, **COPY)
-    assert trainer.steps_to_threshold is not None, f"not mastered in {COPY['steps']} steps: {per_level}"
+    copy = COPY | COPY_MODEL[model]
+    trainer, error, per_level = train(tmp_path, ablate=False, model=model, **copy)
+    assert trainer.steps_to_threshold is not None, f"not mastered in {copy['steps']} steps: {per_level}"
     assert error < THRESHOLD, per_level
 
 
 @pytest.mark.parametrize("model", ["dnc", "ntm"])
 def test_copy_is_not_learned_without_reads(tmp_path, model):
-    _, error, per_level = train(tmp_path, ablate=True, model=model, **COPY)
+    _, error, per_level = train(tmp_path, ablate=True, model=model, **(COPY | COPY_MODEL[model]))
     assert error > 10 * THRESHOLD, per_level
 
 
