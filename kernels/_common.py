@@ -49,6 +49,9 @@ def splits(num_tiles: int, rows: int, device: torch.device) -> tuple[int, int]:
     On the CPU (the interpreter) a row is split in at most 4, which still exercises the merge.
     """
     target = 4 * _multiprocessors(device.index or 0) if device.type == "cuda" else 4
+    # no rows (B = 0) or no tiles (N = 0) count as one: no division by zero, and a grid over
+    # `rows` launches nothing
+    rows, num_tiles = max(rows, 1), max(num_tiles, 1)
     programs = max(1, min(num_tiles, triton.cdiv(target, rows)))
     tiles_per_program = triton.cdiv(num_tiles, programs)
     return triton.cdiv(num_tiles, tiles_per_program), tiles_per_program
@@ -137,5 +140,5 @@ def scatter_rows(memory: Tensor, indices: Tensor, grad_rows: Tensor) -> Tensor:
     """The dense [B, N, W] memory gradient from the gradients of the gathered rows [B, R, K, W]."""
     B, N, W = memory.shape
     grad_memory = torch.zeros(B, N, W, dtype=grad_rows.dtype, device=memory.device)
-    flat = indices.reshape(B, -1, 1).expand(-1, -1, W)
-    return grad_memory.scatter_add_(1, flat, grad_rows.reshape(B, -1, W)).to(memory.dtype)
+    flat = indices.flatten(1).unsqueeze(-1).expand(-1, -1, W)  # flatten, not reshape(B, -1): B or W may be 0
+    return grad_memory.scatter_add_(1, flat, grad_rows.flatten(1, -2)).to(memory.dtype)

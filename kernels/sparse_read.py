@@ -62,6 +62,8 @@ def sparse_read_forward(memory: Tensor, indices: Tensor, keys: Tensor, strengths
     memory, indices, keys, strengths = contiguous(memory, indices, keys, strengths)
     B, N, W = memory.shape
     R, K = indices.shape[1], indices.shape[2]
+    if N == 0 and indices.numel() > 0:  # every index would be out of range (the kernel does not check)
+        raise ValueError("indices must be slot ids in [0, N=0)")
     weights = torch.empty(B, R, K, dtype=memory.dtype, device=memory.device)
     reads = torch.empty(B, R, W, dtype=memory.dtype, device=memory.device)
     sparse_read_kernel[(B * R,)](

@@ -141,6 +141,8 @@ def topk_content_forward(memory: Tensor, keys: Tensor, k: int) -> tuple[Tensor, 
     memory, keys = contiguous(memory, keys)
     B, N, W = memory.shape
     R = keys.shape[1]
+    if not 1 <= k <= N:  # as the cpp kernel: the merge reads k candidates of each partial
+        raise ValueError(f"k must be in [1, N={N}]; got k={k}")
     acc = accumulator_dtype(memory.dtype)
     BLOCK_K = pow2(k)
     tile, S, tiles_per_program = split_n(N, B, memory.device, R, W)

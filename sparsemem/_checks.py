@@ -1,8 +1,11 @@
 """Input validation at the public boundary, with errors named in glossary letters.
 
-Shape, dtype and device checks always run. Value checks (NaN, out-of-range
-indices) need a device sync, so on the GPU they run only with SPARSEMEM_DEBUG=1,
-and never inside torch.compile.
+Shape, dtype and device checks always run. Value checks (NaN, out-of-range indices) need a
+device sync, so on the GPU they run only with SPARSEMEM_DEBUG=1, and never inside torch.compile.
+
+Sizes: B may be 0 (the ops then return empty outputs and gradients without running a kernel,
+sparsemem.ops._define); every other letter in POSITIVE must be at least 1, and an int argument k
+must be an int of at least 1 (check_k).
 """
 
 import math
@@ -10,6 +13,10 @@ import os
 
 import torch
 from torch import Tensor
+
+POSITIVE = frozenset({"N", "W", "R", "K", "K_L", "S", "J", "F", "G", "Q"})
+"""The letters that must be at least 1: the glossary's sizes but B, and the ops' counts of gathered
+rows (J written, F and G link rows, Q read slots). M (entries of an index update) may be 0."""
 
 
 def debug() -> bool:
@@ -39,6 +46,8 @@ class Shapes:
         for letter, size in zip(letters, shape, strict=True):
             bound = sizes.get(letter)
             if bound is None:
+                if size == 0 and letter in POSITIVE:
+                    raise ValueError(f"{name} must be {_expected(letters)} with {letter} >= 1; got {list(shape)}")
                 sizes[letter] = (size, name)
             elif bound[0] != size:
                 raise ValueError(
@@ -72,6 +81,17 @@ class Shapes:
 
     def size(self, letter: str) -> int:
         return self.sizes[letter][0]
+
+
+def check_k(k: object, num_slots: int | None = None) -> None:
+    """ValueError unless k (K, slots per head) is an int, at least 1 and, given N, at most N."""
+    if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)):
+        raise ValueError(f"k must be an int (K, slots per head); got k={k!r} of type {type(k).__name__}")
+    if num_slots is None:
+        if k < 1:
+            raise ValueError(f"k must be a positive int; got k={k}")
+    elif not 1 <= k <= num_slots:
+        raise ValueError(f"k must be in [1, N={num_slots}]; got k={k}")
 
 
 def on_host(device: torch.device | str) -> bool:

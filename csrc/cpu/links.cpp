@@ -28,8 +28,10 @@ namespace sparsemem {
 namespace {
 
 // Blocks of rows per batch row: enough pieces for every thread when B is small, one when B is large.
+// B = 0 counts as one row (no division by zero; the loops over B * blocks pieces then run none).
 int64_t row_blocks(int64_t B, int64_t N) {
-  const int64_t wanted = (2 * int64_t(at::get_num_threads()) + B - 1) / B;
+  const int64_t rows = std::max<int64_t>(B, 1);
+  const int64_t wanted = (2 * int64_t(at::get_num_threads()) + rows - 1) / rows;
   return std::max<int64_t>(1, std::min<int64_t>(N, wanted));
 }
 

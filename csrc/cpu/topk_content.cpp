@@ -70,7 +70,7 @@ SPARSEMEM_VECTOR_CLONES void scan_chunk(const scalar_t* words, int64_t first, in
                                       const acc_t* key_norm, int64_t k, Candidate<acc_t>* best, int64_t* count) {
   acc_t dots[H + 1];
   const int64_t row_bytes = W * int64_t(sizeof(scalar_t));
-  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / row_bytes);
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(1, row_bytes));  // W = 0: no bytes
   for (int64_t n = first; n < last; ++n) {
     if (n + ahead < last) {
       const char* row = reinterpret_cast<const char*>(words + (n + ahead) * W);

@@ -160,6 +160,8 @@ def define_op(
     stem: the op family's file stem (ops/<stem>.py, kernels/<stem>.py, csrc/*/<stem>.*); kernels:
     the backends with kernel sources besides torch (the reference, differentiated by vjp): triton's
     <name>_forward / <name>_backward in kernels/<stem>.py, cpp and cuda's ext_<name> in csrc/.
+    Every tensor input has B first; with B = 0 the op returns fake's (empty) outputs and zero
+    (empty) gradients without running a backend, so every backend agrees on an empty batch.
     Returns a function of the op's inputs: inside torch.compile it calls the registered custom op
     (traced through its fake and autograd registrations); in eager mode it runs the same kernel
     and backward through a plain torch.autograd.Function, skipping the custom op's dispatch, which
@@ -172,6 +174,8 @@ def define_op(
         _backends.register(name, "triton", triton_kernel(stem, name, differentiable))
 
     def run_forward(*inputs):
+        if _empty_batch(inputs):
+            return fake(*inputs)  # empty outputs of the right shapes and dtypes; no kernel sees B = 0
         return _backends.kernel(name, _device(inputs)).forward(*inputs)
 
     def setup_context(ctx, inputs, output):
@@ -189,6 +193,8 @@ def define_op(
         for position, value in ctx.constants.items():
             inputs[position] = value
         outputs = saved[len(ctx.tensor_positions) :]
+        if _empty_batch(inputs):
+            return tuple(torch.zeros_like(inputs[i]) if i in differentiable else None for i in range(len(inputs)))
         kernel = _backends.kernel(name, _device(inputs))
         return kernel.backward(grads, inputs, outputs)
 
@@ -214,6 +220,11 @@ def define_op(
         return op(*inputs) if torch.compiler.is_compiling() else eager.apply(*inputs)
 
     return call
+
+
+def _empty_batch(inputs: Sequence[object]) -> bool:
+    """B = 0: every op's tensor inputs, and so its outputs, have B first."""
+    return next(value for value in inputs if isinstance(value, Tensor)).shape[0] == 0
 
 
 def _device(inputs: Sequence[object]) -> torch.device:

@@ -9,7 +9,7 @@ a kernel sees fixed shapes only and the caller scatters the results back.
 
 from torch import Tensor
 
-from sparsemem._checks import Shapes, check_finite
+from sparsemem._checks import Shapes, check_finite, check_k
 from sparsemem.ops._define import define_op
 from sparsemem.reference import sparse_link_update_ref, sparse_temporal_reads_ref
 
@@ -138,8 +138,7 @@ def sparse_temporal_reads(
     shapes.check("forward_values", forward_values, "B R Q K_L")
     shapes.check("backward_indices", backward_indices, "B R Q K_L", kind="index")
     shapes.check("backward_values", backward_values, "B R Q K_L")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int; got k={k}")
+    check_k(k)
     check_finite("read_weights", read_weights)
     check_finite("forward_values", forward_values, state=True)
     check_finite("backward_values", backward_values, state=True)

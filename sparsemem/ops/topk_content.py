@@ -4,7 +4,7 @@ topk_content_ref)."""
 import torch
 from torch import Tensor
 
-from sparsemem._checks import Shapes, check_finite
+from sparsemem._checks import Shapes, check_finite, check_k
 from sparsemem.ops._define import define_op
 from sparsemem.reference import topk_content_ref
 
@@ -33,8 +33,7 @@ def topk_content(memory: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
     head only.
     """
     shapes = Shapes().check("memory", memory, "B N W").check("keys", keys, "B R W")
-    if not 1 <= k <= shapes.size("N"):
-        raise ValueError(f"k must be in [1, N={shapes.size('N')}]; got k={k}")
+    check_k(k, shapes.size("N"))
     check_finite("memory", memory, state=True)
     check_finite("keys", keys)
     return _topk_content(memory, keys, k)
