@@ -15,10 +15,13 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "vector_math.h"
@@ -26,6 +29,67 @@
 namespace sparsemem {
 
 namespace {
+
+// The N x N outputs (a new link every step, a link gradient every backward step) come from a pool
+// of the blocks earlier ones freed. A fresh block that large is mmapped by malloc and faulted in
+// page by page on its first write, which costs more than the op (32 MiB at N = 2^10, B = 8); a
+// reused one is already mapped. The pool keeps at most kPoolBlocks freed blocks and kPoolBytes,
+// each reused for a request of its exact size; blocks under kPooledBytes come from at::empty.
+constexpr size_t kPooledBytes = size_t(1) << 22;
+constexpr size_t kPoolBytes = size_t(1) << 31;
+constexpr size_t kPoolBlocks = 4;
+
+class BlockPool {
+ public:
+  void* take(size_t bytes) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      const auto found = free_.find(bytes);
+      if (found != free_.end()) {
+        void* block = found->second;
+        free_.erase(found);
+        cached_ -= bytes;
+        return block;
+      }
+    }
+    return c10::alloc_cpu(bytes);
+  }
+
+  void give(void* block, size_t bytes) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (free_.size() < kPoolBlocks && cached_ + bytes <= kPoolBytes) {
+        free_.emplace(bytes, block);
+        cached_ += bytes;
+        return;
+      }
+    }
+    c10::free_cpu(block);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_multimap<size_t, void*> free_;
+  size_t cached_ = 0;
+};
+
+BlockPool& pool() {
+  static auto* blocks = new BlockPool();  // never destroyed: a tensor may be freed during exit
+  return *blocks;
+}
+
+// An uninitialised contiguous tensor shaped like `like` (contiguous), from the pool when large;
+// from at::empty when torch poisons uninitialised memory (the tests' check for unwritten elements).
+at::Tensor empty_link(const at::Tensor& like) {
+  const size_t bytes = size_t(like.numel()) * like.element_size();
+  const auto& context = at::globalContext();
+  if (bytes < kPooledBytes ||
+      (context.deterministicAlgorithms() && context.deterministicFillUninitializedMemory())) {
+    return at::empty_like(like);
+  }
+  return at::from_blob(pool().take(bytes), like.sizes(), [bytes](void* block) { pool().give(block, bytes); },
+                       like.options());
+}
 
 // Blocks of rows per batch row: enough pieces for every thread when B is small, one when B is large.
 // B = 0 counts as one row (no division by zero; the loops over B * blocks pieces then run none).
@@ -289,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor> ext_link_update(const at::Tensor& link_in, co
   check_vector("precedence", precedence_in, link_in);
   check_vector("write_w", write_w_in, link_in);
   const auto link = link_in.contiguous(), precedence = precedence_in.contiguous(), write_w = write_w_in.contiguous();
-  auto new_link = at::empty_like(link);
+  auto new_link = empty_link(link);
   auto new_precedence = at::empty_like(precedence);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, link.scalar_type(), "ext_link_update", [&] {
     links_forward<true, false>(links_of<scalar_t>(link, &precedence, &write_w, nullptr), new_link.data_ptr<scalar_t>(),
@@ -306,7 +370,7 @@ std::vector<at::Tensor> ext_link_update_backward(const at::Tensor& grad_link, co
   check_link(link_in);
   const auto link = link_in.contiguous(), precedence = precedence_in.contiguous(), write_w = write_w_in.contiguous();
   const auto grad_link_c = grad_link.contiguous(), grad_precedence_c = grad_precedence.contiguous();
-  auto d_link = at::empty_like(link), d_precedence = at::empty_like(precedence), d_write_w = at::empty_like(write_w);
+  auto d_link = empty_link(link), d_precedence = at::empty_like(precedence), d_write_w = at::empty_like(write_w);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, link.scalar_type(), "ext_link_update_backward", [&] {
     LinkGrads<scalar_t> g;
     g.new_link = grad_link_c.data_ptr<scalar_t>();
@@ -338,7 +402,7 @@ std::vector<at::Tensor> ext_temporal_reads_backward(const at::Tensor& grad_forwa
   check_read_w(read_w_in, link_in);
   const auto link = link_in.contiguous(), read_w = read_w_in.contiguous();
   const auto grad_forward_c = grad_forward.contiguous(), grad_backward_c = grad_backward.contiguous();
-  auto d_link = at::empty_like(link), d_read_w = at::empty_like(read_w);
+  auto d_link = empty_link(link), d_read_w = at::empty_like(read_w);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, link.scalar_type(), "ext_temporal_reads_backward", [&] {
     LinkGrads<scalar_t> g;
     g.forward = grad_forward_c.data_ptr<scalar_t>();
@@ -360,7 +424,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_link_update_reads
   check_read_w(read_w_in, link_in);
   const auto link = link_in.contiguous(), precedence = precedence_in.contiguous(), write_w = write_w_in.contiguous();
   const auto read_w = read_w_in.contiguous();
-  auto new_link = at::empty_like(link), new_precedence = at::empty_like(precedence);
+  auto new_link = empty_link(link), new_precedence = at::empty_like(precedence);
   auto forward = at::empty_like(read_w), backward = at::empty_like(read_w);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, link.scalar_type(), "ext_link_update_reads", [&] {
     links_forward<true, true>(links_of<scalar_t>(link, &precedence, &write_w, &read_w), new_link.data_ptr<scalar_t>(),
@@ -381,7 +445,7 @@ std::vector<at::Tensor> ext_link_update_reads_backward(
   const auto read_w = read_w_in.contiguous();
   const auto grad_link_c = grad_link.contiguous(), grad_precedence_c = grad_precedence.contiguous();
   const auto grad_forward_c = grad_forward.contiguous(), grad_backward_c = grad_backward.contiguous();
-  auto d_link = at::empty_like(link), d_precedence = at::empty_like(precedence), d_write_w = at::empty_like(write_w);
+  auto d_link = empty_link(link), d_precedence = at::empty_like(precedence), d_write_w = at::empty_like(write_w);
   auto d_read_w = at::empty_like(read_w);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, link.scalar_type(), "ext_link_update_reads_backward", [&] {
     LinkGrads<scalar_t> g;
