@@ -336,13 +336,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> link_update_reads_cud
   return {update.new_link, new_precedence, result[0].to(read_w.scalar_type()), result[1].to(read_w.scalar_type())};
 }
 
-// The backward composes the two ops' kernels on the saved L': the reads' gradient through L'
-// (one pass over L'), added to dL', then link_update's backward (one pass over L and G).
+// The backward composes the two ops' kernels: the reads' gradient through L' (one pass over L',
+// recomputed from L: like the CPU and triton kernels it reads no output, so a caller may pass
+// stand-ins for them, as the DNC's link chain does), added to dL', then link_update's backward
+// (one pass over L and G).
 std::vector<at::Tensor> link_update_reads_backward_cuda(
     const at::Tensor& grad_new_link, const at::Tensor& grad_new_precedence, const at::Tensor& grad_forward,
     const at::Tensor& grad_backward, const at::Tensor& link, const at::Tensor& precedence, const at::Tensor& write_w,
-    const at::Tensor& read_w, const at::Tensor& new_link, const at::Tensor& new_precedence, const at::Tensor& forward,
-    const at::Tensor& backward) {
+    const at::Tensor& read_w, const at::Tensor& /*new_link*/, const at::Tensor& new_precedence,
+    const at::Tensor& forward, const at::Tensor& backward) {
+  const auto new_link = std::get<0>(link_update_cuda(link, precedence, write_w));
   const auto reads = temporal_reads_backward_cuda(grad_forward, grad_backward, new_link, read_w, forward, backward);
   const auto update = link_update_backward_cuda(grad_new_link + reads[0], grad_new_precedence, link, precedence,
                                                 write_w, new_link, new_precedence);

@@ -83,6 +83,10 @@ class DNCMemory(Memory):
     """
 
     state_type = DNCState
+    link_checkpoint_every: int | None = 4
+    """The backward keeps the N x N link of every k-th step and rebuilds the others (see
+    ops.link_update_reads): about T/k + k links for T steps instead of T + 1, for k - 1 link
+    updates more per k steps. None keeps every link."""
 
     @property
     def interface_size(self) -> int:
@@ -143,8 +147,9 @@ class DNCMemory(Memory):
         gate_a = interface.allocation_gate
         write_weights = interface.write_gate * (gate_a * allocation + (1 - gate_a) * write_content)
         memory = ops.memory_write(state.memory, write_weights, interface.erase, interface.write_vector)
-        link, precedence = ops.link_update(state.link, state.precedence, write_weights)
-        forward, backward = ops.temporal_reads(link, state.read_weights)
+        link, precedence, forward, backward = ops.link_update_reads(
+            state.link, state.precedence, write_weights, state.read_weights, checkpoint_every=self.link_checkpoint_every
+        )
         read_content = ops.content_weights(memory, interface.read_keys, interface.read_strengths)
         # w^r = pi_1 b + pi_2 c^r + pi_3 f
         modes = interface.read_modes
