@@ -147,8 +147,11 @@ class DNCMemory(Memory):
         gate_a = interface.allocation_gate
         write_weights = interface.write_gate * (gate_a * allocation + (1 - gate_a) * write_content)
         memory = ops.memory_write(state.memory, write_weights, interface.erase, interface.write_vector)
+        # A padded row (active False) writes nothing to the links: with w = 0, L' = L off the diagonal
+        # (which is 0) and p' = p exactly, so the N x N links need no where below and stay a chain.
+        link_writes = write_weights if active is None else torch.where(active.unsqueeze(-1), write_weights, 0)
         link, precedence, forward, backward = ops.link_update_reads(
-            state.link, state.precedence, write_weights, state.read_weights, checkpoint_every=self.link_checkpoint_every
+            state.link, state.precedence, link_writes, state.read_weights, checkpoint_every=self.link_checkpoint_every
         )
         read_content = ops.content_weights(memory, interface.read_keys, interface.read_strengths)
         # w^r = pi_1 b + pi_2 c^r + pi_3 f
@@ -164,4 +167,11 @@ class DNCMemory(Memory):
             write_weights=write_weights,
             initial_memory=state.initial_memory,
         )
-        return reads, new_state if active is None else new_state.where(active, state)
+        if active is None:
+            return reads, new_state
+        kept = {}
+        for name in state._recurrent_fields():
+            if name not in ("link", "precedence"):
+                new, old = getattr(new_state, name), getattr(state, name)
+                kept[name] = torch.where(active.view(-1, *[1] * (new.dim() - 1)), new, old)
+        return reads, dataclasses.replace(new_state, **kept)

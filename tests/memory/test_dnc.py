@@ -210,3 +210,22 @@ def test_checkpoint_every_must_be_a_positive_int():
     link, precedence, writes, reads = chain_inputs(torch.float32, T=1)
     with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
         sm.ops.link_update_reads(link, precedence, writes[0], reads[0], checkpoint_every=0)
+
+
+def test_a_padded_row_keeps_its_links_and_precedence_bit_for_bit():
+    """Inactive rows write zeros to the links instead of a where over the N x N links afterwards:
+    L' = L (zero diagonal) and p' = p exactly; the active rows step as without padding."""
+    torch.manual_seed(0)
+    B, N, W, R = 3, 9, 4, 2
+    memory = DNCMemory(N, W, R)
+    state = memory.init_state(B)
+    for _ in range(3):  # links and precedence that are not zero
+        _, state = memory.step(state, memory.split_interface(torch.randn(B, memory.interface_size)))
+    interface = memory.split_interface(torch.randn(B, memory.interface_size))
+    active = torch.tensor([True, False, True])
+    _, padded = memory.step(state, interface, active)
+    _, plain = memory.step(state, interface)
+    for name in ("link", "precedence"):
+        assert torch.equal(getattr(padded, name)[~active], getattr(state, name)[~active])
+        assert torch.equal(getattr(padded, name)[active], getattr(plain, name)[active])
+    assert torch.equal(padded.memory[~active], state.memory[~active])
