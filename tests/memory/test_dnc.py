@@ -229,3 +229,16 @@ def test_a_padded_row_keeps_its_links_and_precedence_bit_for_bit():
         assert torch.equal(getattr(padded, name)[~active], getattr(state, name)[~active])
         assert torch.equal(getattr(padded, name)[active], getattr(plain, name)[active])
     assert torch.equal(padded.memory[~active], state.memory[~active])
+
+
+def test_an_empty_batch_goes_through_the_chain():
+    link, precedence, writes, reads = chain_inputs(torch.float32, B=0, T=2)
+    writes = [w.requires_grad_(True) for w in writes]
+    total = 0
+    for write_w, read_w in zip(writes, reads, strict=True):
+        link, precedence, forward, backward = sm.ops.link_update_reads(
+            link, precedence, write_w, read_w, checkpoint_every=4
+        )
+        total = total + forward.sum() + backward.sum()
+    assert link.shape == (0, 9, 9)
+    assert all(g.shape == (0, 9) for g in torch.autograd.grad(total, writes))
