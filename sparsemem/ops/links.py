@@ -25,6 +25,7 @@ def link_update(link: Tensor, precedence: Tensor, write_w: Tensor) -> tuple[Tens
     shapes = Shapes().check("link", link, "B N N").check("precedence", precedence, "B N")
     shapes.check("write_w", write_w, "B N")
     check_finite("link", link, state=True)
+    check_finite("precedence", precedence)
     check_finite("write_w", write_w)
     return _link_update(link, precedence, write_w)
 
@@ -86,6 +87,7 @@ def link_update_reads(
     shapes = Shapes().check("link", link, "B N N").check("precedence", precedence, "B N")
     shapes.check("write_w", write_w, "B N").check("read_w", read_w, "B R N")
     check_finite("link", link, state=True)
+    check_finite("precedence", precedence)
     check_finite("write_w", write_w)
     check_finite("read_w", read_w)
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):

@@ -84,6 +84,7 @@ def sparse_link_update(
     shapes.check("write_weights", write_weights, "B J")
     check_finite("forward_values", forward_values, state=True)
     check_finite("backward_values", backward_values, state=True)
+    check_finite("precedence_values", precedence_values)
     check_finite("write_weights", write_weights)
     return _sparse_link_update(
         forward_slots,

@@ -22,5 +22,7 @@ def usage_update(usage: Tensor, write_w: Tensor, read_w: Tensor, free_gates: Ten
     shapes = Shapes().check("usage", usage, "B N").check("write_w", write_w, "B N")
     shapes.check("read_w", read_w, "B R N").check("free_gates", free_gates, "B R")
     check_finite("usage", usage, state=True)
+    check_finite("write_w", write_w)
+    check_finite("read_w", read_w)
     check_range("free_gates", free_gates, 0.0, 1.0)
     return _usage_update(usage, write_w, read_w, free_gates)
