@@ -14,8 +14,10 @@
 // Memory [B, N, W] is read from DRAM once; the reads need no second pass over memory or over
 // [B, R, N].
 //
-// The backward reads memory once too, recomputing norms and similarities instead of saving them,
-// and sweeps each word once per group of up to four heads for them (word_backward).
+// The backward recomputes norms and similarities instead of saving them, sweeping each word once
+// per group of up to four heads for them (word_backward); content_read's first reads memory once
+// more for the read gradients' dots g_reads . M_n, so that the softmax's c_r sums exactly the
+// terms dz subtracts it from (see content_backward).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -231,6 +233,7 @@ struct BackwardPieces {
   const scalar_t* grad_weights;  // [B, R, N]
   const acc_t* unit_keys;        // [B, R, W]: k_r / ||k_r||
   const acc_t* grad_read;        // [B, R, W], content_read only (else null)
+  const acc_t* read_dots;        // [B, R, N]: g_reads_r . M_n, content_read only (else null)
   const acc_t* c;                // [B, R]
   scalar_t* grad_memory;         // [B, N, W]
   acc_t* part_strength;          // [B, pieces, R]
@@ -251,7 +254,9 @@ SPARSEMEM_ALWAYS_INLINE void word_backward(const BackwardPieces<scalar_t, acc_t>
   acc_t similarity[H + 1], read_dot[H + 1] = {}, to_key[H], weight[H];
   word_dots<H>(word, unit_keys, W, similarity);
   inv_norm = acc_t(1) / std::sqrt(similarity[H] + acc_t(kNormEps));
-  if (x.grad_read != nullptr) word_dots<H>(word, x.grad_read + first_row * W, W, read_dot);
+  if (x.read_dots != nullptr) {
+    for (int64_t h = 0; h < H; ++h) read_dot[h] = x.read_dots[(first_row + h) * N + n];
+  }
   for (int64_t h = 0; h < H; ++h) {
     const int64_t row = first_row + h;
     const acc_t D = similarity[h] * inv_norm;
@@ -302,17 +307,44 @@ SPARSEMEM_VECTOR_CLONES void backward_piece(const BackwardPieces<scalar_t, acc_t
   }
 }
 
+// content_read's g_reads_r . M_n for the slots of one (b, piece) into read_dots, and the piece's
+// share of c_r = sum_n w_rn (g_w[r, n] + g_reads_r . M_n) into part_c [B, pieces, R].
+template <typename scalar_t, typename acc_t>
+SPARSEMEM_VECTOR_CLONES void read_dots_piece(const scalar_t* memory, const scalar_t* weights, const scalar_t* grad_weights,
+                     const acc_t* grad_read, int64_t N, int64_t W, int64_t R, int64_t pieces, int64_t piece,
+                     acc_t* read_dots, acc_t* part_c) {
+  const int64_t b = piece / pieces, first = (piece % pieces) * kPiece, last = std::min(N, first + kPiece);
+  acc_t* c = part_c + piece * R;
+  std::fill(c, c + R, acc_t(0));
+  for (int64_t n = first; n < last; ++n) {
+    const scalar_t* word = memory + (b * N + n) * W;
+    for_head_groups(R, [&](auto heads, int64_t r) SPARSEMEM_INLINE_LAMBDA {
+      constexpr int64_t H = decltype(heads)::value;
+      acc_t dots[H + 1];
+      word_dots<H>(word, grad_read + (b * R + r) * W, W, dots);
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t row = b * R + r + h;
+        read_dots[row * N + n] = dots[h];
+        c[r + h] += acc_t(weights[row * N + n]) * (acc_t(grad_weights[row * N + n]) + dots[h]);
+      }
+    });
+  }
+}
+
 // Backward of both ops; grad_reads (content_read) may be null.
 //   g'_rn = g_w[r, n] + g_reads_r . M_n          (the read adds a path from M_n to w_rn)
-//   dz_rn = w_rn (g'_rn - c_r),  c_r = sum_n w_rn g'_rn = sum_n w_rn g_w[r, n] + g_reads_r . reads_r
+//   dz_rn = w_rn (g'_rn - c_r),  c_r = sum_n w_rn g'_rn
+// c_r is summed from the very g'_rn that dz uses (content_read: a first pass over memory for
+// g_reads_r . M_n), never as sum_n w_rn g_w[r, n] + g_reads_r . reads_r: with the forward's rounded
+// reads the two parts miss each other by ~eps |g_reads| |M|, and a peaked softmax (large s_r, w_r
+// nearly one-hot, true dz ~ 0) turns that into an error ~eps s_r in every gradient.
 //   dD_rn = s_r dz_rn;  ds_r = sum_n dz_rn D_rn
 //   dk_r = (sum_n dD_rn M_n / ||M_n||) / ||k_r|| - k_r (sum_n dD_rn D_rn) / ||k_r||^2
 //   dM_n = sum_r dD_rn k_r / (||k_r|| ||M_n||) - (sum_r dD_rn D_rn) M_n / ||M_n||^2 + sum_r w_rn g_reads_r
 template <typename scalar_t>
 std::vector<at::Tensor> content_backward(const at::Tensor& grad_weights, const at::Tensor* grad_reads,
                                          const at::Tensor& memory, const at::Tensor& keys,
-                                         const at::Tensor& strengths, const at::Tensor& weights,
-                                         const at::Tensor* reads) {
+                                         const at::Tensor& strengths, const at::Tensor& weights) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = memory.size(0), N = memory.size(1), W = memory.size(2), R = keys.size(1);
   const int64_t pieces = (N + kPiece - 1) / kPiece;
@@ -330,19 +362,31 @@ std::vector<at::Tensor> content_backward(const at::Tensor& grad_weights, const a
     for (int64_t row = begin; row < end; ++row) {
       inv_key_norm[row] = acc_t(1) / safe_norm<acc_t>(k + row * W, W);
       for (int64_t i = 0; i < W; ++i) unit_keys[row * W + i] = acc_t(k[row * W + i]) * inv_key_norm[row];
+      if (with_reads) {
+        for (int64_t i = 0; i < W; ++i) grad_read[row * W + i] = acc_t(gr[row * W + i]);
+        continue;  // c_r comes with the read dots below
+      }
       acc_t total = 0;
 #pragma omp simd reduction(+ : total)
       for (int64_t n = 0; n < N; ++n) total += acc_t(w[row * N + n]) * acc_t(gw[row * N + n]);
-      if (with_reads) {
-        const scalar_t* read = reads->data_ptr<scalar_t>() + row * W;
-        for (int64_t i = 0; i < W; ++i) {
-          grad_read[row * W + i] = acc_t(gr[row * W + i]);
-          total += grad_read[row * W + i] * acc_t(read[i]);
-        }
-      }
       c[row] = total;
     }
   });
+  std::vector<acc_t> read_dots(with_reads ? B * R * N : 0);
+  if (with_reads) {
+    std::vector<acc_t> part_c(B * pieces * R);
+    at::parallel_for(0, B * pieces, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t piece = begin; piece < end; ++piece) {
+        read_dots_piece(m, w, gw, grad_read.data(), N, W, R, pieces, piece, read_dots.data(), part_c.data());
+      }
+    });
+    for (int64_t row = 0; row < B * R; ++row) {
+      const int64_t b = row / R, r = row % R;
+      acc_t total = 0;
+      for (int64_t t = 0; t < pieces; ++t) total += part_c[(b * pieces + t) * R + r];
+      c[row] = total;
+    }
+  }
 
   auto grad_memory = at::empty_like(memory);
   scalar_t* gm = grad_memory.data_ptr<scalar_t>();
@@ -358,6 +402,7 @@ std::vector<at::Tensor> content_backward(const at::Tensor& grad_weights, const a
                                              gw,
                                              unit_keys.data(),
                                              with_reads ? grad_read.data() : nullptr,
+                                             with_reads ? read_dots.data() : nullptr,
                                              c.data(),
                                              gm,
                                              part_strength.data(),
@@ -426,7 +471,7 @@ std::vector<at::Tensor> ext_content_weights_backward(const at::Tensor& grad_weig
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "ext_content_weights_backward", [&] {
     grads = content_backward<scalar_t>(grad_weights.contiguous(), nullptr, memory.contiguous(), keys.contiguous(),
-                                       strengths.contiguous(), weights.contiguous(), nullptr);
+                                       strengths.contiguous(), weights.contiguous());
   });
   return grads;
 }
@@ -434,13 +479,13 @@ std::vector<at::Tensor> ext_content_weights_backward(const at::Tensor& grad_weig
 std::vector<at::Tensor> ext_content_read_backward(const at::Tensor& grad_weights, const at::Tensor& grad_reads,
                                                   const at::Tensor& memory, const at::Tensor& keys,
                                                   const at::Tensor& strengths, const at::Tensor& weights,
-                                                  const at::Tensor& reads) {
+                                                  const at::Tensor& /*reads*/) {
   check_inputs(memory, keys, strengths);
-  const auto grad_reads_c = grad_reads.contiguous(), reads_c = reads.contiguous();
+  const auto grad_reads_c = grad_reads.contiguous();
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "ext_content_read_backward", [&] {
     grads = content_backward<scalar_t>(grad_weights.contiguous(), &grad_reads_c, memory.contiguous(),
-                                       keys.contiguous(), strengths.contiguous(), weights.contiguous(), &reads_c);
+                                       keys.contiguous(), strengths.contiguous(), weights.contiguous());
   });
   return grads;
 }
