@@ -28,9 +28,8 @@ def topk_content(memory: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The K most similar slots per key: memory [B, N, W], keys [B, R, W] -> (scores [B, R, K], indices [B, R, K]).
 
     Scores are cosine similarities, sorted descending; indices are int64 slot ids. Equal scores:
-    the cpp and triton kernels put the lower slot first; the torch backend keeps torch.topk's order,
-    which torch does not specify. The memory gradient is dense [B, N, W], non-zero on the K rows per
-    head only.
+    the lower slot first, on every backend. The memory gradient is dense [B, N, W], non-zero on the
+    K rows per head only.
     """
     shapes = Shapes().check("memory", memory, "B N W").check("keys", keys, "B R W")
     check_k(k, shapes.size("N"))

@@ -19,9 +19,11 @@ def gather_rows(memory: Tensor, indices: Tensor) -> Tensor:
 def topk_content_ref(memory: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The K slots most similar (cosine) to each key: (scores [B, R, K], indices [B, R, K]).
 
-    Scores are D(k_r, M_i), sorted descending; they are differentiable in memory and keys.
+    Scores are D(k_r, M_i), sorted descending, equal scores the lower slot first (as every kernel:
+    torch.topk leaves their order unspecified); they are differentiable in memory and keys.
     """
-    return torch.topk(cosine_similarity_ref(memory, keys), k, dim=-1)
+    scores, indices = torch.sort(cosine_similarity_ref(memory, keys), dim=-1, descending=True, stable=True)
+    return scores[..., :k].contiguous(), indices[..., :k].contiguous()
 
 
 def sparse_read_ref(memory: Tensor, indices: Tensor, keys: Tensor, strengths: Tensor) -> tuple[Tensor, Tensor]:
