@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 
@@ -60,10 +58,10 @@ def nan_poisoned():
 
 @pytest.fixture
 def use_backend(monkeypatch):
-    """use_backend("cpp") forces that backend for the rest of the test."""
+    """use_backend("cpp") forces that backend for the rest of the test; monkeypatch then restores
+    SPARSEMEM_BACKEND as it was (a run under SPARSEMEM_BACKEND=torch stays on torch)."""
 
     def force(backend: str) -> None:
         monkeypatch.setenv("SPARSEMEM_BACKEND", backend)
 
-    yield force
-    os.environ.pop("SPARSEMEM_BACKEND", None)
+    return force

@@ -3,10 +3,13 @@ scores tabled beside the published columns, and a second call reading the spent 
 
 import json
 
+import pytest
+
 from bench import babi
 from tests.test_train_babi import TEST_QUESTIONS, release
 
 
+@pytest.mark.slow
 def test_bench_babi_tables_both_models_and_reuses_spent_runs(tmp_path, capsys):
     data = release(tmp_path / "tasks_1-20_v1-2")
     tiny = "--hidden-size 8 --embedding-size 6 --batch-size 8 --eval-every 2 --steps 3"

@@ -41,6 +41,7 @@ def test_cases_over_the_memory_budget_are_skipped_without_running():
             assert result["status"] == "not available"
 
 
+@pytest.mark.slow
 def test_slow_case_times_out_and_stops_its_series(tmp_path):
     if not hasattr(sm, "NTM"):
         pytest.skip("sparsemem has no NTM yet")
@@ -52,6 +53,7 @@ def test_slow_case_times_out_and_stops_its_series(tmp_path):
     assert statuses == [("timeout", "over 0.2 s"), ("skipped", "after timeout at N=2^4")]
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_json_table_and_plots(tmp_path):
     out = tmp_path / "scaling.json"
     payload = scaling.main([*TINY, "--out", str(out)])

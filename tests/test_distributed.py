@@ -22,7 +22,7 @@ from sparsemem.train import CHECKPOINT, METRICS, SUMMARY, main
 from tests.test_train_babi import release
 from tests.tolerances import tolerance
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 BOOT = """
 import json, os, sys, torch

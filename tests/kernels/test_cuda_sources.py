@@ -50,6 +50,7 @@ def test_the_extension_has_every_declared_compiled_kernel():
                 assert backend in sm.backends_for(op, device).runnable, sm.backends_for(op, device).unavailable
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_cuda_sources_compile(tmp_path):
     # One translation unit that includes every .cu file parses the torch headers once (~30 s, not

@@ -219,6 +219,7 @@ def test_float64(model_cls):
     assert y.dtype == state.memory.dtype == torch.float64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_cls", MODELS)
 def test_torch_compile_matches_eager(model_cls):
     # aot_eager traces the whole unrolled model (dynamo, fake tensors, the ops' autograd) in

@@ -187,6 +187,7 @@ def test_rows_restored_equal_rows_written_since(model_cls):
     assert timeline.rows_undone - undone == written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_cls", SPARSE)
 def test_a_stream_keeps_a_bounded_undo_log(model_cls):
     model = make(model_cls)
