@@ -1,0 +1,112 @@
+"""The dense DNC step, forward and forward+backward: ms per step and peak memory, this checkout
+against another one (e.g. a worktree of an older commit), side by side in one run.
+
+    python -m bench.bench_dnc --baseline /path/to/older/worktree      # N = 2^10, 2^12
+    python -m bench.bench_dnc --log2-slots 10                         # this checkout only
+
+Config (issue 18): B = 8, X = 32, LSTM 128, W = 64, R = 4, T = 16, 2 threads; a fresh memory each
+sequence; forward under no_grad, forward+backward with loss = mean(y^2); 1 warm-up + 3 timed
+sequences, the median / T. Every (checkout, N, mode) runs in a fresh `python -m bench.bench_dnc
+--case` process that imports sparsemem from that checkout (its compiled extension built there),
+so its peak resident memory (VmHWM after the warm-up, reset) is its own; the cases alternate
+between the checkouts so a change in the machine's load hits both.
+
+Writes bench/results/dnc_step.json.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+CONFIG = dict(batch=8, input_size=32, hidden=128, word_size=64, num_reads=4, steps=16, threads=2, warmup=1, repeats=3)
+MODES = ("fwd", "fwd+bwd")
+
+
+def run_case(log2_slots: int, mode: str) -> dict:
+    """One (N, mode) with the sparsemem first on sys.path: ms per step and peak memory."""
+    import torch
+
+    import sparsemem as sm
+    from bench.common import PeakMemory, measured_median
+
+    c = CONFIG
+    torch.set_num_threads(c["threads"])
+    torch.manual_seed(0)
+    options = dict(num_slots=2**log2_slots, word_size=c["word_size"], num_reads=c["num_reads"])
+    model = sm.DNC(c["input_size"], c["hidden"], **options)
+    x = torch.randn(c["batch"], c["steps"], c["input_size"])
+
+    def sequence() -> None:
+        with torch.set_grad_enabled(mode == "fwd+bwd"):
+            y, _ = model(x)
+            if mode == "fwd+bwd":
+                y.square().mean().backward()
+                model.zero_grad(set_to_none=True)
+
+    for _ in range(c["warmup"]):
+        sequence()
+    peak = PeakMemory(torch.device("cpu"))
+    peak.reset_peak()
+    seconds = []
+    for _ in range(c["repeats"]):
+        started = time.perf_counter()
+        sequence()
+        seconds.append(time.perf_counter() - started)
+    return {
+        "sparsemem": str(Path(sm.__file__).resolve().parent.parent),
+        "log2_slots": log2_slots,
+        "mode": mode,
+        "sequence_seconds": seconds,
+        "step_ms": measured_median(seconds) / c["steps"] * 1e3,
+        "peak_bytes": peak.peak(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", type=Path, help="another checkout to measure beside this one")
+    parser.add_argument("--log2-slots", type=int, nargs="+", default=[10, 12])
+    parser.add_argument("--case", nargs=3, metavar=("ROOT", "LOG2_SLOTS", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "dnc_step.json")
+    args = parser.parse_args()
+    if args.case:
+        root, log2_slots, mode = args.case
+        sys.path.insert(0, root)  # before anything imports sparsemem: the case's checkout wins
+        print(json.dumps(run_case(int(log2_slots), mode)))
+        return
+
+    from bench.common import GIB, header, run_module, write_json
+
+    here = Path(__file__).resolve().parent.parent
+    roots = {"this": here, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+    cases = []
+    for log2_slots in args.log2_slots:
+        for mode in MODES:
+            for name, root in roots.items():
+                result = run_module("bench.bench_dnc", ["--case", str(root), str(log2_slots), mode], dict(os.environ))
+                result["checkout"] = name
+                cases.append(result)
+                if "step_ms" in result:
+                    result = f"{result['step_ms']:.1f} ms/step, peak {result['peak_bytes'] / GIB:.2f} GiB"
+                print(f"{name:8s} N=2^{log2_slots} {mode:7s} {result}", flush=True)
+    summary = {"header": header(CONFIG) | {"roots": {k: str(v) for k, v in roots.items()}}, "cases": cases}
+    if args.baseline:
+        ratios = {}
+        for log2_slots in args.log2_slots:
+            for mode in MODES:
+                pair = {c["checkout"]: c for c in cases if c.get("log2_slots") == log2_slots and c.get("mode") == mode}
+                if all("step_ms" in pair.get(k, {}) for k in roots):
+                    ratios[f"2^{log2_slots} {mode}"] = {
+                        "speedup": pair["baseline"]["step_ms"] / pair["this"]["step_ms"],
+                        "peak_ratio": pair["baseline"]["peak_bytes"] / pair["this"]["peak_bytes"],
+                    }
+        summary["baseline_over_this"] = ratios
+        print(json.dumps(ratios, indent=1))
+    write_json(args.out, summary)
+
+
+if __name__ == "__main__":
+    main()
