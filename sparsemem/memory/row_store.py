@@ -203,6 +203,7 @@ class RowStore(LazyRows):
         # one spare row after the B*N: a padded batch row's writes land there, never read
         super().__init__(batch, num_slots, initial_word, spare_rows=1)
         self.spare = batch * num_slots
+        self._moved_row_ids: list[Tensor] = []
         self.index_name = index
         self.index = make_index(index, batch, num_slots, self.word_size, initial=initial_word.detach(), **options)
         # row id = slot + offset: the row of slot s in batch row b is b*N + s
@@ -236,15 +237,37 @@ class RowStore(LazyRows):
         """rows [M, W] into row_ids [M] (M = B*J, J per batch row) in place, and into the index;
         duplicate ids must carry identical rows."""
         super()._put(row_ids, rows)
+        if self._moved(row_ids):
+            return
         real = row_ids < self.spare
         self.index.update_entries(row_ids[real] // self.num_slots, row_ids[real] % self.num_slots, rows[real])
 
     def _restore(self, row_ids: Tensor, rows: Tensor, written: Tensor) -> None:
         super()._restore(row_ids, rows, written)
-        real = row_ids < self.spare
+        if not self._moved(row_ids):
+            self._sync_index(row_ids)
+
+    def _moved(self, row_ids: Tensor) -> bool:
+        """Inside a timeline move (an undo or redo of many steps), note row_ids [M] for one index
+        update at its end, from the rows as they then are, instead of one update per step undone
+        (per-call index work is most of a step's undo). -> whether they were deferred."""
+        if self.timeline is None or not self.timeline.moving:
+            return False
+        self._moved_row_ids.append(row_ids)
+        self.timeline.after_move(self, self._sync_moved)
+        return True
+
+    def _sync_moved(self) -> None:
+        row_ids, self._moved_row_ids = torch.cat(self._moved_row_ids).unique(), []
+        self._sync_index(row_ids)
+
+    def _sync_index(self, row_ids: Tensor) -> None:
+        """The index at row_ids [M] as the rows are: a written row's contents, an unwritten one forgotten."""
+        row_ids = row_ids[row_ids < self.spare]
+        written = self.written[row_ids]
         batch, slots = row_ids // self.num_slots, row_ids % self.num_slots
-        self.index.update_entries(batch[written & real], slots[written & real], rows[written & real])
-        self.index.forget(batch[~written & real], slots[~written & real])
+        self.index.update_entries(batch[written], slots[written], self.rows[row_ids[written]])
+        self.index.forget(batch[~written], slots[~written])
 
     def sparse_write(
         self, slots: Tensor, weights: Tensor, add: Tensor, erase_rows: Tensor, active: Tensor | None = None
@@ -279,7 +302,8 @@ class RowStore(LazyRows):
 
     def _unforget(self, change: _Forget) -> Tensor:
         row_ids = super()._unforget(change)
-        self.index.update_entries(row_ids // self.num_slots, row_ids % self.num_slots, self.rows[row_ids])
+        if not self._moved(row_ids):
+            self.index.update_entries(row_ids // self.num_slots, row_ids % self.num_slots, self.rows[row_ids])
         return row_ids
 
     def dense(self) -> Tensor:

@@ -17,7 +17,7 @@ number of steps.
 """
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -71,6 +71,8 @@ class Timeline:
         self._root_depth = 0
         self._next_prune = COMPACT_EVERY
         self.recording = True
+        self.moving = False
+        self._after_move: dict[int, Callable[[], None]] = {}
         self.rows_recorded = 0
         self.rows_undone = 0
         self.rows_redone = 0
@@ -115,15 +117,27 @@ class Timeline:
             else:
                 redo.append(there)
                 there = there.parent
-        for node in undo:
-            for change in reversed(node.changes):
-                change.undo()
-                self.rows_undone += change.rows
-        for node in reversed(redo):
-            for change in node.changes:
-                change.redo()
-                self.rows_redone += change.rows
+        self.moving = True
+        try:
+            for node in undo:
+                for change in reversed(node.changes):
+                    change.undo()
+                    self.rows_undone += change.rows
+            for node in reversed(redo):
+                for change in node.changes:
+                    change.redo()
+                    self.rows_redone += change.rows
+        finally:
+            self.moving = False
+            syncs, self._after_move = list(self._after_move.values()), {}
+        for sync in syncs:
+            sync()
         self.head = version
+
+    def after_move(self, owner: object, sync: Callable[[], None]) -> None:
+        """During a checkout: run sync() once when every change has been undone or redone (a store
+        brings its index up to date once for all the rows the move touched, not once a step)."""
+        self._after_move.setdefault(id(owner), sync)
 
     def prune(self) -> None:
         """Cut the tree above the common ancestor of the held versions and the head."""

@@ -13,11 +13,11 @@ MODELS = [sm.NTM, sm.DNC, sm.SAM, sm.SDNC]
 SPARSE = [sm.SAM, sm.SDNC]
 
 
-def make(model_cls):
+def make(model_cls, index: str = "exact"):
     torch.manual_seed(0)
     sizes = dict(num_slots=N, word_size=W, num_reads=R, output_size=O)
     if model_cls in SPARSE:
-        sizes["k"] = K
+        sizes.update(k=K, index=index)
     return model_cls(I, H, **sizes).double()
 
 
@@ -185,6 +185,26 @@ def test_rows_restored_equal_rows_written_since(model_cls):
     with torch.no_grad():
         model(inputs(2), state)
     assert timeline.rows_undone - undone == written
+
+
+@pytest.mark.parametrize("index", ["exact", "ivf", "faiss-ivf"])
+@pytest.mark.parametrize("model_cls", SPARSE)
+def test_going_back_and_forth_across_a_reset_restores_rows_and_index(model_cls, index):
+    """A move over many steps updates the index once at its end, from the rows as they then are:
+    back across a reset (rows written again) and forth across it (the reset again)."""
+    if index.startswith("faiss"):
+        pytest.importorskip("faiss")
+    model = make(model_cls, index).float()
+    x = inputs(2).float()
+    with torch.no_grad():
+        start = model(inputs(1, 7).float())[1]
+        y_start, middle = model(x, start)
+        middle = middle.reset(torch.tensor([True, False, True]))
+        y_end, end = model(x, middle)
+        y_after_end, _ = model(x, end)
+        assert torch.equal(model(x, start)[0], y_start)  # back over 2T steps and the reset
+        assert torch.equal(model(x, end)[0], y_after_end)  # forth again
+        assert torch.equal(model(x, middle)[0], y_end)
 
 
 @pytest.mark.slow
