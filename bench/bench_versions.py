@@ -5,19 +5,22 @@ of a long no-grad stream (DESIGN.md, "States are values").
     python -m bench.bench_versions --stream-steps 100000
 
 Rollback: a state S_0, then T steps from it (the storage now holds S_T). Stepping from S_0 again
-first undoes the T steps (rows, index, LRU, links), stepping from S_T again redoes them. Each is
-timed as one step from that state minus one step from the state the storage already holds
-(median over repeats), so what is left is the cost of moving the storage: O(rows written in the
-T steps), the same at every N. Stream: `y, state = model(x_t, state)` under no_grad, one step a
-call, dropping the old states: the resident memory must stay flat (what is kept for going back
-is bounded by the oldest state held).
+first undoes the T steps (rows, index, LRU, links), stepping from S_T again redoes them. Each
+move is timed on its own (the checkout a step from that state begins with; median over
+repeats), beside a plain step: O(rows written in the T steps), the same at every N.
+
+Stream: `y, state = model(x_t, state)` under no_grad, one step a call, dropping the old states:
+the resident memory must stay flat (what is kept for going back is bounded by the oldest state
+held).
 """
 
 import argparse
+import os
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import sparsemem as sm
 from bench.common import (
@@ -49,38 +52,39 @@ def make(name: str, num_slots: int) -> torch.nn.Module:
     )
 
 
-def step_seconds(model, x, state) -> tuple[float, object]:
-    started = time.perf_counter()
-    _, state = model(x, state)
-    return time.perf_counter() - started, state
-
-
 @torch.no_grad()
 def rollback(name: str, num_slots: int, steps: int, repeats: int) -> dict:
-    """(undo ms, redo ms) of T = steps steps at N = num_slots, over the cost of a plain step."""
+    """(undo ms, redo ms) of T = steps steps at N = num_slots, and a plain step's ms beside them."""
     model = make(name, num_slots)
     x = torch.randn(CONFIG["batch"], steps, CONFIG["input_size"], generator=torch.Generator().manual_seed(1))
     one = x[:, :1]
-    start = model.init_state(CONFIG["batch"])
-    _, start = model(one, start)  # S_0 has rows written
-    _, end = model(x, start)  # S_T
+    _, start = model(one, model.init_state(CONFIG["batch"]))  # S_0 has rows written
+    _, end = model(x, start)  # S_T: the storage holds it
+    timeline = end.access.timeline
     undo, redo, plain = [], [], []
     for _ in range(repeats):
-        seconds, _ = step_seconds(model, one, start)  # storage S_T -> S_0, then a step
-        undo.append(seconds)
-        seconds, after = step_seconds(model, one, end)  # storage S_0 + 1 -> S_T, then a step
-        redo.append(seconds)
-        seconds, _ = step_seconds(model, one, after)  # the storage holds `after`: no move
-        plain.append(seconds)
-    step = measured_median(plain)
+        undo.append(moving_seconds(timeline, start))  # S_T -> S_0: undo T steps
+        redo.append(moving_seconds(timeline, end))  # S_0 -> S_T: redo them
+        started = time.perf_counter()
+        model(one, end)  # a plain step from the state the storage holds
+        plain.append(time.perf_counter() - started)
+        timeline.checkout(end.access.version.version)
     return {
         "model": name,
         "N": num_slots,
         "T": steps,
-        "step_ms": 1e3 * step,
-        "undo_ms": 1e3 * (measured_median(undo) - step),
-        "redo_ms": 1e3 * (measured_median(redo) - step),
+        "step_ms": 1e3 * measured_median(plain),
+        "undo_ms": 1e3 * measured_median(undo),
+        "redo_ms": 1e3 * measured_median(redo),
+        "load_average": os.getloadavg()[0],
     }
+
+
+def moving_seconds(timeline, state) -> float:
+    """Seconds to bring the storage to `state`'s version: what stepping from it adds to a step."""
+    started = time.perf_counter()
+    timeline.checkout(state.access.version.version)
+    return time.perf_counter() - started
 
 
 @torch.no_grad()
@@ -91,11 +95,13 @@ def stream(name: str, num_slots: int, steps: int) -> dict:
     state = model.init_state(CONFIG["batch"])
     points, every = [], max(1, steps // 50)
     started = time.perf_counter()
-    for step in range(steps):
+    for step in tqdm(range(steps), desc=f"{name} stream", unit="step", mininterval=5):
         x = torch.randn(CONFIG["batch"], 1, CONFIG["input_size"], generator=generator)
         _, state = model(x, state)
         if step % every == 0 or step == steps - 1:
-            points.append({"step": step + 1, "rss_mb": rss_bytes() / 2**20})
+            versions, rows = state.access.timeline.retained()
+            point = {"step": step + 1, "rss_mb": rss_bytes() / 2**20, "retained_versions": versions}
+            points.append(point | {"retained_rows": rows, "load_average": os.getloadavg()[0]})
     return {"model": name, "N": num_slots, "steps": steps, "seconds": time.perf_counter() - started, "rss": points}
 
 

@@ -35,15 +35,14 @@ from sparsemem.train import (
     CHECKPOINT,
     SPARSE,
     Config,
+    atomic_write,
+    check_device,
     make_model,
     make_task,
     peak_memory_bytes,
+    progress_bar,
     read_checkpoint,
 )
-from sparsemem.train import _atomic_write as atomic_write
-from sparsemem.train import _check_device as check_device
-from sparsemem.train import _progress as progress_bar
-from sparsemem.train import _to as batch_to
 
 HELD_OUT_SEED = 1234
 """train's held-out episodes (its evaluate and final_query_error): the default --seed."""
@@ -226,7 +225,7 @@ def evaluate_run(options: Options) -> dict:
     try:
         for _ in range(batches):
             size = min(options.batch_size, episodes - counts.episodes)
-            batch = batch_to(task.sample(size, level, generator), device)
+            batch = task.sample(size, level, generator).to(device)
             if bar.total == 0:  # the episodes' length is known once one is drawn (repeat-copy's varies)
                 bar.total = batches * batch.mask.shape[1]
             score_batch(model, task, batch, options.chunk, counts, bar)

@@ -334,7 +334,7 @@ def evaluate(model: MemoryModel, task: Task, batch_size: int = 32, seed: int = 1
     errors = {}
     with torch.no_grad():
         for level in task.eval_levels():
-            batch = _to(task.sample(batch_size, level, generator), device)
+            batch = task.sample(batch_size, level, generator).to(device)
             logits, _ = model(batch.inputs)
             errors[level] = float(bits_in_error(logits, batch))
     return errors
@@ -345,7 +345,7 @@ def final_query_error(
 ) -> float:
     """The fraction of value bits in error over the final queries of key-value-recall episodes of
     `level` pairs (queries about any pair of the episode), on held-out batches fixed by `seed`."""
-    batch = _to(task.sample(batch_size, level, torch.Generator().manual_seed(seed)), next(model.parameters()).device)
+    batch = task.sample(batch_size, level, torch.Generator().manual_seed(seed)).to(next(model.parameters()).device)
     with torch.no_grad():
         logits, _ = model(batch.inputs)
     final = slice(batch.inputs.shape[1] - task.final_queries, None)
@@ -360,21 +360,17 @@ def peak_memory_bytes(device: torch.device | str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _to(batch: Batch, device: torch.device | str) -> Batch:
-    return Batch(batch.inputs.to(device), batch.targets.to(device), batch.mask.to(device))
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """write(temp_path), flushed to the disk, then renamed over `path`: a reader never sees a
     half-written file, and after a power loss `path` holds the old file or the new one, whole."""
     temp = path.with_name(f".{path.name}.tmp")
     write(temp)
-    _fsync(temp)
+    fsync(temp)
     os.replace(temp, path)
-    _fsync(path.parent)  # the rename itself
+    fsync(path.parent)  # the rename itself
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -547,7 +543,7 @@ class TrainingRun(abc.ABC):
         state = self.state_dict()
         if self.world.writes:
             self.out.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, lambda temp: torch.save(state, temp))
+            atomic_write(path, lambda temp: torch.save(state, temp))
         self.last_checkpoint = self.step
         return path
 
@@ -585,7 +581,7 @@ class TrainingRun(abc.ABC):
         metrics = self._metrics_since_checkpoint() if writes else []
         started = time.perf_counter()
         clock = started - self.train_seconds  # so that train_seconds counts on from the checkpoint's
-        bar = _progress(self.config.steps, self.step, enabled=progress and writes)
+        bar = progress_bar(self.config.steps, self.step, enabled=progress and writes)
         try:
             with open(self.out / METRICS, "a") if writes else contextlib.nullcontext() as log:
                 while (stopped_by := self._stopped_by()) is None:
@@ -626,7 +622,7 @@ class TrainingRun(abc.ABC):
             return summary
         summary |= self._results()
         summary["seconds"] = time.perf_counter() - started
-        _atomic_write(self.out / SUMMARY, lambda temp: temp.write_text(json.dumps(summary, indent=2)))
+        atomic_write(self.out / SUMMARY, lambda temp: temp.write_text(json.dumps(summary, indent=2)))
         return summary
 
     def _elapsed(self, clock: float) -> float:
@@ -673,7 +669,7 @@ class TrainingRun(abc.ABC):
                     raise ValueError(f"{path}: line {number} is not JSON ({error})") from None
                 print(f"warning: {path}: dropped its last line, cut short: {line[:60]!r}", file=sys.stderr)
         records = [r for r in records if r["step"] <= self.step]
-        _atomic_write(path, lambda temp: temp.write_text("".join(json.dumps(r) + "\n" for r in records)))
+        atomic_write(path, lambda temp: temp.write_text("".join(json.dumps(r) + "\n" for r in records)))
         return records
 
 
@@ -706,9 +702,9 @@ class Trainer(TrainingRun):
         sampled = self.task.sample(self.config.batch_size, level, self.generator)
         if self.world.distributed:  # every rank drew the global batch: its rows r::P
             rows = self.world.rows(self.config.batch_size)
-            batch = _to(Batch(sampled.inputs[rows], sampled.targets[rows], sampled.mask[rows]), self.config.device)
+            batch = Batch(sampled.inputs[rows], sampled.targets[rows], sampled.mask[rows]).to(self.config.device)
         else:
-            batch = _to(sampled, self.config.device)
+            batch = sampled.to(self.config.device)
         length = batch.inputs.shape[1]
         window = self.config.bptt or length
         state, outputs, losses, grad_norms = None, [], [], []
@@ -944,7 +940,7 @@ class BabiTrainer(TrainingRun):
         if not self.world.writes:
             return
         best = self.best | {"config": dataclasses.asdict(self.config), "vocabulary": self.vocabulary.to_dict()}
-        _atomic_write(self.out / BEST, lambda temp: torch.save(best, temp))
+        atomic_write(self.out / BEST, lambda temp: torch.save(best, temp))
 
     def _finished(self) -> str | None:
         patience = self.config.patience
@@ -1026,7 +1022,7 @@ def make_trainer(config: Config, resume: bool = False) -> TrainingRun:
     return BabiTrainer(config, vocabulary)
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def progress_bar(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
@@ -1096,7 +1092,7 @@ def _save_figure(figure: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure.tight_layout()
-    _atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=100))
+    atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=100))
     plt.close(figure)
 
 
@@ -1217,7 +1213,7 @@ def check_config(config: Config) -> None:
     for name, valid, expected in rules:
         if not valid:
             raise ValueError(f"{_flag(name)} must be {expected}; got {getattr(config, name)!r}")
-    _check_device(config.device)
+    check_device(config.device)
     world_size = distributed.launched_world_size()
     if config.batch_size < world_size:
         raise ValueError(
@@ -1265,7 +1261,7 @@ def _check_babi(config: Config) -> None:
         raise ValueError(f"--bptt is not for --task babi (one update per story); got {config.bptt}")
 
 
-def _check_device(name: str) -> None:
+def check_device(name: str) -> None:
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -11,7 +11,8 @@ def test_bench_versions_writes_rollback_and_stream_results(tmp_path):
     bench_versions.main([*args, "--stream-steps", "30", "--stream-log2-slots", "6", "--out", str(stem)])
     result = json.loads(stem.with_suffix(".json").read_text())
     assert [(row["N"], row["T"]) for row in result["rollback"]] == [(64, 2), (64, 4)]
-    assert all(row["step_ms"] > 0 for row in result["rollback"])
+    assert all(row[key] > 0 for row in result["rollback"] for key in ("step_ms", "undo_ms", "redo_ms"))
     stream = result["stream"][0]
     assert stream["steps"] == 30 and stream["rss"][-1]["step"] == 30
+    assert 0 < max(point["retained_versions"] for point in stream["rss"]) <= 30 + 1  # and the root
     assert stem.with_suffix(".png").stat().st_size > 0

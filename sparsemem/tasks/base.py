@@ -22,6 +22,9 @@ class Batch:
     targets: Tensor
     mask: Tensor
 
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.inputs.to(device), self.targets.to(device), self.mask.to(device))
+
 
 class Task(ABC):
     """A seeded generator of batches at a difficulty level in [min_level, max_level]."""
