@@ -15,6 +15,7 @@ held).
 """
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -131,6 +132,8 @@ def plot(rollbacks: list[dict], streams: list[dict], path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_versions", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", nargs="+", choices=["rollback", "stream"], default=["rollback", "stream"],
+                        help="what to run; a part not run is kept from the existing --out file")  # fmt: skip
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["sam", "sdnc"])
     parser.add_argument("--log2-slots", nargs="+", type=int, default=[10, 14, 17, 20], help="N = 2^each")
     parser.add_argument("--steps", nargs="+", type=int, default=[4, 16, 64, 256], help="T, steps gone back")
@@ -141,27 +144,37 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(RESULTS / "versions"), help="stem of the .json and .png written")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rollbacks = []
-    for name in args.models:
-        for log2 in args.log2_slots:
-            for steps in args.steps:
-                row = rollback(name, 2**log2, steps, args.repeats)
-                print(
-                    f"{name:5} N=2^{log2:<2} T={steps:<4} step {row['step_ms']:7.2f} ms  "
-                    f"undo {row['undo_ms']:7.2f} ms  redo {row['redo_ms']:7.2f} ms"
-                )
-                rollbacks.append(row)
-    streams = []
-    for name in args.models:
-        run = stream(name, 2**args.stream_log2_slots, args.stream_steps)
-        rss = [p["rss_mb"] for p in run["rss"]]
-        seconds = run["seconds"]
-        print(f"{name:5} stream of {args.stream_steps} steps: RSS {rss[0]:.0f} -> {rss[-1]:.0f} MiB ({seconds:.0f} s)")
-        streams.append(run)
-    result = {"header": header(vars(args) | {"model": CONFIG}), "rollback": rollbacks, "stream": streams}
     stem = Path(args.out)
-    write_json(stem.with_suffix(".json"), result)
-    plot(rollbacks, streams, stem.with_suffix(".png"))
+    kept = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
+    result = {"rollback": kept.get("rollback", []), "stream": kept.get("stream", [])}
+    result["headers"] = kept.get("headers", {}) | {part: header(vars(args) | {"model": CONFIG}) for part in args.parts}
+
+    def save() -> None:  # after each case: a run stopped part-way keeps what it measured
+        write_json(stem.with_suffix(".json"), result)
+
+    if "rollback" in args.parts:
+        result["rollback"] = []
+        for name in args.models:
+            for log2 in args.log2_slots:
+                for steps in args.steps:
+                    row = rollback(name, 2**log2, steps, args.repeats)
+                    print(
+                        f"{name:5} N=2^{log2:<2} T={steps:<4} step {row['step_ms']:7.2f} ms  "
+                        f"undo {row['undo_ms']:7.2f} ms  redo {row['redo_ms']:7.2f} ms"
+                    )
+                    result["rollback"].append(row)
+                    save()
+    if "stream" in args.parts:
+        result["stream"] = []
+        for name in args.models:
+            run = stream(name, 2**args.stream_log2_slots, args.stream_steps)
+            rss = [p["rss_mb"] for p in run["rss"]]
+            seconds = run["seconds"]
+            print(f"{name:5} stream of {args.stream_steps} steps: RSS {rss[0]:.0f} -> {rss[-1]:.0f} MiB ({seconds:.0f} s)")
+            result["stream"].append(run)
+            save()
+    if result["rollback"] and result["stream"]:
+        plot(result["rollback"], result["stream"], stem.with_suffix(".png"))
     return result
 
 
