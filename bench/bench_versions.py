@@ -168,9 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["stream"] = []
         for name in args.models:
             run = stream(name, 2**args.stream_log2_slots, args.stream_steps)
-            rss = [p["rss_mb"] for p in run["rss"]]
-            seconds = run["seconds"]
-            print(f"{name:5} stream of {args.stream_steps} steps: RSS {rss[0]:.0f} -> {rss[-1]:.0f} MiB ({seconds:.0f} s)")
+            first, last, seconds = run["rss"][0]["rss_mb"], run["rss"][-1]["rss_mb"], run["seconds"]
+            print(f"{name:5} stream of {args.stream_steps} steps: RSS {first:.0f} -> {last:.0f} MiB ({seconds:.0f} s)")
             result["stream"].append(run)
             save()
     if result["rollback"] and result["stream"]:
