@@ -296,7 +296,12 @@ class NTM(MemoryModel):
 class SAM(MemoryModel):
     """Sparse Access Memory (Rae et al. 2016): MemoryModel with a SAMMemory of N slots of W,
     R read heads reading K slots each, found by `index` ("exact", "ivf", "faiss-hnsw", "faiss-ivf").
-    Cost per step grows with K and the index, not N; backward keeps O(T K W) extra memory."""
+    Cost per step grows with K and the index, not N; backward keeps O(T K W) extra memory.
+
+    shard_group: a torch.distributed ProcessGroup over which the N slots are split (each of its
+    P ranks holds N/P of them, the first N mod P ranks one more, with that shard's index and LRU;
+    memory/sharded.py). Every rank of the group runs the model on the same inputs with the same
+    parameters and gets the unsharded model's outputs and gradients."""
 
     def __init__(
         self,
@@ -310,15 +315,21 @@ class SAM(MemoryModel):
         controller: nn.Module | None = None,
         output_size: int | None = None,
         batch_first: bool = True,
+        shard_group: object = None,
     ) -> None:
-        memory = SAMMemory(num_slots, word_size, num_reads, k, index)
+        if shard_group is None:
+            memory = SAMMemory(num_slots, word_size, num_reads, k, index)
+        else:
+            from sparsemem.memory.sharded import ShardedSAMMemory
+
+            memory = ShardedSAMMemory(num_slots, word_size, num_reads, k, index, shard_group=shard_group)
         super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first)
         memory.init_interface_bias(self.interface.bias)  # strong LRU writes, sharp reads (see there)
 
 
 class SDNC(MemoryModel):
     """Sparse DNC (Rae et al. 2016): SAM's memory plus temporal links with K_L = link_k
-    entries per row (SDNCMemory)."""
+    entries per row (SDNCMemory). shard_group: as SAM's (the link rows are replicated)."""
 
     def __init__(
         self,
@@ -333,8 +344,14 @@ class SDNC(MemoryModel):
         controller: nn.Module | None = None,
         output_size: int | None = None,
         batch_first: bool = True,
+        shard_group: object = None,
     ) -> None:
-        memory = SDNCMemory(num_slots, word_size, num_reads, k, index, link_k)
+        if shard_group is None:
+            memory = SDNCMemory(num_slots, word_size, num_reads, k, index, link_k)
+        else:
+            from sparsemem.memory.sharded import ShardedSDNCMemory
+
+            memory = ShardedSDNCMemory(num_slots, word_size, num_reads, k, index, link_k, shard_group=shard_group)
         super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first)
         # SAM's init (its part of the interface comes first): fewer steps to learn copy
         memory.init_interface_bias(self.interface.bias)

@@ -275,11 +275,12 @@ class RowStore(LazyRows):
         """new = old (1 - erase) + w add^T in place at slots [B, J]: weights [B, J], add [B, W],
         erase_rows [B, J] bool; a slot repeated in a batch row must carry the same weight and
         erase. -> (row ids [B, J], old rows, new rows [B, J, W]); an old row is the initial word
-        where the slot was unwritten. Batch rows where active [B] is False write the spare row
+        where the slot was unwritten. Batch rows where active [B] is False (entries where an
+        active [B, J] is: a sharded memory's slots another rank owns) write the spare row
         instead, which no slot reads and the index never sees."""
         row_ids = slots + self._offsets
         if active is not None:
-            row_ids = torch.where(active.unsqueeze(-1), row_ids, self.spare)
+            row_ids = torch.where(active.unsqueeze(-1) if active.dim() == 1 else active, row_ids, self.spare)
         change = _Rewrite(self, row_ids.view(-1), None) if self.timeline is not None else None
         old, new, fresh = journaled_write(self.rows, self.written, self.initial_word, row_ids, weights, add, erase_rows)
         if change is not None:
