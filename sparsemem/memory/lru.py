@@ -1,212 +1,132 @@
 """The sparse memories' usage: which slot was least recently used (Rae et al.'s LRU).
 
-HostLRU on the host (last-access stamps and a heap, O(log E) per access), TimestampLRU on a
-device (a last-access stamp per slot and an argmin, no host sync); make_lru picks by device
-and, on the host, by N (the argmin is cheaper than the heap's Python work for small N).
-Both record each step's accesses on the memory's Timeline (memory/versions.py), so a state
-that goes back in time finds the LRU as it was.
+TimestampLRU keeps a last-access step per slot on the memory's device and finds the least
+recently used slot with an argmin, with no host sync; for large N it also keeps each block's
+minimum, so a step reads O(sqrt N) stamps instead of all N. It records each step's accesses on
+the memory's Timeline (memory/versions.py), so a state that goes back in time finds the LRU as
+it was, at a cost of O(accesses undone) at every N.
 """
 
-import heapq
+import math
 
 import torch
 from torch import Tensor
 
-from sparsemem import _checks
 from sparsemem.memory.versions import Timeline
 
+STAMP = torch.int32
+"""The stamps' dtype: a step count (2^31 steps)."""
 
-class HostLRU:
-    """Least recently used slot per batch row on the host, O(log E) per access, and undoable.
-
-    A slot's last access is a step stamp (a dict of the touched slots) and a heap of (stamp, slot)
-    finds the oldest, stale entries dropped when they reach the top; never-touched slots are all
-    older than any touched one and come out lowest first: from a cursor below which every slot
-    was touched, and a heap of the slots an undo made untouched again. Ties (slots accessed in
-    the same step) go to the lowest slot id, as in lru_ref. So nothing is O(N), and a step's
-    accesses are undone in O(accesses) (memory/versions.py). Every call reads its tensors on
-    the host, which on a GPU would be a sync: the device's LRU is TimestampLRU.
-    """
-
-    def __init__(self, batch: int, num_slots: int, timeline: Timeline | None = None) -> None:
-        self.num_slots = num_slots
-        self.timeline = timeline
-        self.rows = [_LRURow() for _ in range(batch)]
-        self.clock = 0
-
-    def copy(self, timeline: Timeline | None) -> "HostLRU":
-        """An LRU of its own with this one's accesses (O(slots touched)), on `timeline`."""
-        copy = HostLRU(len(self.rows), self.num_slots, timeline)
-        copy.rows = [row.copy() for row in self.rows]
-        copy.clock = self.clock
-        return copy
-
-    def least_recent(self) -> Tensor:
-        """The least recently used slot of each batch row: [B] int64."""
-        return torch.tensor([row.least_recent(self.num_slots) for row in self.rows], dtype=torch.int64)
-
-    def touch(self, slots: Tensor, accessed: Tensor) -> None:
-        """One step's accesses: slots [B, E] int64 where accessed [B, E] bool (duplicates allowed)."""
-        self.clock += 1
-        previous = []
-        for row, ids, mask in zip(self.rows, slots.tolist(), accessed.tolist(), strict=True):
-            touched = {s for s, a in zip(ids, mask, strict=True) if a}
-            previous.append(row.stamp_all(touched, self.clock))
-        if self.timeline is not None:
-            self.timeline.record(_Touch(self, previous, self.clock))
-
-    def reset(self, mask: Tensor) -> None:
-        """Batch rows where mask [B] bool is True forget their accesses."""
-        forgotten = {b: self.rows[b] for b in mask.nonzero().flatten().tolist()}
-        for b in forgotten:
-            self.rows[b] = _LRURow()
-        if self.timeline is not None:
-            self.timeline.record(_Swap(self, forgotten))
-
-
-class _LRURow:
-    __slots__ = ("cursor", "heap", "released", "stamps")
-
-    def __init__(self) -> None:
-        self.stamps: dict[int, int] = {}
-        self.heap: list[tuple[int, int]] = []
-        self.released: list[int] = []
-        self.cursor = 0
-
-    def copy(self) -> "_LRURow":
-        copy = _LRURow()
-        copy.stamps, copy.heap, copy.released, copy.cursor = (
-            dict(self.stamps),
-            list(self.heap),
-            list(self.released),
-            self.cursor,
-        )
-        return copy
-
-    def least_recent(self, num_slots: int) -> int:
-        stamps, released = self.stamps, self.released
-        while self.cursor < num_slots and self.cursor in stamps:
-            self.cursor += 1
-        while released and released[0] in stamps:
-            heapq.heappop(released)
-        if released:
-            return released[0]
-        if self.cursor < num_slots:
-            return self.cursor
-        heap = self.heap
-        while stamps.get(heap[0][1]) != heap[0][0]:
-            heapq.heappop(heap)
-        return heap[0][1]
-
-    def stamp_all(self, slots: set[int], clock: int) -> dict[int, int | None]:
-        """Stamp slots with clock -> their previous stamps (None: never touched)."""
-        previous = {slot: self.stamps.get(slot) for slot in slots}
-        for slot in slots:
-            self.stamps[slot] = clock
-            heapq.heappush(self.heap, (clock, slot))
-        if len(self.heap) > 2 * len(self.stamps) + 64:  # stale entries: rebuild from the stamps
-            self.heap = [(stamp, slot) for slot, stamp in self.stamps.items()]
-            heapq.heapify(self.heap)
-        return previous
-
-    def restore(self, previous: dict[int, int | None]) -> None:
-        for slot, stamp in previous.items():
-            if stamp is None:
-                del self.stamps[slot]
-                if slot < self.cursor:
-                    heapq.heappush(self.released, slot)
-            else:
-                self.stamps[slot] = stamp
-                heapq.heappush(self.heap, (stamp, slot))
-
-
-class _Touch:
-    """A step's accesses: undo restores the stamps they replaced, redo stamps again."""
-
-    rows = 0  # stamps, not memory rows
-
-    def __init__(self, lru: HostLRU, previous: list[dict[int, int | None]], clock: int) -> None:
-        self.lru, self.previous, self.clock = lru, previous, clock
-
-    def undo(self) -> None:
-        for row, previous in zip(self.lru.rows, self.previous, strict=True):
-            row.restore(previous)
-        self.lru.clock = self.clock - 1
-
-    def redo(self) -> None:
-        for row, previous in zip(self.lru.rows, self.previous, strict=True):
-            row.stamp_all(set(previous), self.clock)
-        self.lru.clock = self.clock
-
-
-class _Swap:
-    """A reset: the forgotten rows' structures are kept whole, so undo swaps them back in O(1)."""
-
-    rows = 0
-
-    def __init__(self, lru: HostLRU, forgotten: dict[int, _LRURow]) -> None:
-        self.lru, self.kept = lru, forgotten
-
-    def undo(self) -> None:
-        self._swap()
-
-    def redo(self) -> None:
-        self._swap()
-
-    def _swap(self) -> None:
-        for b, row in self.kept.items():
-            self.lru.rows[b], self.kept[b] = row, self.lru.rows[b]
+BLOCKS_MIN_SLOTS = 2**12
+"""From this N up the stamps are kept in blocks with each block's minimum: below it one pass over
+the B x N stamps costs less than the blocks' extra ops (B = 8, 33 accesses a step, one thread:
+about even at 2^12; blocks 2.5x faster at 2^14, 2.5x slower at 2^10)."""
 
 
 class TimestampLRU:
-    """Least recently used slot per batch row with no host sync: a last-access step per slot and an argmin.
+    """Least recently used slot per batch row with no host sync: a last-access step per slot.
 
-    last_access [B, N] int64 on the memory's device (0: never accessed, so unwritten and
-    untouched slots are the oldest); argmin returns the first minimum, so ties go to the
-    lowest slot id, as in lru_ref and HostLRU. O(N) per step, but one pass on the device
-    instead of a round trip to the host. The clock is a device scalar, so a captured CUDA
-    graph replays with the current time rather than the one seen at capture.
+    last_access [B, N] int32 steps on the memory's device; a slot whose stamp is not after its batch
+    row's last reset (reset_at [B]) counts as never accessed (0), so unwritten and untouched
+    slots are the oldest, and a reset or its undo costs O(B), not O(B N). The first minimum wins,
+    so ties go to the lowest slot id, as in lru_ref. Below BLOCKS_MIN_SLOTS a step's argmin reads
+    all B x N stamps; from it up the stamps are split into blocks of S slots (S about sqrt(N / 16), the
+    last block padded with stamps that never win) with each block's minimum kept beside them:
+    the LRU is the first minimum of the first block holding the least minimum, found from N/S
+    block minima and one block's S stamps, and a step refreshes only the blocks it touched. So a
+    step and its undo are O(B sqrt N) per access, never O(B N), on the host and on a device
+    alike. The clock is a device scalar, so a captured CUDA graph replays with the current time
+    rather than the one seen at capture.
     """
 
     def __init__(
-        self, batch: int, num_slots: int, device: torch.device | str, timeline: Timeline | None = None
+        self,
+        batch: int,
+        num_slots: int,
+        device: torch.device | str,
+        timeline: Timeline | None = None,
+        block: int | None = None,
     ) -> None:
-        self.last_access = torch.zeros(batch, num_slots, dtype=torch.int64, device=device)
-        self.clock = torch.zeros((), dtype=torch.int64, device=device)
+        if block is None and num_slots < BLOCKS_MIN_SLOTS:
+            block = num_slots
+        elif block is None:
+            # S about sqrt(N / 16): a step reads N/S block minima and refreshes its tens of accessed
+            # slots' blocks, S stamps each, so blocks smaller than sqrt N balance the two
+            block = 2 ** max(0, math.floor(math.log2(num_slots / 16) / 2))
+        self.block, self.blocks = block, -(-num_slots // block)
+        # int32 stamps (2^31 steps): CPU reductions over int64 are several times slower
+        never = torch.iinfo(STAMP).max  # the padding's stamp: after every reset, never the least
+        padded = torch.full((batch, self.blocks * block), never, dtype=STAMP, device=device)
+        padded[:, :num_slots] = 0
+        self._blocks = padded.view(batch * self.blocks, block)  # row b * blocks + i: block i of batch row b
+        self._first_block = torch.arange(batch, device=device).unsqueeze(-1) * self.blocks
+        self.last_access = padded[:, :num_slots]
+        self.block_min = torch.zeros(batch, self.blocks, dtype=STAMP, device=device)
+        self.reset_at = torch.zeros(batch, dtype=STAMP, device=device)
+        self.clock = torch.zeros((), dtype=STAMP, device=device)
         self.timeline = timeline
 
     def copy(self, timeline: Timeline | None) -> "TimestampLRU":
         """An LRU of its own with this one's accesses, on `timeline`."""
-        copy = TimestampLRU(*self.last_access.shape, self.last_access.device, timeline)
-        copy.last_access.copy_(self.last_access)
+        batch, num_slots = self.last_access.shape
+        copy = TimestampLRU(batch, num_slots, self.last_access.device, timeline, self.block)
+        copy._blocks.copy_(self._blocks)
+        copy.block_min.copy_(self.block_min)
+        copy.reset_at.copy_(self.reset_at)
         copy.clock.copy_(self.clock)
         return copy
 
     def least_recent(self) -> Tensor:
         """The least recently used slot of each batch row: [B] int64."""
-        return self.last_access.argmin(dim=-1)
+        if self.blocks == 1:
+            return self._since_reset(self.last_access).argmin(dim=-1)
+        block = self.block_min.argmin(dim=-1, keepdim=True)
+        stamps = self._blocks.index_select(0, (block + self._first_block).flatten())
+        return (block * self.block).flatten() + self._since_reset(stamps).argmin(dim=-1)
+
+    def stamps(self, slots: Tensor) -> Tensor:
+        """The last-access steps of slots [B, E]: [B, E], 0 where never accessed since a reset."""
+        return self._since_reset(self.last_access.gather(-1, slots))
+
+    def _since_reset(self, stamps: Tensor) -> Tensor:
+        """stamps [B, M] with those not after their batch row's last reset read as 0 (never accessed)."""
+        return stamps * (stamps > self.reset_at.unsqueeze(-1))  # a product: where() is 3x slower on int32
 
     def touch(self, slots: Tensor, accessed: Tensor) -> None:
         """One step's accesses: slots [B, E] int64 where accessed [B, E] bool (duplicates allowed)."""
         if self.timeline is not None:
             self.timeline.record(_StampChange(self, slots, self.last_access.gather(-1, slots), self.clock.clone()))
         self.clock += 1
-        self._stamp(slots, accessed)
-
-    def _stamp(self, slots: Tensor, accessed: Tensor) -> None:
         # amax: a duplicated slot is stamped if any of its entries was accessed; 0 never lowers a stamp
         stamps = torch.where(accessed, self.clock, 0)
         self.last_access.scatter_reduce_(-1, slots, stamps, reduce="amax")
+        self._refresh(slots)
+
+    def _refresh(self, slots: Tensor) -> None:
+        """The minima of the blocks holding slots [B, E], after their stamps changed."""
+        if self.blocks == 1:
+            return
+        blocks = slots // self.block
+        minima = self._blocks.index_select(0, (blocks + self._first_block).flatten()).amin(dim=-1)
+        # a block holding a stamp from before its row's last reset holds a never-accessed slot
+        self.block_min.scatter_(1, blocks, self._since_reset(minima.view_as(blocks)))
 
     def reset(self, mask: Tensor) -> None:
-        """Batch rows where mask [B] bool is True forget their accesses."""
+        """Batch rows where mask [B] bool is True forget their accesses: every stamp so far is at
+        most the clock, so from now on each of theirs reads as never accessed. In place: a captured
+        CUDA graph reads this tensor."""
+        mask = mask.to(self.reset_at.device)
         if self.timeline is not None:
-            self.timeline.record(_StampRows(self, mask, self.last_access.clone()))
-        self.last_access.masked_fill_(mask.unsqueeze(-1), 0)
+            self.timeline.record(_Reset(self, mask))
+        self._reset(mask)
+
+    def _reset(self, mask: Tensor) -> None:
+        self.reset_at.copy_(torch.where(mask, self.clock, self.reset_at))
+        self.block_min.masked_fill_(mask.unsqueeze(-1), 0)
 
 
 class _StampChange:
-    """A device step's accesses: undo puts back the stamps it replaced (a slot's duplicates all
+    """A step's accesses: undo puts back the stamps it replaced (a slot's duplicates all
     read the same old stamp) and the clock; redo stamps again."""
 
     rows = 0
@@ -218,40 +138,36 @@ class _StampChange:
     def undo(self) -> None:
         self.after = self.lru.last_access.gather(-1, self.slots)
         self.lru.last_access.scatter_(-1, self.slots, self.previous)
+        self.lru._refresh(self.slots)
         self.lru.clock.copy_(self.clock)
 
     def redo(self) -> None:
         self.lru.last_access.scatter_(-1, self.slots, self.after)
+        self.lru._refresh(self.slots)
         self.lru.clock.copy_(self.clock + 1)
 
 
-class _StampRows:
-    """A device reset: undo puts back the reset batch rows' stamps (kept whole, O(B N) like the
-    argmin of every step: selecting the reset rows would wait for the device)."""
+class _Reset:
+    """A reset of the batch rows where mask [B] is True: undo puts back their reset steps and
+    block minima (O(B N/S)), redo resets them again."""
 
     rows = 0
 
-    def __init__(self, lru: TimestampLRU, mask: Tensor, previous: Tensor) -> None:
-        self.lru, self.mask, self.previous = lru, mask, previous
+    def __init__(self, lru: TimestampLRU, mask: Tensor) -> None:
+        self.lru, self.mask = lru, mask
+        self.reset_at, self.block_min = lru.reset_at.clone(), lru.block_min.clone()
 
     def undo(self) -> None:
-        self.lru.last_access.copy_(torch.where(self.mask.unsqueeze(-1), self.previous, self.lru.last_access))
+        self.lru.reset_at.copy_(self.reset_at)
+        self.lru.block_min.copy_(self.block_min)
 
     def redo(self) -> None:
-        self.lru.last_access.masked_fill_(self.mask.unsqueeze(-1), 0)
+        self.lru._reset(self.mask)
 
 
-LRU = HostLRU | TimestampLRU
-
-
-HOST_LRU_MIN_SLOTS = 2**15
-"""From this N up the CPU uses HostLRU; below it TimestampLRU's O(B N) argmin (tens of us at
-N = 2^14, B = 8) is cheaper than HostLRU's Python work per accessed slot (several hundred us a step)."""
+LRU = TimestampLRU
 
 
 def make_lru(batch: int, num_slots: int, device: torch.device, timeline: Timeline | None = None) -> LRU:
-    """TimestampLRU on a device (no host sync) and for N < HOST_LRU_MIN_SLOTS on the CPU; HostLRU
-    (O(log E) per access, nothing O(N)) for larger N on the CPU. Both give the same slots."""
-    if _checks.on_host(device) and num_slots >= HOST_LRU_MIN_SLOTS:
-        return HostLRU(batch, num_slots, timeline)
+    """The LRU of B memories of N slots on `device` (blocks from BLOCKS_MIN_SLOTS up)."""
     return TimestampLRU(batch, num_slots, device, timeline)

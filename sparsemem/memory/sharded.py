@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from sparsemem.memory.journal import JournaledMemory
-from sparsemem.memory.lru import LRU, TimestampLRU, make_lru
+from sparsemem.memory.lru import LRU, make_lru
 from sparsemem.memory.row_store import RowStore
 from sparsemem.memory.sam import SAMMemory, SAMState, SparseWeights
 from sparsemem.memory.sdnc import SDNCMemory, SDNCState
@@ -151,13 +151,8 @@ class ShardLRU:
     def least_recent(self) -> Tensor:
         """[B] int64 global slots: the oldest last access over every rank's offer, the lower slot among equals."""
         shard, slots = self.shard, self.local.least_recent()
-        if isinstance(self.local, TimestampLRU):
-            stamps = self.local.last_access.gather(-1, slots.unsqueeze(-1)).squeeze(-1)
-        else:  # HostLRU: never touched (stamp 0) is older than any access
-            stamps = torch.tensor(
-                [row.stamps.get(slot, 0) for row, slot in zip(self.local.rows, slots.tolist(), strict=True)]
-            )
-        offers = shard.gather(torch.stack([stamps.to(slots.device), slots + shard.start]))  # [P, 2, B]
+        stamps = self.local.stamps(slots.unsqueeze(-1)).squeeze(-1).to(slots.dtype)
+        offers = shard.gather(torch.stack([stamps, slots + shard.start]))  # [P, 2, B]
         oldest = (offers[:, 0] * shard.num_slots + offers[:, 1]).argmin(0)  # stamp first, then slot
         return offers[:, 1].gather(0, oldest.unsqueeze(0)).squeeze(0)
 

@@ -67,7 +67,7 @@ def _compare(plain, sharded, initial=None, lengths=None, seed=1) -> dict:
         "grads": max(_diff(a, b) for a, b in zip(grads[0], grads[1], strict=True)),
         "grad_scale": max(float(g.abs().max()) for g in grads[0]),
         "memory": _diff(memories[0], memories[1]),
-        "lru": type(s1.access.usage.local).__name__,
+        "lru_blocks": s1.access.usage.local.blocks,
         "written_here": int(s1.access.memory.store.local.written[: B * sharded.memory.shard.local_slots].sum()),
     }
     if initial is not None:
@@ -75,15 +75,15 @@ def _compare(plain, sharded, initial=None, lengths=None, seed=1) -> dict:
     return out
 
 
-def _host_lru(kind: str, group) -> dict:
-    """_compare with HostLRU on every rank (the CPU's LRU from N = 2^15 slots per memory) instead of TimestampLRU."""
+def _blocked_lru(kind: str, group) -> dict:
+    """_compare with every rank's LRU kept in blocks (as from N = 2^12 slots per memory) at this small N."""
     from sparsemem.memory import lru
 
-    threshold, lru.HOST_LRU_MIN_SLOTS = lru.HOST_LRU_MIN_SLOTS, 1
+    threshold, lru.BLOCKS_MIN_SLOTS = lru.BLOCKS_MIN_SLOTS, 1
     try:
         return _compare(*_models(kind, group), initial=_initial((N, W)) if kind == "sdnc" else None)
     finally:
-        lru.HOST_LRU_MIN_SLOTS = threshold
+        lru.BLOCKS_MIN_SLOTS = threshold
 
 
 def _versions(kind: str, group) -> dict:
@@ -149,8 +149,8 @@ CASES = {
     "sdnc_fresh": lambda rank, group: _compare(*_models("sdnc", group)),
     "sdnc_per_sample": lambda rank, group: _compare(*_models("sdnc", group), initial=_initial((B, N, W))),
     "sdnc_shared": lambda rank, group: _compare(*_models("sdnc", group), initial=_initial((N, W))),
-    "sam_host_lru": lambda rank, group: _host_lru("sam", group),
-    "sdnc_host_lru": lambda rank, group: _host_lru("sdnc", group),
+    "sam_blocked_lru": lambda rank, group: _blocked_lru("sam", group),
+    "sdnc_blocked_lru": lambda rank, group: _blocked_lru("sdnc", group),
     "sam_versions": lambda rank, group: _versions("sam", group),
     "sdnc_versions": lambda rank, group: _versions("sdnc", group),
     "errors": lambda rank, group: _errors(group),

@@ -13,9 +13,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsemem import _checks
 from sparsemem.index import ExactIndex
-from sparsemem.memory import SAMMemory, SDNCMemory, lru
-from sparsemem.memory.lru import HostLRU, TimestampLRU
+from sparsemem.memory import SAMMemory, SDNCMemory
+from sparsemem.memory.lru import TimestampLRU
 from sparsemem.memory.sam import capture_step
+from sparsemem.memory.versions import Timeline
 from sparsemem.models import SAM
 from sparsemem.reference.sam import access_update_ref, lru_ref
 from tests.tolerances import tolerance
@@ -34,25 +35,33 @@ def device_path(monkeypatch):
     monkeypatch.setattr(_checks, "on_host", lambda device: False)
 
 
-def test_timestamp_lru_matches_the_list_and_the_reference():
+@pytest.mark.parametrize("block", [None, 4, 1])
+def test_timestamp_lru_matches_the_reference_and_goes_back(block):
+    """Whole (block None at this N) and in blocks (4: 3 blocks, the last one padded; 1: a slot a
+    block), through touches with ties and resets, and back and forth over them on a timeline."""
     g = torch.Generator().manual_seed(0)
-    listed, stamped = HostLRU(B, N), TimestampLRU(B, N, "cpu")
+    timeline = Timeline()
+    stamped = TimestampLRU(B, N, "cpu", timeline, block=block)
     last_access = torch.zeros(B, N, dtype=torch.int64)
+    versions = []  # (version, the reference's LRU there)
     for step in range(1, 60):
         want = lru_ref(last_access)
-        assert torch.equal(listed.least_recent(), want) and torch.equal(stamped.least_recent(), want)
+        assert torch.equal(stamped.least_recent(), want)
+        versions.append((timeline.head, want))
+        timeline.branch(timeline.head)
         # a few slots per step, repeats included, often several at once: ties to break
         slots = torch.randint(0, N, (B, 4), generator=g)
         accessed = torch.rand(B, 4, generator=g) < 0.6
-        listed.touch(slots, accessed)
         stamped.touch(slots, accessed)
         dense = torch.zeros(B, N).scatter_add(-1, slots, accessed.float())
         last_access = access_update_ref(last_access, dense, torch.zeros(B, 1, N), step)
         if step % 9 == 0:
             mask = torch.rand(B, generator=g) < 0.5
-            listed.reset(mask)
             stamped.reset(mask)
             last_access = last_access.masked_fill(mask.unsqueeze(-1), 0)
+    for version, want in [versions[5], versions[40], versions[12], versions[-1]]:
+        timeline.checkout(version)
+        assert torch.equal(stamped.least_recent(), want)
 
 
 def test_exact_index_on_the_device_path_keeps_the_last_of_repeated_ids(device_path):
@@ -87,14 +96,12 @@ def run(memory, parts, preloaded=None, reset_at=None):
 @pytest.mark.parametrize("memory_cls", [SAMMemory, SDNCMemory])
 @pytest.mark.parametrize("preload", [False, True])
 def test_device_path_computes_what_the_host_path_computes(monkeypatch, memory_cls, preload):
-    monkeypatch.setattr(lru, "HOST_LRU_MIN_SLOTS", 0)  # the host's own LRU at this small N too
     memory = memory_cls(N, W, R, k=K).double()
     parts = interface_tensor(memory, T)
     preloaded = torch.randn(B, N, W, dtype=torch.float64, requires_grad=True) if preload else None
     host = run(memory, [p.clone() for p in parts], preloaded, reset_at=3)
     monkeypatch.setattr(_checks, "on_host", lambda device: False)
     device = run(memory, [p.clone() for p in parts], preloaded, reset_at=3)
-    assert isinstance(device[1].usage, TimestampLRU) and isinstance(host[1].usage, HostLRU)
     torch.testing.assert_close(device[0], host[0], **tolerance(torch.float64))
     if preload:
         # Distinct rows, no ties. From a fresh memory equal rows arise (unwritten slots read with

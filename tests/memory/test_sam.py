@@ -5,7 +5,7 @@ import torch
 
 from sparsemem.memory import SAMInterface, SAMMemory
 from sparsemem.memory.journal import Journal
-from sparsemem.memory.lru import HostLRU
+from sparsemem.memory.lru import TimestampLRU
 from sparsemem.reference import content_read_ref
 from sparsemem.reference.sam import access_update_ref, lru_ref, sam_step_ref, topk_read_ref
 from sparsemem.testing import op_inputs
@@ -153,9 +153,9 @@ def test_gradient_buffer_holds_only_touched_rows(monkeypatch):
     assert state.memory.store.index.stats().rows <= 2 * T * (2 * 4 + 1)
 
 
-def test_lru_list_matches_argmin_of_last_access():
+def test_lru_in_blocks_matches_argmin_of_last_access():
     g = torch.Generator().manual_seed(0)
-    lru = HostLRU(B, N)
+    lru = TimestampLRU(B, N, "cpu", block=3)
     last_access = torch.zeros(B, N, dtype=torch.int64)
     slots = torch.arange(N).expand(B, -1)
     for step in range(1, 20):
