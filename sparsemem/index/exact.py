@@ -127,6 +127,15 @@ class ExactIndex(Index):
         low, high = min(self._rows), max(self._rows)
         if low == high:
             scores, rows = self._top_rows(self._store[:, :high], queries, k)
+        elif high - low > k:
+            # Far apart (a long stream whose batch rows fill at different rates): one search per
+            # batch row over its own rows, since asking all for k + high - low candidates costs
+            # O(rows (k + high - low)) and grew with every step.
+            parts = [
+                self._top_rows(self._store[b : b + 1, :count], queries[b : b + 1], k)
+                for b, count in enumerate(self._rows)
+            ]
+            scores, rows = (torch.cat(part) for part in zip(*parts, strict=True))
         else:
             # Batch rows hold different row counts: one search over the fullest's, asking for as
             # many more candidates as a batch row can have rows past its count (rows that hold

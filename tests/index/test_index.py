@@ -149,6 +149,22 @@ def test_repeated_id_in_one_update_keeps_the_last_row(name):
 
 
 @pytest.mark.parametrize("name", INDEXES)
+@pytest.mark.parametrize("k", [1, 5])
+def test_batch_rows_far_apart_in_rows_written(name, k):
+    """Batch row 0 writes 40 slots, row 1 three, row 2 none: counts further apart than K (the exact
+    index then searches each batch row on its own), then nearer (one search over the fullest)."""
+    g = torch.Generator().manual_seed(4)
+    index, memory = build(name), DenseMirror()
+    for written in ([40, 3, 0], [43, 41, 40]):
+        for b, count in enumerate(written):
+            ids = torch.randperm(N, generator=g)[:count].unsqueeze(0)
+            rows = torch.randn(1, count, W, generator=g)
+            index.update_entries(torch.full((count,), b), ids[0], rows[0])
+            memory.words[b, ids[0]] = rows[0].double()
+        check_search(index, memory, torch.randn(B, R, W, generator=g), k)
+
+
+@pytest.mark.parametrize("name", INDEXES)
 def test_batch_rows_are_independent(name):
     g = torch.Generator().manual_seed(3)
     index = build(name)
