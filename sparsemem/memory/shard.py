@@ -122,6 +122,19 @@ class ShardGroup:
         self._wait("all_gather", dist.all_gather(parts, tensor, group=self.group, async_op=True), tensor)
         return torch.stack(parts)
 
+    def check_same(self, what: str, sizes: dict[str, int]) -> None:
+        """A ValueError on every rank unless every rank gives the same sizes (ints, by glossary letter)."""
+        mine = torch.tensor(list(sizes.values()), dtype=torch.int64)
+        every = self.gather(mine)
+        differ = (every != mine).any(-1).nonzero().flatten().tolist()
+        if differ:
+            other = dict(zip(sizes, every[differ[0]].tolist(), strict=True))
+            raise ValueError(
+                f"every rank of shard_group must {what} alike: rank {self.rank} has "
+                f"{', '.join(f'{k}={v}' for k, v in sizes.items())}; rank {differ[0]} has "
+                f"{', '.join(f'{k}={v}' for k, v in other.items())}"
+            )
+
 
 class _Combine(torch.autograd.Function):
     @staticmethod

@@ -208,6 +208,10 @@ class ShardedSAMMemory(SAMMemory):
         memory (the same on every rank), of which each rank keeps its slots."""
         shard = self.shard
         initial_rows = self.initial_memory(batch, memory, device, dtype)
+        sizes = {"B": batch, "N": self.num_slots, "W": self.word_size, "R": self.num_reads, "K": self.k}
+        sizes["K_L"] = getattr(self, "link_k", 0)
+        sizes["preloaded"] = int(initial_rows is not None)
+        shard.check_same("call init_state", sizes)
         like = initial_rows if initial_rows is not None else self.initial_word
         word = self.initial_word.to(device=device or like.device, dtype=dtype or like.dtype)
         if initial_rows is not None:  # its gradient, from each rank's slots, is summed over the ranks

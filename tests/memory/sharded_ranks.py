@@ -133,6 +133,7 @@ def _errors(group) -> dict:
     for name, make in {
         "too_few_slots": lambda: sm.SAM(X, H, num_slots=1, word_size=W, num_reads=R, k=1, shard_group=group),
         "not_a_group": lambda: sm.SDNC(X, H, num_slots=N, word_size=W, num_reads=R, k=K, shard_group="world"),
+        "batch_differs": lambda: _models("sam", group)[1].init_state(2 + dist.get_rank()),
     }.items():
         try:
             make()

@@ -105,6 +105,13 @@ def test_bad_shard_arguments_get_clear_errors(ranks):
     messages = ranks[0]["errors"]
     assert "N=1 slots cannot be split across P=2 ranks" in messages["too_few_slots"]
     assert "shard_group must be a torch.distributed ProcessGroup" in messages["not_a_group"]
+    for rank, results in enumerate(ranks):  # both ranks refuse, and say where they differ
+        other = 1 - rank
+        assert (
+            f"every rank of shard_group must call init_state alike: rank {rank} has B={2 + rank}, N=11"
+            in results["errors"]["batch_differs"]
+        ), results["errors"]
+        assert f"; rank {other} has B={2 + other}, N=11" in results["errors"]["batch_differs"]
 
 
 def test_a_shard_group_needs_an_initialised_process_group():
