@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         result = _rank(args)
         args.rank_out.write_text(json.dumps(result))
         return None
-    config = {name: getattr(args, name) for name in CONFIG}
+    config = {name: getattr(args, name) for name in CONFIG} | {"threads_per_rank": 1, "dtype": "float32"}
     load_before = _load()
     rows = []
     for world in args.world_sizes:
