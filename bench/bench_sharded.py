@@ -10,7 +10,8 @@ model from one seed and the same [N, W] memory, keeps its N/P slots and steps th
 P = 1 also runs the unsharded model (no shard_group) beside the sharded one of one rank. Per rank:
 resident memory after the imports, what the sharded state holds (RSS after init_state, the initial
 memory freed), the peak while building it and while stepping; forward and backward ms per step
-(one step = one time step: a T-step forward(+backward) / T; a warm-up, then --repeats, median),
+(one step = one time step: a T-step forward(+backward) / T; a warm-up, then --repeats, median)
+and the forward's process (CPU) time per step,
 each rank starting every repeat at a barrier and the slowest rank counting; and the bytes the
 rank puts into the collectives per step (ShardGroup.traffic: its contributions; a ring all_reduce
 moves 2 (P-1)/P of that per rank, an all_gather (P-1) times it in). Results:
@@ -75,30 +76,31 @@ def _rank(args: argparse.Namespace) -> dict:
 
     def run(state, backward: bool):
         dist.barrier()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         y, new = model(x, state)
-        forward = time.perf_counter() - start
+        forward, forward_cpu = time.perf_counter() - start, time.process_time() - cpu
         if backward:
             y.square().mean().backward()
         total = time.perf_counter() - start
         # the slowest rank's time counts: every rank waits for it at the next collective anyway
-        times = torch.tensor([forward, total - forward], dtype=torch.float64)
+        times = torch.tensor([forward, total - forward, forward_cpu], dtype=torch.float64)
         dist.all_reduce(times, dist.ReduceOp.MAX)
         return new.detach(), times.tolist()
 
     state, _ = run(state, True)  # warm-up
     memory_meter.reset_peak()
-    forward, backward, traffic = [], [], {"forward": {}, "backward": {}}
+    forward, backward, forward_cpu, traffic = [], [], [], {"forward": {}, "backward": {}}
     for _ in range(args.repeats):
         if shard is not None:
             shard.reset_traffic()
         with torch.no_grad():
-            state, (seconds, _) = run(state, False)
+            state, (seconds, _, cpu_seconds) = run(state, False)
         sent = dict(shard.traffic) if shard is not None else {}
-        state, (_, seconds_back) = run(state, True)
+        state, (_, seconds_back, _) = run(state, True)
         if shard is not None:  # the forward with grad sent what the one without did: the rest is backward's
             traffic = {"forward": sent, "backward": {key: n - 2 * sent.get(key, 0) for key, n in shard.traffic.items()}}
         forward.append(seconds)
+        forward_cpu.append(cpu_seconds)
         backward.append(seconds_back)
     steps = args.steps
     per_step = {
@@ -111,6 +113,7 @@ def _rank(args: argparse.Namespace) -> dict:
         "local_slots": shard.local_slots if shard is not None else args.slots,
         "forward_ms_per_step": 1e3 * measured_median(forward) / steps,
         "backward_ms_per_step": 1e3 * measured_median(backward) / steps,
+        "forward_cpu_ms_per_step": 1e3 * measured_median(forward_cpu) / steps,
         "forward_ms_runs": [1e3 * t / steps for t in forward],
         "build_seconds": build,
         "rss_base_mib": base / MIB,
@@ -183,9 +186,9 @@ def _markdown(payload: dict) -> str:
         f"load average {payload['load_before'][0]:.2f} before, {payload['load_after'][0]:.2f} after "
         f"({payload['cores']} cores).",
         "",
-        "| run | P | slots per rank | forward ms/step | backward ms/step | held MiB per rank | peak MiB per rank "
-        "(build / steps) | bytes sent per step per rank (fwd / bwd) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | P | slots per rank | forward ms/step | forward CPU ms/step per rank | backward ms/step "
+        "| held MiB per rank | peak MiB per rank (build / steps) | bytes sent per step per rank (fwd / bwd) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in payload["rows"]:
         ranks = row["ranks"]
@@ -193,14 +196,17 @@ def _markdown(payload: dict) -> str:
                 for r in ranks[:1] for phase in ("forward", "backward")]  # fmt: skip
         lines.append(
             f"| {'sharded' if row['sharded'] else 'unsharded'} | {row['P']} | {ranks[0]['local_slots']:,} | "
-            f"{ranks[0]['forward_ms_per_step']:.1f} | {ranks[0]['backward_ms_per_step']:.1f} | "
+            f"{ranks[0]['forward_ms_per_step']:.1f} | {ranks[0]['forward_cpu_ms_per_step']:.1f} | "
+            f"{ranks[0]['backward_ms_per_step']:.1f} | "
             f"{max(r['held_mib'] for r in ranks):.0f} | "
             f"{max(r['peak_build_mib'] for r in ranks):.0f} / {max(r['peak_steps_mib'] for r in ranks):.0f} | "
             f"{sent[0]:,.0f} / {sent[1]:,.0f} |"
         )
     lines += [
         "",
-        "Times are the slowest rank's, medians of the repeats. Held: resident memory the model's state adds "
+        "Times are the slowest rank's, medians of the repeats; CPU ms: the process time of the slowest "
+        "rank's forward (what it computed, less sensitive to other jobs on the machine than the wall time). "
+        "Held: resident memory the model's state adds "
         "(RSS after init_state with the [N, W] initial memory freed, less RSS after the imports); peaks include "
         "the initial memory each rank is given. Bytes: what one rank contributes to the collectives (a ring "
         "all_reduce moves 2 (P-1)/P of it per rank).",
