@@ -10,6 +10,9 @@ must be an int of at least 1 (check_k).
 
 import math
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -106,9 +109,29 @@ def _expected(letters: list[str]) -> str:
     return f"[{', '.join(letters)}]"
 
 
+_trust = threading.local()
+
+
+@contextmanager
+def inputs_checked() -> Iterator[None]:
+    """Inside, value checks run only with SPARSEMEM_DEBUG=1: the caller has checked the values
+    everything inside derives from (a model's forward checks its input x once, so its steps do
+    not sync on an aminmax per op per step). Shape, dtype and device checks still run."""
+    depth = getattr(_trust, "depth", 0)
+    _trust.depth = depth + 1
+    try:
+        yield
+    finally:
+        _trust.depth = depth
+
+
 def _values_checked(tensor: Tensor) -> bool:
     # Inside torch.compile a value check would be a data-dependent graph break: eager mode checks.
-    return tensor.numel() > 0 and (tensor.device.type == "cpu" or debug()) and not torch.compiler.is_compiling()
+    if tensor.numel() == 0 or torch.compiler.is_compiling():
+        return False
+    if debug():
+        return True
+    return tensor.device.type == "cpu" and not getattr(_trust, "depth", 0)
 
 
 def _extremes(tensor: Tensor) -> tuple[float, float]:

@@ -149,9 +149,12 @@ class MemoryModel(nn.Module):
         if state is None:
             state = self.init_state(batch)
         outputs = []
-        for t, x_t in enumerate(x.unbind(time_dim)):
-            y_t, state = self._step(x_t, state, None if lengths is None else t < lengths)
-            outputs.append(y_t)
+        # x was checked above and the state's values come from checked steps: the steps' ops
+        # skip their value checks (a sync each, per op per step) unless SPARSEMEM_DEBUG=1
+        with _checks.inputs_checked():
+            for t, x_t in enumerate(x.unbind(time_dim)):
+                y_t, state = self._step(x_t, state, None if lengths is None else t < lengths)
+                outputs.append(y_t)
         return torch.stack(outputs, dim=time_dim), state
 
     def _step(self, x: Tensor, state: ModelState, active: Tensor | None = None) -> tuple[Tensor, ModelState]:

@@ -244,7 +244,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             const int64_t i = gi[g * K_L + l];
             candidates.push_back({link_entry<scalar_t>(acc_t(gv[g * K_L + l]), writes.weight(i), w_j, p_j), i});
           }
+          // w_i p_j is 0 (or NaN: never > 0 either) unless p_j is: write_top would drop every one.
+          // Only the K_L precedence slots have p_j != 0, so most rows skip the J written slots.
           for (const auto& written : writes.slots) {
+            if (p_j == acc_t(0)) break;
             if (written.slot != j && find(gi + g * K_L, K_L, written.slot) < 0) {
               candidates.push_back({rounded<scalar_t>(written.value * p_j), written.slot});
             }
@@ -454,7 +457,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_sparse_temporal_r
         const scalar_t* v = values.data_ptr<scalar_t>() + head * Q * K_L;
         entries.clear();
         for (int64_t e = 0; e < Q * K_L; ++e) {
-          entries.push_back({rounded<scalar_t>(acc_t(w[head * Q + e / K_L]) * acc_t(v[e])), slots[e]});
+          const acc_t contribution = rounded<scalar_t>(acc_t(w[head * Q + e / K_L]) * acc_t(v[e]));
+          // An empty place, or a zero that adds nothing to its slot's sum (x + 0 rounds to x) and
+          // alone is never kept: dropped before the sort, which is most of a step's entries.
+          if (slots[e] < 0 || contribution == acc_t(0)) continue;
+          entries.push_back({contribution, slots[e]});
         }
         sum_equal_slots<scalar_t>(entries);
         write_top(entries, k, out_w.data_ptr<scalar_t>() + head * k, out_s.data_ptr<int64_t>() + head * k);

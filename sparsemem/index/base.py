@@ -15,6 +15,7 @@ import abc
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -137,6 +138,7 @@ class Index(abc.ABC):
             )
         check_finite("initial", word)
         self._initial = word.detach().to(torch.float64)
+        self._initial_unit = _unit(self._initial, torch.float64)
 
     # ----- public interface
 
@@ -160,6 +162,15 @@ class Index(abc.ABC):
             return
         with region("index.update"):
             rows = rows.detach()
+            if self.on_host and ids.device.type == "cpu":
+                # a step's write: the ascending test and the keys in numpy (a few us, not a few torch ops)
+                slots = ids.numpy()
+                if slots.shape[1] == 1 or bool((slots[:, 1:] > slots[:, :-1]).all()):
+                    self._update_ascending(rows, ids)
+                    return
+                keys = slots + np.arange(self.batch_size).reshape(-1, 1) * self.num_slots
+                self._write_keys(keys.ravel(), rows.reshape(-1, self.word_size))
+                return
             if self.on_host and (ids.shape[1] == 1 or bool((ids[:, 1:] > ids[:, :-1]).all())):
                 self._update_ascending(rows, ids)
                 return
@@ -280,16 +291,22 @@ class Index(abc.ABC):
         # One window above each batch row's cursor, all batch rows at once: writes usually fill
         # slots from the bottom (the LRU slot is the lowest unwritten one), so it mostly holds
         # `count` unwritten slots; a batch row where it does not is scanned on its own.
+        # In numpy on a view of the map: a few small ops, each a fraction of a torch op's dispatch.
         window = min(max(64, 2 * count), self.num_slots)
-        cursor = torch.tensor(self._cursor, device=self._slot.device)
-        positions = cursor.unsqueeze(-1) + torch.arange(window, device=self._slot.device)
+        slot_map = self._slot.numpy()
+        positions = np.asarray(self._cursor).reshape(-1, 1) + np.arange(window)
         inside = positions < self.num_slots
-        free = inside & (self._slot.gather(1, positions.clamp(max=self.num_slots - 1)) == -1)
-        lowest = torch.where(free, positions, self.num_slots).topk(count, dim=-1, largest=False, sorted=True).values
-        out = lowest.masked_fill(lowest == self.num_slots, -1).cpu()
+        rows = np.arange(self.batch_size).reshape(-1, 1)
+        free = inside & (slot_map[rows, np.minimum(positions, self.num_slots - 1)] == -1)
+        # positions ascend along a row: its first `count` free ones are its lowest
+        first_free = np.argsort(~free, axis=1, kind="stable")[:, :count]
+        lowest = np.where(free[rows, first_free], positions[rows, first_free], -1)
+        if lowest.shape[1] < count:
+            lowest = np.pad(lowest, ((0, 0), (0, count - lowest.shape[1])), constant_values=-1)
+        out = torch.from_numpy(lowest)
         # a batch row whose window found fewer than count and did not reach N: scanned further
         short = ((free.sum(-1) < count) & inside[:, -1]).tolist()
-        for b, first in enumerate(out[:, 0].tolist()):
+        for b, first in enumerate(lowest[:, 0].tolist()):
             if short[b]:
                 ids = self._unwritten_row(b, count)
                 out[b] = -1
@@ -359,11 +376,26 @@ class Index(abc.ABC):
     def _write(self, batch: Tensor, slots: Tensor, rows: Tensor) -> None:
         """update() and update_entries() after their checks: rows [M, W] at (batch [M], slots [M])."""
         keys = batch * self.num_slots + slots
+        if self.on_host and keys.device.type == "cpu":
+            self._write_keys(keys.numpy(), rows)
+            return
         batch, slots, order = (_last_writes if self.on_host else _sorted_writes)(keys, self.num_slots)
         # In chunks, so a whole preloaded memory (J = N) is never copied or widened at once.
         for start in range(0, order.numel(), UPDATE_CHUNK):
             chunk = slice(start, start + UPDATE_CHUNK)
             self._update(batch[chunk], slots[chunk], self._stored(rows[order[chunk]]))
+
+    def _write_keys(self, keys: np.ndarray, rows: Tensor) -> None:
+        """_write on the host with keys [M] (batch row * N + slot) in numpy: each (batch row, slot)
+        once, sorted, with its last row (a slot written twice in one call keeps its last row)."""
+        reversed_keys = keys[::-1]
+        unique, first_from_end = np.unique(reversed_keys, return_index=True)
+        order = len(keys) - 1 - first_from_end
+        batch, slots = unique // self.num_slots, unique % self.num_slots
+        for start in range(0, len(order), UPDATE_CHUNK):
+            chunk = slice(start, start + UPDATE_CHUNK)
+            picked = rows.index_select(0, torch.from_numpy(order[chunk]))
+            self._update(torch.from_numpy(batch[chunk]), torch.from_numpy(slots[chunk]), self._stored(picked))
 
     def _check_entries(self, batch: object, slots: object, rows: object = None) -> None:
         """The checks of update_entries (rows given) and forget: batch [M], slots [M] int64, rows [M, W]."""
@@ -422,7 +454,11 @@ class Index(abc.ABC):
         if not self.on_host or all(rows == self.num_slots for rows in self._rows):
             return scores, ids
         pool_ids = self.unwritten(k).to(ids.device)
-        initial = _unit(self._initial, torch.float64).to(unit.device)
+        initial = self._initial_unit.to(unit.device)
+        if unit.device.type == "cpu" and scores.device.type == "cpu":
+            # D(q, initial word) [B, R, 1]
+            pool_scores = np.matmul(unit.numpy(), initial.numpy()[..., None]).astype(scores.numpy().dtype)
+            return _merged_with_pool(scores, ids, pool_scores[..., 0], pool_ids, k)
         pool_scores = torch.einsum("brw,bw->br", unit, initial).to(scores.dtype)
         pool_scores = pool_scores.unsqueeze(-1).expand(-1, -1, k)
         missing = (pool_ids < 0).unsqueeze(1).to(scores.device)
@@ -432,6 +468,23 @@ class Index(abc.ABC):
         merged_scores, order = torch.cat([scores, pool_scores], -1).sort(dim=-1, descending=True, stable=True)
         merged_ids = torch.cat([ids, pool_ids], -1).gather(-1, order[..., :k])
         return merged_scores[..., :k], merged_ids
+
+
+def _merged_with_pool(
+    scores: Tensor, ids: Tensor, pool_scores: np.ndarray, pool_ids: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """_with_unwritten's merge on the host, in numpy: the written rows' top K (scores, ids [B, R, K])
+    and K unwritten slots pool_ids [B, K] (-1: none) that all score pool_scores [B, R], sorted by
+    score with a stable sort (written rows first among equals), cut to K."""
+    batch, heads = scores.shape[:2]
+    pool = np.broadcast_to(pool_scores[..., None], (batch, heads, k))
+    missing = (pool_ids.numpy() < 0)[:, None, :]
+    merged_scores = np.concatenate([scores.numpy(), np.where(missing, -np.inf, pool).astype(pool.dtype)], -1)
+    merged_ids = np.concatenate([ids.numpy(), np.broadcast_to(pool_ids.numpy()[:, None, :], (batch, heads, k))], -1)
+    # descending and stable: an ascending stable sort of the negated scores keeps equal scores in order
+    order = np.argsort(-merged_scores, axis=-1, kind="stable")[..., :k]
+    rows, heads = np.arange(batch).reshape(-1, 1, 1), np.arange(heads).reshape(1, -1, 1)
+    return torch.from_numpy(merged_scores[rows, heads, order]), torch.from_numpy(merged_ids[rows, heads, order])
 
 
 def _unit(x: Tensor, dtype: torch.dtype) -> Tensor:

@@ -116,29 +116,42 @@ class FaissIndex(Index):
     # ----- writes
 
     def _update(self, batch: Tensor, slots: Tensor, unit: Tensor) -> None:
-        # One pass over all batch rows' pairs (sorted by batch row, then slot): per batch row only
-        # the faiss calls (remove_ids, and a merge when a buffer fills) and the bulk writes.
-        batch, slots, unit = batch.cpu().numpy(), slots.cpu().numpy(), unit.float().cpu()
+        # One pass over all batch rows' pairs (sorted by batch row, then slot), in numpy on views of
+        # the map and the buffer (a step writes ~J rows per batch row: each torch op would cost more
+        # than the work): per batch row only the faiss calls (remove_ids, a merge when a buffer fills).
+        batch, slots = batch.cpu().numpy(), slots.cpu().numpy()
+        unit = unit.detach().float().cpu().numpy()
+        buffer = self._buffer
         codes = self._slots[batch, slots]
         buffered = codes <= -2  # still in the exact buffer: overwritten there
-        self._buffer.overwrite(batch[buffered], codes[buffered], unit[buffered])
+        if buffered.any():
+            buffer.rows.numpy()[batch[buffered], -2 - codes[buffered]] = unit[buffered]
+            appended = ~buffered
+            batch, slots, unit, codes = batch[appended], slots[appended], unit[appended], codes[appended]
         indexed = codes >= 0  # in faiss: the old entry leaves it now
-        self._drop(batch[indexed], codes[indexed])
-        self._slots[batch[indexed], slots[indexed]] = -1  # until the buffer takes them below
-        for b, fresh in enumerate(np.bincount(batch[codes == -1], minlength=self.batch_size).tolist()):
-            self._rows[b] += fresh
-        appended = ~buffered
-        batch, slots, unit = batch[appended], slots[appended], unit[appended]
+        if indexed.any():
+            self._drop(batch[indexed], codes[indexed])
+            self._slots[batch[indexed], slots[indexed]] = -1  # until the buffer takes them below
+        fresh = np.bincount(batch[codes == -1], minlength=self.batch_size).tolist()
+        self._rows = [rows + count for rows, count in zip(self._rows, fresh, strict=True)]
+        if not len(batch):
+            return
         counts = np.bincount(batch, minlength=self.batch_size)
-        starts = np.asarray(self._buffer.held)
+        starts = np.asarray(buffer.held)
         fits = starts + counts < self.buffer_rows  # no merge: straight into the buffer
         into = fits[batch]
-        first_pair = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        first_pair = np.cumsum(counts) - counts
         positions = starts[batch] + np.arange(len(batch)) - first_pair[batch]
-        self._buffer.put(*(torch.from_numpy(a[into]) for a in (batch, positions, slots)), unit[into])
-        self._buffer.grow(np.where(fits, counts, 0).tolist())
+        rows_in, positions_in, slots_in = batch[into], positions[into], slots[into]
+        buffer.rows.numpy()[rows_in, positions_in] = unit[into]
+        buffer.slots.numpy()[rows_in, positions_in] = slots_in
+        self._slots[rows_in, slots_in] = -2 - positions_in
+        added = np.where(fits, counts, 0)
+        buffer.held = (starts + added).tolist()
+        buffer.counts.numpy()[:] += added
         for b in np.flatnonzero(~fits).tolist():
-            self._append_row(b, slots[batch == b], unit[batch == b])
+            mine = batch == b
+            self._append_row(b, slots[mine], torch.from_numpy(unit[mine]))
 
     def _append_row(self, b: int, slots: np.ndarray, unit: Tensor) -> None:
         """Rows of slots not in the buffer into batch row b's buffer, merging it into faiss whenever it fills."""
@@ -356,18 +369,42 @@ class FaissIndex(Index):
 
     def _search(self, unit: Tensor, k: int) -> tuple[Tensor, Tensor]:
         unit = unit.float().cpu()
-        scores, ids = self._buffer.search(unit, k)
+        scores, ids = self._buffer_search(unit, k)
+        searched = [b for b, ann in enumerate(self._ann) if ann is not None and ann.ntotal > self._dead[b]]
+        if not searched:  # everything written is still in the buffer (a fresh memory below buffer_rows)
+            return scores, ids
         ann_scores = torch.full_like(scores, float("-inf"))
         ann_ids = torch.full_like(ids, -1)
         # One thread: a batch row's R queries are too few to split, and each OpenMP fork-join
         # waits for every worker; on a busy machine one that is not scheduled stalls the search
         # for a scheduler tick.
         with self._one_thread():
-            for b in range(self.batch_size):
-                if self._ann[b] is not None and self._ann[b].ntotal > self._dead[b]:
-                    ann_scores[b], ann_ids[b] = self._search_ann(b, unit[b].numpy(), k)
+            for b in searched:
+                ann_scores[b], ann_ids[b] = self._search_ann(b, unit[b].numpy(), k)
         merged, order = torch.cat([scores, ann_scores], -1).topk(k, dim=-1)
         return merged, torch.cat([ids, ann_ids], -1).gather(-1, order)
+
+    def _buffer_search(self, unit: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """WriteBuffer.search on the host, its masking and padding in numpy: (scores, slots) [B, R, K]."""
+        buffer = self._buffer
+        held = buffer.held
+        filled = max(held)
+        batch_size, heads = unit.shape[:2]
+        scores = np.full((batch_size, heads, k), -np.inf, dtype=np.float32)
+        ids = np.full((batch_size, heads, k), -1, dtype=np.int64)
+        if filled:
+            all_scores = torch.bmm(unit, buffer.rows[:, :filled].transpose(1, 2))
+            view = all_scores.numpy()
+            for b, count in enumerate(held):
+                view[b, :, count:] = -np.inf
+            top_scores, rows = all_scores.topk(min(k, filled), dim=-1)
+            top_scores, rows = top_scores.numpy(), rows.numpy()
+            slots = buffer.slots.numpy()
+            top_ids = slots[np.arange(batch_size).reshape(-1, 1, 1), rows]
+            top_ids[top_scores == -np.inf] = -1
+            width = rows.shape[-1]
+            scores[..., :width], ids[..., :width] = top_scores, top_ids
+        return torch.from_numpy(scores), torch.from_numpy(ids)
 
     def _search_ann(self, b: int, queries: np.ndarray, k: int) -> tuple[Tensor, Tensor]:
         ann = self._ann[b]

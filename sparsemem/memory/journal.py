@@ -277,9 +277,9 @@ class JournaledMemory:
     def _chain(self, token: Tensor) -> None:
         self._token, self._position = token, self.journal._tokens
 
-    def gather(self, slots: Tensor) -> Tensor:
-        """slots [B, Q] -> rows [B, Q, W]."""
-        row_ids = self.store.row_ids(slots)
+    def gather(self, slots: Tensor, row_ids: Tensor | None = None) -> Tensor:
+        """slots [B, Q] -> rows [B, Q, W]; row_ids: the store's row ids of slots, if known."""
+        row_ids = self.store.row_ids(slots) if row_ids is None else row_ids
         if torch.is_grad_enabled():
             rows, token = _Gather.apply(self.journal, self.token(), row_ids)
             self._chain(token)
@@ -287,10 +287,10 @@ class JournaledMemory:
             rows = self.store.read(row_ids)
         return rows.view(*slots.shape, self.store.word_size)
 
-    def scatter(self, slots: Tensor, rows: Tensor, first: Tensor) -> None:
+    def scatter(self, slots: Tensor, rows: Tensor, first: Tensor, row_ids: Tensor | None = None) -> None:
         """rows [B, J, W] into slots [B, J] in place; first [B, J] marks one entry per distinct slot
-        (duplicates must carry identical rows)."""
-        row_ids = self.store.row_ids(slots)
+        (duplicates must carry identical rows); row_ids: the store's row ids of slots, if known."""
+        row_ids = self.store.row_ids(slots) if row_ids is None else row_ids
         flat_rows = rows.reshape(-1, self.store.word_size)
         if torch.is_grad_enabled():
             self._chain(_Scatter.apply(self.journal, self.token(), row_ids, flat_rows, first.reshape(-1)))

@@ -9,10 +9,11 @@ the memory is written in place through the journal of memory/journal.py.
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sparsemem import ops
+from sparsemem import _checks, ops
 from sparsemem._constants import DELTA
 from sparsemem._profiling import region
 from sparsemem.index import INDEXES
@@ -27,8 +28,19 @@ def group_sum(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     """Sum values over equal indices along the last dimension.
 
     indices [..., E] int64, values [..., E] -> (total [..., E]: each entry's group sum,
-    first [..., E] bool: one entry per group, the first in sorted order). Differentiable in values.
+    first [..., E] bool: one entry per group, its first occurrence). Differentiable in values.
     """
+    if _checks.on_host(indices.device):
+        # A step's few dozen entries per batch row: the groups found in numpy (one unique over
+        # all rows, each row's indices offset into a range of its own), the sums in one index_add.
+        width = indices.shape[-1]
+        keys = indices.reshape(-1, width).numpy() + (np.arange(indices.numel() // max(width, 1)) << 32)[:, None]
+        _, first_at, inverse = np.unique(keys.ravel(), return_index=True, return_inverse=True)
+        first = np.zeros(indices.numel(), dtype=bool)
+        first[first_at] = True
+        inverse = torch.from_numpy(inverse.reshape(-1))
+        sums = values.new_zeros(len(first_at)).index_add(0, inverse, values.reshape(-1))
+        return sums.index_select(0, inverse).view(values.shape), torch.from_numpy(first).view(indices.shape)
     sorted_indices, order = indices.sort(dim=-1, stable=True)
     first_sorted = torch.ones_like(sorted_indices, dtype=torch.bool)
     first_sorted[..., 1:] = sorted_indices[..., 1:] != sorted_indices[..., :-1]
@@ -254,12 +266,23 @@ class SAMMemory(Memory):
 
     def content_read(self, state: SAMState, keys: Tensor, strengths: Tensor) -> tuple[SparseWeights, Tensor]:
         """Top-K search, then sparsemem.ops.sparse_read over the gathered rows (softmax over K)."""
-        batch, heads, _ = keys.shape
+        batch = keys.shape[0]
         slots = state.memory.store.search(keys, self.k)  # [B, R, K]
         rows = state.memory.gather(slots.reshape(batch, -1))  # [B, R*K, W]
-        local = torch.arange(heads * self.k, device=keys.device).view(1, heads, self.k).expand(batch, -1, -1)
-        weights, reads = ops.sparse_read(rows, local, keys, strengths)
+        weights, reads = ops.sparse_read(rows, self.read_places(batch, keys.device), keys, strengths)
         return SparseWeights(slots, weights), reads
+
+    def read_places(self, batch: int, device: torch.device) -> Tensor:
+        """Where head r's K content rows sit among a step's gathered rows: [B, R, K] int64 (made
+        once per batch size and device: a step would spend more making it than reading with it).
+        SAM gathers head r's rows at r K ... r K + K - 1; SDNC (read_width 3) at r 3K + K ... r 3K + 2K - 1."""
+        key = (batch, str(device))
+        cache = {} if torch.compiler.is_compiling() else self.__dict__.setdefault("_read_places", {})
+        if key not in cache:
+            heads, k, width = self.num_reads, self.k, self.read_width
+            first = torch.arange(heads, device=device).view(heads, 1) * width * k + (width // 2) * k
+            cache[key] = (first + torch.arange(k, device=device)).expand(batch, -1, -1)
+        return cache[key]
 
     def record_access(
         self, state: SAMState, write_w: SparseWeights, read_w: SparseWeights, active: Tensor | None = None

@@ -57,18 +57,29 @@ class LinkStore(LazyRows):
 
     def row_ids(self, ids: Tensor) -> Tensor:
         """ids [B, ...] in [-1, 2N) -> row ids [B * ...] (-1: the spare row)."""
+        if self.on_host:  # in numpy: a step asks for several small sets of ids
+            slots = ids.numpy()
+            offsets = (np.arange(self.batch) * self.num_slots).reshape(-1, *([1] * (slots.ndim - 1)))
+            return torch.from_numpy(np.where(slots >= 0, slots + offsets, self.spare).reshape(-1))
         offsets = torch.arange(self.batch, device=ids.device) * self.num_slots
         row_ids = ids + offsets.view(-1, *([1] * (ids.dim() - 1)))
         return torch.where(ids >= 0, row_ids, self.spare).reshape(-1)
 
     def read_indices(self, row_ids: Tensor) -> Tensor:
         """row_ids [M] -> int64 indices [M, K_L] (-1 where never written)."""
+        if self.on_host:
+            rows = row_ids.numpy()
+            written = self.written.numpy()[rows][:, None]
+            return torch.from_numpy(np.where(written, self.indices.numpy()[rows], -1).astype(np.int64))
         return torch.where(self.written[row_ids].unsqueeze(-1), self.indices[row_ids].long(), -1)
 
     def write_indices(self, row_ids: Tensor, indices: Tensor) -> None:
         """The indices [M, K_L] of the rows at row_ids [M] (write sets their values)."""
         indices = indices.to(torch.int32)
         self._record(lambda: _Reindex(self, row_ids, indices))
+        if self.on_host:
+            self.indices.numpy()[row_ids.numpy()] = indices.numpy()
+            return
         self.indices[row_ids] = indices
 
 
@@ -80,7 +91,7 @@ class _Reindex:
 
     def __init__(self, store: LinkStore, row_ids: Tensor, indices: Tensor) -> None:
         self.store, self.row_ids, self.new = store, row_ids, indices
-        self.old = store.indices[row_ids]
+        self.old = store.indices.index_select(0, row_ids)
 
     def undo(self) -> None:
         self.store.indices[self.row_ids] = self.old
@@ -104,21 +115,27 @@ class SparseLinks:
 
     def ids(self, slots: Tensor, backward: bool) -> Tensor:
         """Store ids of the forward (backward) rows at slots [B, ...] (-1 stays -1)."""
+        if self.store.on_host:
+            values = slots.numpy()
+            return torch.from_numpy(np.where(values >= 0, values + backward * (self.store.num_slots // 2), -1))
         return torch.where(slots >= 0, slots + backward * (self.store.num_slots // 2), -1)
 
     def indices(self, slots: Tensor, backward: bool) -> Tensor:
         """The stored entries' slots of the rows at slots [B, S] -> [B, S * K_L] (no gradient)."""
         return self.store.read_indices(self.store.row_ids(self.ids(slots, backward))).view(slots.shape[0], -1)
 
-    def gather(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """ids [B, Q] -> (indices [B, Q, K_L], values [B, Q, K_L]); values are journaled."""
-        indices = self.store.read_indices(self.store.row_ids(ids)).view(*ids.shape, -1)
-        return indices, self.rows.gather(ids)
+    def gather(self, ids: Tensor, row_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """ids [B, Q] -> (indices [B, Q, K_L], values [B, Q, K_L]); values are journaled.
+        row_ids: the store's row ids of ids, if known (they serve gather and scatter alike)."""
+        row_ids = self.store.row_ids(ids) if row_ids is None else row_ids
+        indices = self.store.read_indices(row_ids).view(*ids.shape, -1)
+        return indices, self.rows.gather(ids, row_ids)
 
-    def scatter(self, ids: Tensor, indices: Tensor, values: Tensor) -> None:
+    def scatter(self, ids: Tensor, indices: Tensor, values: Tensor, row_ids: Tensor | None = None) -> None:
         """Rows [B, Q, K_L] into ids [B, Q] (distinct, or -1: dropped) in place."""
-        self.rows.scatter(ids, values, ids >= 0)
-        self.store.write_indices(self.store.row_ids(ids), indices.reshape(-1, indices.shape[-1]))
+        row_ids = self.store.row_ids(ids) if row_ids is None else row_ids
+        self.rows.scatter(ids, values, ids >= 0, row_ids)
+        self.store.write_indices(row_ids, indices.reshape(-1, indices.shape[-1]))
 
     def detach(self) -> "SparseLinks":
         return SparseLinks(self.rows.detached(), self.precedence_indices, self.precedence_values.detach())
@@ -155,15 +172,21 @@ def _packed(slots: Tensor) -> Tensor:
     On the GPU the width stays fixed, so the step never waits for the device.
     """
     last = torch.iinfo(slots.dtype).max
-    slots = torch.where(slots < 0, last, slots)
     if _checks.on_host(slots.device):
-        # numpy's vectorised sort: [8, ~900] int64 in 22 us, torch.sort 190 us (one thread)
-        slots = torch.from_numpy(np.sort(slots.numpy(), axis=-1))
-    else:
-        slots = slots.sort(dim=-1).values
+        # in numpy (a vectorised sort of [8, ~900] int64 in 22 us, torch.sort 190 us, one thread),
+        # each batch row's kept slots moved to its first columns
+        values = slots.numpy()
+        values = np.sort(np.where(values < 0, last, values), axis=-1)
+        keep = values != last
+        keep[:, 1:] &= values[:, 1:] != values[:, :-1]
+        counts = keep.sum(-1)
+        packed = np.full((values.shape[0], max(1, int(counts.max()))), -1, dtype=values.dtype)
+        packed[np.repeat(np.arange(values.shape[0]), counts), (np.cumsum(keep, -1) - 1)[keep]] = values[keep]
+        return torch.from_numpy(packed)
+    slots = torch.where(slots < 0, last, slots).sort(dim=-1).values
     keep = slots != last
     keep[:, 1:] &= slots[:, 1:] != slots[:, :-1]
-    width = max(1, int(keep.sum(-1).max())) if _checks.on_host(slots.device) else slots.shape[1]
+    width = slots.shape[1]
     # each kept slot to its rank among the kept ones; the rest to a spare column, cut after
     places = torch.where(keep, keep.cumsum(-1) - 1, width)
     packed = torch.full((slots.shape[0], width + 1), -1, dtype=slots.dtype, device=slots.device)
@@ -173,11 +196,14 @@ def _packed(slots: Tensor) -> Tensor:
 def sparse_link_update(links: SparseLinks, write_w: SparseWeights) -> SparseLinks:
     """L_t and p_t from w^W_t: gathers the rows the update can change (sparse_link_update's
     contract, found through the transposes), updates them, writes them back in place."""
-    written, precedence = write_w.indices, links.precedence_indices
+    # each written slot once (J entries hold ~R K / 2 distinct slots): the rows looked up through
+    # the transposes, and the slots sorted below, shrink to what the update can change
+    written, precedence = _packed(write_w.indices), links.precedence_indices
     forward_slots = _packed(torch.cat([written, links.indices(torch.cat([written, precedence], -1), True)], -1))
     backward_slots = _packed(torch.cat([written, precedence, links.indices(written, False)], -1))
     ids = torch.cat([links.ids(forward_slots, False), links.ids(backward_slots, True)], -1)
-    indices, values = links.gather(ids)
+    row_ids = links.store.row_ids(ids)  # once, for the gather and the scatter back
+    indices, values = links.gather(ids, row_ids)
     rows = forward_slots.shape[1]
     new = ops.sparse_link_update(
         forward_slots,
@@ -191,7 +217,7 @@ def sparse_link_update(links: SparseLinks, write_w: SparseWeights) -> SparseLink
         write_w.indices,
         write_w.weights,
     )
-    links.scatter(ids, torch.cat([new[1], new[3]], 1), torch.cat([new[0], new[2]], 1))
+    links.scatter(ids, torch.cat([new[1], new[3]], 1), torch.cat([new[0], new[2]], 1), row_ids)
     return replace(links, precedence_indices=new[5], precedence_values=new[4])
 
 
@@ -318,9 +344,7 @@ class SDNCMemory(SAMMemory):
             slots = torch.cat([backward.indices, content_slots, forward.indices], dim=-1)  # [B, R, 3K]
             rows = state.memory.gather(slots.reshape(batch, -1))  # [B, R*3K, W]
             # the content part of head r sits at rows r*3K + K ... r*3K + 2K - 1
-            first = torch.arange(heads, device=slots.device).view(heads, 1) * 3 * k + k
-            local = (first + torch.arange(k, device=slots.device)).expand(batch, -1, -1)
-            content, _ = ops.sparse_read(rows, local, parts.keys, parts.strengths)
+            content, _ = ops.sparse_read(rows, self.read_places(batch, slots.device), parts.keys, parts.strengths)
             modes = parts.read_modes
             weights = torch.cat(
                 [modes[..., :1] * backward.weights, modes[..., 1:2] * content, modes[..., 2:] * forward.weights],
