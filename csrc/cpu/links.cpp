@@ -8,10 +8,11 @@
 // writes L', the backward reads L and grad L' and writes grad L (L' is recomputed, not re-read).
 //
 // Tiling: the rows of each batch row are cut into blocks and the (b, block) pieces run in
-// parallel. A piece works on one row i at a time, kept in an acc_t buffer (L1-resident for the
-// N this op is used at). Row reductions (f, the row part of grad w) are dot products; column
-// reductions (b, the column parts of grad w, grad p, grad wr) go to per-piece partial vectors
-// of length N, summed after the parallel loop, so no two threads write the same element.
+// parallel. With 1 to 4 read heads (the DNC's case) a piece sweeps each row i once, every head at
+// once (forward_rows_fused / backward_rows_fused); with more, one row at a time is kept in an acc_t
+// buffer and swept once per head. Row reductions (f, the row part of grad w) are dot products;
+// column reductions (b, the column parts of grad w, grad p, grad wr) go to per-piece partial
+// vectors of length N, summed after the parallel loop, so no two threads write the same element.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -169,6 +170,124 @@ SPARSEMEM_VECTOR_CLONES void forward_rows(const Links<scalar_t>& x, int64_t b, i
   }
 }
 
+// The O(N) vectors of batch row b that a fused sweep reads (w, p, each head's wr and grad b), and
+// the piece's column partials, in acc_t at a padded stride. Arrays a multiple of 4 KiB apart (N a
+// power of two) fall in the same L1 sets, and a sweep streaming a dozen of them at once would
+// evict its own lines (8 ways); a stride of N + kStagePad puts each array one line further on.
+constexpr int64_t kStagePad = 16;
+constexpr int64_t kStagedColumns = 2 + kHeadGroup;  // grad w's and grad p's column sums, then one per head
+
+template <typename acc_t>
+struct Staged {
+  const acc_t* w = nullptr;
+  const acc_t* p = nullptr;
+  const acc_t* wr[kHeadGroup] = {};
+  const acc_t* gb[kHeadGroup] = {};
+  acc_t* column[kStagedColumns] = {};  // [sum_i G L, sum_i G w_i] (backward), then per head
+};
+
+inline int64_t staged_stride(int64_t N) { return (N + kStagePad - 1) / kStagePad * kStagePad + kStagePad; }
+
+// Room for every staged array of one piece: w, p, H read weights, H grad b, and the columns.
+inline int64_t staged_size(int64_t N) { return (2 + 2 * kHeadGroup + kStagedColumns) * staged_stride(N); }
+
+// Converts and copies batch row b's vectors into `storage` (staged_size(N) elements) and zeros the
+// columns. grad_backward: null in the forward.
+template <typename scalar_t, typename acc_t>
+Staged<acc_t> stage(const Links<scalar_t>& x, const scalar_t* grad_backward, int64_t b, acc_t* storage) {
+  const int64_t N = x.N, R = x.R, stride = staged_stride(N);
+  Staged<acc_t> s;
+  acc_t* next = storage;
+  auto copy = [&](const scalar_t* from) {
+    acc_t* to = next;
+    for (int64_t n = 0; n < N; ++n) to[n] = acc_t(from[n]);
+    next += stride;
+    return to;
+  };
+  if (x.write_w) s.w = copy(x.write_w + b * N);
+  if (x.precedence) s.p = copy(x.precedence + b * N);
+  for (int64_t r = 0; r < R; ++r) s.wr[r] = copy(x.read_w + (b * R + r) * N);
+  if (grad_backward) {
+    for (int64_t r = 0; r < R; ++r) s.gb[r] = copy(grad_backward + (b * R + r) * N);
+  }
+  for (int64_t c = 0; c < kStagedColumns; ++c) {
+    s.column[c] = next;
+    std::fill(next, next + N, acc_t(0));
+    next += stride;
+  }
+  return s;
+}
+
+// All of a call's H <= kHeadGroup read heads in one sweep over each row: L' is computed once per
+// element and used for the link output and every head's reads while it sits in a register, and
+// each head's row sum is a vector accumulator (omp simd reduction), so a row costs a few loads and
+// stores per element instead of one pass over an L1 buffer per head. The diagonal is masked in
+// the sweep (j == i), which keeps the loop branch-free. Column partials go to s.column[2 + h].
+template <int64_t H, bool kUpdate, typename scalar_t, typename acc_t>
+SPARSEMEM_VECTOR_CLONES void forward_rows_fused(const Links<scalar_t>& x, int64_t b, int64_t first, int64_t last,
+                                                const Staged<acc_t>& s, scalar_t* new_link, scalar_t* forward) {
+  static_assert(1 <= H && H <= kHeadGroup, "one sweep holds up to kHeadGroup heads");
+  const int64_t N = x.N;
+  const acc_t* __restrict w = s.w;
+  const acc_t* __restrict p = s.p;
+  // Heads past H alias head 0 and are never touched (their code is compiled out).
+  const acc_t* __restrict wr0 = s.wr[0];
+  const acc_t* __restrict wr1 = s.wr[H > 1 ? 1 : 0];
+  const acc_t* __restrict wr2 = s.wr[H > 2 ? 2 : 0];
+  const acc_t* __restrict wr3 = s.wr[H > 3 ? 3 : 0];
+  acc_t* __restrict c0 = s.column[2];
+  acc_t* __restrict c1 = s.column[H > 1 ? 3 : 2];
+  acc_t* __restrict c2 = s.column[H > 2 ? 4 : 2];
+  acc_t* __restrict c3 = s.column[H > 3 ? 5 : 2];
+  for (int64_t i = first; i < last; ++i) {
+    const scalar_t* __restrict L = x.link + (b * N + i) * N;
+    scalar_t* __restrict out = kUpdate ? new_link + (b * N + i) * N : nullptr;
+    const acc_t wi = kUpdate ? w[i] : acc_t(0);
+    const acc_t q0 = wr0[i], q1 = wr1[i], q2 = wr2[i], q3 = wr3[i];
+    acc_t f0 = 0, f1 = 0, f2 = 0, f3 = 0;
+#pragma omp simd reduction(+ : f0, f1, f2, f3)
+    for (int64_t j = 0; j < N; ++j) {
+      acc_t v = acc_t(L[j]);
+      if constexpr (kUpdate) {
+        v = (1 - wi - w[j]) * v + wi * p[j];
+        v = j == i ? acc_t(0) : v;
+        out[j] = scalar_t(v);
+      }
+      f0 += v * wr0[j];
+      c0[j] += q0 * v;
+      if constexpr (H > 1) {
+        f1 += v * wr1[j];
+        c1[j] += q1 * v;
+      }
+      if constexpr (H > 2) {
+        f2 += v * wr2[j];
+        c2[j] += q2 * v;
+      }
+      if constexpr (H > 3) {
+        f3 += v * wr3[j];
+        c3[j] += q3 * v;
+      }
+    }
+    scalar_t* f = forward + b * H * N + i;
+    f[0] = scalar_t(f0);
+    if constexpr (H > 1) f[N] = scalar_t(f1);
+    if constexpr (H > 2) f[2 * N] = scalar_t(f2);
+    if constexpr (H > 3) f[3 * N] = scalar_t(f3);
+  }
+}
+
+// Calls body(std::integral_constant<int64_t, R>{}) for 1 <= R <= kHeadGroup: the fused sweeps are
+// compiled per head count, with every head's sums in registers.
+template <typename Body>
+void with_head_count(int64_t R, const Body& body) {
+  switch (R) {
+    case 1: body(std::integral_constant<int64_t, 1>{}); break;
+    case 2: body(std::integral_constant<int64_t, 2>{}); break;
+    case 3: body(std::integral_constant<int64_t, 3>{}); break;
+    default: body(std::integral_constant<int64_t, 4>{}); break;
+  }
+}
+
 template <bool kUpdate, bool kReads, typename scalar_t>
 void links_forward(const Links<scalar_t>& x, scalar_t* new_link, scalar_t* new_precedence, scalar_t* forward,
                    scalar_t* backward) {
@@ -177,14 +296,23 @@ void links_forward(const Links<scalar_t>& x, scalar_t* new_link, scalar_t* new_p
   const int64_t blocks = row_blocks(B, N), rows_per_block = (N + blocks - 1) / blocks;
   // Per piece: its partial b[r, :] = sum over its rows i of L'[i, :] wr[r, i].
   std::vector<acc_t> partial_backward(kReads ? B * blocks * R * N : 0);
+  const bool fused = kReads && 1 <= R && R <= kHeadGroup;
   at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buffer(N);
+    std::vector<acc_t> buffer(fused ? staged_size(N) : N);
     for (int64_t piece = begin; piece < end; ++piece) {
       const int64_t b = piece / blocks, first = (piece % blocks) * rows_per_block;
       const int64_t last = std::min(N, first + rows_per_block);
       acc_t* column = kReads ? &partial_backward[piece * R * N] : nullptr;
-      if constexpr (kReads) std::fill(column, column + R * N, acc_t(0));
-      forward_rows<kUpdate, kReads>(x, b, first, last, buffer.data(), new_link, forward, column);
+      if (fused) {
+        const Staged<acc_t> s = stage(x, static_cast<const scalar_t*>(nullptr), b, buffer.data());
+        with_head_count(R, [&](auto heads) {
+          forward_rows_fused<decltype(heads)::value, kUpdate>(x, b, first, last, s, new_link, forward);
+        });
+        for (int64_t r = 0; r < R; ++r) std::copy(s.column[2 + r], s.column[2 + r] + N, column + r * N);
+      } else {
+        if constexpr (kReads) std::fill(column, column + R * N, acc_t(0));
+        forward_rows<kUpdate, kReads>(x, b, first, last, buffer.data(), new_link, forward, column);
+      }
     }
   });
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -273,6 +401,87 @@ SPARSEMEM_VECTOR_CLONES void backward_rows(const Links<scalar_t>& x, const LinkG
   }
 }
 
+// The backward of forward_rows_fused, one sweep per row (see backward_rows for the sums): G is
+// built in a register from grad L' and every head's share, then used for grad L, the row part of
+// grad w and the column partials (s.column: [sum_i G L, sum_i G w_i], then per head) unstored.
+template <int64_t H, bool kUpdate, typename scalar_t, typename acc_t>
+SPARSEMEM_VECTOR_CLONES void backward_rows_fused(const Links<scalar_t>& x, const LinkGrads<scalar_t>& g, int64_t b,
+                                                 int64_t first, int64_t last, const Staged<acc_t>& s,
+                                                 scalar_t* grad_link, acc_t* row_write, acc_t* row_read) {
+  static_assert(1 <= H && H <= kHeadGroup, "one sweep holds up to kHeadGroup heads");
+  const int64_t N = x.N;
+  const acc_t* __restrict w = s.w;
+  const acc_t* __restrict p = s.p;
+  const acc_t* __restrict wr0 = s.wr[0];
+  const acc_t* __restrict wr1 = s.wr[H > 1 ? 1 : 0];
+  const acc_t* __restrict wr2 = s.wr[H > 2 ? 2 : 0];
+  const acc_t* __restrict wr3 = s.wr[H > 3 ? 3 : 0];
+  const acc_t* __restrict gb0 = s.gb[0];
+  const acc_t* __restrict gb1 = s.gb[H > 1 ? 1 : 0];
+  const acc_t* __restrict gb2 = s.gb[H > 2 ? 2 : 0];
+  const acc_t* __restrict gb3 = s.gb[H > 3 ? 3 : 0];
+  const scalar_t* gf = g.forward + b * H * N;
+  acc_t* __restrict col_link = s.column[0];
+  acc_t* __restrict col_write = s.column[1];
+  acc_t* __restrict c0 = s.column[2];
+  acc_t* __restrict c1 = s.column[H > 1 ? 3 : 2];
+  acc_t* __restrict c2 = s.column[H > 2 ? 4 : 2];
+  acc_t* __restrict c3 = s.column[H > 3 ? 5 : 2];
+  for (int64_t i = first; i < last; ++i) {
+    const scalar_t* __restrict L = x.link + (b * N + i) * N;
+    const scalar_t* __restrict gL = kUpdate ? g.new_link + (b * N + i) * N : nullptr;
+    scalar_t* __restrict out = grad_link + (b * N + i) * N;
+    const acc_t wi = kUpdate ? w[i] : acc_t(0);
+    const acc_t q0 = wr0[i], q1 = wr1[i], q2 = wr2[i], q3 = wr3[i];
+    const acc_t e0 = acc_t(gf[i]), e1 = H > 1 ? acc_t(gf[N + i]) : acc_t(0);
+    const acc_t e2 = H > 2 ? acc_t(gf[2 * N + i]) : acc_t(0), e3 = H > 3 ? acc_t(gf[3 * N + i]) : acc_t(0);
+    acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, row_sum = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, row_sum)
+    for (int64_t j = 0; j < N; ++j) {
+      const acc_t Lij = acc_t(L[j]);
+      acc_t v = Lij, G = 0;
+      if constexpr (kUpdate) {
+        v = (1 - wi - w[j]) * Lij + wi * p[j];
+        v = j == i ? acc_t(0) : v;
+        G = acc_t(gL[j]);
+      }
+      G += e0 * wr0[j] + q0 * gb0[j];
+      s0 += v * gb0[j];
+      c0[j] += e0 * v;
+      if constexpr (H > 1) {
+        G += e1 * wr1[j] + q1 * gb1[j];
+        s1 += v * gb1[j];
+        c1[j] += e1 * v;
+      }
+      if constexpr (H > 2) {
+        G += e2 * wr2[j] + q2 * gb2[j];
+        s2 += v * gb2[j];
+        c2[j] += e2 * v;
+      }
+      if constexpr (H > 3) {
+        G += e3 * wr3[j] + q3 * gb3[j];
+        s3 += v * gb3[j];
+        c3[j] += e3 * v;
+      }
+      if constexpr (kUpdate) {
+        G = j == i ? acc_t(0) : G;  // the diagonal is a constant 0 and passes no gradient
+        out[j] = scalar_t(G * (1 - wi - w[j]));
+        row_sum += G * (p[j] - Lij);
+        col_link[j] += G * Lij;
+        col_write[j] += G * wi;
+      } else {
+        out[j] = scalar_t(G);
+      }
+    }
+    if constexpr (kUpdate) row_write[b * N + i] = row_sum;
+    acc_t* r = row_read + b * H * N + i;
+    r[0] = s0;
+    if constexpr (H > 1) r[N] = s1;
+    if constexpr (H > 2) r[2 * N] = s2;
+    if constexpr (H > 3) r[3 * N] = s3;
+  }
+}
+
 // With G = dLoss/dL' (grad L' plus, with kReads, the reads' share
 //   G[i, j] += sum_r grad_f[r, i] wr[r, j] + grad_b[r, j] wr[r, i]):
 //   grad L[i, j] = G[i, j] (1 - w_i - w_j) (i != j), 0 on the diagonal   (kUpdate; else G)
@@ -290,15 +499,28 @@ void links_backward(const Links<scalar_t>& x, const LinkGrads<scalar_t>& g, scal
   std::vector<acc_t> partial(B * blocks * columns * N);
   // Row parts, written once per row: grad w's first sum (kUpdate); grad wr's first sum (kReads).
   std::vector<acc_t> row_write(kUpdate ? B * N : 0), row_read(kReads ? B * R * N : 0);
+  const bool fused = kReads && 1 <= R && R <= kHeadGroup;
   at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buffer(N), G(N);
+    std::vector<acc_t> buffer(fused ? staged_size(N) : N), G(fused ? 0 : N);
     for (int64_t piece = begin; piece < end; ++piece) {
       const int64_t b = piece / blocks, first = (piece % blocks) * rows_per_block;
       const int64_t last = std::min(N, first + rows_per_block);
       acc_t* column = &partial[piece * columns * N];
-      std::fill(column, column + columns * N, acc_t(0));
-      backward_rows<kUpdate, kReads>(x, g, b, first, last, buffer.data(), G.data(), column, grad_link,
-                                     row_write.data(), row_read.data());
+      if (fused) {
+        const Staged<acc_t> s = stage(x, g.backward, b, buffer.data());
+        with_head_count(R, [&](auto heads) {
+          backward_rows_fused<decltype(heads)::value, kUpdate>(x, g, b, first, last, s, grad_link,
+                                                               row_write.data(), row_read.data());
+        });
+        // the staged columns in the partial's layout: [link, write] (kUpdate), then per head
+        for (int64_t c = kUpdate ? 0 : 2; c < 2 + R; ++c) {
+          std::copy(s.column[c], s.column[c] + N, column + (c - (kUpdate ? 0 : 2)) * N);
+        }
+      } else {
+        std::fill(column, column + columns * N, acc_t(0));
+        backward_rows<kUpdate, kReads>(x, g, b, first, last, buffer.data(), G.data(), column, grad_link,
+                                       row_write.data(), row_read.data());
+      }
     }
   });
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {

@@ -44,6 +44,23 @@ def test_kernels_write_every_element_and_match_reference(op, N, dtype, nan_poiso
         torch.testing.assert_close(got.double(), want, **tolerance(dtype, reduced_over=N))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("R", [1, 2, 4, 5, 9])
+@pytest.mark.parametrize("op", ["temporal_reads", "link_update_reads"])
+def test_link_reads_match_reference_for_every_head_count(op, R, dtype, nan_poisoned):
+    # up to 4 heads share one sweep over each link row (one kernel per head count), more take the
+    # per-head path: every count of both, on a size whose rows end in a partial vector
+    N = 37
+    args = op_inputs(op, dtype, B=2, N=N, W=5, R=R, seed=R)
+    outputs = _ext(op, *args)
+    seeds = [torch.randn(o.shape, generator=torch.Generator().manual_seed(R), dtype=dtype) for o in outputs]
+    grads = getattr(torch.ops.sparsemem, f"ext_{op}_backward")(*seeds, *args, *outputs)
+    want_outputs, want_grads = reference_with_grads(op, args, seeds)
+    for got, want in zip([*outputs, *grads], [*want_outputs, *want_grads], strict=True):
+        assert not got.isnan().any(), f"{op} left elements unwritten (NaN from the poisoned allocation)"
+        torch.testing.assert_close(got.double(), want, **tolerance(dtype, reduced_over=N))
+
+
 @pytest.mark.parametrize("op", DENSE_KERNEL_OPS)
 def test_bfloat16_forward_and_backward(op):
     args64 = op_inputs(op, torch.float64, B=2, N=33, W=8, R=3)
