@@ -13,7 +13,7 @@ _usage_update = define_op(
     lambda usage, write_w, read_w, free_gates: usage.new_empty(usage.shape),
     differentiable=(0, 1, 2, 3),
     stem="usage",
-    kernels=(),
+    kernels=("cpp",),
 )
 
 
