@@ -148,12 +148,16 @@ class MemoryModel(nn.Module):
         self._check_lengths(lengths, batch, x.shape[time_dim], x.device)
         if state is None:
             state = self.init_state(batch)
+        # Before the shortest row ends every row is active: those steps take the unpadded path
+        # (no where per state field, forward and backward; a length-bucketed batch is mostly such
+        # steps). One host read of the minimum per forward.
+        every_row_until = x.shape[time_dim] if lengths is None else int(lengths.min())
         outputs = []
         # x was checked above and the state's values come from checked steps: the steps' ops
         # skip their value checks (a sync each, per op per step) unless SPARSEMEM_DEBUG=1
         with _checks.inputs_checked():
             for t, x_t in enumerate(x.unbind(time_dim)):
-                y_t, state = self._step(x_t, state, None if lengths is None else t < lengths)
+                y_t, state = self._step(x_t, state, None if t < every_row_until else t < lengths)
                 outputs.append(y_t)
         return torch.stack(outputs, dim=time_dim), state
 
