@@ -15,16 +15,13 @@ files. Writes bench/results/babi/<name>.json, .md and .png.
 """
 
 import argparse
-import itertools
 import json
 import os
 import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, header, pyplot, save_figure, write_json, write_text
+from bench.common import RESULTS, TRAIN_COMMANDS, header, pyplot, run_trainings, save_figure, write_json, write_text
 
 # fmt: off
 PUBLISHED = {
@@ -44,58 +41,11 @@ PASSED = 0.05
 """A task counts as passed below this test error (Weston et al. 2015)."""
 
 
-def train_command(out: Path, resume: bool, options: list[str]) -> list[str]:
-    """The train CLI for one run: a new one with all its options, or a --resume of `out` with
-    only what a resume may change (the rest comes from its checkpoint)."""
-    command = [sys.executable, "-m", "sparsemem.train"]
-    if resume:
-        kept = ("--time-budget", "--threads", "--steps")
-        given = [(flag, value) for flag, value in itertools.pairwise(options) if flag in kept]
-        return [*command, "--resume", "--out", str(out), "--no-progress", *[x for pair in given for x in pair]]
-    return [*command, *options, "--out", str(out), "--no-progress"]
-
-
-def spent(out: Path, minutes: float) -> bool:
-    """Whether `out` already trained for `minutes` and wrote its summary."""
-    summary = out / "summary.json"
-    if not summary.is_file():
-        return False
-    config = json.loads(summary.read_text())["config"]
-    return config.get("time_budget") is not None and config["time_budget"] >= minutes
-
-
-COMMANDS = "commands.txt"
-"""In each run folder: every command that trained it, one a line (the first, then the resumes)."""
-
-
-def run_side_by_side(runs: dict[str, tuple[Path, list[str]]], minutes: float) -> None:
-    """Start every run that still has budget left at once and wait for all; a failed run
-    raises with its log's tail."""
-    processes = {}
-    for name, (out, options) in runs.items():
-        if spent(out, minutes):
-            print(f"{name}: {out} has trained its {minutes} minutes; read as it is")
-            continue
-        command = train_command(out, (out / "checkpoint.pt").is_file(), options)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / COMMANDS, "a") as commands:
-            commands.write(shlex.join(command) + "\n")
-        log = open(out / "train.log", "a")  # noqa: SIM115 (closed below, after the process ends)
-        print(f"{name}: {shlex.join(command)}")
-        processes[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log)
-    for name, (process, log) in processes.items():
-        code = process.wait()
-        log.close()
-        if code != 0:
-            tail = (runs[name][0] / "train.log").read_text().splitlines()[-15:]
-            raise RuntimeError(f"{name} failed (exit {code}):\n" + "\n".join(tail))
-
-
 def read_run(out: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     keep = ("model", "hidden_size", "embedding_size", "num_slots", "word_size", "num_reads", "k", "batch_size", "lr")
     return {
-        "commands": (out / COMMANDS).read_text().splitlines(),
+        "commands": (out / TRAIN_COMMANDS).read_text().splitlines(),
         "config": {key: summary["config"][key] for key in keep},
         "steps": summary["steps"],
         "stopped_by": summary["stopped_by"],
@@ -179,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         for model, extra in ((args.model, args.memory_options), ("lstm", args.lstm_options)):
             out = args.runs / f"{name}-{model}-{task}"
             pair[model] = (out, [*base, "--babi-tasks", task, "--model", model, *shlex.split(extra)])
-        run_side_by_side(pair, args.minutes)
+        run_trainings(pair, args.minutes, jobs=len(pair))  # side by side: both see the same machine
         ours, baseline = (read_run(pair[model][0]) for model in (args.model, "lstm"))
         fallback = "*" if ours["fallback"] else ""
         rows.append((fallback, ours, baseline))

@@ -5,12 +5,14 @@ machine has), processes (a case in its own process, so its peak memory is its ow
 (log-log slopes) and log-log plots.
 """
 
+import itertools
 import json
 import math
 import multiprocessing
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -257,6 +259,69 @@ def run_module(module: str, args: list[str], env: dict[str, str] | None = None) 
         error = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
         return {"args": args, "error": error}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+TRAIN_COMMANDS = "commands.txt"
+"""In each training run's folder: every command that trained it, one a line (the first, then the resumes)."""
+
+
+def train_command(out: Path, resume: bool, options: list[str]) -> list[str]:
+    """`python -m sparsemem.train` for one run: a new one with all its options, or a --resume of
+    `out` with only what a resume may change (the rest comes from its checkpoint)."""
+    command = [sys.executable, "-m", "sparsemem.train"]
+    if resume:
+        kept = ("--time-budget", "--threads", "--steps")
+        given = [(flag, value) for flag, value in itertools.pairwise(options) if flag in kept]
+        return [*command, "--resume", "--out", str(out), "--no-progress", *[x for pair in given for x in pair]]
+    return [*command, *options, "--out", str(out), "--no-progress"]
+
+
+def budget_spent(out: Path, minutes: float) -> bool:
+    """Whether the run in `out` ended (its summary is written) with a --time-budget of at least
+    `minutes`: reached its threshold or its steps, or trained its minutes."""
+    summary = out / "summary.json"
+    if not summary.is_file():
+        return False
+    config = json.loads(summary.read_text())["config"]
+    return config.get("time_budget") is not None and config["time_budget"] >= minutes
+
+
+def run_trainings(runs: dict[str, tuple[Path, list[str]]], minutes: float, jobs: int) -> None:
+    """Train every run {name: (out, train options)} that has budget left, `jobs` processes at
+    a time (started in order, each waited for before the next starts in its place). A run whose
+    folder holds a checkpoint is resumed (its budget adds up across sessions); one that already
+    spent `minutes` is read as it is. A failed run raises with its log's tail once the others end."""
+    pending = []
+    for name, (out, options) in runs.items():
+        if budget_spent(out, minutes):
+            print(f"{name}: {out} has trained its {minutes} minutes; read as it is")
+        else:
+            pending.append((name, out, options))
+    running, failed = [], []
+
+    def wait_one() -> None:
+        name, out, process, log = running.pop(0)
+        code = process.wait()
+        log.close()
+        if code != 0:
+            failed.append(
+                f"{name} failed (exit {code}):\n" + "\n".join((out / "train.log").read_text().splitlines()[-15:])
+            )
+
+    for name, out, options in pending:
+        if len(running) >= jobs:
+            wait_one()
+        command = train_command(out, (out / "checkpoint.pt").is_file(), options)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / TRAIN_COMMANDS, "a") as commands:
+            commands.write(shlex.join(command) + "\n")
+        log = open(out / "train.log", "a")  # noqa: SIM115 (closed in wait_one, after the process ends)
+        print(f"{name}: {shlex.join(command)}", flush=True)
+        running.append((name, out, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
+    while running:
+        wait_one()
+    if failed:
+        raise RuntimeError("\n".join(failed))
 
 
 def run_in_process(function: Callable[..., dict], args: tuple, timeout: float, memory_budget: int | None) -> dict:

@@ -61,6 +61,8 @@ from sparsemem.tasks import (
     Batch,
     Curriculum,
     KeyValueRecall,
+    PrioritySort,
+    RepeatCopy,
     Task,
     bits_in_error,
     sequence_loss,
@@ -135,6 +137,10 @@ class Config:
     link_k: int = _option(8, "sdnc: link entries kept per row (K_L)")
     bits: int = _option(8, "bits per vector of the task")
     item_length: int = _option(3, "associative-recall: vectors per item")
+    max_repeats: int = _option(3, "repeat-copy: the most repeats asked for (drawn in [1, this] per batch)")
+    sort_outputs: int | None = _option(
+        None, "priority-sort: vectors to output, highest priority first (the NTM paper: 16 of 20); None: all"
+    )
     key_bits: int = _option(32, "key-value-recall: bits per key")
     query_every: int = _option(4, "key-value-recall: a query about a recent pair after every this many stores")
     recent: int = _option(16, "key-value-recall: those queries ask about one of the last this many pairs")
@@ -224,6 +230,10 @@ def make_task(config: Config) -> Task:
     max_level = config.max_level if config.max_level is not None else default.max_level
     if task_cls is AssociativeRecall:
         return task_cls(config.bits, min_level, max_level, item_length=config.item_length)
+    if task_cls is RepeatCopy:
+        return task_cls(config.bits, min_level, max_level, max_repeats=config.max_repeats)
+    if task_cls is PrioritySort:
+        return task_cls(config.bits, min_level, max_level, outputs=config.sort_outputs)
     if task_cls is KeyValueRecall:
         options = ("key_bits", "query_every", "recent", "final_queries")
         return task_cls(config.bits, min_level, max_level, **{name: getattr(config, name) for name in options})
@@ -1198,6 +1208,8 @@ def check_config(config: Config) -> None:
         ("clip", config.clip > 0, "a number > 0 (inf: no clipping)"),
         ("bits", config.bits >= 1, "a positive integer"),
         ("item_length", config.item_length >= 1, "a positive integer"),
+        ("max_repeats", config.max_repeats >= 1, "a positive integer"),
+        ("sort_outputs", config.sort_outputs is None or config.sort_outputs >= 1, "a positive integer"),
         ("bptt", config.bptt >= 0, "an integer >= 0 (0: one update per sequence)"),
         ("threshold", config.threshold >= 0, "a number >= 0"),
         ("window", config.window >= 1, "a positive integer"),

@@ -123,6 +123,18 @@ def test_cli_divergence_exits_1_and_writes_no_checkpoint(tmp_path, capsys, monke
     assert not (tmp_path / CHECKPOINT).exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "steps"),
+    [
+        (["--task", "priority-sort", "--sort-outputs", "2"], 4 + 1 + 2),
+        (["--task", "repeat-copy", "--max-repeats", "1"], 4 + 1 + 4 + 1),
+    ],
+)
+def test_cli_task_options_reach_the_task(tmp_path, argv, steps):
+    trainer = Trainer(train.parse_args([*argv, "--min-level", "4", "--max-level", "4", "--out", str(tmp_path)])[0])
+    assert trainer.task.sample(2, 4, torch.Generator().manual_seed(0)).inputs.shape[1] == steps
+
+
 def test_cli_writes_metrics_checkpoint_and_plots(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--model", "dnc", "--task", "associative-recall", "--steps", "4", "--batch-size", "2"]
@@ -227,6 +239,8 @@ def test_resume_refuses_to_change_the_model_the_task_or_the_data(tmp_path, capsy
         (["--threads", "0"], "--threads must be a positive integer"),
         (["--time-budget", "0"], "--time-budget must be a number of minutes > 0"),
         (["--bits", "0"], "--bits must be a positive integer"),
+        (["--max-repeats", "0"], "--max-repeats must be a positive integer"),
+        (["--sort-outputs", "0"], "--sort-outputs must be a positive integer"),
         (["--model", "gru"], "argument --model: invalid choice: 'gru'"),
         (["--task", "sorting"], "argument --task: invalid choice: 'sorting'"),
         (["--controller", "gru"], "argument --controller: invalid choice: 'gru'"),

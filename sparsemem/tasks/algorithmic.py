@@ -46,6 +46,8 @@ class RepeatCopy(Task):
 
     def __init__(self, bits: int = 8, min_length: int = 1, max_length: int = 5, max_repeats: int = 3) -> None:
         super().__init__(min_length, max_length)
+        if not isinstance(max_repeats, int) or max_repeats < 1:
+            raise ValueError(f"max_repeats must be a positive int; got {max_repeats!r}")
         self.bits = bits
         self.max_repeats = max_repeats
         self.input_size = bits + 2
@@ -114,32 +116,37 @@ class AssociativeRecall(Task):
 
 class PrioritySort(Task):
     """See `level` vectors, each with a priority in [-1, 1] (channel `bits`), then a delimiter
-    (channel bits+1); output the vectors from the highest priority down.
+    (channel bits+1); output the vectors from the highest priority down: the first `outputs` of
+    them (the NTM paper sorts 20 and outputs 16), or all L when outputs is None or above L.
 
-    input [B, 2L+1, bits+2], output [B, 2L+1, bits]; level = L.
+    input [B, L+1+O, bits+2], output [B, L+1+O, bits], O = min(L, outputs); level = L.
     """
 
     name = "priority-sort"
 
-    def __init__(self, bits: int = 8, min_length: int = 1, max_length: int = 5) -> None:
+    def __init__(self, bits: int = 8, min_length: int = 1, max_length: int = 5, outputs: int | None = None) -> None:
         super().__init__(min_length, max_length)
+        if outputs is not None and (not isinstance(outputs, int) or outputs < 1):
+            raise ValueError(f"outputs must be a positive int or None (all); got {outputs!r}")
         self.bits = bits
+        self.outputs = outputs
         self.input_size = bits + 2
         self.output_size = bits
 
     def sample(self, batch_size: int, level: int, generator: torch.Generator) -> Batch:
         self._check_level(level)
         B, L, bits = batch_size, level, self.bits
+        O = L if self.outputs is None else min(L, self.outputs)
         sequence = random_bits(B, L, bits, generator)
         priority = torch.rand(B, L, generator=generator) * 2 - 1
-        order = priority.argsort(dim=1, descending=True)
-        inputs = torch.zeros(B, 2 * L + 1, bits + 2)
+        order = priority.argsort(dim=1, descending=True)[:, :O]
+        inputs = torch.zeros(B, L + 1 + O, bits + 2)
         inputs[:, :L, :bits] = sequence
         inputs[:, :L, bits] = priority
         inputs[:, L, bits + 1] = 1
-        targets = torch.zeros(B, 2 * L + 1, bits)
-        targets[:, L + 1 :] = sequence.gather(1, order.unsqueeze(-1).expand(B, L, bits))
-        mask = torch.zeros(B, 2 * L + 1, dtype=torch.bool)
+        targets = torch.zeros(B, L + 1 + O, bits)
+        targets[:, L + 1 :] = sequence.gather(1, order.unsqueeze(-1).expand(B, O, bits))
+        mask = torch.zeros(B, L + 1 + O, dtype=torch.bool)
         mask[:, L + 1 :] = True
         return Batch(inputs, targets, mask)
 

@@ -72,12 +72,29 @@ def test_associative_recall_answers_the_next_item():
         torch.testing.assert_close(answer[b], stored[b, position + 1])
 
 
-def test_priority_sort_orders_by_priority():
-    batch = PrioritySort(BITS).sample(3, 4, generator())
+@pytest.mark.parametrize(("outputs", "expected"), [(None, 4), (2, 2), (9, 4)])
+def test_priority_sort_orders_by_priority(outputs, expected):
+    batch = PrioritySort(BITS, outputs=outputs).sample(3, 4, generator())
+    assert batch.inputs.shape[1] == 4 + 1 + expected and batch.mask.sum(1).tolist() == [expected] * 3
     priority = batch.inputs[:, :4, BITS]
-    order = priority.argsort(dim=1, descending=True)
+    order = priority.argsort(dim=1, descending=True)[:, :expected]
     for b in range(3):
         torch.testing.assert_close(batch.targets[b, 5:], batch.inputs[b, order[b], :BITS])
+
+
+def test_repeat_copy_repeats_at_most_max_repeats():
+    task = RepeatCopy(BITS, max_repeats=7)
+    lengths = {task.sample(2, 3, generator(seed)).inputs.shape[1] for seed in range(40)}
+    assert lengths == {3 + 1 + n * 3 + 1 for n in range(1, 8)}
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: PrioritySort(BITS, outputs=0), "outputs must be a positive int"),
+    (lambda: RepeatCopy(BITS, max_repeats=0), "max_repeats must be a positive int"),
+])  # fmt: skip
+def test_task_options_out_of_range_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
 
 
 def test_bits_in_error_and_loss():

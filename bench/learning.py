@@ -1,0 +1,217 @@
+"""Steps to threshold over seeds: the NTM paper's tasks (copy, repeat copy, associative recall,
+priority sort) learned by the NTM and the DNC from seeds 0-4, and copy's error at lengths far
+past the ones it trained on (the NTM paper's generalisation figure).
+
+    python -m bench.learning                        # short: small sizes, each run capped at 3 minutes
+    python -m bench.learning --full                 # the NTM paper's sizes, each run capped at 30 minutes
+    python -m bench.learning --models dnc --tasks copy --seeds 0 1 --jobs 2
+
+Each run is `python -m sparsemem.train` in its own process (one thread, --jobs at once) with
+--time-budget as its cap, under --runs/<mode>-<model>-<task>-s<seed>: a folder whose run ended is
+read as it is, one with only a checkpoint is resumed (its budget adds up across sessions). A run
+that stops on its cap or its steps before its threshold (the mean bits in error per sequence over
+the last --window batches, at the top level) is a failure: the table gives the seeds that learned
+and the median and range of their steps to threshold. Copy runs that learned are then scored
+(`python -m sparsemem.evaluate --level L`) at longer sequences than they trained on. Writes
+bench/results/learning/<mode>.{json,md,png}.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import RESULTS, header, pyplot, run_trainings, save_figure, write_json, write_text
+
+MODES = {
+    # Small sizes: every run learns in seconds to minutes on one CPU thread (see
+    # bench/results/learning/README.md for the single-seed runs these settings come from).
+    "short": {
+        "minutes": 3.0,
+        "common": "--lr 1e-2 --batch-size 32 --no-curriculum --steps 3000",
+        "tasks": {
+            "copy": "--task copy",
+            "repeat-copy": "--task repeat-copy --max-level 3",
+            "associative-recall": "--task associative-recall --item-length 1 --max-level 6 --controller feedforward",
+            "priority-sort": "--task priority-sort --max-level 4",
+        },
+        "copy_levels": [5, 8, 12, 16, 24],
+    },
+    # The NTM paper's sizes (Graves et al. 2014, section 4): copy 1-20 scored to 120, repeat copy
+    # of 1-10 vectors 1-10 times, associative recall of 2-6 items of 3 vectors, priority sort of
+    # 20 vectors outputting the 16 of highest priority; 128 slots of 20, a curriculum.
+    "full": {
+        "minutes": 30.0,
+        "common": "--lr 1e-3 --batch-size 16 --curriculum --steps 100000000 --hidden-size 100 --slots 128 "
+        "--word-size 20",
+        "tasks": {
+            "copy": "--task copy --min-level 1 --max-level 20",
+            "repeat-copy": "--task repeat-copy --min-level 1 --max-level 10 --max-repeats 10",
+            "associative-recall": "--task associative-recall --min-level 2 --max-level 6 --item-length 3",
+            "priority-sort": "--task priority-sort --min-level 1 --max-level 20 --sort-outputs 16",
+        },
+        "copy_levels": [20, 40, 60, 80, 100, 120],
+    },
+}
+MODELS = ("ntm", "dnc")
+
+
+def read_run(out: Path) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    reached = summary.get("steps_to_threshold")
+    return {
+        "steps_to_threshold": reached,
+        "steps": summary["steps"],
+        "stopped_by": summary["stopped_by"],
+        "train_seconds": summary["train_seconds"],
+        "eval_bits_error": summary.get("eval_bits_error"),
+    }
+
+
+def row(runs: dict[str, dict]) -> dict:
+    """One (model, task): the seeds that learned, and the median and range of their steps."""
+    learned = [run["steps_to_threshold"] for run in runs.values() if run["steps_to_threshold"] is not None]
+    return {
+        "seeds": len(runs),
+        "learned": len(learned),
+        "median_steps": statistics.median(learned) if learned else None,
+        "min_steps": min(learned, default=None),
+        "max_steps": max(learned, default=None),
+        "median_train_seconds": statistics.median(run["train_seconds"] for run in runs.values()),
+    }
+
+
+def copy_errors(out: Path, levels: list[int]) -> dict[str, float]:
+    """Bits in error per sequence of a trained copy run at each level (sparsemem.evaluate,
+    its held-out episodes); kept in the run folder, so a second call reads them back."""
+    errors = {}
+    for level in levels:
+        path = out / f"evaluation-level-{level}.json"
+        if not path.is_file():
+            command = [sys.executable, "-m", "sparsemem.evaluate", str(out), "--level", str(level)]
+            subprocess.run([*command, "--out", str(path), "--quiet"], check=True, capture_output=True)
+        errors[str(level)] = json.loads(path.read_text())["bits_error_per_sequence"]
+    return errors
+
+
+def table(rows: dict[str, dict[str, dict]], minutes: float) -> str:
+    lines = [
+        f"| model | task | learned (of seeds, within {minutes:g} min) | steps to threshold: median | range |"
+        " median training time (s) |",
+        "|---|---|---|---:|---|---:|",
+    ]
+    for model, tasks in rows.items():
+        for task, result in tasks.items():
+            steps = "-" if result["median_steps"] is None else f"{result['median_steps']:g}"
+            span = "-" if result["min_steps"] is None else f"{result['min_steps']}-{result['max_steps']}"
+            lines.append(
+                f"| {model} | {task} | {result['learned']} / {result['seeds']} | {steps} | {span} | "
+                f"{result['median_train_seconds']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(copy: dict[str, dict[str, dict[str, float]]], trained_to: int, path: Path) -> None:
+    """Copy's bits in error per sequence against length, the median over the seeds that learned."""
+    plt = pyplot()
+    if plt is None or not any(copy.values()):
+        return
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    for model, seeds in copy.items():
+        if not seeds:
+            continue
+        levels = sorted({int(level) for errors in seeds.values() for level in errors})
+        medians = [statistics.median(errors[str(level)] for errors in seeds.values()) for level in levels]
+        axis.plot(levels, medians, marker="o", label=f"{model} ({len(seeds)} seeds)")
+    axis.axvline(trained_to, color="gray", ls="--", lw=1, label=f"longest trained: {trained_to}")
+    axis.set_xlabel("sequence length")
+    axis.set_ylabel("bits in error per sequence (median)")
+    axis.set_title("copy: lengths past training")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    save_figure(figure, path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench.learning", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="the NTM paper's sizes (default: short)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument(
+        "--tasks", nargs="+", choices=list(MODES["short"]["tasks"]), default=list(MODES["short"]["tasks"])
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--time-budget", type=float, help="minutes each run may train (default: 3 short, 30 full)")
+    parser.add_argument("--options", default="", help="more train options for every run (as one string)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each")
+    parser.add_argument("--runs", type=Path, default=Path("runs/learning"), help="the run folders' parent")
+    parser.add_argument("--results", type=Path, default=RESULTS / "learning", help="where the table goes")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be a positive integer; got {args.jobs}")
+    mode_name = "full" if args.full else "short"
+    mode = MODES[mode_name]
+    minutes = args.time_budget if args.time_budget is not None else mode["minutes"]
+    if minutes <= 0:
+        parser.error(f"--time-budget must be a number of minutes > 0; got {minutes}")
+    base = [*shlex.split(mode["common"]), "--threads", "1", "--time-budget", str(minutes), *shlex.split(args.options)]
+    runs = {}
+    for model in args.models:
+        for task in args.tasks:
+            for seed in args.seeds:
+                options = [*base, *shlex.split(mode["tasks"][task]), "--model", model, "--seed", str(seed)]
+                runs[(model, task, seed)] = (args.runs / f"{mode_name}-{model}-{task}-s{seed}", options)
+    load_before, started = os.getloadavg(), time.perf_counter()
+    run_trainings({"{} {} seed {}".format(*key): value for key, value in runs.items()}, minutes, args.jobs)
+
+    results = {key: read_run(out) for key, (out, _) in runs.items()}
+    rows = {
+        model: {task: row({str(s): results[(model, task, s)] for s in args.seeds}) for task in args.tasks}
+        for model in args.models
+    }
+    copy = {
+        model: {
+            str(seed): copy_errors(runs[(model, "copy", seed)][0], mode["copy_levels"])
+            for seed in args.seeds
+            if results[(model, "copy", seed)]["steps_to_threshold"] is not None
+        }
+        for model in args.models
+        if "copy" in args.tasks
+    }
+    config = {
+        "mode": mode_name,
+        "minutes_per_run": minutes,
+        "common": mode["common"],
+        "tasks": {task: mode["tasks"][task] for task in args.tasks},
+        "options": args.options,
+        "seeds": args.seeds,
+        "jobs": args.jobs,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    runs_out = {
+        f"{model} {task}": {str(s): results[(model, task, s)] for s in args.seeds}
+        for model in args.models
+        for task in args.tasks
+    }
+    result = header(config) | {"rows": rows, "runs": runs_out, "copy_bits_error_by_length": copy}
+    write_json(args.results / f"{mode_name}.json", result)
+    text = table(rows, minutes)
+    write_text(args.results / f"{mode_name}.md", text)
+    if "copy" in args.tasks:  # the longest copy trained on: the top level its runs were scored at
+        trained_to = max(
+            int(level) for model in args.models for level in results[(model, "copy", args.seeds[0])]["eval_bits_error"]
+        )
+        plot(copy, trained_to, args.results / f"{mode_name}.png")
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""bench/learning.py: seeds trained in parallel processes, failures counted as failures, the copy
+runs that learned scored at longer lengths, and a second call reading the ended runs back."""
+
+import json
+
+import pytest
+
+from bench import learning
+
+TINY = "--hidden-size 8 --slots 6 --word-size 4 --bits 3 --batch-size 4 --steps 2 --window 1"
+
+
+@pytest.mark.slow
+def test_seeds_are_tabled_with_failures_and_copy_scored_past_training(tmp_path, capsys):
+    args = ["--models", "dnc", "--seeds", "0", "1", "--jobs", "2", "--time-budget", "5"]
+    args += ["--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    # priority sort: a threshold no batch meets (bits in error < 0): both seeds fail
+    failed = learning.main([*args, "--tasks", "priority-sort", "--options", f"{TINY} --threshold 0"])
+    sort = failed["rows"]["dnc"]["priority-sort"]
+    assert sort == sort | {"seeds": 2, "learned": 0, "median_steps": None, "min_steps": None, "max_steps": None}
+    assert {run["stopped_by"] for run in failed["runs"]["dnc priority-sort"].values()} == {"steps"}
+    assert "| dnc | priority-sort | 0 / 2 | - | - |" in (tmp_path / "results" / "short.md").read_text()
+
+    # copy at its top level only, a threshold every batch meets: learned at step 1, then scored longer
+    copy_args = [*args, "--tasks", "copy", "--options", f"{TINY} --threshold 1000 --min-level 5"]
+    learned = learning.main(copy_args)
+    copy = learned["rows"]["dnc"]["copy"]
+    assert copy == copy | {"seeds": 2, "learned": 2, "median_steps": 1, "min_steps": 1, "max_steps": 1}
+    errors = learned["copy_bits_error_by_length"]["dnc"]
+    assert set(errors) == {"0", "1"} and list(errors["0"]) == [str(n) for n in learning.MODES["short"]["copy_levels"]]
+    assert all(value >= 0 for seed in errors.values() for value in seed.values())
+    assert "| dnc | copy | 2 / 2 | 1 | 1-1 |" in (tmp_path / "results" / "short.md").read_text()
+    assert json.loads((tmp_path / "results" / "short.json").read_text())["rows"] == learned["rows"]
+    assert (tmp_path / "results" / "short.png").read_bytes()[:4] == b"\x89PNG"
+
+    capsys.readouterr()
+    again = learning.main(copy_args)  # the runs ended: read back, not trained again
+    assert capsys.readouterr().out.count("read as it is") == 2 and again["rows"] == learned["rows"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [(["--jobs", "0"], "--jobs must be"), (["--time-budget", "0"], "> 0")])
+def test_bad_arguments_are_refused(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        learning.main(argv)
+    assert message in capsys.readouterr().err
