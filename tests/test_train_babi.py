@@ -141,18 +141,25 @@ def test_patience_stops_after_scores_without_a_better_one(tmp_path):
     assert summary["steps"] == 3 and summary["stopped_by"] == "patience" and summary["babi"]["best_step"] == 1
 
 
-def test_the_lstm_baseline_runs_a_padded_batch_as_each_row_alone():
+@pytest.mark.parametrize("lengths", [[6, 2, 4], [3, 3, 3], [1, 6, 1]])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_the_lstm_baseline_runs_a_padded_batch_as_each_row_alone(lengths, with_state):
     torch.manual_seed(0)
     model = LSTMModel(3, 5, 4).double()
-    x = torch.randn(3, 6, 3, dtype=torch.float64)
-    lengths = torch.tensor([6, 2, 4])
-    y, (h, c) = model(x, lengths=lengths)
+    x = torch.randn(3, 6, 3, dtype=torch.float64, requires_grad=True)
+    state = tuple(torch.randn(1, 3, 5, dtype=torch.float64) for _ in range(2)) if with_state else None
+    lengths = torch.tensor(lengths)
+    y, (h, c) = model(x, state, lengths=lengths)
+    (y.sum() + h.sum() + c.sum()).backward()
     for b, length in enumerate(lengths.tolist()):
-        alone, (h_b, c_b) = model(x[b : b + 1, :length])
+        x_b = x[b : b + 1, :length].detach().requires_grad_()
+        alone, (h_b, c_b) = model(x_b, None if state is None else tuple(s[:, b : b + 1] for s in state))
+        (alone.sum() + h_b.sum() + c_b.sum()).backward()
         torch.testing.assert_close(y[b, :length], alone[0], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(h[:, b], h_b[:, 0], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(c[:, b], c_b[:, 0], rtol=1e-10, atol=1e-10)
-        assert torch.all(y[b, length:] == 0)
+        torch.testing.assert_close(x.grad[b, :length], x_b.grad[0], rtol=1e-10, atol=1e-10)
+        assert torch.all(y[b, length:] == 0) and torch.all(x.grad[b, length:] == 0)
 
 
 @pytest.mark.parametrize(
