@@ -88,7 +88,8 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def save_figure(figure, path: Path, dpi: int) -> Path:
-    return _write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=dpi))
+    # bbox "tight": axis labels and legends outside the axes are kept, not cut at the figure's edge
+    return _write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=dpi, bbox_inches="tight"))
 
 
 # ---------------------------------------------------------------------------------------------
