@@ -33,6 +33,7 @@ from sparsemem.tasks import TASKS, Batch, KeyValueRecall, RepeatCopy, Task
 from sparsemem.train import (
     BABI,
     CHECKPOINT,
+    MODELS,
     SPARSE,
     Config,
     atomic_write,
@@ -89,6 +90,8 @@ def load_run(options: Options) -> tuple[Config, dict, Path]:
     if options.task is not None:
         changes["task"] = options.task
     if options.slots is not None:
+        if saved.model not in MODELS:
+            raise ValueError(f"--slots: a {saved.model} has no memory (only {', '.join(MODELS)} have one)")
         changes["num_slots"] = options.slots
     if options.index is not None:
         if saved.model not in SPARSE:

@@ -15,15 +15,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--steps", "4", "--batch-size", "4", "--hidden-size", "16", "--word-size", "8", "--no-progress"]
 KV_RUN = ["--model", "sam", "--task", "key-value-recall", "--max-level", "8", "--slots", "32", "--k", "4"]
 KV_RUN += ["--bptt", "16", "--final-queries", "4", *TINY]
+LSTM_KV_RUN = ["--model", "lstm", *KV_RUN[2:]]  # the baseline on the same task, --slots and --k unused
 COPY_RUN = ["--model", "dnc", "--task", "copy", "--slots", "8", "--bits", "4", "--max-level", "4", *TINY]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A SAM trained on key-value-recall and a DNC trained on copy, a few steps each, by the CLI."""
+    """A SAM and an LSTM trained on key-value-recall and a DNC trained on copy, a few steps each, by the CLI."""
     root = tmp_path_factory.mktemp("runs")
     threads = torch.get_num_threads()
-    for name, argv in (("sam-kv", KV_RUN), ("dnc-copy", COPY_RUN)):
+    for name, argv in (("sam-kv", KV_RUN), ("lstm-kv", LSTM_KV_RUN), ("dnc-copy", COPY_RUN)):
         assert train.main([*argv, "--out", str(root / name)]) == 0
     torch.set_num_threads(threads)
     return root
@@ -40,14 +41,15 @@ def run_cli(capsys, run, *argv) -> dict:
     return result
 
 
-def test_error_is_trains_final_query_error_at_the_same_level_and_seed(runs, capsys):
-    summary = json.loads((runs / "sam-kv" / train.SUMMARY).read_text())
+@pytest.mark.parametrize("run", ["sam-kv", "lstm-kv"])
+def test_error_is_trains_final_query_error_at_the_same_level_and_seed(runs, capsys, run):
+    summary = json.loads((runs / run / train.SUMMARY).read_text())
     for level in (2, 8):  # train scores each level on its own held-out batch (seed 1234, 32 episodes)
-        result = run_cli(capsys, runs / "sam-kv", "--level", str(level))
+        result = run_cli(capsys, runs / run, "--level", str(level))
         assert result["error"] == summary["final_query_error"][str(level)]
         assert result["answers_scored"] == 32 * 4 and result["bits_scored"] == 32 * 4 * 8
     # the bits error of train's first held-out level (its batches are drawn in turn from one generator)
-    result = run_cli(capsys, runs / "sam-kv", "--level", "2")
+    result = run_cli(capsys, runs / run, "--level", "2")
     assert result["bits_error_per_sequence"] == pytest.approx(summary["eval_bits_error"]["2"], rel=1e-6)
 
 
@@ -76,7 +78,9 @@ def test_answers_asks_for_enough_episodes(runs, capsys):
     assert run_cli(capsys, runs / "dnc-copy", "--answers", "9", "--level", "4")["episodes"] == 3  # 4 answers each
 
 
-@pytest.mark.parametrize(("run", "argv"), [("sam-kv", ["--level", "8"]), ("dnc-copy", ["--level", "4"])])
+@pytest.mark.parametrize(
+    ("run", "argv"), [("sam-kv", ["--level", "8"]), ("lstm-kv", ["--level", "8"]), ("dnc-copy", ["--level", "4"])]
+)
 def test_chunked_evaluation_gives_the_error_of_one_forward(runs, capsys, run, argv):
     whole = run_cli(capsys, runs / run, *argv, "--episodes", "4")
     chunked = run_cli(capsys, runs / run, *argv, "--episodes", "4", "--chunk", "3")
@@ -126,6 +130,8 @@ def test_a_model_whose_parameters_depend_on_the_slots_refuses_another_size(tmp_p
         ("sam-kv", ["--device", "tpu"], "--device must be cpu, cuda or cuda:INDEX; got 'tpu'"),
         ("dnc-copy", ["--index", "faiss-hnsw"], "--index: a dnc has no index (only sam and sdnc have one)"),
         ("dnc-copy", ["--task", "priority-sort"], "the dnc's parameters depend on the task's input or output size"),
+        ("lstm-kv", ["--slots", "64"], "--slots: a lstm has no memory (only dnc, ntm, sam, sdnc have one)"),
+        ("lstm-kv", ["--index", "exact"], "--index: a lstm has no index"),
         ("dnc-copy", ["--final-queries", "3"], "--final-queries is for --task key-value-recall only"),
         ("sam-kv", ["--final-queries", "0"], "--final-queries must be a positive integer"),
         ("sam-kv", ["--episodes", "0"], "--episodes must be a positive integer; got 0"),

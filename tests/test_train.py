@@ -40,7 +40,7 @@ TINY_ARGV += ["--bits", "3", "--max-level", "2", "--checkpoint-every", "3", "--l
 """A CLI run of a few milliseconds a step."""
 
 
-@pytest.mark.parametrize("model", ["dnc", "ntm"])
+@pytest.mark.parametrize("model", ["dnc", "ntm", "lstm"])
 def test_resume_continues_bit_exactly(tmp_path, capsys, model):
     straight = Trainer(tiny(tmp_path / "straight", model=model))
     straight.run(progress=False)
@@ -157,6 +157,15 @@ def test_cli_writes_metrics_checkpoint_and_plots(tmp_path, capsys):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_lstm_baseline_trains_on_an_algorithmic_task_without_a_memory_plot(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--model", "lstm", "--task", "copy", *TINY_ARGV, "--bptt", "2", "--out", str(out)]) == 0
+    assert "lstm on copy" in capsys.readouterr().out
+    assert {path.name for path in out.iterdir()} == {METRICS, CHECKPOINT, SUMMARY, "learning_curve.png"}
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["steps"] == 3 and set(summary["eval_bits_error"]) == {"1", "2"}
+
+
 @pytest.mark.parametrize("model", ["sam", "sdnc"])
 def test_cli_trains_the_sparse_models_and_reports_time_and_memory(tmp_path, capsys, model):
     out = tmp_path / model
@@ -234,6 +243,7 @@ def test_resume_refuses_to_change_the_model_the_task_or_the_data(tmp_path, capsy
         (["--steps", "-5"], "--steps must be a positive integer; got -5"),
         (["--steps", "1.5"], "argument --steps: invalid int value: '1.5'"),
         (["--window", "0"], "--window must be a positive integer"),
+        (["--curriculum-growth", "0.5"], "--curriculum-growth must be a number >= 1"),
         (["--checkpoint-every", "0"], "--checkpoint-every must be a positive integer"),
         (["--log-every", "0"], "--log-every must be a positive integer"),
         (["--threads", "0"], "--threads must be a positive integer"),

@@ -131,6 +131,21 @@ def test_curriculum_advances_on_mastery_and_round_trips():
     assert Curriculum(1, 3, enabled=False).level == 3
 
 
+def test_curriculum_growth_multiplies_the_top_level_up_to_the_highest():
+    curriculum = Curriculum(8, 40, threshold=0.5, window=2, growth=2)
+    levels = [curriculum.level]
+    while not curriculum.mastered:
+        for _ in range(2):
+            curriculum.update(curriculum.level, 0.0)
+        levels.append(curriculum.level)
+    assert levels == [8, 16, 32, 40, 40]
+    slow = Curriculum(1, 3, threshold=0.5, window=1, growth=1.2)  # ceil(1.2) = 2: never less than one up
+    slow.update(1, 0.0)
+    assert slow.level == 2
+    with pytest.raises(ValueError, match="growth must be a number >= 1; got 0.5"):
+        Curriculum(1, 3, growth=0.5)
+
+
 def test_bad_levels_are_named():
     with pytest.raises(ValueError, match="min_level <= max_level"):
         Copy(BITS, 4, 2)
