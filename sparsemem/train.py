@@ -118,7 +118,7 @@ class Config:
     each one does)."""
 
     model: str = _option(
-        "dnc", "the model; sam and sdnc are the sparse ones, lstm a plain nn.LSTM (the baseline: no memory)", MODEL_NAMES
+        "dnc", "the model; sam and sdnc are the sparse ones, lstm a plain nn.LSTM (no memory)", MODEL_NAMES
     )
     task: str = _option("copy", "the algorithmic task, or babi (needs --data-dir)", TASK_NAMES)
     steps: int = _option(2000, "train to this many steps (batches) in all, counting those before a --resume")

@@ -142,7 +142,7 @@ def test_curriculum_growth_multiplies_the_top_level_up_to_the_highest():
     slow = Curriculum(1, 3, threshold=0.5, window=1, growth=1.2)  # ceil(1.2) = 2: never less than one up
     slow.update(1, 0.0)
     assert slow.level == 2
-    with pytest.raises(ValueError, match="growth must be a number >= 1; got 0.5"):
+    with pytest.raises(ValueError, match=r"growth must be a number >= 1; got 0\.5"):
         Curriculum(1, 3, growth=0.5)
 
 
