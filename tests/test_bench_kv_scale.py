@@ -37,8 +37,10 @@ def test_the_grid_is_trained_scored_tabled_and_read_back(tmp_path, capsys):
 
 
 def test_cells_put_only_the_sparse_runs_at_other_sizes():
-    grid = kv_scale.cells(["sam-1024", "dnc-1024", "lstm"], [1024, 2**20], [1000])
-    assert grid == [("sam-1024", 1024, 1000), ("sam-1024", 2**20, 1000), ("dnc-1024", None, 1000), ("lstm", None, 1000)]
+    grid = kv_scale.cells(list(kv_scale.RUNS), [1024, 2**14, 2**20], [1000])
+    sam = [("sam-1024", n, 1000) for n in (1024, 2**14, 2**20)]
+    own = [("sam-1048576", None, 1000), ("sdnc-1024", 1024, 1000), ("sdnc-1024", 2**20, 1000)]
+    assert grid == [*sam, *own, ("dnc-1024", None, 1000), ("lstm", None, 1000)]
 
 
 @pytest.mark.parametrize(("argv", "message"), [(["--jobs", "0"], "--jobs must be"), (["--minutes", "0"], "positive")])
