@@ -230,18 +230,37 @@ class SAMMemory(Memory):
         """A fresh memory (every slot the initial word), or memory [B, N, W] (or [N, W], shared
         by the batch) with every row written. With requires_grad, memory receives a gradient."""
         initial_rows = self.initial_memory(batch, memory, device, dtype)
+        store = self.row_store(batch, self.num_slots, initial_rows, device, dtype)
+        usage = make_lru(batch, self.num_slots, store.initial_word.device, store.timeline)
+        return self.start_state(store, JournaledMemory(store, initial_rows), usage)
+
+    def row_store(
+        self,
+        batch: int,
+        num_slots: int,
+        initial_rows: Tensor | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> RowStore:
+        """num_slots rows of the initial word (or initial_rows [B, num_slots, W]) on a new timeline."""
         like = initial_rows if initial_rows is not None else self.initial_word
         word = self.initial_word.to(device=device or like.device, dtype=dtype or like.dtype)
-        store = RowStore(batch, self.num_slots, word, initial_rows, self.index)
-        store.timeline = timeline = Timeline()  # after the preload: it is every version's start
-        zeros = torch.zeros(batch, self.num_reads, self.k, dtype=word.dtype, device=word.device)
-        slots = torch.zeros(batch, self.num_reads, self.k, dtype=torch.int64, device=word.device)
-        return SAMState(
-            memory=JournaledMemory(store, initial_rows),
-            usage=make_lru(batch, self.num_slots, word.device, timeline),
+        store = RowStore(batch, num_slots, word, initial_rows, self.index)
+        store.timeline = Timeline()  # after the preload: it is every version's start
+        return store
+
+    def start_state(self, store: RowStore, memory: object, usage: LRU) -> SAMState:
+        """A state of self.state_type: `memory` and `usage`, views of `store` (on its timeline), with
+        nothing read or written yet, holding the timeline's head."""
+        B, word = store.batch, store.initial_word
+        zeros = torch.zeros(B, self.num_reads, self.k, dtype=word.dtype, device=word.device)
+        slots = torch.zeros(B, self.num_reads, self.k, dtype=torch.int64, device=word.device)
+        return self.state_type(
+            memory=memory,
+            usage=usage,
             read_weights=SparseWeights(slots, zeros),
             write_weights=SparseWeights(slots[:, 0, :1], zeros[:, 0, :1]),
-            version=timeline.hold(timeline.head),
+            version=store.timeline.hold(store.timeline.head),
         )
 
     def write(

@@ -34,7 +34,7 @@ from torch import Tensor
 from sparsemem.memory.journal import JournaledMemory
 from sparsemem.memory.lru import LRU, make_lru
 from sparsemem.memory.row_store import RowStore
-from sparsemem.memory.sam import SAMMemory, SAMState, SparseWeights
+from sparsemem.memory.sam import SAMMemory, SAMState
 from sparsemem.memory.sdnc import SDNCMemory, SDNCState
 from sparsemem.memory.shard import DEFAULT_TIMEOUT, ShardGroup, combine, replicate
 from sparsemem.memory.versions import Timeline
@@ -212,21 +212,12 @@ class ShardedSAMMemory(SAMMemory):
         sizes["K_L"] = getattr(self, "link_k", 0)
         sizes["preloaded"] = int(initial_rows is not None)
         shard.check_same("call init_state", sizes)
-        like = initial_rows if initial_rows is not None else self.initial_word
-        word = self.initial_word.to(device=device or like.device, dtype=dtype or like.dtype)
         if initial_rows is not None:  # its gradient, from each rank's slots, is summed over the ranks
             initial_rows = replicate(shard, initial_rows)[:, shard.start : shard.stop]
-        store = RowStore(batch, shard.local_slots, word, initial_rows, self.index)
-        store.timeline = timeline = Timeline()
-        zeros = torch.zeros(batch, self.num_reads, self.k, dtype=word.dtype, device=word.device)
-        slots = torch.zeros(batch, self.num_reads, self.k, dtype=torch.int64, device=word.device)
-        return ShardedSAMState(
-            memory=ShardedRows(JournaledMemory(store, initial_rows), ShardStore(store, shard)),
-            usage=ShardLRU(make_lru(batch, shard.local_slots, word.device, timeline), shard),
-            read_weights=SparseWeights(slots, zeros),
-            write_weights=SparseWeights(slots[:, 0, :1], zeros[:, 0, :1]),
-            version=timeline.hold(timeline.head),
-        )
+        store = self.row_store(batch, shard.local_slots, initial_rows, device, dtype)
+        memory = ShardedRows(JournaledMemory(store, initial_rows), ShardStore(store, shard))
+        usage = ShardLRU(make_lru(batch, shard.local_slots, store.initial_word.device, store.timeline), shard)
+        return self.start_state(store, memory, usage)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, P={self.shard.size}, slots {self.shard.start}..{self.shard.stop - 1} here"
