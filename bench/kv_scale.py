@@ -17,6 +17,7 @@ bench/results/learning/kv-scale.{json,md,png} and kv-scale-curves.png (the learn
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -130,6 +131,12 @@ def plot_errors(results: dict, pairs: list[int], path: Path) -> None:
     save_figure(figure, path, dpi=120)
 
 
+def smooth(values: list[float], window: int = 10) -> list[float]:
+    """The mean of each value and the window - 1 before it (a batch's error is noisy: levels are drawn)."""
+    sums = [0.0, *itertools.accumulate(values)]
+    return [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(values))]
+
+
 def plot_curves(root: Path, runs: list[str], path: Path) -> None:
     """Bits in error per sequence against training minutes, and the curriculum's top level."""
     plt = pyplot()
@@ -141,11 +148,11 @@ def plot_curves(root: Path, runs: list[str], path: Path) -> None:
             seconds += record["step_seconds"] * (record["step"] - previous)
             previous = record["step"]
             minutes.append(seconds / 60)
-        errors.plot(minutes, [r["bits_error"] for r in metrics], lw=1, label=run)
+        errors.plot(minutes, smooth([r["bits_error"] for r in metrics]), lw=1, label=run)
         levels.plot(minutes, [r["top_level"] for r in metrics], lw=1.5, label=run)
     errors.set_yscale("symlog", linthresh=0.1)
     errors.set_xlabel("training minutes (from the logged step times)")
-    errors.set_ylabel("bits wrong per episode (batch)")
+    errors.set_ylabel("bits wrong per episode (mean of 10 logged batches)")
     levels.set_xlabel("training minutes (from the logged step times)")
     levels.set_ylabel("curriculum's top level (pairs)")
     levels.set_yscale("log", base=2)

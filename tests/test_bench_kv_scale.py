@@ -36,6 +36,10 @@ def test_the_grid_is_trained_scored_tabled_and_read_back(tmp_path, capsys):
     assert capsys.readouterr().out.count("read as it is") == 2 and again["runs"] == results["runs"]
 
 
+def test_smooth_is_a_trailing_mean():
+    assert kv_scale.smooth([1, 3, 5, 7], window=2) == [1, 2, 4, 6]
+
+
 def test_cells_put_only_the_sparse_runs_at_other_sizes():
     grid = kv_scale.cells(list(kv_scale.RUNS), [1024, 2**14, 2**20], [1000])
     sam = [("sam-1024", n, 1000) for n in (1024, 2**14, 2**20)]
