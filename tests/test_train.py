@@ -184,6 +184,20 @@ def test_cli_trains_the_sparse_models_and_reports_time_and_memory(tmp_path, caps
     assert state["interface.weight"].shape[0] == {"sam": 2 * 4 + 2 + 4 + 2, "sdnc": 2 * 4 + 2 + 4 + 2 + 3 * 2}[model]
 
 
+def test_sam_trains_alike_with_a_memory_of_any_size_that_holds_its_episodes(tmp_path):
+    # bench/results/learning/kv-scale: N = 2^20 followed N = 2^10 bit for bit (the LRU picks the same
+    # slots, the index finds the same rows); here N = 64 against N = 2^13, past the blocked LRU's 2^12
+    weights = []
+    for num_slots in (64, 2**13):
+        config = tiny(tmp_path / str(num_slots), model="sam", task="key-value-recall", min_level=6, max_level=6)
+        config = dataclasses.replace(config, key_bits=6, final_queries=3, num_slots=num_slots, k=4, steps=3)
+        trainer = Trainer(config)
+        trainer.run(progress=False)
+        weights.append(trainer.model.state_dict())
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+
+
 def test_truncated_bptt_updates_once_per_window_and_scores_the_final_queries(tmp_path):
     # 8 pairs, a query after every 2 stores, 3 final queries: T = 8 + 4 + 3 = 15 steps, queries
     # at steps 2, 5, 8, 11, 12, 13, 14, so each window of 4 steps holds one: 4 updates a batch
