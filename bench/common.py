@@ -262,6 +262,18 @@ def run_module(module: str, args: list[str], env: dict[str, str] | None = None) 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def evaluate_once(run: Path, out: Path, options: list[str]) -> dict:
+    """`python -m sparsemem.evaluate run options --out out`, unless `out` already holds its JSON
+    (an interrupted table goes on where it stopped) -> that JSON. A failed evaluation raises with
+    its errors."""
+    if not out.is_file():
+        command = [sys.executable, "-m", "sparsemem.evaluate", str(run), *options, "--out", str(out), "--quiet"]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError(f"{shlex.join(command)} failed:\n{done.stderr[-2000:]}")
+    return json.loads(out.read_text())
+
+
 TRAIN_COMMANDS = "commands.txt"
 """In each training run's folder: every command that trained it, one a line (the first, then the resumes)."""
 

@@ -22,13 +22,21 @@ import json
 import math
 import os
 import shlex
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import RESULTS, header, log2_label, pyplot, run_trainings, save_figure, write_json, write_text
+from bench.common import (
+    RESULTS,
+    evaluate_once,
+    header,
+    log2_label,
+    pyplot,
+    run_trainings,
+    save_figure,
+    write_json,
+    write_text,
+)
 
 COMMON = (
     "--task key-value-recall --key-bits 64 --min-level 8 --max-level 128 --curriculum-growth 2 --window 5 "
@@ -68,16 +76,11 @@ def cells(runs: list[str], slots: list[int], pairs: list[int]) -> list[tuple[str
 def evaluate_cell(root: Path, run: str, num_slots: int | None, pairs: int, answers: int, batch_size: int) -> dict:
     """`python -m sparsemem.evaluate` of one cell, its JSON read back (computed once: kept under
     root/evaluations)."""
+    options = ["--level", str(pairs), "--final-queries", str(math.ceil(answers / batch_size))]
+    options += ["--episodes", str(batch_size), "--batch-size", str(batch_size)]
+    options += ["--slots", str(num_slots)] if num_slots is not None else []
     out = root / "evaluations" / f"{run}-N{num_slots or 'run'}-P{pairs}.json"
-    if not out.is_file():
-        command = [sys.executable, "-m", "sparsemem.evaluate", str(root / run), "--level", str(pairs), "--quiet"]
-        command += ["--final-queries", str(math.ceil(answers / batch_size)), "--episodes", str(batch_size)]
-        command += ["--batch-size", str(batch_size), "--out", str(out)]
-        command += ["--slots", str(num_slots)] if num_slots is not None else []
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise RuntimeError(f"{shlex.join(command)} failed:\n{done.stderr[-2000:]}")
-    result = json.loads(out.read_text())
+    result = evaluate_once(root / run, out, options)
     print(f"{run} N={result['slots']} pairs={pairs}: error {result['error']:.4f}", flush=True)
     return result
 
@@ -102,7 +105,7 @@ def table(results: dict, pairs: list[int], minutes: float) -> str:
         reached = train["steps_to_threshold"]
         steps = f"{train['steps']:,} ({reached:,})" if reached is not None else f"{train['steps']:,} (not reached)"
         for size, row in entry["errors"].items():
-            errors = " | ".join(f"{100 * row[str(p)]:.1f}%" if str(p) in row else "" for p in pairs)
+            errors = " | ".join(f"{100 * row[str(p)]:.1f}%" for p in pairs)
             trained = entry["trained_slots"]
             shown = "none" if trained is None else log2_label(int(size))
             lines.append(
@@ -117,9 +120,7 @@ def plot_errors(results: dict, pairs: list[int], path: Path) -> None:
     styles = {"sam": "-", "sdnc": "--", "dnc": ":", "lstm": "-."}
     for run, entry in results["runs"].items():
         for size, row in entry["errors"].items():
-            points = [(p, 100 * row[str(p)]) for p in pairs if str(p) in row]
-            if not points:
-                continue
+            points = [(p, 100 * row[str(p)]) for p in pairs]
             label = f"{run}, N={log2_label(int(size))}" if entry["trained_slots"] is not None else run
             axis.plot(*zip(*points, strict=True), styles[model_of(run)], marker="o", label=label)
     axis.axhline(50, color="gray", lw=1, ls=":", label="chance")

@@ -21,12 +21,10 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, header, pyplot, run_trainings, save_figure, write_json, write_text
+from bench.common import RESULTS, evaluate_once, header, pyplot, run_trainings, save_figure, write_json, write_text
 
 MODES = {
     # Small sizes: every run learns in seconds to minutes on one CPU thread (see
@@ -91,11 +89,8 @@ def copy_errors(out: Path, levels: list[int]) -> dict[str, float]:
     its held-out episodes); kept in the run folder, so a second call reads them back."""
     errors = {}
     for level in levels:
-        path = out / f"evaluation-level-{level}.json"
-        if not path.is_file():
-            command = [sys.executable, "-m", "sparsemem.evaluate", str(out), "--level", str(level)]
-            subprocess.run([*command, "--out", str(path), "--quiet"], check=True, capture_output=True)
-        errors[str(level)] = json.loads(path.read_text())["bits_error_per_sequence"]
+        result = evaluate_once(out, out / f"evaluation-level-{level}.json", ["--level", str(level)])
+        errors[str(level)] = result["bits_error_per_sequence"]
     return errors
 
 
