@@ -35,7 +35,8 @@ MODES = {
         "tasks": {
             "copy": "--task copy",
             "repeat-copy": "--task repeat-copy --max-level 3",
-            "associative-recall": "--task associative-recall --item-length 1 --max-level 6 --controller feedforward",
+            "associative-recall": "--task associative-recall --item-length 1 --max-level 6 --controller feedforward "
+            "--hidden-size 128",
             "priority-sort": "--task priority-sort --max-level 4",
         },
         "copy_levels": [5, 8, 12, 16, 24],

@@ -1,10 +1,10 @@
 """Learning tests: real training, seeded, on CPU, each well under a minute of CPU time.
 
-Each is paired with an ablation: the same model, settings and step budget with the reads
-zeroed (tests/models/ablation.py), which must not reach the threshold. With an LSTM
-controller the ablation is an LSTM alone, which does not learn copy up to length 5 in the
-budget; with the feed-forward controller of the recall test nothing crosses time steps
-except through the memory, so the ablation stays at chance (4 bits of an 8-bit answer).
+Each is paired with an ablation: the same model and settings with the reads zeroed
+(tests/models/ablation.py), which must not reach the threshold. With an LSTM controller the
+ablation is an LSTM alone, which does not learn copy up to length 5 in the same step budget;
+with the feed-forward controller of the recall test nothing crosses time steps except through
+the memory, so the ablation stays at chance (4 bits of an 8-bit answer) at any budget.
 If the memory were broken, the model would be its ablation and the first test would fail.
 """
 
@@ -36,12 +36,18 @@ RECALL = dict(
     bits=8,
     item_length=1,
     max_level=6,
-    hidden_size=64,
+    hidden_size=128,
     num_slots=16,
     word_size=16,
     num_reads=1,
-    steps=1000,
+    steps=3000,
 )
+"""Hidden 128 with DNCMemory.init_interface_bias: seeds 0-4 within 3000 steps, where hidden 64 and
+a zero interface bias learned 2 of 5 within 2000 (bench/results/learning/README.md)."""
+RECALL_ABLATION, CHANCE = RECALL | dict(steps=500), 3
+"""With the reads zeroed the feed-forward model's output at a query depends on that step's input alone,
+which says nothing of the value asked for: no budget takes it below chance (4 bits of the 8-bit
+answer), so a short one shows it."""
 
 
 def train(tmp_path, ablate: bool, **options) -> tuple[Trainer, float, dict[int, float]]:
@@ -82,5 +88,5 @@ def test_dnc_learns_associative_recall(tmp_path):
 
 
 def test_associative_recall_is_not_learned_without_reads(tmp_path):
-    _, error, per_level = train(tmp_path, ablate=True, **RECALL)
-    assert error > 3, per_level  # chance: 4 bits of the 8-bit answer
+    _, error, per_level = train(tmp_path, ablate=True, **RECALL_ABLATION)
+    assert error > CHANCE, per_level

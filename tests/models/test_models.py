@@ -110,6 +110,19 @@ def test_dnc_state_reset_covers_links_and_usage():
         torch.testing.assert_close(getattr(reset, name)[~mask], getattr(state.access, name)[~mask])
 
 
+def test_dnc_starts_writing_to_free_slots_and_keeping_them():
+    # DNCMemory.init_interface_bias: the gates an untrained controller (zero interface output) gets
+    model = sm.DNC(5, 8, num_slots=7, word_size=3, num_reads=2)
+    gates = model.memory.split_interface(model.interface.bias.detach().unsqueeze(0))
+    sigmoid3 = torch.sigmoid(torch.tensor(3.0))
+    torch.testing.assert_close(gates.allocation_gate, sigmoid3.expand(1, 1))
+    torch.testing.assert_close(gates.write_gate, sigmoid3.expand(1, 1))
+    torch.testing.assert_close(gates.free_gates, (1 - sigmoid3).expand(1, 2))
+    torch.testing.assert_close(gates.read_modes[0], torch.softmax(torch.tensor([-3.0, 0, 0]), 0).expand(2, 3))
+    # the keys, strengths, erase and write vector keep the Linear's own init
+    assert model.interface.bias[: 2 * 3 + 2 + 3 * 3 + 1].abs().max() < 1
+
+
 @pytest.mark.parametrize("model_cls", MODELS)
 def test_preloaded_memory(model_cls):
     model = make(model_cls)
