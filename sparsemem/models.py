@@ -278,7 +278,6 @@ class DNC(MemoryModel):
     ) -> None:
         memory = DNCMemory(num_slots, word_size, num_reads)
         super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first)
-        memory.init_interface_bias(self.interface.bias)  # write to free slots, keep them (see there)
 
 
 class NTM(MemoryModel):

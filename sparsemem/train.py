@@ -96,6 +96,7 @@ TASK_NAMES = (*TASKS, BABI)
 """--task: the algorithmic tasks, and babi (the bAbI question answering, read from --data-dir)."""
 
 CONTROLLERS = ("lstm", "feedforward")
+INTERFACE_INITS = ("linear", "new-slot")
 """--controller: an LSTM cell (the default), or Linear + tanh with no state of its own."""
 
 PLOT_SLOTS, PLOT_STEPS = 256, 200
@@ -135,6 +136,14 @@ class Config:
     k: int = _option(8, "sam, sdnc: slots read per head (K)")
     index: str = _option("exact", "sam, sdnc: the nearest-neighbour index", INDEXES)
     link_k: int = _option(8, "sdnc: link entries kept per row (K_L)")
+    interface_init: str = _option(
+        "linear",
+        "dnc, ntm: the interface layer's starting bias: the Linear's own, or new-slot (each step writes "
+        "a slot of its own: the DNC to free slots, freeing nothing, reading by content or forward; the NTM "
+        "moving its write head one slot on; their memory's init_interface_bias. sam and sdnc always start "
+        "with SAMMemory's)",
+        INTERFACE_INITS,
+    )
     bits: int = _option(8, "bits per vector of the task")
     item_length: int = _option(3, "associative-recall: vectors per item")
     max_repeats: int = _option(3, "repeat-copy: the most repeats asked for (drawn in [1, this] per batch)")
@@ -263,7 +272,7 @@ def _sequence_model(config: Config, input_size: int, output_size: int) -> "Memor
     sparse = {"k": config.k, "index": config.index} if config.model in SPARSE else {}
     if config.model == "sdnc":
         sparse["link_k"] = config.link_k
-    return MODELS[config.model](
+    model = MODELS[config.model](
         input_size,
         config.hidden_size,
         num_slots=config.num_slots,
@@ -273,6 +282,9 @@ def _sequence_model(config: Config, input_size: int, output_size: int) -> "Memor
         controller=controller,
         **sparse,
     )
+    if config.interface_init == "new-slot":
+        model.memory.init_interface_bias(model.interface.bias)
+    return model
 
 
 class LSTMState(NamedTuple):
@@ -1266,6 +1278,13 @@ def check_config(config: Config) -> None:
     for name, valid, expected in rules:
         if not valid:
             raise ValueError(f"{_flag(name)} must be {expected}; got {getattr(config, name)!r}")
+    if config.interface_init not in INTERFACE_INITS:
+        raise ValueError(f"--interface-init must be one of {list(INTERFACE_INITS)}; got {config.interface_init!r}")
+    if config.interface_init != "linear" and config.model not in ("dnc", "ntm"):
+        raise ValueError(
+            f"--interface-init {config.interface_init} is for --model dnc or ntm; got --model {config.model}"
+            + (" (sam and sdnc always start with SAMMemory.init_interface_bias)" if config.model in SPARSE else "")
+        )
     check_device(config.device)
     world_size = distributed.launched_world_size()
     if config.batch_size < world_size:

@@ -38,6 +38,17 @@ def test_seeds_are_tabled_with_failures_and_copy_scored_past_training(tmp_path, 
     assert capsys.readouterr().out.count("read as it is") == 2 and again["rows"] == learned["rows"]
 
 
+def test_a_models_own_task_options_come_last(tmp_path):
+    # short mode: the DNC's recall at hidden 128 (model_tasks) over --options' hidden 8; the NTM's at 64
+    args = ["--seeds", "0", "--tasks", "associative-recall", "--options", f"{TINY} --item-length 1"]
+    result = learning.main([*args, "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
+    for model, hidden in (("dnc", 128), ("ntm", 8)):
+        summary = json.loads((tmp_path / "runs" / f"short-{model}-associative-recall-s0" / "summary.json").read_text())
+        assert summary["config"]["hidden_size"] == hidden
+        assert summary["config"]["interface_init"] == "new-slot"
+    assert result["config"]["model_tasks"] == {"dnc associative-recall": "--hidden-size 128"}
+
+
 @pytest.mark.parametrize(("argv", "message"), [(["--jobs", "0"], "--jobs must be"), (["--time-budget", "0"], "> 0")])
 def test_bad_arguments_are_refused(capsys, argv, message):
     with pytest.raises(SystemExit):

@@ -184,6 +184,19 @@ def test_cli_trains_the_sparse_models_and_reports_time_and_memory(tmp_path, caps
     assert state["interface.weight"].shape[0] == {"sam": 2 * 4 + 2 + 4 + 2, "sdnc": 2 * 4 + 2 + 4 + 2 + 3 * 2}[model]
 
 
+@pytest.mark.parametrize("model_name", ["dnc", "ntm"])
+@pytest.mark.parametrize("interface_init", ["linear", "new-slot"])
+def test_interface_init_sets_the_interface_bias(model_name, interface_init):
+    config = Config(model=model_name, interface_init=interface_init, num_reads=2)
+    torch.manual_seed(0)
+    model = train.make_model(config, train.make_task(config))
+    torch.manual_seed(0)
+    expected = train.make_model(Config(model=model_name, num_reads=2), train.make_task(config))
+    if interface_init == "new-slot":
+        expected.memory.init_interface_bias(expected.interface.bias)
+    assert torch.equal(model.interface.bias, expected.interface.bias)
+
+
 def test_sam_trains_alike_with_a_memory_of_any_size_that_holds_its_episodes(tmp_path):
     # bench/results/learning/kv-scale: N = 2^20 followed N = 2^10 bit for bit (the LRU picks the same
     # slots, the index finds the same rows); here N = 64 against N = 2^13, past the blocked LRU's 2^12
@@ -269,6 +282,15 @@ def test_resume_refuses_to_change_the_model_the_task_or_the_data(tmp_path, capsy
         (["--task", "sorting"], "argument --task: invalid choice: 'sorting'"),
         (["--controller", "gru"], "argument --controller: invalid choice: 'gru'"),
         (["--index", "lsh"], "argument --index: invalid choice: 'lsh'"),
+        (["--interface-init", "zero"], "argument --interface-init: invalid choice: 'zero'"),
+        (
+            ["--model", "sam", "--interface-init", "new-slot"],
+            "--interface-init new-slot is for --model dnc or ntm.*sam",
+        ),
+        (
+            ["--model", "lstm", "--interface-init", "new-slot"],
+            "--interface-init new-slot is for --model dnc or ntm; got",
+        ),
         (["--device", "tpu"], "--device must be cpu, cuda or cuda:INDEX; got 'tpu'"),
         (["--device", "cuda:x"], "--device must be cpu, cuda or cuda:INDEX; got 'cuda:x'"),
         (["--device", "cuda:99"], "--device cuda:99: "),

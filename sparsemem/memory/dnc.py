@@ -121,8 +121,10 @@ class DNCMemory(Memory):
         Why: at 0.5 half of each write is blended into the slots last written by content, and
         half of what was read is freed at every step, so early in training the items stored
         overwrite each other; with this start DNC associative recall (feed-forward controller,
-        hidden 128) learned on seeds 0-4 where the zero bias learned on 2 of them
-        (bench/results/learning/README.md)."""
+        hidden 128) learned on seeds 0-4 where the Linear's own bias learned on 2 of them
+        (bench/results/learning/README.md). Not sm.DNC's default: a stream longer than N needs
+        the slots freed, and examples/memory_layer.py tags no better than a constant guess with
+        it (`python -m sparsemem.train --interface-init new-slot` applies it)."""
         R, W = self.num_reads, self.word_size
         free = R * W + R + 3 * W + 1  # after read keys and strengths, write key and strength, erase, write vector
         with torch.no_grad():

@@ -49,8 +49,13 @@ RUNS = {
         for model, options in dense.COPY_MODEL.items()
         for ablate in (False, True)
     },
-    "dnc recall": _task_run("dnc", dense.RECALL, False),
-    "dnc recall, reads zeroed": _task_run("dnc", dense.RECALL_ABLATION, True, dense.CHANCE),
+    **{
+        f"{model} recall{', reads zeroed' if ablate else ''}": _task_run(
+            model, dense.RECALL | options | (dense.RECALL_ABLATION if ablate else {}), ablate, dense.CHANCE
+        )
+        for model, options in dense.RECALL_MODEL.items()
+        for ablate in (False, True)
+    },
     "sam recall (loss)": _sparse_recall(False),
     "sam recall, reads zeroed (loss)": _sparse_recall(True),
     **{

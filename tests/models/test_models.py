@@ -110,9 +110,12 @@ def test_dnc_state_reset_covers_links_and_usage():
         torch.testing.assert_close(getattr(reset, name)[~mask], getattr(state.access, name)[~mask])
 
 
-def test_dnc_starts_writing_to_free_slots_and_keeping_them():
-    # DNCMemory.init_interface_bias: the gates an untrained controller (zero interface output) gets
+def test_dnc_interface_init_writes_to_free_slots_and_keeps_them():
+    # DNCMemory.init_interface_bias (train's --interface-init new-slot): the gates an untrained
+    # controller (zero interface output) gets
     model = sm.DNC(5, 8, num_slots=7, word_size=3, num_reads=2)
+    default = model.interface.bias.detach().clone()
+    model.memory.init_interface_bias(model.interface.bias)
     gates = model.memory.split_interface(model.interface.bias.detach().unsqueeze(0))
     sigmoid3 = torch.sigmoid(torch.tensor(3.0))
     torch.testing.assert_close(gates.allocation_gate, sigmoid3.expand(1, 1))
@@ -120,7 +123,24 @@ def test_dnc_starts_writing_to_free_slots_and_keeping_them():
     torch.testing.assert_close(gates.free_gates, (1 - sigmoid3).expand(1, 2))
     torch.testing.assert_close(gates.read_modes[0], torch.softmax(torch.tensor([-3.0, 0, 0]), 0).expand(2, 3))
     # the keys, strengths, erase and write vector keep the Linear's own init
-    assert model.interface.bias[: 2 * 3 + 2 + 3 * 3 + 1].abs().max() < 1
+    kept = 2 * 3 + 2 + 3 * 3 + 1
+    assert torch.equal(model.interface.bias[:kept], default[:kept])
+
+
+def test_ntm_interface_init_moves_the_write_head_one_slot_on():
+    # NTMMemory.init_interface_bias (train's --interface-init new-slot)
+    model = sm.NTM(5, 8, num_slots=7, word_size=3, num_reads=2, shift_range=5)
+    default = model.interface.bias.detach().clone()
+    model.memory.init_interface_bias(model.interface.bias)
+    heads = model.memory.split_interface(model.interface.bias.detach().unsqueeze(0))
+    write = heads.write
+    torch.testing.assert_close(write.gate, torch.sigmoid(torch.tensor([[-3.0]])))
+    torch.testing.assert_close(write.shift[0, 0], torch.softmax(torch.tensor([0.0, 0, 0, 3, 0]), 0))  # offsets -2..2
+    torch.testing.assert_close(write.sharpen, 1 + torch.nn.functional.softplus(torch.tensor([[3.0]])))
+    reads = 2 * (3 + 5 + 3)
+    assert torch.equal(model.interface.bias[:reads], default[:reads])
+    with pytest.raises(ValueError, match="needs S >= 3"):
+        sm.NTM(5, 8, shift_range=1).memory.init_interface_bias(default)
 
 
 @pytest.mark.parametrize("model_cls", MODELS)
