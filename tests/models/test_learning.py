@@ -28,7 +28,7 @@ TRAINING = dict(lr=1e-2, batch_size=32, curriculum=False, threshold=THRESHOLD, w
 COPY = dict(task="copy", bits=8, max_level=5, hidden_size=64, num_slots=16, word_size=16, num_reads=1, steps=800)
 COPY_MODEL = {"dnc": {}, "ntm": dict(lr=5e-3, steps=1200, interface_init="new-slot")}
 """Per model: the NTM at lr 1e-2 missed 800 steps (and 1600) on seed 1; at 5e-3 with its write head
-moving one slot on (--interface-init new-slot) it masters seeds 0-4 in 369-687 steps (714-923 without;
+moving one slot on (--interface-init new-slot) it masters seeds 0-4 in 369-687 steps (503-923 without;
 tests/models/learning_seeds.py)."""
 RECALL = dict(
     task="associative-recall",
