@@ -96,8 +96,10 @@ TASK_NAMES = (*TASKS, BABI)
 """--task: the algorithmic tasks, and babi (the bAbI question answering, read from --data-dir)."""
 
 CONTROLLERS = ("lstm", "feedforward")
-INTERFACE_INITS = ("linear", "new-slot")
 """--controller: an LSTM cell (the default), or Linear + tanh with no state of its own."""
+
+INTERFACE_INITS = ("linear", "new-slot")
+"""--interface-init: the Linear's own bias, or the memory's init_interface_bias (dnc, ntm)."""
 
 PLOT_SLOTS, PLOT_STEPS = 256, 200
 """The memory access plot shows at most these many slots and time steps."""

@@ -38,15 +38,18 @@ def test_seeds_are_tabled_with_failures_and_copy_scored_past_training(tmp_path, 
     assert capsys.readouterr().out.count("read as it is") == 2 and again["rows"] == learned["rows"]
 
 
-def test_a_models_own_task_options_come_last(tmp_path):
-    # short mode: the DNC's recall at hidden 128 (model_tasks) over --options' hidden 8; the NTM's at 64
-    args = ["--seeds", "0", "--tasks", "associative-recall", "--options", f"{TINY} --item-length 1"]
+def test_a_models_own_task_options_apply_and_options_override_them(tmp_path):
+    # short mode: the DNC's recall at hidden 128 (model_tasks), the NTM's at the default 64; --options
+    # come last (its --steps 2 over priority sort's uncapped steps, --slots 6 over the default)
+    tiny = TINY.replace("--hidden-size 8 ", "")
+    args = ["--seeds", "0", "--tasks", "associative-recall", "priority-sort", "--options", f"{tiny} --item-length 1"]
     result = learning.main([*args, "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
-    for model, hidden in (("dnc", 128), ("ntm", 8)):
+    for model, hidden in (("dnc", 128), ("ntm", 64)):
         summary = json.loads((tmp_path / "runs" / f"short-{model}-associative-recall-s0" / "summary.json").read_text())
         assert summary["config"]["hidden_size"] == hidden
-        assert summary["config"]["interface_init"] == "new-slot"
+        assert summary["config"]["interface_init"] == "new-slot" and summary["config"]["num_slots"] == 6
     assert result["config"]["model_tasks"] == {"dnc associative-recall": "--hidden-size 128"}
+    assert {run["steps"] for run in result["runs"]["dnc priority-sort"].values()} == {2}
 
 
 @pytest.mark.parametrize(("argv", "message"), [(["--jobs", "0"], "--jobs must be"), (["--time-budget", "0"], "> 0")])
