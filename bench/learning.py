@@ -47,9 +47,11 @@ MODES = {
     # The NTM paper's sizes (Graves et al. 2014, section 4): copy 1-20 scored to 120, repeat copy
     # of 1-10 vectors 1-10 times, associative recall of 2-6 items of 3 vectors, priority sort of
     # 20 vectors outputting the 16 of highest priority; 128 slots of 20, a curriculum.
+    # lr 1e-2 as the short mode: the DNC learned copy 1-20 in 5,115 steps (325 s) where at 1e-3 its
+    # curriculum reached length 7 in 30 minutes (seed 0)
     "full": {
         "minutes": 30.0,
-        "common": "--lr 1e-3 --batch-size 16 --curriculum --steps 100000000 --hidden-size 100 --slots 128 "
+        "common": "--lr 1e-2 --batch-size 16 --curriculum --steps 100000000 --hidden-size 100 --slots 128 "
         "--word-size 20 --interface-init new-slot",
         "tasks": {
             "copy": "--task copy --min-level 1 --max-level 20",
