@@ -40,18 +40,20 @@ from bench.common import (
 
 COMMON = (
     "--task key-value-recall --key-bits 64 --min-level 8 --max-level 128 --curriculum-growth 2 --window 5 "
-    "--controller feedforward --hidden-size 128 --word-size 64 --num-reads 1 --lr 3e-3 --batch-size 16 "
-    "--steps 1000000 --seed 0"
+    "--hidden-size 128 --lr 3e-3 --batch-size 16 --steps 1000000 --seed 0"
 )
 """Every run's options. 64-bit keys: among 100,000 random 32-bit keys the nearest other key is ~4 bits
-away, among 64-bit ones ~15 (a sharper read is not what this measures). The feed-forward controller
-carries nothing across time steps but the memory, so what a run learns at 128 pairs holds at 100,000."""
+away, among 64-bit ones ~15 (a sharper read is not what this measures)."""
+
+MEMORY = "--controller feedforward --word-size 64 --num-reads 1"
+"""The memory models' options. The feed-forward controller carries nothing across time steps but
+the memory, so what a run learns at 128 pairs holds at 100,000."""
 
 RUNS = {
-    "sam-1024": ("--model sam --slots 1024 --k 8", "all"),
-    "sam-1048576": ("--model sam --slots 1048576 --k 8", "own"),
-    "sdnc-1024": ("--model sdnc --slots 1024 --k 8", "ends"),
-    "dnc-1024": ("--model dnc --slots 1024", "own"),
+    "sam-1024": (f"--model sam --slots 1024 --k 8 {MEMORY}", "all"),
+    "sam-1048576": (f"--model sam --slots 1048576 --k 8 {MEMORY}", "own"),
+    "sdnc-1024": (f"--model sdnc --slots 1024 --k 8 {MEMORY}", "ends"),
+    "dnc-1024": (f"--model dnc --slots 1024 {MEMORY}", "own"),
     "lstm": ("--model lstm", "own"),
 }
 """The runs by name: (their options, the N they are scored at: all of --slots, its smallest and
@@ -180,8 +182,11 @@ def main(argv: list[str] | None = None) -> dict:
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
     started, load_before = time.perf_counter(), os.getloadavg()
-    base = [*shlex.split(COMMON), "--threads", "1", "--time-budget", str(args.minutes), *shlex.split(args.options)]
-    trainings = {name: (args.runs / name, [*base, *shlex.split(RUNS[name][0])]) for name in args.only}
+    base = [*shlex.split(COMMON), "--threads", "1", "--time-budget", str(args.minutes)]
+    # the last of a repeated option counts: --options override the run's own
+    trainings = {
+        name: (args.runs / name, [*base, *shlex.split(RUNS[name][0]), *shlex.split(args.options)]) for name in args.only
+    }
     run_trainings(trainings, args.minutes, args.jobs)
 
     grid = cells(args.only, sorted(args.slots), sorted(args.pairs))

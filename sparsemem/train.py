@@ -1249,6 +1249,15 @@ LR_MAX = 0.1 * torch.finfo(torch.float32).max
 BABI_OPTIONS = ("data_dir", "babi_set", "babi_tasks", "babi_fallback_1k", "embedding_size", "eval_every", "patience")
 """The options only --task babi reads."""
 
+MODEL_OPTIONS = {
+    **dict.fromkeys(("controller", "num_slots", "word_size", "num_reads"), tuple(MODELS)),
+    "k": SPARSE,
+    "index": SPARSE,
+    "link_k": ("sdnc",),
+}
+"""The options only some models read: given on the command line for another, they are refused
+rather than ignored (a saved config may hold them: it is not checked for them)."""
+
 
 def check_config(config: Config) -> None:
     """ValueError naming the first option whose value cannot run (as --flag, as the command line
@@ -1437,6 +1446,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool, float
     given = {name: value for name, value in args.items() if value is not _UNSET}
     try:
         config = resume_config(given) if resume else Config(**given)
+        for name, models in MODEL_OPTIONS.items():
+            if name in given and config.model not in models:
+                wanted = " or ".join(models)
+                raise ValueError(f"{_flag(name)} is for --model {wanted}; a {config.model} does not read it")
         check_config(config)
         if not dist_timeout > 0:
             raise ValueError(f"--dist-timeout must be a number of seconds > 0; got {dist_timeout!r}")

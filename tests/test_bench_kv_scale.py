@@ -8,7 +8,7 @@ import pytest
 
 from bench import kv_scale
 
-TINY = "--hidden-size 8 --word-size 8 --key-bits 6 --min-level 2 --max-level 4 --batch-size 2 --steps 2 --window 1"
+TINY = "--hidden-size 8 --key-bits 6 --min-level 2 --max-level 4 --batch-size 2 --steps 2 --window 1"
 
 
 @pytest.mark.slow

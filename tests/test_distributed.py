@@ -151,10 +151,8 @@ def assert_same_training(one: Path, ddp: Path) -> None:
 DNC = ["--model", "dnc", "--task", "copy", "--batch-size", "5", *TINY]
 """A global batch of 5: rows 0, 2, 4 on rank 0, rows 1, 3 on rank 1."""
 
-NTM, SDNC = (
-    ["--model", model, "--task", "copy", "--k", "2", "--link-k", "2", "--batch-size", "4", *TINY]
-    for model in ("ntm", "sdnc")
-)
+NTM = ["--model", "ntm", "--task", "copy", "--batch-size", "4", *TINY]
+SDNC = ["--model", "sdnc", "--task", "copy", "--k", "2", "--link-k", "2", "--batch-size", "4", *TINY]
 
 SAM = ["--model", "sam", "--task", "associative-recall", "--k", "2", "--bptt", "4", "--batch-size", "3", *TINY]
 """Several updates a step (truncated BPTT); a global batch of 3: rows 0, 2 on rank 0, row 1 on rank 1."""

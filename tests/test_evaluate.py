@@ -12,11 +12,12 @@ from sparsemem.models import DNC
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--steps", "4", "--batch-size", "4", "--hidden-size", "16", "--word-size", "8", "--no-progress"]
-KV_RUN = ["--model", "sam", "--task", "key-value-recall", "--max-level", "8", "--slots", "32", "--k", "4"]
-KV_RUN += ["--bptt", "16", "--final-queries", "4", *TINY]
-LSTM_KV_RUN = ["--model", "lstm", *KV_RUN[2:]]  # the baseline on the same task, --slots and --k unused
-COPY_RUN = ["--model", "dnc", "--task", "copy", "--slots", "8", "--bits", "4", "--max-level", "4", *TINY]
+TINY = ["--steps", "4", "--batch-size", "4", "--hidden-size", "16", "--no-progress"]
+KV_TASK = ["--task", "key-value-recall", "--max-level", "8", "--bptt", "16", "--final-queries", "4", *TINY]
+KV_RUN = ["--model", "sam", "--slots", "32", "--k", "4", "--word-size", "8", *KV_TASK]
+LSTM_KV_RUN = ["--model", "lstm", *KV_TASK]  # the baseline on the same task
+COPY_RUN = ["--model", "dnc", "--task", "copy", "--slots", "8", "--word-size", "8", "--bits", "4", "--max-level", "4"]
+COPY_RUN += TINY
 
 
 @pytest.fixture(scope="module")

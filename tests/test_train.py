@@ -35,7 +35,7 @@ def tiny(tmp_path, **kwargs) -> Config:
     return Config(**(options | kwargs))
 
 
-TINY_ARGV = ["--steps", "3", "--batch-size", "2", "--hidden-size", "8", "--slots", "5", "--word-size", "4"]
+TINY_ARGV = ["--steps", "3", "--batch-size", "2", "--hidden-size", "8"]
 TINY_ARGV += ["--bits", "3", "--max-level", "2", "--checkpoint-every", "3", "--log-every", "1", "--no-progress"]
 """A CLI run of a few milliseconds a step."""
 
@@ -171,7 +171,8 @@ def test_cli_trains_the_sparse_models_and_reports_time_and_memory(tmp_path, caps
     out = tmp_path / model
     argv = ["--model", model, "--task", "copy", "--steps", "3", "--batch-size", "2", "--hidden-size", "8"]
     argv += ["--slots", "64", "--word-size", "4", "--num-reads", "2", "--k", "3", "--index", "exact"]
-    argv += ["--link-k", "2", "--bits", "3", "--max-level", "2", "--device", "cpu", "--log-every", "1"]
+    argv += ["--bits", "3", "--max-level", "2", "--device", "cpu", "--log-every", "1"]
+    argv += ["--link-k", "2"] if model == "sdnc" else []
     argv += ["--out", str(out), "--no-progress"]
     assert main(argv) == 0
     assert f"{model} on copy" in capsys.readouterr().out
@@ -291,6 +292,10 @@ def test_resume_refuses_to_change_the_model_the_task_or_the_data(tmp_path, capsy
             ["--model", "lstm", "--interface-init", "new-slot"],
             "--interface-init new-slot is for --model dnc or ntm; got",
         ),
+        (["--model", "dnc", "--k", "2"], "--k is for --model sam or sdnc; a dnc does not read it"),
+        (["--model", "sam", "--link-k", "8"], "--link-k is for --model sdnc; a sam does not read it"),
+        (["--model", "lstm", "--slots", "8"], "--num-slots is for --model dnc or ntm or sam or sdnc; a lstm"),
+        (["--model", "lstm", "--controller", "lstm"], "--controller is for --model dnc or ntm or sam or sdnc"),
         (["--device", "tpu"], "--device must be cpu, cuda or cuda:INDEX; got 'tpu'"),
         (["--device", "cuda:x"], "--device must be cpu, cuda or cuda:INDEX; got 'cuda:x'"),
         (["--device", "cuda:99"], "--device cuda:99: "),
@@ -300,7 +305,7 @@ def test_resume_refuses_to_change_the_model_the_task_or_the_data(tmp_path, capsy
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there"),
         ),
         (["--hidden-size", "0"], "hidden_size must be a positive int; got 0"),
-        (["--model", "sam", "--k", "6"], r"k must be in \[1, N=5\]; got k=6"),
+        (["--model", "sam", "--slots", "5", "--k", "6"], r"k must be in \[1, N=5\]; got k=6"),
         (["--min-level", "2", "--max-level", "1"], "min_level <= max_level; got 2, 1"),
         (["--out", "{file}/run"], "--out .*/file/run: cannot write there"),
         (["--out", "{tmp}/empty", "--resume"], "no checkpoint at .*/empty/checkpoint.pt"),

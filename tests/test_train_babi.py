@@ -68,7 +68,9 @@ def argv(tmp_path: Path, model: str, *extra: str) -> list[str]:
         release(data)
     options = ["--task", "babi", "--data-dir", str(data), "--babi-set", "en", "--babi-tasks", "1,8"]
     options += ["--model", model, "--batch-size", "8", "--hidden-size", "8", "--embedding-size", "6"]
-    options += ["--slots", "8", "--word-size", "4", "--k", "2", "--eval-every", "2", "--log-every", "1"]
+    options += ["--eval-every", "2", "--log-every", "1"]
+    if model != "lstm":
+        options += ["--slots", "8", "--word-size", "4"] + (["--k", "2"] if model in ("sam", "sdnc") else [])
     return [*options, "--checkpoint-every", "3", "--no-progress", "--out", str(tmp_path / "run"), *extra]
 
 
