@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -301,20 +302,23 @@ def budget_spent(out: Path, minutes: float) -> bool:
 
 def run_trainings(runs: dict[str, tuple[Path, list[str]]], minutes: float, jobs: int) -> None:
     """Train every run {name: (out, train options)} that has budget left, `jobs` processes at
-    a time (started in order, each waited for before the next starts in its place). A run whose
+    a time (started in order, the next as soon as any of them ends). A run whose
     folder holds a checkpoint is resumed (its budget adds up across sessions); one that already
     spent `minutes` is read as it is. A failed run raises with its log's tail once the others end."""
     pending = []
     for name, (out, options) in runs.items():
         if budget_spent(out, minutes):
-            print(f"{name}: {out} has trained its {minutes} minutes; read as it is")
+            print(f"{name}: {out} ended with a budget of {minutes} minutes or more; read as it is")
         else:
             pending.append((name, out, options))
     running, failed = [], []
 
     def wait_one() -> None:
-        name, out, process, log = running.pop(0)
-        code = process.wait()
+        while (ended := next((run for run in running if run[2].poll() is not None), None)) is None:
+            time.sleep(0.5)
+        running.remove(ended)
+        name, out, process, log = ended
+        code = process.returncode
         log.close()
         if code != 0:
             failed.append(
