@@ -127,6 +127,9 @@ class Config:
     steps: int = _option(2000, "train to this many steps (batches) in all, counting those before a --resume")
     batch_size: int = _option(16, "sequences per batch (B)")
     lr: float = _option(3e-3, "Adam's learning rate")
+    lr_half_life: float | None = _option(
+        None, "halve the learning rate every this many steps (smoothly: lr 0.5^(step / this)); None: constant"
+    )
     clip: float = _option(10.0, "clip the gradient's global norm to this (inf: no clipping)")
     controller: str = _option(
         "lstm", "an LSTM cell, or Linear + tanh (feedforward: only the memory crosses time steps)", CONTROLLERS
@@ -215,6 +218,7 @@ class Config:
 ON_RESUME = (
     "steps",
     "lr",
+    "lr_half_life",
     "clip",
     "checkpoint_every",
     "log_every",
@@ -542,6 +546,9 @@ class TrainingRun(abc.ABC):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
+        if self.config.lr_half_life is not None:  # from the step alone: a resumed run follows the same schedule
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.lr * 0.5 ** (self.step / self.config.lr_half_life)
         self.optimizer.step()
         device = loss.device
         optimizer_state = (t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t))
@@ -1269,6 +1276,7 @@ def check_config(config: Config) -> None:
         ("batch_size", config.batch_size >= 1, "a positive integer"),
         ("lr", 0 <= config.lr <= LR_MAX, f"a number in [0, {LR_MAX:.2g}]"),
         ("clip", config.clip > 0, "a number > 0 (inf: no clipping)"),
+        ("lr_half_life", config.lr_half_life is None or config.lr_half_life > 0, "a number of steps > 0"),
         ("bits", config.bits >= 1, "a positive integer"),
         ("item_length", config.item_length >= 1, "a positive integer"),
         ("max_repeats", config.max_repeats >= 1, "a positive integer"),

@@ -50,6 +50,9 @@ def test_a_models_own_task_options_apply_and_options_override_them(tmp_path):
         assert summary["config"]["interface_init"] == "new-slot" and summary["config"]["num_slots"] == 6
     assert result["config"]["model_tasks"] == {"dnc associative-recall": "--hidden-size 128"}
     assert {run["steps"] for run in result["runs"]["dnc priority-sort"].values()} == {2}
+    # priority sort's threshold: a sort blind to priorities 0.01 apart, 4 items (0.23 bits per sequence)
+    sort = json.loads((tmp_path / "runs" / "short-dnc-priority-sort-s0" / "summary.json").read_text())["config"]
+    assert sort["threshold"] == result["config"]["priority_sort_threshold"]["bits_per_sequence"] == pytest.approx(0.23)
 
 
 @pytest.mark.parametrize(("argv", "message"), [(["--jobs", "0"], "--jobs must be"), (["--time-budget", "0"], "> 0")])
@@ -57,3 +60,20 @@ def test_bad_arguments_are_refused(capsys, argv, message):
     with pytest.raises(SystemExit):
         learning.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_a_sort_blind_to_close_priorities_errs_as_the_readme_says():
+    # exact sort: no error; blind below 0.01 of the [-1, 1] range, 20 items, 16 out: about 6 bits
+    assert learning.sort_tie_bits(20, 16, 0.0, sequences=2_000) == 0
+    errors = [learning.sort_tie_bits(20, 16, resolution, sequences=20_000) for resolution in (0.003, 0.01, 0.03)]
+    assert errors == sorted(errors) and 5 < errors[1] < 6.5
+
+
+@pytest.mark.parametrize("mode", ["short", "full"])
+def test_the_sort_size_the_threshold_comes_from_is_the_one_trained(mode):
+    options = learning.MODES[mode]["tasks"]["priority-sort"].split()
+    length, outputs = learning.MODES[mode]["sort"]
+    assert options[options.index("--max-level") + 1] == str(length)
+    assert ("--sort-outputs" in options) == (outputs is not None)
+    if outputs is not None:
+        assert options[options.index("--sort-outputs") + 1] == str(outputs)

@@ -63,6 +63,21 @@ def test_resume_continues_bit_exactly(tmp_path, capsys, model):
     assert metrics(tmp_path / "resumed") == metrics(tmp_path / "straight")
 
 
+def test_the_learning_rate_halves_every_half_life_and_a_resume_keeps_the_schedule(tmp_path):
+    straight = Trainer(tiny(tmp_path / "straight", lr_half_life=2.0))
+    straight.run(progress=False)
+    # the sixth update is made at step 5: lr 0.5^(5 / 2)
+    assert straight.optimizer.param_groups[0]["lr"] == pytest.approx(straight.config.lr * 0.5**2.5)
+    Trainer(tiny(tmp_path / "resumed", lr_half_life=2.0, steps=3)).run(progress=False)
+    resumed = Trainer(tiny(tmp_path / "resumed", lr_half_life=2.0))
+    resumed.run(progress=False, resume=True)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    constant = Trainer(tiny(tmp_path / "constant"))
+    constant.run(progress=False)
+    assert not torch.equal(constant.model.interface.weight, straight.model.interface.weight)
+
+
 def metrics(out, timed=("step_seconds", "sequences_per_second", "peak_memory_mb")) -> list[dict]:
     """The logged records without the fields that measure the machine (they differ run to run)."""
     records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
@@ -296,6 +311,7 @@ def test_resume_refuses_to_change_the_model_the_task_or_the_data(tmp_path, capsy
         (["--model", "sam", "--link-k", "8"], "--link-k is for --model sdnc; a sam does not read it"),
         (["--model", "lstm", "--slots", "8"], "--num-slots is for --model dnc or ntm or sam or sdnc; a lstm"),
         (["--model", "lstm", "--controller", "lstm"], "--controller is for --model dnc or ntm or sam or sdnc"),
+        (["--lr-half-life", "0"], "--lr-half-life must be a number of steps > 0; got 0"),
         (["--device", "tpu"], "--device must be cpu, cuda or cuda:INDEX; got 'tpu'"),
         (["--device", "cuda:x"], "--device must be cpu, cuda or cuda:INDEX; got 'cuda:x'"),
         (["--device", "cuda:99"], "--device cuda:99: "),
