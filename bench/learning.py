@@ -61,19 +61,19 @@ MODES = {
     # of highest priority; 128 slots of 20. No curriculum, as in the paper: with one (+1 length per
     # mastery) copy took the NTM 5,735 and 5,820 steps on seeds 0 and 2 and left seed 1 at length 6
     # after 30 minutes, where without it seed 1 learned in 606 steps (85 s) and the DNC's seed 0 in
-    # 585 (5,115 with it). lr 1e-2 as the short mode: at 1e-3 the DNC's curriculum reached length
-    # 7 in 30 minutes.
+    # 585 (5,115 with it). lr 1e-2 as the short mode (at 1e-3 the DNC's curriculum reached length
+    # 7 in 30 minutes), halved every 3000 steps: at a constant 1e-2 the NTM's copy seed 2 was not
+    # learned in 30 minutes (832 steps with the half-life), and the DNC's priority sort stood near
+    # 40 bits per sequence after 1,800 steps (learned in 5,491 with it, 17 minutes).
     "full": {
         "minutes": 30.0,
-        "common": "--lr 1e-2 --batch-size 16 --no-curriculum --steps 100000000 --hidden-size 100 --slots 128 "
-        "--word-size 20 --interface-init new-slot",
+        "common": "--lr 1e-2 --lr-half-life 3000 --batch-size 16 --no-curriculum --steps 100000000 --hidden-size 100 "
+        "--slots 128 --word-size 20 --interface-init new-slot",
         "tasks": {
             "copy": "--task copy --min-level 1 --max-level 20",
             "repeat-copy": "--task repeat-copy --min-level 1 --max-level 10 --max-repeats 10",
             "associative-recall": "--task associative-recall --min-level 2 --max-level 6 --item-length 3",
-            # the learning rate halved every 3000 steps: the DNC's seed 0 reached the threshold (5.8 bits
-            # per sequence) in 5,491 steps (17 minutes); at a constant 1e-2 it stood at ~40 bits after 1,800
-            "priority-sort": "--task priority-sort --min-level 20 --max-level 20 --sort-outputs 16 --lr-half-life 3000",
+            "priority-sort": "--task priority-sort --min-level 20 --max-level 20 --sort-outputs 16",
         },
         "sort": (20, 16),  # priority sort's items and outputs, as its options give them
         "model_tasks": {},
