@@ -26,7 +26,17 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, evaluate_once, header, pyplot, run_trainings, save_figure, write_json, write_text
+from bench.common import (
+    RESULTS,
+    budget_spent,
+    evaluate_once,
+    header,
+    pyplot,
+    run_trainings,
+    save_figure,
+    write_json,
+    write_text,
+)
 from sparsemem.tasks import PrioritySort
 
 SORT_RESOLUTION = 0.01
@@ -193,6 +203,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--time-budget", type=float, help="minutes each run may train (default: 3 short, 30 full)")
     parser.add_argument("--options", default="", help="more train options for every run (as one string)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each")
+    parser.add_argument(
+        "--ended-only",
+        action="store_true",
+        help="train nothing: table the runs that have ended (a row's seeds are those), while others are still to run",
+    )
     parser.add_argument("--runs", type=Path, default=Path("runs/learning"), help="the run folders' parent")
     parser.add_argument("--results", type=Path, default=RESULTS / "learning", help="where the table goes")
     args = parser.parse_args(argv)
@@ -217,18 +232,25 @@ def main(argv: list[str] | None = None) -> dict:
                 options += ["--model", model, "--seed", str(seed)]
                 runs[(model, task, seed)] = (args.runs / f"{mode_name}-{model}-{task}-s{seed}", options)
     load_before, started = os.getloadavg(), time.perf_counter()
-    run_trainings({"{} {} seed {}".format(*key): value for key, value in runs.items()}, minutes, args.jobs)
+    if args.ended_only:
+        runs = {key: (out, options) for key, (out, options) in runs.items() if budget_spent(out, minutes)}
+    else:
+        run_trainings({"{} {} seed {}".format(*key): value for key, value in runs.items()}, minutes, args.jobs)
 
     results = {key: read_run(out) for key, (out, _) in runs.items()}
-    rows = {
-        model: {task: row({str(s): results[(model, task, s)] for s in args.seeds}) for task in args.tasks}
+    by_row = {
+        model: {
+            task: {str(s): results[(model, task, s)] for s in args.seeds if (model, task, s) in results}
+            for task in args.tasks
+        }
         for model in args.models
     }
+    rows = {model: {task: row(seeds) for task, seeds in tasks.items() if seeds} for model, tasks in by_row.items()}
     copy = {
         model: {
-            str(seed): copy_errors(runs[(model, "copy", seed)][0], mode["copy_levels"])
-            for seed in args.seeds
-            if results[(model, "copy", seed)]["steps_to_threshold"] is not None
+            seed: copy_errors(runs[(model, "copy", int(seed))][0], mode["copy_levels"])
+            for seed, run in by_row[model]["copy"].items()
+            if run["steps_to_threshold"] is not None
         }
         for model in args.models
         if "copy" in args.tasks
@@ -242,24 +264,20 @@ def main(argv: list[str] | None = None) -> dict:
         "priority_sort_threshold": {"resolution": SORT_RESOLUTION, "bits_per_sequence": sort_threshold},
         "options": args.options,
         "seeds": args.seeds,
+        "ended_only": args.ended_only,
         "jobs": args.jobs,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "wall_seconds": time.perf_counter() - started,
     }
-    runs_out = {
-        f"{model} {task}": {str(s): results[(model, task, s)] for s in args.seeds}
-        for model in args.models
-        for task in args.tasks
-    }
+    runs_out = {f"{model} {task}": seeds for model, tasks in by_row.items() for task, seeds in tasks.items() if seeds}
     result = header(config) | {"rows": rows, "runs": runs_out, "copy_bits_error_by_length": copy}
     write_json(args.results / f"{mode_name}.json", result)
     text = table(rows, minutes)
     write_text(args.results / f"{mode_name}.md", text)
-    if "copy" in args.tasks:  # the longest copy trained on: the top level its runs were scored at
-        trained_to = max(
-            int(level) for model in args.models for level in results[(model, "copy", args.seeds[0])]["eval_bits_error"]
-        )
+    copy_runs = [run for model in args.models for run in by_row[model].get("copy", {}).values()]
+    if copy_runs:  # the longest copy trained on: the top level its runs were scored at
+        trained_to = max(int(level) for run in copy_runs for level in run["eval_bits_error"])
         plot(copy, trained_to, args.results / f"{mode_name}.png")
     print(text)
     return result

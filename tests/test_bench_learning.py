@@ -37,6 +37,10 @@ def test_seeds_are_tabled_with_failures_and_copy_scored_past_training(tmp_path, 
     again = learning.main(copy_args)  # the runs ended: read back, not trained again
     assert capsys.readouterr().out.count("read as it is") == 2 and again["rows"] == learned["rows"]
 
+    # --ended-only trains nothing: seed 2 has no run yet, so the row is the two that ended
+    partial = learning.main([*copy_args, "--seeds", "0", "1", "2", "--ended-only"])
+    assert partial["rows"] == learned["rows"] and not (tmp_path / "runs" / "short-dnc-copy-s2").exists()
+
 
 def test_a_models_own_task_options_apply_and_options_override_them(tmp_path):
     # short mode: the DNC's recall at hidden 128 (model_tasks), the NTM's at the default 64; --options
