@@ -72,9 +72,10 @@ MODES = {
     # mastery) copy took the NTM 5,735 and 5,820 steps on seeds 0 and 2 and left seed 1 at length 6
     # after 30 minutes, where without it seed 1 learned in 606 steps (85 s) and the DNC's seed 0 in
     # 585 (5,115 with it). lr 1e-2 as the short mode (at 1e-3 the DNC's curriculum reached length
-    # 7 in 30 minutes), halved every 3000 steps: at a constant 1e-2 the NTM's copy seed 2 was not
-    # learned in 30 minutes (832 steps with the half-life), and the DNC's priority sort stood near
-    # 40 bits per sequence after 1,800 steps (learned in 5,491 with it, 17 minutes).
+    # 7 in 30 minutes), halved every 3000 steps: at a constant 1e-2 the DNC's priority sort stood
+    # near 40 bits per sequence after 1,800 steps (learned in 5,491 with it, 17 minutes). It does
+    # not make the NTM's copy reliable: at a constant lr seed 2 failed (30 minutes), with the
+    # half-life it learned in 832 steps and seed 1 failed instead.
     "full": {
         "minutes": 30.0,
         "common": "--lr 1e-2 --lr-half-life 3000 --batch-size 16 --no-curriculum --steps 100000000 --hidden-size 100 "
