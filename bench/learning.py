@@ -38,6 +38,7 @@ from bench.common import (
     write_text,
 )
 from sparsemem.tasks import PrioritySort
+from sparsemem.train import build_parser
 
 SORT_RESOLUTION = 0.01
 """Priority sort counts as learned at the error of a sort blind to priorities closer than this
@@ -59,7 +60,6 @@ MODES = {
             # 0.25 bits in 3 minutes where at a constant 1e-2 it stood at 0.75
             "priority-sort": "--task priority-sort --max-level 4 --steps 100000000 --lr-half-life 2000",
         },
-        "sort": (4, None),  # priority sort's items and outputs, as its options give them
         # tests/models/test_learning.py's RECALL_MODEL: the DNC learns recall on every seed at hidden 128,
         # the NTM at 64 (at 128 it missed a seed)
         "model_tasks": {"dnc associative-recall": "--hidden-size 128"},
@@ -86,7 +86,6 @@ MODES = {
             "associative-recall": "--task associative-recall --min-level 2 --max-level 6 --item-length 3",
             "priority-sort": "--task priority-sort --min-level 20 --max-level 20 --sort-outputs 16",
         },
-        "sort": (20, 16),  # priority sort's items and outputs, as its options give them
         "model_tasks": {},
         "copy_levels": [20, 40, 60, 80, 100, 120],
     },
@@ -105,14 +104,20 @@ def sort_tie_bits(length: int, outputs: int | None, resolution: float, sequences
     batch = task.sample(sequences, length, generator)
     priority, vectors = batch.inputs[:, :length, task.bits], batch.inputs[:, :length, : task.bits]
     order = priority.argsort(dim=1, descending=True)
-    ranked = vectors.gather(1, order.unsqueeze(-1).expand_as(vectors)).clone()
+    ranked = vectors.gather(1, order.unsqueeze(-1).expand_as(vectors))
     close = priority.gather(1, order).diff(dim=1).abs() < resolution
     swap = close & (torch.rand(close.shape, generator=generator) < 0.5)
     for i in range(length - 1):  # left to right: a run of close priorities mixes further
         rows = swap[:, i]
-        ranked[rows, i], ranked[rows, i + 1] = ranked[rows, i + 1], ranked[rows, i].clone()
+        ranked[rows, i], ranked[rows, i + 1] = ranked[rows, i + 1], ranked[rows, i]  # masked reads copy
     answers = batch.targets[:, length + 1 :]
     return (ranked[:, : answers.shape[1]] != answers).sum(dim=(1, 2)).float().mean().item()
+
+
+def sort_sizes(options: str) -> tuple[int, int | None]:
+    """Priority sort's items (its top level) and outputs, read from its train options as train reads them."""
+    args, _ = build_parser().parse_known_args(shlex.split(options))
+    return args.max_level, args.sort_outputs
 
 
 def read_run(out: Path) -> dict:
@@ -220,7 +225,10 @@ def main(argv: list[str] | None = None) -> dict:
     if minutes <= 0:
         parser.error(f"--time-budget must be a number of minutes > 0; got {minutes}")
     base = [*shlex.split(mode["common"]), "--threads", "1", "--time-budget", str(minutes)]
-    sort_threshold = round(sort_tie_bits(*mode["sort"], SORT_RESOLUTION), 2) if "priority-sort" in args.tasks else None
+    sort_threshold = None
+    if "priority-sort" in args.tasks:  # --options may change the sizes: the last of a repeated option counts
+        sizes = sort_sizes(f"{mode['tasks']['priority-sort']} {args.options}")
+        sort_threshold = round(sort_tie_bits(*sizes, SORT_RESOLUTION), 2)
     runs = {}
     for model in args.models:
         for task in args.tasks:
@@ -249,9 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {model: {task: row(seeds) for task, seeds in tasks.items() if seeds} for model, tasks in by_row.items()}
     copy = {
         model: {
-            seed: copy_errors(runs[(model, "copy", int(seed))][0], mode["copy_levels"])
-            for seed, run in by_row[model]["copy"].items()
-            if run["steps_to_threshold"] is not None
+            str(seed): copy_errors(out, mode["copy_levels"])
+            for (run_model, task, seed), (out, _) in runs.items()
+            if (run_model, task) == (model, "copy") and results[(model, task, seed)]["steps_to_threshold"] is not None
         }
         for model in args.models
         if "copy" in args.tasks

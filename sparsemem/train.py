@@ -1253,17 +1253,19 @@ LR_MAX = 0.1 * torch.finfo(torch.float32).max
 """Adam's first step moves a parameter by up to lr / (1 - beta1) = 10 lr, which must be a float32."""
 
 
-BABI_OPTIONS = ("data_dir", "babi_set", "babi_tasks", "babi_fallback_1k", "embedding_size", "eval_every", "patience")
-"""The options only --task babi reads."""
-
-MODEL_OPTIONS = {
-    **dict.fromkeys(("controller", "num_slots", "word_size", "num_reads"), tuple(MODELS)),
-    "k": SPARSE,
-    "index": SPARSE,
-    "link_k": ("sdnc",),
+SCOPED_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    **dict.fromkeys(
+        ("data_dir", "babi_set", "babi_tasks", "babi_fallback_1k", "embedding_size", "eval_every", "patience"),
+        ("task", (BABI,)),
+    ),
+    **dict.fromkeys(("controller", "num_slots", "word_size", "num_reads"), ("model", tuple(MODELS))),
+    "k": ("model", SPARSE),
+    "index": ("model", SPARSE),
+    "link_k": ("model", ("sdnc",)),
 }
-"""The options only some models read: given on the command line for another, they are refused
-rather than ignored (a saved config may hold them: it is not checked for them)."""
+"""The options only some tasks or models read: option -> (task or model, the ones that read it).
+Given on the command line for another, they are refused rather than ignored. Only the command
+line is checked: a saved config may hold them (the kv-scale LSTM's memory sizes) and still resume."""
 
 
 def check_config(config: Config) -> None:
@@ -1320,10 +1322,6 @@ def check_config(config: Config) -> None:
         with torch.device("meta"):
             BabiModel(config, len(RESERVED) + 1)
     else:
-        defaults = Config()
-        for name in BABI_OPTIONS:
-            if getattr(config, name) != getattr(defaults, name):
-                raise ValueError(f"{_flag(name)} is for --task babi only; got it with --task {config.task}")
         with torch.device("meta"):
             make_model(config, make_task(config))
     out = Path(config.out)
@@ -1408,7 +1406,8 @@ _UNSET = object()
 already in the namespace alone), so that --resume knows what was given."""
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (bench reads its runs' options with it, as train does)."""
     parser = argparse.ArgumentParser(
         prog="python -m sparsemem.train",
         description=__doc__.split("\n\n")[0],
@@ -1447,17 +1446,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool, float
     """-> (config, resume, progress, dist_timeout), the config checked (check_config; with --resume, the
     checkpoint's, changed only where ON_RESUME allows). A bad option exits with the usage and a
     message naming it (status 2), before anything trains."""
-    parser = _parser()
+    parser = build_parser()
     unset = argparse.Namespace(**{field.name: _UNSET for field in dataclasses.fields(Config)})
     args = vars(parser.parse_args(argv, unset))
     resume, progress, dist_timeout = args.pop("resume"), not args.pop("no_progress"), args.pop("dist_timeout")
     given = {name: value for name, value in args.items() if value is not _UNSET}
     try:
         config = resume_config(given) if resume else Config(**given)
-        for name, models in MODEL_OPTIONS.items():
-            if name in given and config.model not in models:
-                wanted = " or ".join(models)
-                raise ValueError(f"{_flag(name)} is for --model {wanted}; a {config.model} does not read it")
+        for name, (scope, readers) in SCOPED_OPTIONS.items():
+            if name in given and getattr(config, scope) not in readers:
+                wanted, got = " or ".join(readers), getattr(config, scope)
+                raise ValueError(f"{_flag(name)} is for --{scope} {wanted}; got it with --{scope} {got}")
         check_config(config)
         if not dist_timeout > 0:
             raise ValueError(f"--dist-timeout must be a number of seconds > 0; got {dist_timeout!r}")

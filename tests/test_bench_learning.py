@@ -73,11 +73,6 @@ def test_a_sort_blind_to_close_priorities_errs_as_the_readme_says():
     assert errors == sorted(errors) and 5 < errors[1] < 6.5
 
 
-@pytest.mark.parametrize("mode", ["short", "full"])
-def test_the_sort_size_the_threshold_comes_from_is_the_one_trained(mode):
-    options = learning.MODES[mode]["tasks"]["priority-sort"].split()
-    length, outputs = learning.MODES[mode]["sort"]
-    assert options[options.index("--max-level") + 1] == str(length)
-    assert ("--sort-outputs" in options) == (outputs is not None)
-    if outputs is not None:
-        assert options[options.index("--sort-outputs") + 1] == str(outputs)
+@pytest.mark.parametrize(("mode", "sizes"), [("short", (4, None)), ("full", (20, 16))])
+def test_the_sort_size_the_threshold_comes_from_is_the_one_trained(mode, sizes):
+    assert learning.sort_sizes(learning.MODES[mode]["tasks"]["priority-sort"]) == sizes

@@ -176,9 +176,9 @@ def test_the_lstm_baseline_runs_a_padded_batch_as_each_row_alone(lengths, with_s
         (["--task", "babi", "--data-dir", "{tmp}", "--eval-every", "0"], "--eval-every must be a positive integer"),
         (["--task", "babi", "--data-dir", "{tmp}", "--patience", "0"], "--patience must be a positive integer"),
         (["--babi-set", "stories"], "argument --babi-set: invalid choice: 'stories'"),
-        (["--data-dir", "{tmp}"], "--data-dir is for --task babi only; got it with --task copy"),
-        (["--babi-fallback-1k"], "--babi-fallback-1k is for --task babi only"),
-        (["--embedding-size", "8"], "--embedding-size is for --task babi only"),
+        (["--data-dir", "{tmp}"], "--data-dir is for --task babi; got it with --task copy"),
+        (["--babi-fallback-1k"], "--babi-fallback-1k is for --task babi; got it with --task copy"),
+        (["--embedding-size", "8"], "--embedding-size is for --task babi; got it"),
     ],
 )
 def test_cli_refuses_bad_babi_options_before_reading_anything(tmp_path, capsys, options, message):
