@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "content.h"
 #include "vector_math.h"
 
 namespace sparsemem {

@@ -1,0 +1,27 @@
+"""ntm_address's compiled kernel where the generic op tests do not reach: a sharpening so large
+that most weights underflow to exactly 0 (grad gamma takes 0 ln 0 = 0 there, as torch's pow does)."""
+
+import pytest
+import torch
+
+import sparsemem as sm
+from sparsemem.testing import op_inputs
+from tests.conftest import cpu_backends, reference_with_grads
+from tests.tolerances import tolerance
+
+
+@pytest.mark.parametrize("backend", cpu_backends("ntm_address"))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_large_sharpening_zeroes_weights_and_keeps_gradients_finite(backend, dtype, use_backend):
+    use_backend(backend)
+    memory, key, strength, gate, shift, _, prev_w = op_inputs("ntm_address", dtype, B=2, N=300, W=5, R=2)
+    sharpen = torch.tensor([[500.0, 1.0], [3000.0, 7.0]], dtype=dtype)
+    args = [x.detach().requires_grad_(True) for x in (memory, key, strength * 10, gate, shift, sharpen, prev_w)]
+    weights = sm.ops.ntm_address(*args)
+    assert (weights[0, 0] == 0).any() and (weights[1, 0] == 0).any()  # underflowed entries
+    seed = torch.randn(weights.shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    grads = torch.autograd.grad(weights, args, seed)
+    want_weights, want_grads = reference_with_grads("ntm_address", args, [seed])
+    for got, want in zip([weights, *grads], [*want_weights, *want_grads], strict=True):
+        assert got.isfinite().all()
+        torch.testing.assert_close(got.double(), want, **tolerance(dtype, reduced_over=300))
