@@ -27,8 +27,8 @@ def test_without_a_gpu_cuda_says_so():
 
 def test_backends_for_says_which_backends_implement_an_op_and_why_the_others_cannot_run():
     ntm = sm.backends_for("ntm_address", "cpu")
-    assert ntm.implemented == ("torch", "cpp") and "triton" not in ntm.runnable
-    assert ntm.unavailable["triton"] == "ntm_address has no triton kernel"
+    assert ntm.implemented == ("torch", "cpp", "triton") and "cuda" not in ntm.runnable
+    assert ntm.unavailable["cuda"] == "ntm_address has no cuda kernel"
     read = sm.backends_for("memory_read", torch.device("cpu"))
     assert read.implemented == ("torch", "cpp", "triton", "cuda")
     # on the CPU, cuda cannot run: no GPU (or no cuda build), else the wrong device

@@ -14,7 +14,7 @@ _ntm_address = define_op(
     lambda memory, key, strength, gate, shift, sharpen, prev_w: torch.empty_like(prev_w),
     differentiable=(0, 1, 2, 3, 4, 5, 6),
     stem="ntm",
-    kernels=("cpp",),
+    kernels=("cpp", "triton"),
 )
 
 

@@ -1,5 +1,6 @@
-"""ntm_address's compiled kernel where the generic op tests do not reach: a sharpening so large
-that most weights underflow to exactly 0 (grad gamma takes 0 ln 0 = 0 there, as torch's pow does)."""
+"""ntm_address's kernels where the generic op tests do not reach: a sharpening so large that most
+weights underflow to exactly 0 (grad gamma takes 0 ln 0 = 0 there, as torch's pow does), and rows
+longer than triton's tile."""
 
 import pytest
 import torch
@@ -25,3 +26,16 @@ def test_large_sharpening_zeroes_weights_and_keeps_gradients_finite(backend, dty
     for got, want in zip([weights, *grads], [*want_weights, *want_grads], strict=True):
         assert got.isfinite().all()
         torch.testing.assert_close(got.double(), want, **tolerance(dtype, reduced_over=300))
+
+
+@pytest.mark.parametrize("backend", cpu_backends("ntm_address"))
+def test_rows_longer_than_a_tile_match_the_reference(backend, use_backend):
+    # triton walks a row 1024 slots at a time: 2,500 slots end in a partial third tile
+    use_backend(backend)
+    args = [x.requires_grad_(True) for x in op_inputs("ntm_address", torch.float64, B=2, N=2500, W=3, R=2)]
+    weights = sm.ops.ntm_address(*args)
+    seed = torch.randn(weights.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grads = torch.autograd.grad(weights, args, seed)
+    want_weights, want_grads = reference_with_grads("ntm_address", args, [seed])
+    for got, want in zip([weights, *grads], [*want_weights, *want_grads], strict=True):
+        torch.testing.assert_close(got, want, **tolerance(torch.float64))
