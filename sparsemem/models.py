@@ -161,6 +161,26 @@ class MemoryModel(nn.Module):
                 outputs.append(y_t)
         return torch.stack(outputs, dim=time_dim), state
 
+    def compile_step(self, **options: Any) -> "MemoryModel":
+        """Compile the model's time step with torch.compile (options go to it; default
+        dynamic=False), in place, and return the model. forward's loop over the T steps stays in
+        Python, so one graph serves every sequence length; the first call compiles it (about 40 s
+        on a CPU core), a padded batch's steps with rows ended compile a second one. It pays where a
+        step is many small ops (torch fuses the pointwise ones around the memory's kernels): at
+        the NTM paper's sizes (B = 16, N = 128, W = 20, hidden 100, one read head) a DNC training
+        step took 1.4-1.6x less time on this project's 2-core CPU, an NTM's 1.1x (train's DNC
+        copy at its default sizes: 1,535 sequences/s against 961 once compiled); results agree
+        with the eager step within float rounding. Not for SAM and SDNC: their step reads its
+        nearest-neighbour index on the host, with data-dependent shapes, which breaks the graph
+        into pieces that recompile (minutes, then slower than eager)."""
+        if isinstance(self.memory, SAMMemory):
+            raise ValueError(
+                f"compile_step is for dense memories (DNC, NTM); a {type(self).__name__}'s step searches its index "
+                "on the host with data-dependent shapes, which torch.compile breaks into pieces"
+            )
+        self._step = torch.compile(self._step, **({"dynamic": False} | options))
+        return self
+
     def _step(self, x: Tensor, state: ModelState, active: Tensor | None = None) -> tuple[Tensor, ModelState]:
         with region("controller"):
             controller_in = torch.cat([x, state.reads.flatten(1)], dim=-1)
