@@ -86,7 +86,8 @@ def load_run(options: Options) -> tuple[Config, dict, Path]:
     if saved.task == BABI:
         raise ValueError(f"{path} is a bAbI run; evaluate scores the algorithmic tasks ({', '.join(TASKS)})")
     check_device(options.device)
-    changes: dict = {"device": options.device, "out": str(run)}
+    # eager, as trained or not: a compile (40-70 s on a CPU core) costs more than most evaluations take
+    changes: dict = {"device": options.device, "out": str(run), "compile": False}
     if options.task is not None:
         changes["task"] = options.task
     if options.slots is not None:

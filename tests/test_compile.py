@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sparsemem as sm
-from sparsemem import train
+from sparsemem import evaluate, train
 from sparsemem.testing import op_inputs
 from tests.tolerances import tolerance
 
@@ -66,3 +66,7 @@ def test_train_compiles_the_step_when_asked_and_resumes_without(tmp_path, capsys
     assert train.main(["--resume", "--out", str(out), "--steps", "3", "--no-compile", "--no-progress"]) == 0
     summary = json.loads((out / train.SUMMARY).read_text())
     assert summary["steps"] == 3 and summary["config"]["compile"] is False
+    assert train.main(["--resume", "--out", str(out), "--steps", "4", "--compile", "--no-progress"]) == 0
+    # evaluate runs the model eagerly whatever the run trained with
+    assert evaluate.main([str(out), "--level", "2", "--batch-size", "2", "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["config"]["compile"] is False
