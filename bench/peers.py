@@ -58,6 +58,7 @@ from bench.common import (
     write_json,
     write_text,
 )
+from sparsemem._malloc import keep_freed_memory
 
 CONFIG = dict(batch=8, input_size=32, hidden=128, word_size=64, num_reads=4, k=8, link_k=8, steps=16)
 CONFIG.update(threads=2, warmup=1, repeats=3)
@@ -227,6 +228,9 @@ def run_case(side: str, name: str, log2_slots: int, peer_path: str | None, confi
     """Forward and forward+backward of one (side, model, N): ms per step and peak memory of each."""
     c = config
     torch.set_num_threads(c["threads"])
+    # both sides' processes keep freed memory in the heap, as sparsemem's CLIs do (sparsemem/_malloc.py):
+    # the N x N links each step allocates reuse pages instead of faulting in fresh ones, on either side
+    keep_freed_memory()
     torch.manual_seed(0)
     num_slots = 2**log2_slots
     x = torch.randn(c["batch"], c["steps"], c["input_size"])

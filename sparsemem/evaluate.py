@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from sparsemem._malloc import keep_freed_memory
 from sparsemem.index import INDEXES
 from sparsemem.models import MemoryModel
 from sparsemem.tasks import TASKS, Batch, KeyValueRecall, RepeatCopy, Task
@@ -287,6 +288,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     options = Options(**args)
+    keep_freed_memory()  # a chunk's large tensors reuse the last chunk's pages (sparsemem/_malloc.py)
     try:
         result = evaluate_run(options)
     except ValueError as error:

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from sparsemem import distributed
+from sparsemem._malloc import keep_freed_memory
 from sparsemem.distributed import World
 from sparsemem.index import INDEXES
 from sparsemem.memory import SparseWeights
@@ -1477,6 +1478,7 @@ def main(argv: list[str] | None = None) -> int:
     # Small models run fastest on one thread: each op is too small to split, and spare
     # threads only spin against other processes on a shared machine.
     torch.set_num_threads(config.threads)
+    keep_freed_memory()  # a step's large tensors reuse the last step's pages (sparsemem/_malloc.py)
     world = distributed.join(config.device, dist_timeout)  # under torchrun with more than one process
     try:
         return _train(config, resume, progress, world, dist_timeout)
