@@ -2,6 +2,7 @@
 
 from sparsemem import _backends, memory, ops, reference
 from sparsemem._backends import backends, backends_for
+from sparsemem._malloc import keep_freed_memory
 from sparsemem.models import DNC, NTM, SAM, SDNC, MemoryModel, ModelState
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "ModelState",
     "backends",
     "backends_for",
+    "keep_freed_memory",
     "memory",
     "ops",
     "reference",
