@@ -17,6 +17,7 @@ output layer, state handling and input checks are shared.
 """
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -118,6 +119,7 @@ class MemoryModel(nn.Module):
         self.controller = controller if controller is not None else nn.LSTMCell(input_size + read_size, hidden_size)
         self.interface = nn.Linear(hidden_size, memory.interface_size)
         self.output = nn.Linear(hidden_size + read_size, self.output_size)
+        self._compiled_step: Callable | None = None  # compile_step's
 
     def init_state(self, batch_size: int, memory: Tensor | None = None) -> ModelState:
         """A fresh state for a batch of B, on the model's device and dtype.
@@ -155,17 +157,26 @@ class MemoryModel(nn.Module):
         outputs = []
         # x was checked above and the state's values come from checked steps: the steps' ops
         # skip their value checks (a sync each, per op per step) unless SPARSEMEM_DEBUG=1
+        # Time-major and contiguous: every x_t has strides (input_size, 1) whatever T is, so a
+        # compiled step (compile_step) serves every length without recompiling for x_t's strides.
+        steps = x.movedim(time_dim, 0).contiguous().unbind(0)
+        # the compiled step trains; without gradients (validation, scoring) the eager one runs, as
+        # a no-grad graph would be one more compile for a pass that takes seconds
+        step = self._compiled_step if self._compiled_step is not None and torch.is_grad_enabled() else self._step
         with _checks.inputs_checked():
-            for t, x_t in enumerate(x.unbind(time_dim)):
-                y_t, state = self._step(x_t, state, None if t < every_row_until else t < lengths)
+            for t, x_t in enumerate(steps):
+                y_t, state = step(x_t, state, None if t < every_row_until else t < lengths)
                 outputs.append(y_t)
         return torch.stack(outputs, dim=time_dim), state
 
     def compile_step(self, **options: Any) -> "MemoryModel":
         """Compile the model's time step with torch.compile (options go to it; default
-        dynamic=False), in place, and return the model. forward's loop over the T steps stays in
-        Python, so one graph serves every sequence length; the first call compiles it (about 40 s
-        on a CPU core), a padded batch's steps with rows ended compile a second one. It pays where a
+        dynamic=False) for the forwards that record gradients, in place, and return the model;
+        forwards under no_grad run the eager step. forward's loop over the T steps stays in Python
+        and feeds each step a contiguous [B, input_size], so one graph serves every sequence
+        length: the first call compiles it (about 40 s on a CPU core); the first step of a fresh
+        state (reads without a gradient yet), a padded batch's steps with rows ended and each new
+        batch size compile one more. It pays where a
         step is many small ops (torch fuses the pointwise ones around the memory's kernels): at
         the NTM paper's sizes (B = 16, N = 128, W = 20, hidden 100, one read head) a DNC training
         step took 1.4-1.6x less time on this project's 2-core CPU, an NTM's 1.1x (train's DNC
@@ -178,7 +189,7 @@ class MemoryModel(nn.Module):
                 f"compile_step is for dense memories (DNC, NTM); a {type(self).__name__}'s step searches its index "
                 "on the host with data-dependent shapes, which torch.compile breaks into pieces"
             )
-        self._step = torch.compile(self._step, **({"dynamic": False} | options))
+        self._compiled_step = torch.compile(self._step, **({"dynamic": False} | options))
         return self
 
     def _step(self, x: Tensor, state: ModelState, active: Tensor | None = None) -> tuple[Tensor, ModelState]:

@@ -70,3 +70,15 @@ def test_train_compiles_the_step_when_asked_and_resumes_without(tmp_path, capsys
     # evaluate runs the model eagerly whatever the run trained with
     assert evaluate.main([str(out), "--level", "2", "--batch-size", "2", "--out", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["config"]["compile"] is False
+
+
+def test_one_compiled_graph_serves_every_length_and_no_grad_runs_eagerly():
+    torch.manual_seed(0)
+    model = sm.DNC(5, 12, num_slots=7, word_size=4, num_reads=2).compile_step()
+    model(torch.randn(3, 4, 5))[0].sum().backward()  # compiles: the first step and the steps after it
+    # the steps of any length see the same shapes and strides (x_t contiguous whatever T is)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for steps in (2, 7, 11):
+            model(torch.randn(3, steps, 5))[0].sum().backward()
+        with torch.no_grad():  # eager: a no-grad graph would be a compile of its own
+            model(torch.randn(3, 9, 5))
