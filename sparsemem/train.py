@@ -153,6 +153,11 @@ class Config:
     bits: int = _option(8, "bits per vector of the task")
     item_length: int = _option(3, "associative-recall: vectors per item")
     max_repeats: int = _option(3, "repeat-copy: the most repeats asked for (drawn in [1, this] per batch)")
+    repeats_follow_level: bool = _option(
+        False,
+        "repeat-copy: a batch of length L asks for at most min(L, --max-repeats) repeats, so a curriculum "
+        "over lengths raises the repeats with them (the input still scales the count by --max-repeats)",
+    )
     sort_outputs: int | None = _option(
         None, "priority-sort: vectors to output, highest priority first (the NTM paper: 16 of 20); None: all"
     )
@@ -256,7 +261,13 @@ def make_task(config: Config) -> Task:
     if task_cls is AssociativeRecall:
         return task_cls(config.bits, min_level, max_level, item_length=config.item_length)
     if task_cls is RepeatCopy:
-        return task_cls(config.bits, min_level, max_level, max_repeats=config.max_repeats)
+        return task_cls(
+            config.bits,
+            min_level,
+            max_level,
+            max_repeats=config.max_repeats,
+            repeats_follow_level=config.repeats_follow_level,
+        )
     if task_cls is PrioritySort:
         return task_cls(config.bits, min_level, max_level, outputs=config.sort_outputs)
     if task_cls is KeyValueRecall:

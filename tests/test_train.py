@@ -150,6 +150,13 @@ def test_cli_task_options_reach_the_task(tmp_path, argv, steps):
     assert trainer.task.sample(2, 4, torch.Generator().manual_seed(0)).inputs.shape[1] == steps
 
 
+def test_cli_repeats_follow_the_level_when_asked(tmp_path):
+    argv = ["--task", "repeat-copy", "--max-repeats", "9", "--max-level", "4", "--out", str(tmp_path)]
+    for flag, follows in (([], False), (["--repeats-follow-level"], True)):
+        task = Trainer(train.parse_args([*argv, *flag])[0]).task
+        assert (task.max_repeats, task.repeats_follow_level) == (9, follows)
+
+
 def test_cli_writes_metrics_checkpoint_and_plots(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--model", "dnc", "--task", "associative-recall", "--steps", "4", "--batch-size", "2"]

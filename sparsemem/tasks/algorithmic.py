@@ -38,25 +38,36 @@ class RepeatCopy(Task):
     """See `level` vectors, then a delimiter with the repeat count n / max_repeats on its own
     channel; output the sequence n times, then an end marker (output channel `bits`).
 
-    n is drawn uniformly in [1, max_repeats] per batch. input [B, T, bits+2], output [B, T, bits+1],
-    T = L + 1 + n L + 1; level = L.
+    n is drawn uniformly in [1, max_repeats] per batch (repeats_follow_level: in [1, min(L,
+    max_repeats)], so a curriculum over lengths raises the repeats with them; the count is still
+    scaled by max_repeats, so the input means the same at every level). input [B, T, bits+2],
+    output [B, T, bits+1], T = L + 1 + n L + 1; level = L.
     """
 
     name = "repeat-copy"
 
-    def __init__(self, bits: int = 8, min_length: int = 1, max_length: int = 5, max_repeats: int = 3) -> None:
+    def __init__(
+        self,
+        bits: int = 8,
+        min_length: int = 1,
+        max_length: int = 5,
+        max_repeats: int = 3,
+        repeats_follow_level: bool = False,
+    ) -> None:
         super().__init__(min_length, max_length)
         if not isinstance(max_repeats, int) or max_repeats < 1:
             raise ValueError(f"max_repeats must be a positive int; got {max_repeats!r}")
         self.bits = bits
         self.max_repeats = max_repeats
+        self.repeats_follow_level = repeats_follow_level
         self.input_size = bits + 2
         self.output_size = bits + 1
 
     def sample(self, batch_size: int, level: int, generator: torch.Generator) -> Batch:
         self._check_level(level)
         B, L, bits = batch_size, level, self.bits
-        repeats = int(torch.randint(1, self.max_repeats + 1, (), generator=generator))
+        most = min(L, self.max_repeats) if self.repeats_follow_level else self.max_repeats
+        repeats = int(torch.randint(1, most + 1, (), generator=generator))
         sequence = random_bits(B, L, bits, generator)
         T = L + 1 + repeats * L + 1
         inputs = torch.zeros(B, T, bits + 2)

@@ -88,6 +88,17 @@ def test_repeat_copy_repeats_at_most_max_repeats():
     assert lengths == {3 + 1 + n * 3 + 1 for n in range(1, 8)}
 
 
+def test_repeat_copy_repeats_follow_the_level_when_asked():
+    task = RepeatCopy(BITS, max_length=10, max_repeats=7, repeats_follow_level=True)
+    for level, most in ((2, 2), (5, 5), (10, 7)):
+        batches = [task.sample(2, level, generator(seed)) for seed in range(60)]
+        repeats = {(batch.inputs.shape[1] - level - 2) // level for batch in batches}
+        assert repeats == set(range(1, most + 1))
+        # the count's channel scales by max_repeats at every level
+        scaled = {round(float(batch.inputs[0, level, BITS + 1]) * 7) for batch in batches}
+        assert scaled == repeats
+
+
 @pytest.mark.parametrize(("make", "message"), [
     (lambda: PrioritySort(BITS, outputs=0), "outputs must be a positive int"),
     (lambda: RepeatCopy(BITS, max_repeats=0), "max_repeats must be a positive int"),
