@@ -53,19 +53,24 @@ def read_run(out: Path) -> dict:
     }
 
 
-def table(rows: list[tuple[str, dict, dict]], memory: str) -> str:
+def task_labels(run: dict) -> dict[str, str]:
+    """A run's tasks in order, each labelled with its number and a * if it trained on the 1k fallback."""
+    return {task: task + ("*" if task in run["fallback"] else "") for task in sorted(run["tasks"], key=int)}
+
+
+def table(rows: list[tuple[dict, dict]], memory: str) -> str:
     """Markdown: per task, our memory model's and our LSTM's test error (%) beside the
     published LSTM, MemN2N and DNC; then the mean and the tasks passed."""
     lines = [
         f"| task | ours: {memory} | ours: LSTM | LSTM (published) | MemN2N (published) | DNC (published) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for label, ours, baseline in rows:
-        for task in sorted(ours["tasks"], key=int):
+    for ours, baseline in rows:
+        for task, label in task_labels(ours).items():
             published = [PUBLISHED[column][int(task) - 1] for column in ("LSTM", "MemN2N", "DNC")]
             ours_error, lstm_error = ours["tasks"][task]["error"] * 100, baseline["tasks"][task]["error"] * 100
             cells = [f"{ours_error:.1f}", f"{lstm_error:.1f}", *(f"{value:.1f}" for value in published)]
-            lines.append(f"| {task}{label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         if len(ours["tasks"]) > 1:
             published = [f"{PUBLISHED_MEAN[column]:.1f}" for column in ("LSTM", "MemN2N", "DNC")]
             cells = [f"{ours['mean_error'] * 100:.1f}", f"{baseline['mean_error'] * 100:.1f}", *published]
@@ -76,14 +81,15 @@ def table(rows: list[tuple[str, dict, dict]], memory: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[tuple[str, dict, dict]], memory: str, path: Path) -> None:
+def plot(rows: list[tuple[dict, dict]], memory: str, path: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
-    labels = [f"{task}{label}" for label, ours, _ in rows for task in sorted(ours["tasks"], key=int)]
-    ours = [run["tasks"][task]["error"] * 100 for _, run, _ in rows for task in sorted(run["tasks"], key=int)]
-    lstm = [run["tasks"][task]["error"] * 100 for _, _, run in rows for task in sorted(run["tasks"], key=int)]
-    published = [PUBLISHED["DNC"][int(label.rstrip("*")) - 1] for label in labels]
+    tasks = [(ours, baseline, task, label) for ours, baseline in rows for task, label in task_labels(ours).items()]
+    labels = [label for *_, label in tasks]
+    ours = [run["tasks"][task]["error"] * 100 for run, _, task, _ in tasks]
+    lstm = [run["tasks"][task]["error"] * 100 for _, run, task, _ in tasks]
+    published = [PUBLISHED["DNC"][int(task) - 1] for *_, task, _ in tasks]
     figure, axis = plt.subplots(figsize=(max(5, 0.45 * len(labels) + 2), 3.5))
     positions = range(len(labels))
     for offset, values, name in (
@@ -131,8 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
             pair[model] = (out, [*base, "--babi-tasks", task, "--model", model, *shlex.split(extra)])
         run_trainings(pair, args.minutes, jobs=len(pair))  # side by side: both see the same machine
         ours, baseline = (read_run(pair[model][0]) for model in (args.model, "lstm"))
-        fallback = "*" if ours["fallback"] else ""
-        rows.append((fallback, ours, baseline))
+        rows.append((ours, baseline))
         runs[task] = {args.model: ours, "lstm": baseline}
     config = {
         "babi_set": args.babi_set,
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.results
     write_json(out / f"{name}.json", result)
     text = table(rows, args.model)
-    if any(label for label, _, _ in rows):
+    if any(ours["fallback"] for ours, _ in rows):
         text += "\n\\* trained on en/'s 1k training file (en-10k has none for this task).\n"
     write_text(out / f"{name}.md", text)
     plot(rows, args.model, out / f"{name}.png")

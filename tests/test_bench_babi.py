@@ -37,3 +37,13 @@ def test_bench_babi_tables_both_models_and_reuses_spent_runs(tmp_path, capsys):
     capsys.readouterr()
     again = babi.main(args)  # the runs have summaries with a 5-minute budget: read, not retrained
     assert "read as it is" in capsys.readouterr().out and again["runs"] == result["runs"]
+
+
+def test_a_joint_table_stars_only_the_tasks_trained_on_the_1k_fallback():
+    def run(errors):
+        tasks = {task: {"error": error, "questions": 1000} for task, error in errors.items()}
+        return {"tasks": tasks, "mean_error": sum(errors.values()) / 2, "tasks_passed": 1, "fallback": ["3"]}
+
+    table = babi.table([(run({"1": 0.02, "3": 0.5}), run({"1": 0.3, "3": 0.6}))], "dnc")
+    assert "| 1 | 2.0 | 30.0 | 24.5 | 0.0 | 0.0 |" in table and "| 3* | 50.0 | 60.0 | 48.3 |" in table
+    assert "| mean | 26.0 | 45.0 | 25.2 | 7.5 | 3.8 |" in table
