@@ -37,6 +37,7 @@ from bench.common import (
     write_json,
     write_text,
 )
+from sparsemem.train import METRICS
 
 COMMON = (
     "--task key-value-recall --key-bits 64 --min-level 8 --max-level 128 --curriculum-growth 2 --window 5 "
@@ -87,10 +88,15 @@ def evaluate_cell(root: Path, run: str, num_slots: int | None, pairs: int, answe
     return result
 
 
+def logged_metrics(out: Path) -> list[dict]:
+    """A run's metrics.jsonl: one record per logged step."""
+    return [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+
+
 def training_summary(out: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     keep = ("steps", "steps_to_threshold", "train_seconds", "stopped_by", "sequences_per_second", "final_query_error")
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = logged_metrics(out)
     return {key: summary.get(key) for key in keep} | {"top_level": metrics[-1]["top_level"] if metrics else None}
 
 
@@ -145,7 +151,7 @@ def plot_curves(root: Path, runs: list[str], path: Path) -> None:
     plt = pyplot()
     figure, (errors, levels) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
-        metrics = [json.loads(line) for line in (root / run / "metrics.jsonl").read_text().splitlines()]
+        metrics = logged_metrics(root / run)
         minutes, seconds, previous = [], 0.0, 0
         for record in metrics:  # one record every --log-every steps: its step's time stands for theirs
             seconds += record["step_seconds"] * (record["step"] - previous)

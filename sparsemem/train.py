@@ -1283,7 +1283,8 @@ SCOPED_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "compile": ("model", ("dnc", "ntm")),
 }
 """The options only some tasks or models read: option -> (task or model, the ones that read it).
-Given on the command line for another, they are refused rather than ignored. Only the command
+Given on the command line for another, they are refused rather than ignored (a switch turned
+off, as --no-compile, is let through: it asks for what that model does anyway). Only the command
 line is checked: a saved config may hold them (the kv-scale LSTM's memory sizes) and still resume."""
 
 
@@ -1473,7 +1474,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool, float
     try:
         config = resume_config(given) if resume else Config(**given)
         for name, (scope, readers) in SCOPED_OPTIONS.items():
-            if name in given and getattr(config, scope) not in readers:
+            # a switch turned off (--no-compile with --model sam) asks for nothing: it passes
+            if name in given and given[name] is not False and getattr(config, scope) not in readers:
                 wanted, got = " or ".join(readers), getattr(config, scope)
                 raise ValueError(f"{_flag(name)} is for --{scope} {wanted}; got it with --{scope} {got}")
         check_config(config)

@@ -150,6 +150,14 @@ def test_cli_task_options_reach_the_task(tmp_path, argv, steps):
     assert trainer.task.sample(2, 4, torch.Generator().manual_seed(0)).inputs.shape[1] == steps
 
 
+def test_cli_lets_a_switch_turned_off_through_for_a_model_that_does_not_read_it(tmp_path):
+    # bench.learning's --full options hold --compile; a sparse run's own --no-compile then overrides it
+    config = train.parse_args(["--model", "sam", "--compile", "--no-compile", "--out", str(tmp_path)])[0]
+    assert config.model == "sam" and config.compile is False
+    config = train.parse_args(["--task", "copy", "--no-babi-fallback-1k", "--out", str(tmp_path)])[0]
+    assert config.babi_fallback_1k is False
+
+
 def test_cli_repeats_follow_the_level_when_asked(tmp_path):
     argv = ["--task", "repeat-copy", "--max-repeats", "9", "--max-level", "4", "--out", str(tmp_path)]
     for flag, follows in (([], False), (["--repeats-follow-level"], True)):

@@ -1,4 +1,9 @@
-"""Ablations for the learning tests: a memory whose reads never reach the controller."""
+"""Ablations for the learning tests: a memory whose reads never reach the controller.
+
+With a feed-forward controller the ablated model's output at a query depends on that step's
+input alone, which says nothing of the value asked for: no budget takes it below chance, so the
+recall tests' ablations run a short budget. With an LSTM controller the ablation is an LSTM
+alone, which may learn a task given steps enough: its budget is the memory model's."""
 
 from torch import Tensor
 

@@ -47,9 +47,7 @@ RECALL_MODEL = {"dnc": dict(hidden_size=128, steps=3000), "ntm": dict(hidden_siz
 the NTM at hidden 64 in 175-381 (the Linear's own bias: none of 5 in 3 minutes; hidden 128 missed seed
 2). bench/results/learning/README.md."""
 RECALL_ABLATION, CHANCE = dict(steps=500), 3
-"""With the reads zeroed the feed-forward model's output at a query depends on that step's input alone,
-which says nothing of the value asked for: no budget takes it below chance (4 bits of the 8-bit
-answer), so a short one shows it."""
+"""A short budget and a line below chance (4 bits of the 8-bit answer): tests/models/ablation.py."""
 
 
 def train(tmp_path, ablate: bool, **options) -> tuple[Trainer, float, dict[int, float]]:
