@@ -45,6 +45,9 @@ void check_ntm_inputs(const at::Tensor& memory, const at::Tensor& key, const at:
   }
 }
 
+// Shift j's offset o_j = j - S / 2 taken mod N, in [0, N).
+inline int64_t wrapped_offset(int64_t j, int64_t S, int64_t N) { return ((j - S / 2) % N + N) % N; }
+
 // One head row's interpolation and shift: g and s, [N] each.
 template <typename scalar_t, typename acc_t>
 void gate_and_shift(const scalar_t* content, const scalar_t* prev, acc_t gate, const scalar_t* shift, int64_t N,
@@ -54,7 +57,7 @@ void gate_and_shift(const scalar_t* content, const scalar_t* prev, acc_t gate, c
   for (int64_t j = 0; j < S; ++j) {
     const acc_t weight = acc_t(shift[j]);
     // s[i + o] += g[i] (mod N): g shifted right by o = o_j mod N, in two runs so no index wraps
-    const int64_t offset = ((j - S / 2) % N + N) % N;
+    const int64_t offset = wrapped_offset(j, S, N);
     for (int64_t i = 0; i < N - offset; ++i) s[i + offset] += weight * g[i];
     for (int64_t i = N - offset; i < N; ++i) s[i + offset - N] += weight * g[i];
   }
@@ -142,7 +145,7 @@ std::vector<at::Tensor> ext_ntm_address_backward(const at::Tensor& grad_w_in, co
         std::fill(grad_g.begin(), grad_g.end(), acc_t(0));
         for (int64_t j = 0; j < S; ++j) {
           const acc_t weight = acc_t(shifts[row * S + j]);
-          const int64_t offset = ((j - S / 2) % N + N) % N;
+          const int64_t offset = wrapped_offset(j, S, N);
           double total_j = 0;
           for (int64_t i = 0; i < N; ++i) {
             const acc_t from = grad_s[i < N - offset ? i + offset : i + offset - N];
