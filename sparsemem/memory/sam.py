@@ -2,8 +2,8 @@
 
 The step is reference/sam.py's sam_step_ref computed on gathered rows only: the write
 touches J <= R*K + 1 rows (the rows read at t-1 plus the LRU row), the read K rows per
-head found by a top-K search, and usage is an LRU (a list on the CPU; on a GPU last-access
-stamps and an argmin, so a step never waits on the host). No [B, R, N] tensor is formed;
+head found by a top-K search, and usage is an LRU (last-access stamps and an argmin over
+blocks of them, memory/lru.py: a step never waits on the host). No [B, R, N] tensor is formed;
 the memory is written in place through the journal of memory/journal.py.
 """
 
