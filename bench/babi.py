@@ -85,11 +85,17 @@ def plot(rows: list[tuple[dict, dict]], memory: str, path: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
-    tasks = [(ours, baseline, task, label) for ours, baseline in rows for task, label in task_labels(ours).items()]
-    labels = [label for *_, label in tasks]
-    ours = [run["tasks"][task]["error"] * 100 for run, _, task, _ in tasks]
-    lstm = [run["tasks"][task]["error"] * 100 for _, run, task, _ in tasks]
-    published = [PUBLISHED["DNC"][int(task) - 1] for *_, task, _ in tasks]
+    bars = [
+        (
+            label,
+            ours["tasks"][task]["error"] * 100,
+            baseline["tasks"][task]["error"] * 100,
+            PUBLISHED["DNC"][int(task) - 1],
+        )
+        for ours, baseline in rows
+        for task, label in task_labels(ours).items()
+    ]
+    labels, ours, lstm, published = zip(*bars, strict=True)
     figure, axis = plt.subplots(figsize=(max(5, 0.45 * len(labels) + 2), 3.5))
     positions = range(len(labels))
     for offset, values, name in (
