@@ -176,8 +176,8 @@ class MemoryModel(nn.Module):
         and feeds each step a contiguous [B, input_size], so one graph serves every sequence
         length: the first call compiles it (about 40 s on a CPU core); the first step of a fresh
         state (reads without a gradient yet), a padded batch's steps with rows ended and each new
-        batch size compile one more. It pays where a
-        step is many small ops (torch fuses the pointwise ones around the memory's kernels): at
+        batch size compile one more. It pays where a step is many small ops (torch fuses the
+        pointwise ones around the memory's kernels): at
         the NTM paper's sizes (B = 16, N = 128, W = 20, hidden 100, one read head) a DNC training
         step took 1.4-1.6x less time on this project's 2-core CPU, an NTM's 1.1x (train's DNC
         copy at its default sizes: 2,332 sequences/s against 1,699 eager); results agree
