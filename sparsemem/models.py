@@ -313,7 +313,7 @@ class DNC(MemoryModel):
 
 class NTM(MemoryModel):
     """Neural Turing Machine (Graves et al. 2014): MemoryModel with an NTMMemory of N slots
-    of W, R read heads, one write head and shifts over shift_range S offsets."""
+    of W, R read heads, num_writes write heads and shifts over shift_range S offsets."""
 
     def __init__(
         self,
@@ -326,8 +326,9 @@ class NTM(MemoryModel):
         output_size: int | None = None,
         batch_first: bool = True,
         shift_range: int = 3,
+        num_writes: int = 1,
     ) -> None:
-        memory = NTMMemory(num_slots, word_size, num_reads, shift_range)
+        memory = NTMMemory(num_slots, word_size, num_reads, shift_range, num_writes)
         super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first)
 
 

@@ -85,7 +85,8 @@ from sparsemem.tasks.babi import (
 
 MODELS: dict[str, type[MemoryModel]] = {"dnc": DNC, "ntm": NTM, "sam": SAM, "sdnc": SDNC}
 """The models by their command-line name; each takes (input_size, hidden_size, num_slots=N,
-word_size=W, num_reads=R, output_size=...); sam and sdnc also k and index, sdnc link_k."""
+word_size=W, num_reads=R, output_size=...); sam and sdnc also k and index, sdnc link_k, ntm
+num_writes."""
 
 MODEL_NAMES = (*MODELS, "lstm")
 """--model: the memory models, and lstm (a plain nn.LSTM, the baseline)."""
@@ -139,6 +140,7 @@ class Config:
     num_slots: int = _option(16, "memory slots (N)")
     word_size: int = _option(16, "memory word size (W)")
     num_reads: int = _option(1, "read heads (R)")
+    num_writes: int = _option(1, "ntm: write heads (the NTM paper's priority sort: 8)")
     k: int = _option(8, "sam, sdnc: slots read per head (K)")
     index: str = _option("exact", "sam, sdnc: the nearest-neighbour index", INDEXES)
     link_k: int = _option(8, "sdnc: link entries kept per row (K_L)")
@@ -293,9 +295,11 @@ def _sequence_model(config: Config, input_size: int, output_size: int) -> "Memor
         # Nothing crosses time steps but the memory: the DNC paper's feed-forward controller.
         controller_in = input_size + config.num_reads * config.word_size
         controller = nn.Sequential(nn.Linear(controller_in, config.hidden_size), nn.Tanh())
-    sparse = {"k": config.k, "index": config.index} if config.model in SPARSE else {}
+    own = {"k": config.k, "index": config.index} if config.model in SPARSE else {}  # what only some models take
     if config.model == "sdnc":
-        sparse["link_k"] = config.link_k
+        own["link_k"] = config.link_k
+    if config.model == "ntm":
+        own["num_writes"] = config.num_writes
     model = MODELS[config.model](
         input_size,
         config.hidden_size,
@@ -304,7 +308,7 @@ def _sequence_model(config: Config, input_size: int, output_size: int) -> "Memor
         num_reads=config.num_reads,
         output_size=output_size,
         controller=controller,
-        **sparse,
+        **own,
     )
     if config.interface_init == "new-slot":
         model.memory.init_interface_bias(model.interface.bias)
@@ -1280,6 +1284,7 @@ SCOPED_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "k": ("model", SPARSE),
     "index": ("model", SPARSE),
     "link_k": ("model", ("sdnc",)),
+    "num_writes": ("model", ("ntm",)),
     "compile": ("model", ("dnc", "ntm")),
 }
 """The options only some tasks or models read: option -> (task or model, the ones that read it).
@@ -1302,6 +1307,7 @@ def check_config(config: Config) -> None:
         ("bits", config.bits >= 1, "a positive integer"),
         ("item_length", config.item_length >= 1, "a positive integer"),
         ("max_repeats", config.max_repeats >= 1, "a positive integer"),
+        ("num_writes", config.num_writes >= 1, "a positive integer"),
         ("sort_outputs", config.sort_outputs is None or config.sort_outputs >= 1, "a positive integer"),
         ("bptt", config.bptt >= 0, "an integer >= 0 (0: one update per sequence)"),
         ("threshold", config.threshold >= 0, "a number >= 0"),

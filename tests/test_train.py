@@ -330,6 +330,8 @@ def test_resume_refuses_to_change_the_model_the_task_or_the_data(tmp_path, capsy
         ),
         (["--model", "lstm", "--controller", "lstm"], "--controller is for --model dnc or ntm or sam or sdnc"),
         (["--model", "sam", "--compile"], "--compile is for --model dnc or ntm; got it with --model sam"),
+        (["--model", "dnc", "--num-writes", "2"], "--num-writes is for --model ntm; got it with --model dnc"),
+        (["--model", "ntm", "--num-writes", "0"], "--num-writes must be a positive integer; got 0"),
         (["--lr-half-life", "0"], "--lr-half-life must be a number of steps > 0; got 0"),
         (["--device", "tpu"], "--device must be cpu, cuda or cuda:INDEX; got 'tpu'"),
         (["--device", "cuda:x"], "--device must be cpu, cuda or cuda:INDEX; got 'cuda:x'"),

@@ -24,7 +24,7 @@ def test_batch_first_shapes(model_cls):
     assert y.shape == (B, T, O)
     assert state.memory.shape == (B, N, W)
     assert state.read_weights.shape == (B, R, N)
-    assert state.write_weights.shape == (B, N)
+    assert state.write_weights.shape == ((B, 1, N) if model_cls is sm.NTM else (B, N))
     assert state.reads.shape == (B, R, W)
 
     time_major = make(model_cls, batch_first=False)
