@@ -21,7 +21,17 @@ import shlex
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, TRAIN_COMMANDS, header, pyplot, run_trainings, save_figure, write_json, write_text
+from bench.common import (
+    RESULTS,
+    TRAIN_COMMANDS,
+    header,
+    pyplot,
+    run_trainings,
+    save_figure,
+    trained_at,
+    write_json,
+    write_text,
+)
 
 # fmt: off
 PUBLISHED = {
@@ -49,6 +59,7 @@ def read_run(out: Path) -> dict:
         "config": {key: summary["config"][key] for key in keep},
         "steps": summary["steps"],
         "stopped_by": summary["stopped_by"],
+        "sessions": summary.get("sessions", []),
         **summary["babi"],
     }
 
@@ -160,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     text = table(rows, args.model)
     if any(ours["fallback"] for ours, _ in rows):
         text += "\n\\* trained on en/'s 1k training file (en-10k has none for this task).\n"
+    if provenance := trained_at([run for pair in rows for run in pair]):
+        text += "\n" + provenance
     write_text(out / f"{name}.md", text)
     plot(rows, args.model, out / f"{name}.png")
     print(text)

@@ -24,6 +24,7 @@ import torch
 import torch.utils.benchmark as torch_benchmark
 from torch import Tensor
 
+from sparsemem._provenance import source_commit
 from sparsemem.index import Index
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,12 +37,6 @@ GIB = 2**30
 
 def header(config: dict) -> dict:
     """Machine, CPU, torch, commit and the run's config: carried by every result file."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=RESULTS.parent
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     return {
         "machine": platform.node(),
         "cpu": _cpu_name(),
@@ -50,9 +45,24 @@ def header(config: dict) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "commit": commit,
+        "commit": source_commit(),
         "config": config,
     }
+
+
+def trained_at(runs: list[dict]) -> str:
+    """A line naming the commits the runs trained at and the load average (5 minutes) at each
+    session's last checkpoint, from their summaries' "sessions" (train's provenance); "" if none
+    has any (runs older than it)."""
+    sessions = [session for run in runs for session in run.get("sessions", [])]
+    if not sessions:
+        return ""
+    commits = sorted({session["commit"] for session in sessions})
+    loads = [session["load_average"][1] for session in sessions]
+    return (
+        f"Trained at {', '.join(commits)}; load average (5 minutes) at each session's last checkpoint "
+        f"{min(loads):.1f}-{max(loads):.1f}.\n"
+    )
 
 
 def _cpu_name() -> str:

@@ -34,6 +34,7 @@ from bench.common import (
     pyplot,
     run_trainings,
     save_figure,
+    trained_at,
     write_json,
     write_text,
 )
@@ -139,6 +140,7 @@ def read_run(out: Path) -> dict:
         "stopped_by": summary["stopped_by"],
         "train_seconds": summary["train_seconds"],
         "eval_bits_error": summary.get("eval_bits_error"),
+        "sessions": summary.get("sessions", []),
     }
 
 
@@ -293,6 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = header(config) | {"rows": rows, "runs": runs_out, "copy_bits_error_by_length": copy}
     write_json(args.results / f"{mode_name}.json", result)
     text = table(rows, minutes)
+    if provenance := trained_at(list(results.values())):
+        text += "\n" + provenance
     write_text(args.results / f"{mode_name}.md", text)
     copy_runs = [run for model in args.models for run in by_row[model].get("copy", {}).values()]
     if copy_runs:  # the longest copy trained on: the top level its runs were scored at

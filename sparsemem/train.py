@@ -52,6 +52,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from sparsemem import distributed
 from sparsemem._malloc import keep_freed_memory
+from sparsemem._provenance import source_commit
 from sparsemem.distributed import World
 from sparsemem.index import INDEXES
 from sparsemem.memory import SparseWeights
@@ -315,6 +316,11 @@ def _sequence_model(config: Config, input_size: int, output_size: int) -> "Memor
     return model.compile_step() if config.compile else model
 
 
+def _load_average() -> list[float]:
+    """The machine's load average over 1, 5 and 15 minutes."""
+    return [round(value, 2) for value in os.getloadavg()]
+
+
 class LSTMState(NamedTuple):
     """LSTMModel's state: nn.LSTM's (h, c), each [1, B, hidden_size]; detach() as ModelState's,
     for truncated backpropagation."""
@@ -508,6 +514,9 @@ class TrainingRun(abc.ABC):
         self.last_checkpoint: int | None = None
         self.train_seconds = 0.0
         """Wall time spent in the training loop so far, over all the runs this one resumes."""
+        self.sessions: list[dict] = []
+        """The runs (sessions) this one resumes, as _session writes them: a result's provenance."""
+        self._session: dict | None = None  # while run() trains: this session, as of its last checkpoint
 
     @abc.abstractmethod
     def train_step(self) -> dict:
@@ -610,6 +619,7 @@ class TrainingRun(abc.ABC):
             "config": dataclasses.asdict(self.config),
             "step": self.step,
             "train_seconds": self.train_seconds,
+            "sessions": self._sessions(),
             "world_size": self.world.size,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -621,10 +631,18 @@ class TrainingRun(abc.ABC):
             state["ranks"] = self.world.gather(rank)
         return state
 
+    def _sessions(self) -> list[dict]:
+        """The earlier sessions and, while run() trains, this one as of its last checkpoint: its
+        commit (the source it ran, source_commit), its steps [first, last] and the machine's load
+        average over 1, 5 and 15 minutes then (which a result's speed depends on)."""
+        return [*self.sessions, *([self._session] if self._session is not None else [])]
+
     def save(self) -> Path:
         """Write out/checkpoint.pt atomically (temp file, fsync, rename); rank 0 writes it, every
         rank must call it."""
         path = self.out / CHECKPOINT
+        if self._session is not None:
+            self._session |= {"steps": [self._session["steps"][0], self.step], "load_average": _load_average()}
         state = self.state_dict()
         if self.world.writes:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -647,6 +665,7 @@ class TrainingRun(abc.ABC):
         torch.set_rng_state(rank["torch_rng"])
         self.step = state["step"]
         self.train_seconds = state.get("train_seconds", 0.0)  # absent from checkpoints older than --time-budget
+        self.sessions = state.get("sessions", [])  # absent from checkpoints older than it
         self.last_checkpoint = self.step
         self._load_task_state(state)
         if self.world.distributed:
@@ -664,6 +683,7 @@ class TrainingRun(abc.ABC):
         if resume:
             self.load()
         metrics = self._metrics_since_checkpoint() if writes else []
+        self._session = {"commit": source_commit(), "steps": [self.step, self.step], "load_average": _load_average()}
         started = time.perf_counter()
         clock = started - self.train_seconds  # so that train_seconds counts on from the checkpoint's
         bar = progress_bar(self.config.steps, self.step, enabled=progress and writes)
@@ -702,7 +722,9 @@ class TrainingRun(abc.ABC):
             "stopped_by": stopped_by,
             "train_seconds": self.train_seconds,
             "sequences_per_second": self._sequences() / self.train_seconds if self.train_seconds > 0 else None,
+            "sessions": self._sessions(),
         }
+        self.sessions, self._session = summary["sessions"], None  # this session has ended
         if not writes:
             return summary
         summary |= self._results()

@@ -1,11 +1,11 @@
-"""bench/common.py: the slope fit on synthetic data, the time prediction, subprocesses and atomic writes."""
+"""bench/common.py: the slope fit, the time prediction, subprocesses, atomic writes, the provenance line."""
 
 import math
 import random
 
 import pytest
 
-from bench.common import fit_slope, predict_seconds, run_module, write_text
+from bench.common import fit_slope, predict_seconds, run_module, trained_at, write_text
 
 
 @pytest.mark.parametrize("exponent", [0.0, 0.5, 1.0, 2.0])
@@ -39,3 +39,15 @@ def test_atomic_write_leaves_only_the_file(tmp_path):
     path = write_text(tmp_path / "deep" / "table.md", "| a |\n")
     assert path.read_text() == "| a |\n"
     assert [p.name for p in path.parent.iterdir()] == ["table.md"]
+
+
+def test_trained_at_names_the_commits_and_the_load_range():
+    session = {"commit": "abc1234", "steps": [0, 10], "load_average": [1.0, 2.0, 3.0]}
+    runs = [
+        {"sessions": [session, session | {"commit": "def5678", "load_average": [0.5, 0.25, 0.1]}]},
+        {"sessions": [session]},
+        {},  # a run older than its sessions
+    ]
+    line = trained_at(runs)
+    assert line.startswith("Trained at abc1234, def5678;") and line.endswith("0.2-2.0.\n")
+    assert trained_at([{}]) == ""

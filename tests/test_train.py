@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sparsemem import train
+from sparsemem._provenance import source_commit
 from sparsemem.train import CHECKPOINT, METRICS, SUMMARY, Config, Trainer, TrainingDiverged, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -448,3 +449,16 @@ def test_help_gives_every_option_its_text_choices_and_default(capsys):
         and "--babi-set {en,en-10k}" in text
         and "--index {exact,ivf,faiss-hnsw,faiss-ivf}" in text
     )
+
+
+def test_the_summary_names_each_session_s_commit_steps_and_load(tmp_path):
+    Trainer(tiny(tmp_path, steps=3)).run(progress=False)
+    resumed = Trainer(tiny(tmp_path))
+    summary = resumed.run(progress=False, resume=True)
+    first, second = summary["sessions"]
+    assert (first["steps"], second["steps"]) == ([0, 3], [3, 6])
+    assert first["commit"] == source_commit() != ""
+    assert len(second["load_average"]) == 3 and all(load >= 0 for load in second["load_average"])
+    assert json.loads((tmp_path / SUMMARY).read_text())["sessions"] == summary["sessions"]
+    saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert saved["sessions"] == summary["sessions"]
