@@ -189,6 +189,9 @@ class Config:
     curriculum_growth: float = _option(
         1.0, "on mastery the top level goes up by one, or times this when that is more (8 to 128 at 2: 4 stages)"
     )
+    curriculum_top_share: float = _option(
+        0.0, "the share of batches drawn at the curriculum's top level; the rest uniformly up to it"
+    )
     stop_at_threshold: bool = _option(True, "stop once the highest level is mastered")
     seed: int = _option(0, "seeds the parameters and the data")
     device: str = _option("cpu", "cpu, cuda or cuda:INDEX")
@@ -805,6 +808,7 @@ class Trainer(TrainingRun):
             config.window,
             enabled=config.curriculum,
             growth=config.curriculum_growth,
+            top_share=config.curriculum_top_share,
         )
         self.steps_to_threshold: int | None = None
 
@@ -1335,6 +1339,7 @@ def check_config(config: Config) -> None:
         ("threshold", config.threshold >= 0, "a number >= 0"),
         ("window", config.window >= 1, "a positive integer"),
         ("curriculum_growth", config.curriculum_growth >= 1, "a number >= 1"),
+        ("curriculum_top_share", 0 <= config.curriculum_top_share <= 1, "a number in [0, 1]"),
         ("seed", -(2**63) <= config.seed < 2**64, "an integer in [-2^63, 2^64)"),
         ("checkpoint_every", config.checkpoint_every >= 1, "a positive integer"),
         ("log_every", config.log_every >= 1, "a positive integer"),

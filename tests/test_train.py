@@ -303,6 +303,7 @@ def test_resume_refuses_to_change_the_model_the_task_or_the_data(tmp_path, capsy
         (["--steps", "1.5"], "argument --steps: invalid int value: '1.5'"),
         (["--window", "0"], "--window must be a positive integer"),
         (["--curriculum-growth", "0.5"], "--curriculum-growth must be a number >= 1"),
+        (["--curriculum-top-share", "2"], r"--curriculum-top-share must be a number in \[0, 1\]; got 2"),
         (["--checkpoint-every", "0"], "--checkpoint-every must be a positive integer"),
         (["--log-every", "0"], "--log-every must be a positive integer"),
         (["--threads", "0"], "--threads must be a positive integer"),

@@ -78,10 +78,13 @@ class Curriculum:
     """Difficulty that grows as the model masters it.
 
     Each batch's level is drawn uniformly from [min_level, level], so earlier levels stay
-    rehearsed. Once the mean bits error of the last `window` batches drawn at the top level
-    is below `threshold`, the top level goes up by one (times `growth` when that is more: a
-    curriculum over 8 to 128 items then takes 4 stages, not 120); at max_level `mastered` turns
-    True. enabled=False: the top level is max_level from the start. A curriculum pays where the long
+    rehearsed; with top_share > 0 that share of the batches is drawn at the top level instead
+    (the "mixed" curriculum of Zaremba and Sutskever 2014: the level being learnt gets the
+    updates and its mastery is seen sooner, where a uniform draw over 1-8 spends 1/8 of them on
+    it). Once the mean bits error of the last `window` batches drawn at the top level is below
+    `threshold`, the top level goes up by one (times `growth` when that is more: a curriculum
+    over 8 to 128 items then takes 4 stages, not 120); at max_level `mastered` turns True.
+    enabled=False: the top level is max_level from the start. A curriculum pays where the long
     levels cannot be learnt from scratch; on short ones it only costs steps
     (bench/results/learning/README.md, "Curriculum").
     """
@@ -94,18 +97,25 @@ class Curriculum:
         window: int = 20,
         enabled: bool = True,
         growth: float = 1.0,
+        top_share: float = 0.0,
     ) -> None:
         if not growth >= 1:
             raise ValueError(f"growth must be a number >= 1; got {growth}")
+        if not 0 <= top_share <= 1:
+            raise ValueError(f"top_share must be a number in [0, 1]; got {top_share}")
         self.min_level = min_level
         self.max_level = max_level
         self.threshold = threshold
         self.window = window
         self.growth = growth
+        self.top_share = top_share
         self.level = min_level if enabled else max_level
         self.errors: deque[float] = deque(maxlen=window)
 
     def draw(self, generator: torch.Generator) -> int:
+        # top_share 0 draws nothing more: the same levels as before it existed, for a resume
+        if self.top_share > 0 and float(torch.rand((), generator=generator)) < self.top_share:
+            return self.level
         return int(torch.randint(self.min_level, self.level + 1, (), generator=generator))
 
     def update(self, level: int, bits_error: float) -> None:

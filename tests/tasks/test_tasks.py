@@ -157,6 +157,25 @@ def test_curriculum_growth_multiplies_the_top_level_up_to_the_highest():
         Curriculum(1, 3, growth=0.5)
 
 
+def test_curriculum_top_share_draws_that_share_at_the_top_level():
+    g = generator(0)
+    mixed = Curriculum(1, 8, top_share=0.5)
+    mixed.level = 8
+    draws = torch.tensor([mixed.draw(g) for _ in range(4000)])
+    assert abs((draws == 8).float().mean().item() - (0.5 + 0.5 / 8)) < 0.03  # the share, and the uniform's 1/8
+    assert set(draws.tolist()) == set(range(1, 9))
+    always = Curriculum(1, 8, top_share=1.0)
+    always.level = 5
+    assert {always.draw(g) for _ in range(50)} == {5}
+    # top_share 0 draws exactly the levels a curriculum without it draws
+    plain, zero = Curriculum(1, 8), Curriculum(1, 8, top_share=0.0)
+    plain.level = zero.level = 8
+    a, b = generator(3), generator(3)
+    assert [plain.draw(a) for _ in range(30)] == [zero.draw(b) for _ in range(30)]
+    with pytest.raises(ValueError, match=r"top_share must be a number in \[0, 1\]; got 1\.5"):
+        Curriculum(1, 3, top_share=1.5)
+
+
 def test_bad_levels_are_named():
     with pytest.raises(ValueError, match="min_level <= max_level"):
         Copy(BITS, 4, 2)
