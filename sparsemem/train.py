@@ -13,7 +13,8 @@ state stops training with exit status 1 before anything is saved, so the last go
 stays in place. --resume takes the options not given from the checkpoint and refuses to change
 the model, the task or the data (ON_RESUME lists what may change). --time-budget stops training
 after so many minutes of it, across resumes. Every metrics line and summary.json report the
-throughput (sequences_per_second).
+throughput (sequences_per_second); summary.json and the checkpoint list the sessions (a run and
+its resumes) with the commit each ran and the machine's load average, which the speed depends on.
 
 --task babi trains on the bAbI question-answering tasks read from --data-dir (the release the
 user downloaded; nothing is read from anywhere else): an embedding of the words, the model
@@ -518,7 +519,7 @@ class TrainingRun(abc.ABC):
         self.train_seconds = 0.0
         """Wall time spent in the training loop so far, over all the runs this one resumes."""
         self.sessions: list[dict] = []
-        """The runs (sessions) this one resumes, as _session writes them: a result's provenance."""
+        """The sessions before this one (a run and its resumes), as _sessions lists them: a result's provenance."""
         self._session: dict | None = None  # while run() trains: this session, as of its last checkpoint
 
     @abc.abstractmethod
