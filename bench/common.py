@@ -59,8 +59,10 @@ def trained_at(runs: list[dict]) -> str:
         return ""
     commits = sorted({session["commit"] for session in sessions})
     loads = [session["load_average"][1] for session in sessions]
+    recorded = sum(bool(run.get("sessions")) for run in runs)
+    older = "" if recorded == len(runs) else f" ({recorded} of {len(runs)} runs; the others predate the record)"
     return (
-        f"Trained at {', '.join(commits)}; load average (5 minutes) at each session's last checkpoint "
+        f"Trained at {', '.join(commits)}{older}; load average (5 minutes) at each session's last checkpoint "
         f"{min(loads):.1f}-{max(loads):.1f}.\n"
     )
 

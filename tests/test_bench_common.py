@@ -49,5 +49,7 @@ def test_trained_at_names_the_commits_and_the_load_range():
         {},  # a run older than its sessions
     ]
     line = trained_at(runs)
-    assert line.startswith("Trained at abc1234, def5678;") and line.endswith("0.2-2.0.\n")
+    assert line.startswith("Trained at abc1234, def5678 (2 of 3 runs; the others predate the record);")
+    assert line.endswith("0.2-2.0.\n")
+    assert trained_at(runs[:2]).startswith("Trained at abc1234, def5678; load")
     assert trained_at([{}]) == ""
