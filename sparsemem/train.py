@@ -1227,7 +1227,7 @@ def _dense(weights: object, slots: int) -> Tensor:
 
 def plot_memory_access(model: MemoryModel, task: Task, path: Path, level: int | None = None, seed: int = 0) -> None:
     """Heatmaps over time of one sequence at `level` (default the task's max): the input, the
-    output, the write weights [N] and each read head's weights [N]; at most PLOT_SLOTS slots
+    output, each write head's weights [N] and each read head's weights [N]; at most PLOT_SLOTS slots
     (the lowest: an LRU fills them first) and PLOT_STEPS steps."""
     plt = _pyplot()
     if plt is None:
@@ -1241,14 +1241,16 @@ def plot_memory_access(model: MemoryModel, task: Task, path: Path, level: int | 
         for t in range(inputs.shape[1]):
             y, state = model(inputs[:, t : t + 1], state)
             outputs.append(torch.sigmoid(y[0, 0]).cpu())
-            writes.append(_dense(state.write_weights, N)[0].reshape(-1, N)[0].cpu())
+            writes.append(_dense(state.write_weights, N)[0].reshape(-1, N).cpu())  # [write heads, N]
             reads.append(_dense(state.read_weights, N)[0].reshape(R, N).cpu())
     panels = [
         ("input", batch.inputs[0, :PLOT_STEPS].T),
         ("output", torch.stack(outputs, dim=1)),
-        ("write weights", torch.stack(writes, dim=1)),
     ]
-    panels += [(f"read weights, head {r}", torch.stack([w[r] for w in reads], dim=1)) for r in range(R)]
+    for name, weights in (("write", writes), ("read", reads)):
+        panels += [
+            (f"{name} weights, head {h}", torch.stack([w[h] for w in weights], 1)) for h in range(len(weights[0]))
+        ]
     figure, axes = plt.subplots(len(panels), 1, figsize=(7, 1.6 * len(panels)), sharex=True)
     for axis, (title, image) in zip(axes, panels, strict=True):
         axis.imshow(image.float().numpy(), aspect="auto", interpolation="nearest", cmap="viridis")

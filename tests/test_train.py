@@ -463,3 +463,12 @@ def test_the_summary_names_each_session_s_commit_steps_and_load(tmp_path):
     assert json.loads((tmp_path / SUMMARY).read_text())["sessions"] == summary["sessions"]
     saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert saved["sessions"] == summary["sessions"]
+
+
+def test_the_memory_plot_has_a_panel_for_each_head(tmp_path, monkeypatch):
+    titles = []
+    monkeypatch.setattr(train, "_save_figure", lambda figure, path: titles.append([a.get_title() for a in figure.axes]))
+    config = tiny(tmp_path, model="ntm", num_writes=2, num_reads=1)
+    task = train.make_task(config)
+    train.plot_memory_access(train.make_model(config, task), task, tmp_path / "memory_access.png")
+    assert titles == [["input", "output", "write weights, head 0", "write weights, head 1", "read weights, head 0"]]
