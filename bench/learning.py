@@ -13,7 +13,8 @@ that stops on its cap or its steps before its threshold (the mean bits in error 
 the last --window batches, at the top level) is a failure: the table gives the seeds that learned
 and the median and range of their steps to threshold. Copy runs that learned are then scored
 (`python -m sparsemem.evaluate --level L`) at longer sequences than they trained on. Writes
-bench/results/learning/<mode>.{json,md,png}.
+bench/results/learning/<mode>.{json,md,png}; the rows a call has no run of are kept from that
+file's earlier record, so rows trained in different sessions share one table.
 """
 
 import argparse
@@ -168,6 +169,21 @@ def row(runs: dict[str, dict]) -> dict:
     }
 
 
+def earlier(path: Path, tabled: set[tuple[str, str]]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The runs ("model task" -> seed -> record) and copy errors (model -> seed -> errors) that an
+    earlier call wrote to the results file `path`, for the (model, task) rows this call has no run
+    of: a call on some rows replaces those rows and keeps the others, so a table grows across
+    sessions (and machines) without every run folder at hand."""
+    if not path.exists():
+        return {}, {}
+    written = json.loads(path.read_text())
+    runs = {key: seeds for key, seeds in written["runs"].items() if tuple(key.split(" ", 1)) not in tabled}
+    copy = {
+        model: seeds for model, seeds in written["copy_bits_error_by_length"].items() if (model, "copy") not in tabled
+    }
+    return runs, copy
+
+
 def copy_errors(out: Path, levels: list[int]) -> dict[str, float]:
     """Bits in error per sequence of a trained copy run at each level (sparsemem.evaluate,
     its held-out episodes); kept in the run folder, so a second call reads them back."""
@@ -244,10 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     if minutes <= 0:
         parser.error(f"--time-budget must be a number of minutes > 0; got {minutes}")
     base = [*shlex.split(mode["common"]), "--threads", "1", "--time-budget", str(minutes)]
-    sort_threshold = None
-    if "priority-sort" in args.tasks:  # --options may change the sizes: the last of a repeated option counts
-        sizes = sort_sizes(f"{mode['tasks']['priority-sort']} {args.options}")
-        sort_threshold = round(sort_tie_bits(*sizes, SORT_RESOLUTION), 2)
+    # --options may change the sizes: the last of a repeated option counts
+    sizes = sort_sizes(f"{mode['tasks']['priority-sort']} {args.options}")
+    sort_threshold = round(sort_tie_bits(*sizes, SORT_RESOLUTION), 2)
     runs = {}
     for model in args.models:
         for task in args.tasks:
@@ -266,14 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         run_trainings({"{} {} seed {}".format(*key): value for key, value in runs.items()}, minutes, args.jobs)
 
     results = {key: read_run(out) for key, (out, _) in runs.items()}
-    by_row = {
-        model: {
-            task: {str(s): results[(model, task, s)] for s in args.seeds if (model, task, s) in results}
-            for task in args.tasks
-        }
-        for model in args.models
-    }
-    rows = {model: {task: row(seeds) for task, seeds in tasks.items() if seeds} for model, tasks in by_row.items()}
+    tabled = {(model, task) for model, task, _ in results}
     copy = {
         model: {
             str(seed): copy_errors(out, mode["copy_levels"])
@@ -281,13 +289,25 @@ def main(argv: list[str] | None = None) -> dict:
             if (run_model, task) == (model, "copy") and results[(model, task, seed)]["steps_to_threshold"] is not None
         }
         for model in args.models
-        if "copy" in args.tasks
+        if (model, "copy") in tabled
     }
+    earlier_runs, earlier_copy = earlier(args.results / f"{mode_name}.json", tabled)
+    copy = earlier_copy | copy
+    by_row = {
+        model: {
+            task: {str(s): results[(model, task, s)] for s in args.seeds if (model, task, s) in results}
+            if (model, task) in tabled
+            else earlier_runs.get(f"{model} {task}", {})
+            for task in mode["tasks"]
+        }
+        for model in MODELS
+    }
+    rows = {model: {task: row(seeds) for task, seeds in tasks.items() if seeds} for model, tasks in by_row.items()}
     config = {
         "mode": mode_name,
         "minutes_per_run": minutes,
         "common": mode["common"],
-        "tasks": {task: mode["tasks"][task] for task in args.tasks},
+        "tasks": {task: mode["tasks"][task] for task in mode["tasks"] if any(task in tasks for tasks in rows.values())},
         "model_tasks": mode["model_tasks"],
         "priority_sort_threshold": {"resolution": SORT_RESOLUTION, "bits_per_sequence": sort_threshold},
         "options": args.options,
@@ -302,10 +322,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = header(config) | {"rows": rows, "runs": runs_out, "copy_bits_error_by_length": copy}
     write_json(args.results / f"{mode_name}.json", result)
     text = table(rows, minutes)
-    if provenance := trained_at(list(results.values())):
+    if provenance := trained_at(
+        [run for tasks in by_row.values() for seeds in tasks.values() for run in seeds.values()]
+    ):
         text += "\n" + provenance
     write_text(args.results / f"{mode_name}.md", text)
-    copy_runs = [run for model in args.models for run in by_row[model].get("copy", {}).values()]
+    copy_runs = [run for tasks in by_row.values() for run in tasks["copy"].values()]
     if copy_runs:  # the longest copy trained on: the top level its runs were scored at
         trained_to = max(int(level) for run in copy_runs for level in run["eval_bits_error"])
         plot(copy, trained_to, args.results / f"{mode_name}.png")

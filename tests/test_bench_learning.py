@@ -2,6 +2,7 @@
 runs that learned scored at longer lengths, and a second call reading the ended runs back."""
 
 import json
+import shutil
 
 import pytest
 
@@ -29,7 +30,11 @@ def test_seeds_are_tabled_with_failures_and_copy_scored_past_training(tmp_path, 
     errors = learned["copy_bits_error_by_length"]["dnc"]
     assert set(errors) == {"0", "1"} and list(errors["0"]) == [str(n) for n in learning.MODES["short"]["copy_levels"]]
     assert all(value >= 0 for seed in errors.values() for value in seed.values())
-    assert "| dnc | copy | 2 / 2 | 1 | 1-1 |" in (tmp_path / "results" / "short.md").read_text()
+    table = (tmp_path / "results" / "short.md").read_text()
+    assert "| dnc | copy | 2 / 2 | 1 | 1-1 |" in table
+    # a call on one row keeps the rows an earlier call wrote (priority sort), runs and all
+    assert "| dnc | priority-sort | 0 / 2 | - | - |" in table and learned["rows"]["dnc"]["priority-sort"] == sort
+    assert learned["runs"]["dnc priority-sort"] == failed["runs"]["dnc priority-sort"]
     assert json.loads((tmp_path / "results" / "short.json").read_text())["rows"] == learned["rows"]
     assert (tmp_path / "results" / "short.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -40,6 +45,12 @@ def test_seeds_are_tabled_with_failures_and_copy_scored_past_training(tmp_path, 
     # --ended-only trains nothing: seed 2 has no run yet, so the row is the two that ended
     partial = learning.main([*copy_args, "--seeds", "0", "1", "2", "--ended-only"])
     assert partial["rows"] == learned["rows"] and not (tmp_path / "runs" / "short-dnc-copy-s2").exists()
+
+    # the run folders gone (another machine), the results file still holds every row: a call on
+    # none of them replaces nothing
+    shutil.rmtree(tmp_path / "runs")
+    kept = learning.main([*copy_args, "--ended-only"])
+    assert kept["rows"] == learned["rows"] and kept["copy_bits_error_by_length"] == {"dnc": errors}
 
 
 def test_a_models_own_task_options_apply_and_options_override_them(tmp_path):
