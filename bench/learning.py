@@ -97,13 +97,16 @@ MODES = {
             "priority-sort": "--task priority-sort --min-level 20 --max-level 20 --sort-outputs 16",
         },
         # The NTM's copy at lr 3e-3: at 1e-2 seed 1 failed in its 30 minutes, at 3e-3 every seed
-        # learned (633-2,275 steps). Its recall stays at 1e-2: at 3e-3 seed 4 learned (2,332 steps)
-        # but seed 0 failed (33,000 steps), which learned at 1e-2 in 4,315. Its priority sort with
+        # learned (633-2,275 steps). Its recall at 1e-2 halved every 10,000 steps, not 3,000: with
+        # 3,000 seed 4 had not learned by step ~10,000, when the rate was 1e-3 and falling, and never
+        # did (34,775 steps); with 10,000 it learned in 2,109. (At 3e-3 seed 4 learned but seed 0
+        # failed, which learned at 1e-2.) Its priority sort with
         # the paper's 8 read and 8 write heads, at 3e-3 with the gradient clipped to norm 1: at the
         # default 10 seed 0 collapsed to chance (loss 0.693, gradient ~0.01) after 1,400 steps,
         # clipped to 1 it learned in 5,580 (22 minutes).
         "model_tasks": {
             "ntm copy": "--lr 3e-3",
+            "ntm associative-recall": "--lr-half-life 10000",
             "ntm priority-sort": "--num-reads 8 --num-writes 8 --lr 3e-3 --clip 1",
         },
         "copy_levels": [20, 40, 60, 80, 100, 120],
