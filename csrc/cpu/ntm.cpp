@@ -132,13 +132,15 @@ std::vector<at::Tensor> ext_ntm_address_backward(const at::Tensor& grad_w_in, co
         double d = 0, total = 0;
         for (int64_t i = 0; i < N; ++i) {
           d += acc_t(gw_r[i]) * acc_t(w_r[i]);
-          total += std::pow(s[i] / peak, gamma);
+          total += grad_s[i] = std::pow(s[i] / peak, gamma);  // r^gamma, as the forward sums it
         }
         double grad_gamma = 0;
         const acc_t scale = acc_t(gamma / (peak * total));
         for (int64_t i = 0; i < N; ++i) {
           const acc_t ratio = s[i] / peak, centred = acc_t(double(gw_r[i]) - d);
-          grad_s[i] = scale * std::pow(ratio, gamma - 1) * centred;
+          // r^(gamma - 1) = r^gamma / r: one pow a slot, not two (r = 0: 0^(gamma - 1), 1 at gamma = 1)
+          const acc_t slope = ratio > 0 ? grad_s[i] / ratio : std::pow(ratio, gamma - 1);
+          grad_s[i] = scale * slope * centred;
           if (acc_t(w_r[i]) != 0) grad_gamma += centred * acc_t(w_r[i]) * std::log(ratio);
         }
         gsharpen[row] = scalar_t(grad_gamma);
