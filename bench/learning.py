@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
         "priority_sort_threshold": {"resolution": SORT_RESOLUTION, "bits_per_sequence": sort_threshold},
         "options": args.options,
         "seeds": args.seeds,
+        # rows this call has no run of, kept as an earlier call (with its own options) wrote them
+        "rows_kept": sorted(earlier_runs),
         "ended_only": args.ended_only,
         "jobs": args.jobs,
         "load_average_before": load_before,

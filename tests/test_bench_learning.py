@@ -35,6 +35,7 @@ def test_seeds_are_tabled_with_failures_and_copy_scored_past_training(tmp_path, 
     # a call on one row keeps the rows an earlier call wrote (priority sort), runs and all
     assert "| dnc | priority-sort | 0 / 2 | - | - |" in table and learned["rows"]["dnc"]["priority-sort"] == sort
     assert learned["runs"]["dnc priority-sort"] == failed["runs"]["dnc priority-sort"]
+    assert learned["config"]["rows_kept"] == ["dnc priority-sort"] and failed["config"]["rows_kept"] == []
     assert json.loads((tmp_path / "results" / "short.json").read_text())["rows"] == learned["rows"]
     assert (tmp_path / "results" / "short.png").read_bytes()[:4] == b"\x89PNG"
 
