@@ -19,6 +19,9 @@ def test_bench_babi_tables_both_models_and_reuses_spent_runs(tmp_path, capsys):
     result = babi.main(args)
 
     assert set(result["runs"]) == {"1", "8"} and result["config"]["minutes_per_run"] == 5
+    # the call's options are in the results, beside each run's own commands
+    options = {key: result["config"][key] for key in ("common", "memory_options", "lstm_options")}
+    assert options == {"common": tiny, "memory_options": "--slots 8 --word-size 4", "lstm_options": ""}
     for task, pair in result["runs"].items():
         assert set(pair) == {"dnc", "lstm"}
         for model, run in pair.items():
