@@ -91,18 +91,20 @@ MODES = {
             "priority-sort": "--task priority-sort --min-level 20 --max-level 20 --sort-outputs 16",
         },
         # The NTM's copy at lr 3e-3: at 1e-2 seed 1 failed in its 30 minutes, at 3e-3 every seed
-        # learned (633-2,275 steps). Its recall at 1e-2 halved every 10,000 steps, not 3,000: with
-        # 3,000 seed 4 had not learned by step ~10,000, when the rate was 1e-3 and falling, and never
-        # did (34,775 steps); with 10,000 it learned in 2,109. (At 3e-3 seed 4 learned but seed 0
-        # failed, which learned at 1e-2.) Its priority sort with
-        # the paper's 8 read and 8 write heads, at 3e-3 with the gradient clipped to norm 1: at the
-        # default 10 seed 0 collapsed to chance (loss 0.693, gradient ~0.01) after 1,400 steps,
-        # clipped to 1 it learned in 5,580 (22 minutes). Its repeat copy as the paper trains it (no
-        # curriculum, 1-10 repeats at every length) at 3e-3 halved every 10,000 steps, clipped to 1:
-        # seed 0 learned in 14,234 steps (12 minutes), where at 1e-2 halved every 3,000 steps it
-        # stayed at chance beyond the first repeat (~200 bits at length 10) for 30 minutes, and a
-        # curriculum over lengths (the repeats following them) mastered 1-8 in 30 minutes. The
-        # DNC's repeat copy keeps that curriculum (0/1, not rerun with the NTM's settings).
+        # learned (633-2,275 steps).
+        # Its repeat copy as the paper trains it (no curriculum, 1-10 repeats at every length) at
+        # 3e-3 halved every 10,000 steps, clipped to 1: seed 0 learned in 14,234 steps (12 minutes),
+        # where at 1e-2 halved every 3,000 steps it stayed at chance beyond the first repeat (~200
+        # bits at length 10) for 30 minutes, and a curriculum over lengths (the repeats following
+        # them) mastered 1-8 in 30 minutes. The DNC's repeat copy keeps that curriculum (0/1, not
+        # rerun with the NTM's settings).
+        # Its recall at 1e-2 halved every 10,000 steps, not 3,000: with 3,000 seed 4 had not learned
+        # by step ~10,000, when the rate was 1e-3 and falling, and never did (34,775 steps); with
+        # 10,000 it learned in 2,109. (At 3e-3 seed 4 learned but seed 0 failed, which learned at
+        # 1e-2.)
+        # Its priority sort with the paper's 8 read and 8 write heads, at 3e-3 with the gradient
+        # clipped to norm 1: at the default 10 seed 0 collapsed to chance (loss 0.693, gradient
+        # ~0.01) after 1,400 steps, clipped to 1 it learned in 5,580 (22 minutes).
         "model_tasks": {
             "ntm copy": "--lr 3e-3",
             "ntm repeat-copy": "--lr 3e-3 --lr-half-life 10000 --clip 1",
