@@ -90,7 +90,11 @@ class MemoryModel(nn.Module):
     is feed-forward (called as controller(x)) unless it has init_state(B) -> a tuple of
     tensors [B, ...] and forward(x, state) -> (h, state). reset() zeros a controller state.
     output_size: features of y (default hidden_size). batch_first: x and y are [B, T, ...]
-    (else [T, B, ...]); the state is always batch first.
+    (else [T, B, ...]); the state is always batch first. bypass_dropout: dropout, in training
+    only, on the h_t that goes straight to the output layer (not on the interface, nor on r_t):
+    the "bypass dropout" of Franke et al. 2018 (rsDNC), which pushes what the output needs
+    through the memory rather than the controller's own state (bAbI: a DNC that memorises its
+    training stories).
 
     Extension point: a subclass builds its Memory and passes it here; nothing else is needed.
     """
@@ -103,6 +107,7 @@ class MemoryModel(nn.Module):
         controller: nn.Module | None = None,
         output_size: int | None = None,
         batch_first: bool = True,
+        bypass_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("output_size", output_size)):
@@ -110,6 +115,8 @@ class MemoryModel(nn.Module):
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
         if controller is not None and not isinstance(controller, nn.Module):
             raise ValueError(f"controller must be an nn.Module; got {type(controller).__name__}")
+        if not isinstance(bypass_dropout, int | float) or not 0 <= bypass_dropout < 1:
+            raise ValueError(f"bypass_dropout must be a probability in [0, 1); got {bypass_dropout!r}")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.output_size = output_size or hidden_size
@@ -119,6 +126,8 @@ class MemoryModel(nn.Module):
         self.controller = controller if controller is not None else nn.LSTMCell(input_size + read_size, hidden_size)
         self.interface = nn.Linear(hidden_size, memory.interface_size)
         self.output = nn.Linear(hidden_size + read_size, self.output_size)
+        # Identity at 0: no dropout call per step, and the step is what it was before the option
+        self.bypass = nn.Dropout(bypass_dropout) if bypass_dropout else nn.Identity()
         self._compiled_step: Callable | None = None  # compile_step's
 
     def init_state(self, batch_size: int, memory: Tensor | None = None) -> ModelState:
@@ -201,7 +210,7 @@ class MemoryModel(nn.Module):
         step_args = (state.access, interface) if active is None else (state.access, interface, active)
         reads, access = self.memory.step(*step_args)
         with region("controller"):
-            y = self.output(torch.cat([hidden, reads.flatten(1)], dim=-1))
+            y = self.output(torch.cat([self.bypass(hidden), reads.flatten(1)], dim=-1))
         if active is None:
             return y, ModelState(controller_state, access, reads)
 
@@ -306,9 +315,10 @@ class DNC(MemoryModel):
         controller: nn.Module | None = None,
         output_size: int | None = None,
         batch_first: bool = True,
+        bypass_dropout: float = 0.0,
     ) -> None:
         memory = DNCMemory(num_slots, word_size, num_reads)
-        super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first)
+        super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first, bypass_dropout)
 
 
 class NTM(MemoryModel):
@@ -327,9 +337,10 @@ class NTM(MemoryModel):
         batch_first: bool = True,
         shift_range: int = 3,
         num_writes: int = 1,
+        bypass_dropout: float = 0.0,
     ) -> None:
         memory = NTMMemory(num_slots, word_size, num_reads, shift_range, num_writes)
-        super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first)
+        super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first, bypass_dropout)
 
 
 class SAM(MemoryModel):
@@ -355,6 +366,7 @@ class SAM(MemoryModel):
         output_size: int | None = None,
         batch_first: bool = True,
         shard_group: object = None,
+        bypass_dropout: float = 0.0,
     ) -> None:
         if shard_group is None:
             memory = SAMMemory(num_slots, word_size, num_reads, k, index)
@@ -362,7 +374,7 @@ class SAM(MemoryModel):
             from sparsemem.memory.sharded import ShardedSAMMemory
 
             memory = ShardedSAMMemory(num_slots, word_size, num_reads, k, index, shard_group=shard_group)
-        super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first)
+        super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first, bypass_dropout)
         memory.init_interface_bias(self.interface.bias)  # strong LRU writes, sharp reads (see there)
 
 
@@ -384,6 +396,7 @@ class SDNC(MemoryModel):
         output_size: int | None = None,
         batch_first: bool = True,
         shard_group: object = None,
+        bypass_dropout: float = 0.0,
     ) -> None:
         if shard_group is None:
             memory = SDNCMemory(num_slots, word_size, num_reads, k, index, link_k)
@@ -391,6 +404,6 @@ class SDNC(MemoryModel):
             from sparsemem.memory.sharded import ShardedSDNCMemory
 
             memory = ShardedSDNCMemory(num_slots, word_size, num_reads, k, index, link_k, shard_group=shard_group)
-        super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first)
+        super().__init__(memory, input_size, hidden_size, controller, output_size, batch_first, bypass_dropout)
         # SAM's init (its part of the interface comes first): fewer steps to learn copy
         memory.init_interface_bias(self.interface.bias)

@@ -42,7 +42,7 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -139,6 +139,12 @@ class Config:
         "lstm", "an LSTM cell, or Linear + tanh (feedforward: only the memory crosses time steps)", CONTROLLERS
     )
     hidden_size: int = _option(64, "the controller's hidden size")
+    dropout: float = _option(
+        0.0,
+        "dropout in training on the controller's output where it bypasses the memory to the output layer "
+        "(Franke et al. 2018's bypass dropout: the memory, not the controller, has to carry what the answers "
+        "need); --model lstm: on the LSTM's output",
+    )
     num_slots: int = _option(16, "memory slots (N)")
     word_size: int = _option(16, "memory word size (W)")
     num_reads: int = _option(1, "read heads (R)")
@@ -290,7 +296,7 @@ def make_model(config: Config, task: Task) -> "MemoryModel | LSTMModel":
 def _sequence_model(config: Config, input_size: int, output_size: int) -> "MemoryModel | LSTMModel":
     """The model config.model names, mapping [B, T, input_size] to [B, T, output_size]."""
     if config.model == "lstm":
-        return LSTMModel(input_size, config.hidden_size, output_size)
+        return LSTMModel(input_size, config.hidden_size, output_size, config.dropout)
     if config.model not in MODELS:
         raise ValueError(f"unknown model {config.model!r}; expected one of {list(MODEL_NAMES)}")
     if config.controller not in CONTROLLERS:
@@ -313,6 +319,7 @@ def _sequence_model(config: Config, input_size: int, output_size: int) -> "Memor
         num_reads=config.num_reads,
         output_size=output_size,
         controller=controller,
+        bypass_dropout=config.dropout,
         **own,
     )
     if config.interface_init == "new-slot":
@@ -348,9 +355,10 @@ class LSTMModel(nn.Module):
     0.96 / 40.7 / 150 s forward+backward packed against 0.16 / 0.49 / 0.95 s unpacked), and a
     length-bucketed batch's tails are short."""
 
-    def __init__(self, input_size: int, hidden_size: int, output_size: int) -> None:
+    def __init__(self, input_size: int, hidden_size: int, output_size: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # on the outputs, in training
         self.output = nn.Linear(hidden_size, output_size)
 
     def forward(
@@ -358,7 +366,7 @@ class LSTMModel(nn.Module):
     ) -> tuple[Tensor, LSTMState]:
         if lengths is None:
             hidden, state = self.lstm(x, state)
-            return self.output(hidden), LSTMState(*state)
+            return self.output(self.dropout(hidden)), LSTMState(*state)
         B, T = x.shape[:2]
         shortest = int(lengths.min())
         hidden, (h, c) = self.lstm(x[:, :shortest], state)
@@ -375,7 +383,7 @@ class LSTMModel(nn.Module):
                 h, c = h.index_copy(1, rows, h_rows), c.index_copy(1, rows, c_rows)
             hidden = torch.cat([hidden, padded], dim=1)
         active = torch.arange(T, device=x.device) < lengths.unsqueeze(1)
-        return self.output(hidden).masked_fill(~active.unsqueeze(-1), 0), LSTMState(h, c)
+        return self.output(self.dropout(hidden)).masked_fill(~active.unsqueeze(-1), 0), LSTMState(h, c)
 
 
 class BabiModel(nn.Module):
@@ -393,6 +401,19 @@ class BabiModel(nn.Module):
         return logits
 
 
+@contextlib.contextmanager
+def scoring(model: nn.Module) -> Iterator[None]:
+    """A held-out score's context: no gradients and eval mode (no --dropout), the model's mode
+    restored after."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
+
+
 EVAL_BATCH_SIZE = 64
 """Stories per batch when scoring: each row is scored alone, so it changes only the speed."""
 
@@ -401,7 +422,7 @@ def score_stories(model: BabiModel, stories: list[EncodedStory]) -> BabiScore:
     """The questions of `stories` answered wrongly, per task; batches of similar lengths."""
     device = next(model.parameters()).device
     score = BabiScore()
-    with torch.no_grad():
+    with scoring(model):
         for indices in bucket_batches([len(story) for story in stories], EVAL_BATCH_SIZE):
             batch = collate([stories[i] for i in indices]).to(device)
             score.update(model(batch.tokens, batch.lengths), batch)
@@ -424,7 +445,7 @@ def evaluate(model: MemoryModel, task: Task, batch_size: int = 32, seed: int = 1
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     errors = {}
-    with torch.no_grad():
+    with scoring(model):
         for level in task.eval_levels():
             batch = task.sample(batch_size, level, generator).to(device)
             logits, _ = model(batch.inputs)
@@ -438,7 +459,7 @@ def final_query_error(
     """The fraction of value bits in error over the final queries of key-value-recall episodes of
     `level` pairs (queries about any pair of the episode), on held-out batches fixed by `seed`."""
     batch = task.sample(batch_size, level, torch.Generator().manual_seed(seed)).to(next(model.parameters()).device)
-    with torch.no_grad():
+    with scoring(model):
         logits, _ = model(batch.inputs)
     final = slice(batch.inputs.shape[1] - task.final_queries, None)
     return float(((logits[:, final] > 0) != (batch.targets[:, final] > 0.5)).float().mean())
@@ -1023,9 +1044,7 @@ class BabiTrainer(TrainingRun):
         return {"validation_error": self._validate()}
 
     def _validate(self) -> float:
-        self.model.eval()
         error = self._score_validation().mean_error()
-        self.model.train()
         self.validated_step = self.step
         if self.best is not None and error >= self.best["validation_error"]:
             self.scores_since_best += 1
@@ -1044,7 +1063,7 @@ class BabiTrainer(TrainingRun):
         score = BabiScore()
         device = next(self.model.parameters()).device
         batches = bucket_batches([len(story) for story in self.validation_stories], EVAL_BATCH_SIZE)
-        with torch.no_grad():
+        with scoring(self.model):
             for indices in batches[self.world.rows(len(batches))]:
                 batch = collate([self.validation_stories[i] for i in indices]).to(device)
                 score.update(self.model(batch.tokens, batch.lengths), batch)
@@ -1237,7 +1256,7 @@ def plot_memory_access(model: MemoryModel, task: Task, path: Path, level: int | 
     inputs = batch.inputs[:, :PLOT_STEPS].to(next(model.parameters()).device)
     N, R = min(model.memory.num_slots, PLOT_SLOTS), model.memory.num_reads
     writes, reads, outputs, state = [], [], [], None
-    with torch.no_grad():
+    with scoring(model):
         for t in range(inputs.shape[1]):
             y, state = model(inputs[:, t : t + 1], state)
             outputs.append(torch.sigmoid(y[0, 0]).cpu())
@@ -1332,6 +1351,7 @@ def check_config(config: Config) -> None:
         ("batch_size", config.batch_size >= 1, "a positive integer"),
         ("lr", 0 <= config.lr <= LR_MAX, f"a number in [0, {LR_MAX:.2g}]"),
         ("clip", config.clip > 0, "a number > 0 (inf: no clipping)"),
+        ("dropout", 0 <= config.dropout < 1, "a probability in [0, 1)"),
         ("lr_half_life", config.lr_half_life is None or config.lr_half_life > 0, "a number of steps > 0"),
         ("bits", config.bits >= 1, "a positive integer"),
         ("item_length", config.item_length >= 1, "a positive integer"),

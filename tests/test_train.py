@@ -197,6 +197,20 @@ def test_the_lstm_baseline_trains_on_an_algorithmic_task_without_a_memory_plot(t
     assert summary["steps"] == 3 and set(summary["eval_bits_error"]) == {"1", "2"}
 
 
+@pytest.mark.parametrize("model", ["dnc", "lstm"])
+def test_dropout_trains_and_held_out_scores_run_without_it(tmp_path, model):
+    config = tiny(tmp_path, model=model, dropout=0.5, steps=2)
+    task = train.make_task(config)
+    dropped = train.make_model(config, task)
+    plain = train.make_model(dataclasses.replace(config, dropout=0.0), task)
+    plain.load_state_dict(dropped.state_dict())
+    x = task.sample(4, 2, torch.Generator().manual_seed(0)).inputs
+    assert not torch.allclose(dropped(x)[0], plain(x)[0])  # training mode drops
+    assert train.evaluate(dropped, task) == train.evaluate(plain, task)
+    assert dropped.training  # the mode is restored
+    assert Trainer(config).run(progress=False)["steps"] == 2
+
+
 @pytest.mark.parametrize("model", ["sam", "sdnc"])
 def test_cli_trains_the_sparse_models_and_reports_time_and_memory(tmp_path, capsys, model):
     out = tmp_path / model
@@ -335,6 +349,7 @@ def test_resume_refuses_to_change_the_model_the_task_or_the_data(tmp_path, capsy
         (["--model", "dnc", "--num-writes", "2"], "--num-writes is for --model ntm; got it with --model dnc"),
         (["--model", "ntm", "--num-writes", "0"], "--num-writes must be a positive integer; got 0"),
         (["--lr-half-life", "0"], "--lr-half-life must be a number of steps > 0; got 0"),
+        (["--dropout", "1"], r"--dropout must be a probability in \[0, 1\); got 1"),
         (["--device", "tpu"], "--device must be cpu, cuda or cuda:INDEX; got 'tpu'"),
         (["--device", "cuda:x"], "--device must be cpu, cuda or cuda:INDEX; got 'cuda:x'"),
         (["--device", "cuda:99"], "--device cuda:99: "),

@@ -236,6 +236,28 @@ def test_bad_input_gives_clear_errors(model_cls):
         state.reset(torch.tensor([True, False]))
 
 
+@pytest.mark.parametrize("model_cls", [sm.DNC, sm.NTM, sm.SAM, sm.SDNC])
+def test_bypass_dropout_drops_only_the_controllers_path_to_the_output(model_cls):
+    sizes = {sm.SAM: {"k": 2}, sm.SDNC: {"k": 2, "link_k": 2}}.get(model_cls, {})
+    plain, dropped = make(model_cls, **sizes), make(model_cls, bypass_dropout=0.5, **sizes)
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(B, T, I)
+    y_plain, plain_state = plain(x)
+    y_train, train_state = dropped(x)
+    # the interface and the reads never see the dropout: every step reads and writes as without it
+    torch.testing.assert_close(train_state.reads, plain_state.reads)
+    torch.testing.assert_close(train_state.controller, plain_state.controller)
+    assert not torch.allclose(y_train, y_plain)
+    dropped.eval()
+    torch.testing.assert_close(dropped(x)[0], y_plain)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, "0.5"])
+def test_bypass_dropout_must_be_a_probability(value):
+    with pytest.raises(ValueError, match=r"bypass_dropout must be a probability in \[0, 1\)"):
+        sm.DNC(I, H, bypass_dropout=value)
+
+
 def test_bad_sizes_give_clear_errors():
     with pytest.raises(ValueError, match="num_slots must be a positive int"):
         DNCMemory(0, W, R)
