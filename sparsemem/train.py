@@ -1120,7 +1120,6 @@ class BabiTrainer(TrainingRun):
         vocabulary = Vocabulary.from_dict(best["vocabulary"])
         model = copy.deepcopy(self.model)
         model.load_state_dict(best["model"])
-        model.eval()
         test = [encode_story(story, vocabulary) for task in sorted(self.data.test) for story in self.data.test[task]]
         score = score_stories(model, test)
         errors = score.errors()
