@@ -3,8 +3,8 @@
 //
 // A link row is K_L (slot, value) pairs, slot -1 for an empty place. A task (a batch row for the
 // update, a head for the reads) builds each row's candidates in a small buffer, sums equal slots
-// after a stable sort by slot, and keeps the top by (value desc, slot asc) of the valid ones
-// (slot >= 0, value > 0), padding with (-1, 0): the order of the reference's _top.
+// in their original order (a hash table of slots, SlotMap), and keeps the top by (value desc, slot
+// asc) of the valid ones (slot >= 0, value > 0), padding with (-1, 0): the order of the reference's _top.
 //
 // Rounding: every elementwise step is rounded to the input dtype as the reference's torch ops
 // round it, so the bf16 results (and the ties they make) are the reference's; the backward
@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <vector>
 
@@ -56,18 +57,55 @@ void write_top(std::vector<Entry<acc_t>>& entries, int64_t k, scalar_t* values, 
   }
 }
 
-// Sums entries of equal slot (in their original order, as scatter_add does), slot -1 dropped.
+// Slot -> position for the few hundred distinct slots of one task: open addressing in a table of
+// at least twice the slots, so a lookup is a probe or two where a binary search or a sort took
+// most of these kernels (a step's rows are small, but each entry looks up several slots).
+class SlotMap {
+ public:
+  explicit SlotMap(size_t count) {
+    while ((size_t(1) << (64 - shift_)) < 2 * count) --shift_;
+    keys_.assign(size_t(1) << (64 - shift_), -1);
+    positions_.assign(keys_.size(), -1);
+  }
+
+  // The position stored for slot >= 0 (-1 when none yet), as a reference to set it.
+  int64_t& operator[](int64_t slot) {
+    const size_t place = probe(slot);
+    keys_[place] = slot;
+    return positions_[place];
+  }
+
+  // The position of slot, or -1 (slot -1 is never found).
+  int64_t find(int64_t slot) const { return slot < 0 ? -1 : positions_[probe(slot)]; }
+
+ private:
+  // slot's place, or the empty place where it would go.
+  size_t probe(int64_t slot) const {
+    const size_t mask = keys_.size() - 1;
+    size_t place = (uint64_t(slot) * 0x9E3779B97F4A7C15ull) >> shift_;
+    while (keys_[place] >= 0 && keys_[place] != slot) place = (place + 1) & mask;
+    return place;
+  }
+
+  int shift_ = 60;  // 16 places at least; the hash's top 64 - shift_ bits pick a place
+  std::vector<int64_t> keys_, positions_;
+};
+
+// Sums entries of equal slot, each slot's values in their original order (as scatter_add adds
+// them), slot -1 dropped; the distinct slots stay in the order they first appear.
 template <typename scalar_t, typename acc_t>
 void sum_equal_slots(std::vector<Entry<acc_t>>& entries) {
-  std::stable_sort(entries.begin(), entries.end(),
-                   [](const Entry<acc_t>& a, const Entry<acc_t>& b) { return a.slot < b.slot; });
+  SlotMap sums(entries.size());
   size_t out = 0;
   for (size_t i = 0; i < entries.size(); ++i) {
-    if (entries[i].slot < 0) continue;
-    if (out > 0 && entries[out - 1].slot == entries[i].slot) {
-      entries[out - 1].value = rounded<scalar_t>(entries[out - 1].value + entries[i].value);
+    const Entry<acc_t> entry = entries[i];
+    if (entry.slot < 0) continue;
+    int64_t& at = sums[entry.slot];
+    if (at >= 0) {
+      entries[at].value = rounded<scalar_t>(entries[at].value + entry.value);
     } else {
-      entries[out++] = entries[i];
+      at = int64_t(out);
+      entries[out++] = entry;  // out <= i: only entries already read are overwritten
     }
   }
   entries.resize(out);
@@ -85,10 +123,11 @@ inline int64_t find(const int64_t* slots, int64_t n, int64_t slot) {
 // The write weights of one batch row summed per slot: w(s), and sum_j w_j over valid entries.
 template <typename scalar_t, typename acc_t>
 struct Writes {
-  std::vector<Entry<acc_t>> slots;  // distinct written slots, ascending, with summed weights
+  std::vector<Entry<acc_t>> slots;  // distinct written slots with summed weights
+  SlotMap positions;                // slot -> its place in slots
   acc_t total = 0;
 
-  Writes(const int64_t* indices, const scalar_t* weights, int64_t J) {
+  Writes(const int64_t* indices, const scalar_t* weights, int64_t J) : positions(J) {
     acc_t sum = 0;
     for (int64_t j = 0; j < J; ++j) {
       if (indices[j] < 0) continue;
@@ -97,15 +136,11 @@ struct Writes {
     }
     total = rounded<scalar_t>(sum);
     sum_equal_slots<scalar_t>(slots);
+    for (size_t j = 0; j < slots.size(); ++j) positions[slots[j].slot] = int64_t(j);
   }
 
   // Position of slot in `slots`, or -1.
-  int64_t position(int64_t slot) const {
-    if (slot < 0) return -1;
-    const auto it = std::lower_bound(slots.begin(), slots.end(), slot,
-                                     [](const Entry<acc_t>& e, int64_t s) { return e.slot < s; });
-    return it != slots.end() && it->slot == slot ? it - slots.begin() : -1;
-  }
+  int64_t position(int64_t slot) const { return positions.find(slot); }
 
   acc_t weight(int64_t slot) const {
     const int64_t j = position(slot);
@@ -121,23 +156,14 @@ inline acc_t link_entry(acc_t value, acc_t w_row, acc_t w_column, acc_t p_column
   return rounded<scalar_t>(rounded<scalar_t>(value * keep) + rounded<scalar_t>(w_row * p_column));
 }
 
-// A sorted (slot, row) map of gathered rows, for the mutual cut: the row of a slot, or -1.
-struct RowsOf {
-  std::vector<std::pair<int64_t, int64_t>> pairs;
-
-  RowsOf(const int64_t* slots, int64_t n) {
-    for (int64_t r = 0; r < n; ++r) {
-      if (slots[r] >= 0) pairs.emplace_back(slots[r], r);
-    }
-    std::sort(pairs.begin(), pairs.end());
+// The row of each slot among gathered rows, for the mutual cut (-1: not gathered).
+SlotMap rows_of(const int64_t* slots, int64_t n) {
+  SlotMap rows(n);
+  for (int64_t r = n - 1; r >= 0; --r) {  // the first row of a slot wins
+    if (slots[r] >= 0) rows[slots[r]] = r;
   }
-
-  int64_t row(int64_t slot) const {
-    if (slot < 0) return -1;
-    const auto it = std::lower_bound(pairs.begin(), pairs.end(), std::make_pair(slot, int64_t(-1)));
-    return it != pairs.end() && it->first == slot ? it->second : -1;
-  }
-};
+  return rows;
+}
 
 struct LinkShapes {
   int64_t B, F, G, K_L, J;
@@ -256,9 +282,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
         // Mutual cut: an entry stays if the other store's row of its slot (when gathered; a row not
         // gathered did not change, so it holds at most K_L) has it among its top K_L.
-        const RowsOf backward_rows(gs, G), forward_rows(fs, F);
-        const auto passes = [&](int64_t slot, int64_t other, const RowsOf& rows, const int64_t* tops) {
-          const int64_t r = rows.row(other);
+        const SlotMap backward_rows = rows_of(gs, G), forward_rows = rows_of(fs, F);
+        const auto passes = [&](int64_t slot, int64_t other, const SlotMap& rows, const int64_t* tops) {
+          const int64_t r = rows.find(other);
           return r < 0 || find(tops + r * K_L, K_L, slot) >= 0;
         };
         for (int64_t e = 0; e < F * K_L; ++e) kept_forward[e] = passes(fs[e / K_L], out_fi[e], backward_rows, out_gi);
