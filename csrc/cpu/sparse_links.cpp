@@ -42,18 +42,27 @@ inline acc_t rounded(acc_t x) {
   return acc_t(scalar_t(x));
 }
 
-// Writes the k best valid entries to values/slots [k], best first, then (0, -1).
+// Writes the k best valid entries to values/slots [k], best first, then (0, -1); best is scratch
+// space (a task's own, reused from row to row). Each entry is inserted into the best so far: most
+// lose to the k-th best at once (a link row has K_L to 2 K_L candidates, a read head a few dozen).
 template <typename scalar_t, typename acc_t>
-void write_top(std::vector<Entry<acc_t>>& entries, int64_t k, scalar_t* values, int64_t* slots) {
-  const auto end = std::remove_if(entries.begin(), entries.end(),
-                                  [](const Entry<acc_t>& e) { return e.slot < 0 || !(e.value > acc_t(0)); });
-  const int64_t kept = std::min<int64_t>(end - entries.begin(), k);
-  std::partial_sort(entries.begin(), entries.begin() + kept, end, [](const Entry<acc_t>& a, const Entry<acc_t>& b) {
+void write_top(const std::vector<Entry<acc_t>>& entries, int64_t k, std::vector<Entry<acc_t>>& best, scalar_t* values,
+               int64_t* slots) {
+  const auto better = [](const Entry<acc_t>& a, const Entry<acc_t>& b) {
     return a.value > b.value || (a.value == b.value && a.slot < b.slot);
-  });
+  };
+  best.clear();
+  for (const Entry<acc_t>& entry : entries) {
+    if (entry.slot < 0 || !(entry.value > acc_t(0))) continue;
+    if (int64_t(best.size()) == k && !better(entry, best.back())) continue;
+    if (int64_t(best.size()) < k) best.push_back(entry);
+    size_t at = best.size() - 1;
+    for (; at > 0 && better(entry, best[at - 1]); --at) best[at] = best[at - 1];
+    best[at] = entry;
+  }
   for (int64_t j = 0; j < k; ++j) {
-    values[j] = j < kept ? scalar_t(entries[j].value) : scalar_t(0);
-    slots[j] = j < kept ? entries[j].slot : -1;
+    values[j] = j < int64_t(best.size()) ? scalar_t(best[j].value) : scalar_t(0);
+    slots[j] = j < int64_t(best.size()) ? best[j].slot : -1;
   }
 }
 
@@ -223,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, forward_values.scalar_type(), "ext_sparse_link_update", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::parallel_for(0, B, grain(16 * (F + G + 1) * K_L + J), [&](int64_t begin, int64_t end) {
-      std::vector<Entry<acc_t>> candidates;
+      std::vector<Entry<acc_t>> candidates, best;
       std::vector<uint8_t> kept_forward(F * K_L), kept_backward(G * K_L);
       for (int64_t b = begin; b < end; ++b) {
         const int64_t* fs = forward_slots.data_ptr<int64_t>() + b * F;
@@ -259,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               candidates.push_back({rounded<scalar_t>(w_i * acc_t(pv[l])), j});
             }
           }
-          write_top(candidates, K_L, out_fv + f * K_L, out_fi + f * K_L);
+          write_top(candidates, K_L, best, out_fv + f * K_L, out_fi + f * K_L);
         }
         // Backward row j (column j of L): its entries i updated, plus w_i p_j at written slots i not stored, i != j.
         for (int64_t g = 0; g < G; ++g) {
@@ -278,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               candidates.push_back({rounded<scalar_t>(written.value * p_j), written.slot});
             }
           }
-          write_top(candidates, K_L, out_gv + g * K_L, out_gi + g * K_L);
+          write_top(candidates, K_L, best, out_gv + g * K_L, out_gi + g * K_L);
         }
         // Mutual cut: an entry stays if the other store's row of its slot (when gathered; a row not
         // gathered did not change, so it holds at most K_L) has it among its top K_L.
@@ -316,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (const auto& written : writes.slots) {
           if (find(pi, K_L, written.slot) < 0) candidates.push_back(written);
         }
-        write_top(candidates, K_L, new_precedence_values.data_ptr<scalar_t>() + b * K_L,
+        write_top(candidates, K_L, best, new_precedence_values.data_ptr<scalar_t>() + b * K_L,
                   new_precedence_indices.data_ptr<int64_t>() + b * K_L);
       }
     });
@@ -476,7 +485,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_sparse_temporal_r
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* w = read_weights.data_ptr<scalar_t>();
     at::parallel_for(0, B * R, grain(32 * Q * K_L), [&](int64_t begin, int64_t end) {
-      std::vector<Entry<acc_t>> entries;
+      std::vector<Entry<acc_t>> entries, best;
       const auto through = [&](int64_t head, const at::Tensor& indices, const at::Tensor& values, at::Tensor& out_w,
                                at::Tensor& out_s) {
         const int64_t* slots = indices.data_ptr<int64_t>() + head * Q * K_L;
@@ -490,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_sparse_temporal_r
           entries.push_back({contribution, slots[e]});
         }
         sum_equal_slots<scalar_t>(entries);
-        write_top(entries, k, out_w.data_ptr<scalar_t>() + head * k, out_s.data_ptr<int64_t>() + head * k);
+        write_top(entries, k, best, out_w.data_ptr<scalar_t>() + head * k, out_s.data_ptr<int64_t>() + head * k);
       };
       for (int64_t head = begin; head < end; ++head) {
         through(head, backward_indices, backward_values, forward_weights, forward_slots);
