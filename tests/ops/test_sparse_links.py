@@ -156,3 +156,34 @@ def test_sparse_temporal_reads_gradcheck(backend, use_backend):
         return tuple(o for o in sm.ops.sparse_temporal_reads(*inputs, 3) if o.is_floating_point())
 
     assert torch.autograd.gradcheck(weights, args, fast_mode=backend == "triton")
+
+
+def spread(slots: torch.Tensor) -> torch.Tensor:
+    """Slots moved far apart and past 2^32 in the same order (-1 stays -1): the kernels' hash tables
+    of slots see large, scattered keys, and the order outputs are ranked by (slot ascending) holds."""
+    return torch.where(slots >= 0, slots * 1_000_003 + 2**33, slots)
+
+
+@pytest.mark.parametrize("backend", backends_of("sparse_link_update"))
+def test_sparse_link_update_on_large_slot_ids(backend, use_backend):
+    use_backend(backend)
+    args = link_update_inputs(2, 45, 8, 33, torch.float64, seed=3)  # an SDNC step's J = R K + 1 at R = 4, K = 8
+    got = sm.ops.sparse_link_update(*(spread(a) if a.dtype == torch.int64 else a for a in args))
+    for g_, w in zip(got, reference.sparse_link_update_ref(*args), strict=True):
+        if w.is_floating_point():
+            torch.testing.assert_close(g_, w, **tolerance(torch.float64))
+        else:
+            assert torch.equal(g_, spread(w))
+
+
+@pytest.mark.parametrize("backend", backends_of("sparse_temporal_reads"))
+def test_sparse_temporal_reads_on_large_slot_ids(backend, use_backend):
+    use_backend(backend)
+    read_weights, *rows = temporal_reads_inputs(2, 45, 3, 24, 8, torch.float64, seed=4)  # 192 candidates a head
+    big = [spread(a) if a.dtype == torch.int64 else a for a in rows]
+    got = sm.ops.sparse_temporal_reads(read_weights, *big, 8)
+    for g_, w in zip(got, reference.sparse_temporal_reads_ref(read_weights, *rows, 8), strict=True):
+        if w.is_floating_point():
+            torch.testing.assert_close(g_, w, **tolerance(torch.float64))
+        else:
+            assert torch.equal(g_, spread(w))
