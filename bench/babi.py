@@ -54,9 +54,11 @@ PASSED = 0.05
 def read_run(out: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     keep = ("model", "hidden_size", "embedding_size", "num_slots", "word_size", "num_reads", "k", "batch_size", "lr")
+    config = summary["config"]
     return {
         "commands": (out / TRAIN_COMMANDS).read_text().splitlines(),
-        "config": {key: summary["config"][key] for key in keep},
+        # dropout: 0 for runs from before --dropout existed
+        "config": {key: config[key] for key in keep} | {"dropout": config.get("dropout", 0.0)},
         "steps": summary["steps"],
         "stopped_by": summary["stopped_by"],
         "sessions": summary.get("sessions", []),
