@@ -79,17 +79,26 @@ def _cpu_name() -> str:
 
 def _write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
     """write(temporary) in path's folder, then a rename onto path: an interrupted run never
-    leaves half a file. The temporary keeps path's suffix (matplotlib picks the format by it)."""
+    leaves half a file. The temporary keeps path's suffix (matplotlib picks the format by it)
+    and gets the mode any new file gets here (mkstemp makes it readable by its owner only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(handle)
     try:
         write(Path(name))
+        os.chmod(name, _new_file_mode())
         os.replace(name, path)
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
     return path
+
+
+def _new_file_mode() -> int:
+    """0o666 less the process's umask: what open() gives a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_json(path: Path, payload: dict) -> Path:
