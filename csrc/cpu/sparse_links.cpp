@@ -51,6 +51,7 @@ void write_top(const std::vector<Entry<acc_t>>& entries, int64_t k, std::vector<
   const auto better = [](const Entry<acc_t>& a, const Entry<acc_t>& b) {
     return a.value > b.value || (a.value == b.value && a.slot < b.slot);
   };
+  if (k <= 0) return;  // K_L = 0: no places (and no k-th best to compare with)
   best.clear();
   for (const Entry<acc_t>& entry : entries) {
     if (entry.slot < 0 || !(entry.value > acc_t(0))) continue;
