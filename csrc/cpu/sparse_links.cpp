@@ -102,10 +102,10 @@ class SlotMap {
 };
 
 // Sums entries of equal slot, each slot's values in their original order (as scatter_add adds
-// them), slot -1 dropped; the distinct slots stay in the order they first appear.
+// them), slot -1 dropped; the distinct slots stay in the order they first appear. sums: an empty
+// SlotMap made for at least entries.size() slots; it ends holding each distinct slot's place.
 template <typename scalar_t, typename acc_t>
-void sum_equal_slots(std::vector<Entry<acc_t>>& entries) {
-  SlotMap sums(entries.size());
+void sum_equal_slots(std::vector<Entry<acc_t>>& entries, SlotMap& sums) {
   size_t out = 0;
   for (size_t i = 0; i < entries.size(); ++i) {
     const Entry<acc_t> entry = entries[i];
@@ -145,8 +145,7 @@ struct Writes {
       sum += acc_t(weights[j]);
     }
     total = rounded<scalar_t>(sum);
-    sum_equal_slots<scalar_t>(slots);
-    for (size_t j = 0; j < slots.size(); ++j) positions[slots[j].slot] = int64_t(j);
+    sum_equal_slots<scalar_t>(slots, positions);
   }
 
   // Position of slot in `slots`, or -1.
@@ -499,7 +498,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_sparse_temporal_r
           if (slots[e] < 0 || contribution == acc_t(0)) continue;
           entries.push_back({contribution, slots[e]});
         }
-        sum_equal_slots<scalar_t>(entries);
+        SlotMap sums(entries.size());
+        sum_equal_slots<scalar_t>(entries, sums);
         write_top(entries, k, best, out_w.data_ptr<scalar_t>() + head * k, out_s.data_ptr<int64_t>() + head * k);
       };
       for (int64_t head = begin; head < end; ++head) {
