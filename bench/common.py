@@ -15,8 +15,8 @@ import resource
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,26 +79,19 @@ def _cpu_name() -> str:
 
 def _write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
     """write(temporary) in path's folder, then a rename onto path: an interrupted run never
-    leaves half a file. The temporary keeps path's suffix (matplotlib picks the format by it)
-    and gets the mode any new file gets here (mkstemp makes it readable by its owner only)."""
+    leaves half a file. The temporary keeps path's suffix (matplotlib picks the format by it) and
+    has a name of its own (two runs may write one table); it is created as open() creates any file,
+    with the mode the umask leaves (mkstemp's would be readable by its owner only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(handle)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{path.suffix}")
+    os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        write(Path(name))
-        os.chmod(name, _new_file_mode())
-        os.replace(name, path)
+        write(temporary)
+        os.replace(temporary, path)
     except BaseException:
-        Path(name).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return path
-
-
-def _new_file_mode() -> int:
-    """0o666 less the process's umask: what open() gives a new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def write_json(path: Path, payload: dict) -> Path:
