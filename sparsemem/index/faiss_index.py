@@ -37,6 +37,11 @@ LOAD_CHUNK = 2**16
 """Rows normalised and added per step of a bulk load (bounds its temporaries to LOAD_CHUNK * W floats)."""
 SAMPLE_PER_LIST = 64
 """A bulk load trains IVF k-means on ~64 rows per list (pooled over the batch rows), not on all B * N."""
+IMBALANCE_LIMIT = 1.5
+"""A bulk-loaded batch row whose rows the pooled lists file with an imbalance factor above this
+(nlist * sum(list length^2) / rows^2: the rows a probed list holds on average, against equal lists)
+gets lists of its own (batch rows holding unlike words: a row's words would fill a few of the pooled
+lists, and every search would scan lists several times as long, many probes landing on empty ones)."""
 
 
 def load_faiss():
@@ -62,7 +67,8 @@ class FaissIndex(Index):
     minimum for k-means), nprobe lists searched; retrained from the current rows when
     they have grown 4-fold since the last training, so retraining is amortised O(1) per row.
     load(rows [B, N, W]) builds every batch row's index once from all N rows (IVF: one k-means
-    on a sample pooled over the batch rows, see _load).
+    on a sample pooled over the batch rows, and one of its own for a row whose words are unlike
+    the others', see _load).
     Search runs on the CPU; results come back on the queries' device.
     """
 
@@ -180,7 +186,8 @@ class FaissIndex(Index):
         with no buffer, merges or retraining on the way. IVF trains its lists once, on a sample
         of ~SAMPLE_PER_LIST rows per list pooled over the batch rows, so the B indexes share one
         set of centroids (k-means on B * N rows, or B times on N, would cost minutes at a
-        million slots); every row is then assigned, the lists are sized to their final length
+        million slots), unless a batch row's words fill them unevenly (IMBALANCE_LIMIT): that
+        row trains its own; every row is then assigned, the lists are sized to their final length
         and the rows added with those assignments, so no list grows by reallocation. HNSW adds
         the rows chunk by chunk. Rows are normalised a chunk at a time: nothing of size N * W
         is made besides what faiss stores."""
@@ -217,10 +224,10 @@ class FaissIndex(Index):
         return max(1, min(round(4 * math.sqrt(rows)), rows // 39))
 
     def _trained_ivf(self, rows: Tensor):
-        """An empty IndexIVFFlat for N rows per batch row, trained on a sample pooled over rows [B, N, W]."""
+        """An empty IndexIVFFlat for N rows per batch row, trained on a sample pooled over rows [B', N, W]."""
         faiss, num_slots = self.faiss, self.num_slots
         lists = self._ivf_lists(num_slots)
-        total = self.batch_size * num_slots
+        total = rows.shape[0] * num_slots
         count = min(total, SAMPLE_PER_LIST * lists)
         # Sorted positions read the memory in order; the draw is seeded, so builds repeat.
         generator = torch.Generator().manual_seed(1234)
@@ -234,15 +241,17 @@ class FaissIndex(Index):
         return ann
 
     def _load_ivf(self, b: int, rows: Tensor, template) -> None:
-        """Batch row b's IVF from rows [N, W]: assign every row, size each list, add with the assignments."""
+        """Batch row b's IVF from rows [N, W]: assign every row, size each list, add with the
+        assignments; lists trained on rows alone if the template's file them unevenly."""
         faiss = self.faiss
+        assigned, lengths = self._assigned(template, rows)
+        if template.nlist * np.square(lengths, dtype=np.float64).sum() > IMBALANCE_LIMIT * self.num_slots**2:
+            template = self._trained_ivf(rows.unsqueeze(0))
+            assigned, lengths = self._assigned(template, rows)
         ann = faiss.clone_index(template)
         ann.set_direct_map_type(faiss.DirectMap.Hashtable)
-        assigned = np.empty(self.num_slots, dtype=np.int64)
-        for first, unit in self._unit_chunks(rows):
-            assigned[first : first + len(unit)] = ann.quantizer.assign(unit, 1).ravel()
         lists = ann.invlists
-        for number, length in enumerate(np.bincount(assigned, minlength=ann.nlist).tolist()):
+        for number, length in enumerate(lengths.tolist()):
             # std::vector keeps its capacity when shrunk: the list is allocated once, at its final size.
             lists.resize(number, length)
             lists.resize(number, 0)
@@ -252,6 +261,13 @@ class FaissIndex(Index):
             ann.add_core(len(unit), faiss.swig_ptr(unit), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
         self._ann[b] = ann
         self._trained_rows[b] = self.num_slots
+
+    def _assigned(self, template, rows: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(assigned [N]: the list template's centroids file each of rows [N, W] under, lengths [nlist])."""
+        assigned = np.empty(self.num_slots, dtype=np.int64)
+        for first, unit in self._unit_chunks(rows):
+            assigned[first : first + len(unit)] = template.quantizer.assign(unit, 1).ravel()
+        return assigned, np.bincount(assigned, minlength=template.nlist)
 
     def _forget(self, batch: Tensor, slots: Tensor) -> None:
         batch, slots = batch.numpy(), slots.numpy()

@@ -2,11 +2,12 @@
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from sparsemem.index import ExactIndex, make_index
-from sparsemem.index.faiss_index import FaissIndex, load_faiss
+from sparsemem.index.faiss_index import IMBALANCE_LIMIT, FaissIndex, load_faiss
 from sparsemem.index.memories import clustered_words, near_queries, recall
 from tests.index.test_index import DenseMirror, check_search
 
@@ -201,9 +202,8 @@ def test_load_builds_once_and_finds_every_row(kind):
     assert stats.rows == batch_size * num_slots and stats.buffered == 0 and stats.merges == 0
     assert stats.rebuilds == batch_size and stats.build_seconds > 0
     assert all(ann.ntotal == num_slots for ann in loaded._ann)
-    if kind == "ivf":  # the batch rows share the centroids trained once
-        centroids = [ann.quantizer.reconstruct_n(0, ann.nlist) for ann in loaded._ann]
-        assert loaded._ann[0].nlist == num_slots // 39 and (centroids[0] == centroids[1]).all()
+    if kind == "ivf":
+        assert all(ann.nlist == num_slots // 39 for ann in loaded._ann)
     _, top = loaded.search(words, 1)
     found = (top[..., 0] == torch.arange(num_slots)).float().mean().item()
     # IVF probes a row's own list first: every row is found; HNSW misses a few
@@ -214,6 +214,30 @@ def test_load_builds_once_and_finds_every_row(kind):
     updated = FaissIndex(batch_size, num_slots, word_size, kind=kind, buffer_rows=256)
     updated.update(words, torch.arange(num_slots).expand(batch_size, -1))
     assert recall(loaded, exact, queries, k) >= max(0.95, recall(updated, exact, queries, k) - 0.02)
+
+
+def imbalance(ann) -> float:
+    """nlist * sum(length^2) / rows^2 of an IVF index's lists: 1 when they are all as long."""
+    lengths = np.array([ann.invlists.list_size(number) for number in range(ann.nlist)], dtype=np.float64)
+    return ann.nlist * np.square(lengths).sum() / lengths.sum() ** 2
+
+
+def test_a_load_trains_lists_for_a_batch_row_only_when_its_words_are_unlike_the_others():
+    """Batch rows of like words share the centroids trained once on a pooled sample. Rows around
+    clusters of their own would each fill about half of pooled lists (an imbalance near 2: twice the
+    rows scanned per list probed): each gets lists of its own, as even as its own k-means makes them."""
+    batch_size, num_slots, word_size, k = 2, 2**12, 16, 8
+    like = clustered_words(1, batch_size * num_slots, word_size, clusters=64, seed=11)
+    unlike = clustered_words(batch_size, num_slots, word_size, clusters=64, seed=11)
+    for words, shared in ((like.view(batch_size, num_slots, word_size), True), (unlike, False)):
+        index = FaissIndex(batch_size, num_slots, word_size, kind="ivf")
+        index.load(words)
+        centroids = [ann.quantizer.reconstruct_n(0, ann.nlist) for ann in index._ann]
+        assert bool((centroids[0] == centroids[1]).all()) == shared
+        assert all(imbalance(ann) < IMBALANCE_LIMIT for ann in index._ann)
+        exact = ExactIndex(batch_size, num_slots, word_size)
+        exact.load(words)
+        assert recall(index, exact, near_queries(words, 64, seed=12), k) >= 0.95
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
