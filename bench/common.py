@@ -16,7 +16,6 @@ import shlex
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 import torch.utils.benchmark as torch_benchmark
 from torch import Tensor
 
+from sparsemem._files import atomic_write
 from sparsemem._provenance import source_commit
 from sparsemem.index import Index
 
@@ -77,34 +77,17 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
-    """write(temporary) in path's folder, then a rename onto path: an interrupted run never
-    leaves half a file. The temporary keeps path's suffix (matplotlib picks the format by it) and
-    has a name of its own (two runs may write one table); it is created as open() creates any file,
-    with the mode the umask leaves (mkstemp's would be readable by its owner only)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{path.suffix}")
-    os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json(path: Path, payload: dict) -> Path:
-    return _write_atomically(path, lambda temporary: temporary.write_text(json.dumps(payload, indent=2)))
+    return atomic_write(path, lambda temporary: temporary.write_text(json.dumps(payload, indent=2)))
 
 
 def write_text(path: Path, text: str) -> Path:
-    return _write_atomically(path, lambda temporary: temporary.write_text(text))
+    return atomic_write(path, lambda temporary: temporary.write_text(text))
 
 
 def save_figure(figure, path: Path, dpi: int) -> Path:
     # bbox "tight": axis labels and legends outside the axes are kept, not cut at the figure's edge
-    return _write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=dpi, bbox_inches="tight"))
+    return atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=dpi, bbox_inches="tight"))
 
 
 # ---------------------------------------------------------------------------------------------

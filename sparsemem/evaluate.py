@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from sparsemem._files import atomic_write
 from sparsemem._malloc import keep_freed_memory
 from sparsemem.index import INDEXES
 from sparsemem.models import MemoryModel
@@ -37,7 +38,6 @@ from sparsemem.train import (
     MODELS,
     SPARSE,
     Config,
-    atomic_write,
     check_device,
     make_model,
     make_task,

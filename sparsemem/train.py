@@ -42,7 +42,7 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from sparsemem import distributed
+from sparsemem._files import atomic_write
 from sparsemem._malloc import keep_freed_memory
 from sparsemem._provenance import source_commit
 from sparsemem.distributed import World
@@ -471,24 +472,6 @@ def peak_memory_bytes(device: torch.device | str) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """write(temp_path), flushed to the disk, then renamed over `path`: a reader never sees a
-    half-written file, and after a power loss `path` holds the old file or the new one, whole."""
-    temp = path.with_name(f".{path.name}.tmp")
-    write(temp)
-    fsync(temp)
-    os.replace(temp, path)
-    fsync(path.parent)  # the rename itself
-
-
-def fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _all_finite(tensors: Iterable[Tensor], device: torch.device) -> Tensor:

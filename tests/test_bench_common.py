@@ -1,9 +1,7 @@
 """bench/common.py: the slope fit, the time prediction, subprocesses, atomic writes, the provenance line."""
 
 import math
-import os
 import random
-import stat
 
 import pytest
 
@@ -37,20 +35,10 @@ def test_a_failed_module_run_reports_its_last_error_line():
     assert "No module named bench.no_such_bench" in result["error"]
 
 
-def test_atomic_write_leaves_only_the_file(tmp_path):
+def test_write_text_is_atomic_and_makes_the_folder(tmp_path):
     path = write_text(tmp_path / "deep" / "table.md", "| a |\n")
     assert path.read_text() == "| a |\n"
     assert [p.name for p in path.parent.iterdir()] == ["table.md"]
-
-
-def test_atomic_write_gives_the_mode_of_a_new_file(tmp_path):
-    umask = os.umask(0o022)
-    try:
-        assert stat.S_IMODE(write_text(tmp_path / "table.md", "| a |\n").stat().st_mode) == 0o644
-        os.umask(0o077)
-        assert stat.S_IMODE(write_text(tmp_path / "private.md", "| a |\n").stat().st_mode) == 0o600
-    finally:
-        os.umask(umask)
 
 
 def test_trained_at_names_the_commits_and_the_load_range():

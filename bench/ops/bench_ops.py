@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import sparsemem as sm
 from bench.common import RESULTS, copy_bandwidth, header, time_cpu, time_gpu, write_json
+from sparsemem._files import atomic_write
 from sparsemem.testing import OPS, op_inputs
 
 QUADRATIC = {"link_update", "temporal_reads", "link_update_reads"}  # [B, N, N] inputs: capped lower
@@ -128,10 +129,8 @@ def plot(results: list[dict], path: Path) -> Path:
     for axis in list(axes.flat)[len(ops) :]:
         axis.set_visible(False)
     figure.tight_layout()
-    temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary, dpi=100)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=100))
     plt.close(figure)
-    os.replace(temporary, path)
     return path
 
 
