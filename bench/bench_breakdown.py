@@ -424,7 +424,9 @@ def main() -> None:
         "--cases", nargs="+", default=list(PROFILE_CASES), help="--profile: model:log2N[:regime[:index]]"
     )
     parser.add_argument("--profile-one", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=str(RESULTS / "breakdown.json"))
+    parser.add_argument(
+        "--out", help="the results' JSON (default bench/results/breakdown.json; --profile: breakdown/profile.json)"
+    )
     parser.add_argument("--plot-only", action="store_true", help="redraw the table and plot from --out")
     args = parser.parse_args()
     if args.profile or args.profile_one:
@@ -436,7 +438,7 @@ def main() -> None:
         name, log2_slots, index = args.one
         print(json.dumps(run_case(name, int(log2_slots), index, args.repeats)))
         return
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / "breakdown.json")
     if args.plot_only:
         saved = json.loads(out.read_text())
         results, config = saved["results"], saved["header"]["config"]
@@ -474,7 +476,7 @@ def profile_main(args: argparse.Namespace) -> None:
         )
         print(json.dumps(results[-1]), flush=True)
     config = {**PROFILE_CONFIG, "threads": threads, "repeats": args.repeats}
-    out = PROFILE_DIR / "profile.json"
+    out = Path(args.out or PROFILE_DIR / "profile.json")
     print(write_json(out, {"header": header(config), "results": results}))
     table = profile_markdown(results, config)
     write_text(out.with_suffix(".md"), table)

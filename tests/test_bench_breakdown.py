@@ -1,6 +1,9 @@
 """bench/bench_breakdown.py on a tiny memory: every region of a step is found and the shares add up."""
 
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -39,3 +42,13 @@ def test_profile_counts_ops_and_splits_kernel_from_python_time(case, one_thread)
         assert result["recall_at_k"] == 1.0  # the exact index finds the exact top K
     table = profile_markdown([result], {"steps": 16})
     assert f"| {name.upper()} | 2^{log2_slots} |" in table
+
+
+@pytest.mark.slow
+def test_the_profile_goes_where_out_says(tmp_path):
+    out = tmp_path / "profile.json"
+    command = [sys.executable, "-m", "bench.bench_breakdown", "--profile", "--cases", "dnc:4", "--repeats", "1"]
+    subprocess.run([*command, "--threads", "1", "--out", str(out)], check=True, capture_output=True, timeout=600)
+    (result,) = json.loads(out.read_text())["results"]
+    assert (result["model"], result["log2_slots"]) == ("dnc", 4)
+    assert "| DNC | 2^4 |" in out.with_suffix(".md").read_text()
