@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from sparsemem._malloc import huge_pages
 from sparsemem.memory.versions import Timeline
 
 STAMP = torch.int32
@@ -56,7 +57,7 @@ class TimestampLRU:
         self.block, self.blocks = block, -(-num_slots // block)
         # int32 stamps (2^31 steps): CPU reductions over int64 are several times slower
         never = torch.iinfo(STAMP).max  # the padding's stamp: after every reset, never the least
-        padded = torch.full((batch, self.blocks * block), never, dtype=STAMP, device=device)
+        padded = huge_pages(torch.empty(batch, self.blocks * block, dtype=STAMP, device=device)).fill_(never)
         padded[:, :num_slots] = 0
         self._blocks = padded.view(batch * self.blocks, block)  # row b * blocks + i: block i of batch row b
         self._first_block = torch.arange(batch, device=device).unsqueeze(-1) * self.blocks

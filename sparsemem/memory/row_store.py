@@ -2,8 +2,9 @@
 
 LazyRows keeps B*N rows in one flat buffer that is never initialised: a row is real once
 written, every other row reads as the shared initial word. torch.empty does not touch its
-pages, so a fresh memory of a million slots costs what its written rows cost, and a reset
-clears only the rows written since. Row id b*N + s addresses slot s of batch row b.
+pages, so a fresh memory of a million slots costs what its written rows cost (on huge pages,
+sparsemem/_malloc.py: the 2 MiB pages around them), and a reset clears only the rows written
+since. Row id b*N + s addresses slot s of batch row b.
 
 RowStore is the memory's rows plus the index that searches them; SDNC's LinkStore
 (memory/sdnc.py) keeps its link rows on the same LazyRows.
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sparsemem import _checks
+from sparsemem._malloc import huge_pages
 from sparsemem.index import make_index
 from sparsemem.memory.versions import Change, Timeline
 from sparsemem.ops.journaled_write import journaled_write
@@ -42,7 +44,8 @@ class LazyRows:
         self.initial_word = initial_word
         self.on_host = _checks.on_host(initial_word.device)
         rows = batch * num_slots + spare_rows
-        self.rows = torch.empty(rows, self.word_size, dtype=initial_word.dtype, device=initial_word.device)
+        # huge pages: the rows are read and written a few at a time all over (sparsemem/_malloc.py)
+        self.rows = huge_pages(torch.empty(rows, self.word_size, dtype=initial_word.dtype, device=initial_word.device))
         self.written = torch.zeros(rows, dtype=torch.bool, device=initial_word.device)
         self._fresh_log: list[Tensor] = []
         self._preloaded = [False] * batch

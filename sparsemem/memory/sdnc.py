@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from sparsemem import _checks, ops
+from sparsemem._malloc import huge_pages
 from sparsemem._profiling import region
 from sparsemem.memory.journal import JournaledMemory
 from sparsemem.memory.row_store import LazyRows
@@ -45,7 +46,7 @@ class LinkStore(LazyRows):
     def __init__(self, batch: int, num_slots: int, link_k: int, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(batch, 2 * num_slots, torch.zeros(link_k, dtype=dtype, device=device), spare_rows=1)
         self.spare = batch * self.num_slots
-        self.indices = torch.empty(self.spare + 1, link_k, dtype=torch.int32, device=device)
+        self.indices = huge_pages(torch.empty(self.spare + 1, link_k, dtype=torch.int32, device=device))
 
     def _empty_like(self) -> "LinkStore":
         return LinkStore(self.batch, self.num_slots // 2, self.word_size, self.rows.dtype, self.rows.device)
