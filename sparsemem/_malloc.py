@@ -11,8 +11,9 @@ huge_pages(tensor): a sparse memory's large stores (rows, link rows, LRU stamps:
 million slots) are read and written a few rows at a time at scattered places, so on 4 KiB pages
 nearly every row costs a TLB miss and a page walk. Where transparent huge pages are left to
 madvise (most distributions' default), the stores ask for 2 MiB pages: SDNC's and SAM's steps at
-2^20 slots (B = 8, faiss-ivf) took 3-14% less time (forward+backward, alternated runs on 2 cores). A row touched then commits the 2 MiB around it, not 4 KiB: a fresh memory
-writes its slots from the lowest up (the LRU order), so that adds at most a few MiB per batch row.
+2^20 slots (B = 8, faiss-ivf) took 3-14% less time (forward+backward, alternated runs on 2
+cores). A row touched then commits the 2 MiB around it, not 4 KiB: a fresh memory writes its slots
+from the lowest up (the LRU order), so that adds at most a few MiB per batch row.
 """
 
 import ctypes
