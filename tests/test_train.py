@@ -105,7 +105,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     kept = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert kept["step"] == 3
     assert torch.equal(kept["model"]["output.bias"], good["model"]["output.bias"])
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*"))  # no temporary of an atomic write left behind
 
 
 @pytest.mark.parametrize("option", [{"lr": math.inf}, {"clip": math.nan}])
