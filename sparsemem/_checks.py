@@ -47,6 +47,10 @@ class Shapes:
             raise ValueError(f"{name} must be {_expected(letters)}; got {list(shape)}")
         sizes = self.sizes
         for letter, size in zip(letters, shape, strict=True):
+            if letter.isdigit():  # a fixed size, e.g. "B R 3"
+                if size != int(letter):
+                    raise ValueError(f"{name} must be {_expected(letters)}; got {list(shape)}")
+                continue
             bound = sizes.get(letter)
             if bound is None:
                 if size == 0 and letter in POSITIVE:
@@ -116,22 +120,29 @@ _trust = threading.local()
 def inputs_checked() -> Iterator[None]:
     """Inside, value checks run only with SPARSEMEM_DEBUG=1: the caller has checked the values
     everything inside derives from (a model's forward checks its input x once, so its steps do
-    not sync on an aminmax per op per step). Shape, dtype and device checks still run."""
-    depth = getattr(_trust, "depth", 0)
-    _trust.depth = depth + 1
+    not sync on an aminmax per op per step). Shape, dtype and device checks still run.
+    SPARSEMEM_DEBUG is read once, on entry: the ops inside ask per call, a dozen times a step."""
+    outer = getattr(_trust, "depth", 0), getattr(_trust, "debug", False)
+    _trust.depth, _trust.debug = outer[0] + 1, debug()
     try:
         yield
     finally:
-        _trust.depth = depth
+        _trust.depth, _trust.debug = outer
+
+
+def _debugging() -> bool:
+    """debug(), as read on entering inputs_checked when inside it."""
+    return _trust.debug if getattr(_trust, "depth", 0) else debug()
 
 
 def _values_checked(tensor: Tensor) -> bool:
+    trusted = getattr(_trust, "depth", 0)
+    if trusted and not _trust.debug:  # inside a model's forward, the common case: nothing to read
+        return False
     # Inside torch.compile a value check would be a data-dependent graph break: eager mode checks.
     if tensor.numel() == 0 or torch.compiler.is_compiling():
         return False
-    if debug():
-        return True
-    return tensor.device.type == "cpu" and not getattr(_trust, "depth", 0)
+    return bool(trusted) or debug() or tensor.device.type == "cpu"
 
 
 def _extremes(tensor: Tensor) -> tuple[float, float]:
@@ -147,7 +158,7 @@ def check_finite(name: str, tensor: Tensor, state: bool = False) -> None:
     state=True marks a large state tensor (memory, links) that is checked only with
     SPARSEMEM_DEBUG=1 on any device: a full pass over it would cost as much as the op.
     """
-    if state and not debug():
+    if state and not _debugging():
         return
     if _values_checked(tensor) and not all(map(math.isfinite, _extremes(tensor))):
         raise ValueError(f"{name} contains NaN or inf")

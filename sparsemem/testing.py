@@ -45,6 +45,31 @@ def op_inputs(op: str, dtype: torch.dtype = torch.float64, B=3, N=7, W=5, R=3, s
         return (torch.stack([grid[torch.randperm(N, generator=g)] for _ in range(B)]),)
     if op == "memory_write":
         return memory, distribution(B, N), rand(B, W), randn(B, W)
+    if op == "dnc_write":
+        usage, write_w, read_w, free_gates = op_inputs("usage_update", dtype, B, N, W, R, seed + 1)
+        gates = rand(B, 2)
+        return (
+            memory,
+            usage,
+            write_w,
+            read_w,
+            free_gates,
+            randn(B, 1, W),
+            1 + rand(B, 1) * 4,
+            gates[:, :1],
+            gates[:, 1:],
+            rand(B, W),
+            randn(B, W),
+        )
+    if op == "dnc_read":
+        return (
+            memory,
+            randn(B, R, W),
+            1 + rand(B, R) * 4,
+            torch.softmax(randn(B, R, 3), -1),
+            distribution(B, R, N) * 0.5,
+            distribution(B, R, N) * 0.5,
+        )
     if op == "memory_read":
         return memory, distribution(B, R, N)
     if op == "link_update":

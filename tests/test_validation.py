@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import sparsemem as sm
+from sparsemem._checks import inputs_checked
 from sparsemem.testing import op_inputs
 
 
@@ -16,6 +17,29 @@ def test_mismatched_letter_names_its_source():
     memory, keys, strengths = op_inputs("content_weights")
     with pytest.raises(ValueError, match=r"keys must be \[B, R, W\] with W=5 \(from memory\)"):
         sm.ops.content_weights(memory, keys[..., :4], strengths)
+
+
+def test_a_fixed_size_is_checked():
+    args = list(op_inputs("dnc_read"))
+    args[3] = args[3][..., :2]  # read_modes [B, R, 2]: one mode short
+    with pytest.raises(ValueError, match=r"read_modes must be \[B, R, 3\]; got \[3, 3, 2\]"):
+        sm.ops.dnc_read(*args)
+    args = list(op_inputs("dnc_write"))
+    args[5] = args[5].expand(-1, 2, -1)  # two write keys
+    with pytest.raises(ValueError, match=r"write_key must be \[B, 1, W\]; got \[3, 2, 5\]"):
+        sm.ops.dnc_write(*args)
+
+
+def test_nan_is_caught_inside_a_model_forward_only_in_debug_mode(monkeypatch):
+    """Inside inputs_checked (a model's forward) value checks are skipped, unless SPARSEMEM_DEBUG=1
+    was set when the forward began."""
+    memory, keys, strengths = op_inputs("content_weights")
+    strengths[0, 1] = float("nan")
+    with inputs_checked():
+        sm.ops.content_weights(memory, keys, strengths)
+    monkeypatch.setenv("SPARSEMEM_DEBUG", "1")
+    with inputs_checked(), pytest.raises(ValueError, match="strengths contains NaN"):
+        sm.ops.content_weights(memory, keys, strengths)
 
 
 def test_wrong_dtype():

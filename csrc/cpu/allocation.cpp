@@ -20,6 +20,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "dense.h"
+
 namespace sparsemem {
 
 namespace {

@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "dense.h"
+
 namespace sparsemem {
 
 namespace {

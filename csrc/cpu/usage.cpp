@@ -11,6 +11,7 @@
 
 #include <vector>
 
+#include "dense.h"
 #include "vector_math.h"
 
 namespace sparsemem {

@@ -159,26 +159,31 @@ class DNCMemory(Memory):
         return state if initial is None else state.fresh()
 
     def step(self, state: DNCState, interface: DNCInterface, active: Tensor | None = None) -> tuple[Tensor, DNCState]:
-        """One DNC step, in the paper's order: usage, allocation, write weights, write, links,
-        temporal and content read weights, read. -> (reads [B, R, W], state)."""
-        usage = ops.usage_update(state.usage, state.write_weights, state.read_weights, interface.free_gates)
-        allocation = ops.allocation_weights(usage)
-        write_content = ops.content_weights(state.memory, interface.write_key, interface.write_strength)[:, 0]
-        # w^w = g_w (g_a a + (1 - g_a) c^w)
-        gate_a = interface.allocation_gate
-        write_weights = interface.write_gate * (gate_a * allocation + (1 - gate_a) * write_content)
-        memory = ops.memory_write(state.memory, write_weights, interface.erase, interface.write_vector)
+        """One DNC step, in the paper's order: usage, allocation, write weights and write
+        (ops.dnc_write), links and temporal weights (ops.link_update_reads), content and read
+        weights and read (ops.dnc_read). -> (reads [B, R, W], state)."""
+        memory, usage, write_weights, _, _ = ops.dnc_write(
+            state.memory,
+            state.usage,
+            state.write_weights,
+            state.read_weights,
+            interface.free_gates,
+            interface.write_key,
+            interface.write_strength,
+            interface.allocation_gate,
+            interface.write_gate,
+            interface.erase,
+            interface.write_vector,
+        )
         # A padded row (active False) writes nothing to the links: with w = 0, L' = L off the diagonal
         # (which is 0) and p' = p exactly, so the N x N links need no where below and stay a chain.
         link_writes = write_weights if active is None else torch.where(active.unsqueeze(-1), write_weights, 0)
         link, precedence, forward, backward = ops.link_update_reads(
             state.link, state.precedence, link_writes, state.read_weights, checkpoint_every=self.link_checkpoint_every
         )
-        read_content = ops.content_weights(memory, interface.read_keys, interface.read_strengths)
-        # w^r = pi_1 b + pi_2 c^r + pi_3 f
-        modes = interface.read_modes
-        read_weights = modes[..., 0:1] * backward + modes[..., 1:2] * read_content + modes[..., 2:3] * forward
-        reads = ops.memory_read(memory, read_weights)
+        reads, read_weights, _ = ops.dnc_read(
+            memory, interface.read_keys, interface.read_strengths, interface.read_modes, backward, forward
+        )
         new_state = DNCState(
             memory=memory,
             usage=usage,

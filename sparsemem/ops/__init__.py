@@ -7,6 +7,7 @@ memory's in-place write, is registered too but internal: sparsemem.ops.journaled
 
 from sparsemem.ops.allocation import allocation_weights
 from sparsemem.ops.content import content_read, content_weights
+from sparsemem.ops.dnc import dnc_read, dnc_write
 from sparsemem.ops.links import link_update, link_update_reads, temporal_reads
 from sparsemem.ops.memory_rw import memory_read, memory_write
 from sparsemem.ops.ntm import ntm_address
@@ -24,6 +25,8 @@ __all__ = [
     "allocation_weights",
     "content_read",
     "content_weights",
+    "dnc_read",
+    "dnc_write",
     "link_update",
     "link_update_reads",
     "memory_read",

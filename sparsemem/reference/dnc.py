@@ -120,3 +120,48 @@ def link_update_reads_ref(
     new_link, new_precedence = link_update_ref(link, precedence, write_w)
     forward, backward = temporal_reads_ref(new_link, read_w)
     return new_link, new_precedence, forward, backward
+
+
+def dnc_write_ref(
+    memory: Tensor,
+    usage: Tensor,
+    write_w: Tensor,
+    read_w: Tensor,
+    free_gates: Tensor,
+    write_key: Tensor,
+    write_strength: Tensor,
+    allocation_gate: Tensor,
+    write_gate: Tensor,
+    erase: Tensor,
+    add: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One DNC step's write half: usage, allocation, write weights, write.
+
+    u_t = usage_update(u, w^w_{t-1}, w^r_{t-1}, f); a = allocation(u_t); c^w = C(M, k^w, b^w);
+    w^w_t = g_w (g_a a + (1 - g_a) c^w); M_t = M (1 - w^w_t e^T) + w^w_t v^T.
+    memory [B, N, W], usage [B, N], write_w [B, N] and read_w [B, R, N] (the previous step's),
+    free_gates [B, R], write_key [B, 1, W], write_strength [B, 1], allocation_gate [B, 1],
+    write_gate [B, 1], erase [B, W], add [B, W]
+    -> (memory [B, N, W], usage [B, N], write_w [B, N], allocation [B, N], write_content [B, 1, N]).
+    """
+    usage = usage_update_ref(usage, write_w, read_w, free_gates)
+    allocation = allocation_weights_ref(usage)
+    write_content = content_weights_ref(memory, write_key, write_strength)
+    write_w = write_gate * (allocation_gate * allocation + (1 - allocation_gate) * write_content[:, 0])
+    return memory_write_ref(memory, write_w, erase, add), usage, write_w, allocation, write_content
+
+
+def dnc_read_ref(
+    memory: Tensor, read_keys: Tensor, read_strengths: Tensor, read_modes: Tensor, backward: Tensor, forward: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One DNC step's read half: content weights, the read modes' mix with the temporal weights, read.
+
+    c^r = C(M, k^r, b^r); w^r = pi_1 b + pi_2 c^r + pi_3 f; r = M^T w^r.
+    memory [B, N, W] (after the write), read_keys [B, R, W], read_strengths [B, R],
+    read_modes [B, R, 3] (backward, content, forward), backward and forward [B, R, N]
+    -> (reads [B, R, W], read_w [B, R, N], read_content [B, R, N]).
+    """
+    read_content = content_weights_ref(memory, read_keys, read_strengths)
+    modes = read_modes.unsqueeze(-1)
+    read_w = modes[:, :, 0] * backward + modes[:, :, 1] * read_content + modes[:, :, 2] * forward
+    return memory_read_ref(memory, read_w), read_w, read_content

@@ -22,6 +22,8 @@ SHAPES = {
     "content_weights": ("B N W", "B R W", "B R"),
     "content_read": ("B N W", "B R W", "B R"),
     "usage_update": ("B N", "B N", "B R N", "B R"),
+    "dnc_write": ("B N W", "B N", "B N", "B R N", "B R", "B 1 W", "B 1", "B 1", "B 1", "B W", "B W"),
+    "dnc_read": ("B N W", "B R W", "B R", "B R 3", "B R N", "B R N"),
     "allocation_weights": ("B N",),
     "memory_write": ("B N W", "B N", "B W", "B W"),
     "memory_read": ("B N W", "B R N"),
@@ -38,7 +40,7 @@ SHAPES = {
 
 
 def _letters(op: str) -> list[str]:
-    letters = {letter for dims in SHAPES[op] for letter in dims.split()} - {"B"}
+    letters = {letter for dims in SHAPES[op] for letter in dims.split() if not letter.isdigit()} - {"B"}
     return sorted(letter if letter != "k" else "K" for letter in letters)
 
 
