@@ -11,6 +11,12 @@ TORCH_CHUNK_ROWS = 2**14
 """Rows per topk_content call on the torch backend, whose reference forms [B, C, W] and [B, R, C]
 temporaries: 2^14 rows keep them at ~32 MiB for B = 8, W = 64 (2.2 GiB unchunked at N = 2^20)."""
 
+JOINT_SPREAD = 256
+"""Batch rows whose row counts lie at most this far apart are searched in one topk_content call over
+the fullest's rows, asking for that many candidates more than K; further apart, one call per batch
+row. A call costs ~30 us before any work: at B = 32 the per-row searches of SAM on the copy task
+(N = 64, K = 4, whose batch rows write at different rates) took a third of a training step."""
+
 
 class ExactIndex(Index):
     """Exact top-K cosine search over the written rows with sparsemem.ops.topk_content.
@@ -23,7 +29,8 @@ class ExactIndex(Index):
     topk_content computes the eps-cosine itself, in one pass over the rows on a fused
     backend (cpp, triton, cuda). On the torch backend, or with
     `chunk_rows` set, the rows are searched `chunk_rows` at a time and the chunks' top K merged,
-    so temporary memory stays O(B R chunk_rows) for any N.
+    so temporary memory stays O(B R chunk_rows) for any N. Batch rows whose row counts differ
+    by at most `joint_spread` are searched in one call (see JOINT_SPREAD), others one by one.
 
     On the device path (see Index, host and device) rows are stored by slot instead, [B, N, W]
     allocated at once with every unwritten slot holding the initial word, and each search is
@@ -43,14 +50,17 @@ class ExactIndex(Index):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         chunk_rows: int | None = None,
+        joint_spread: int = JOINT_SPREAD,
     ) -> None:
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype; got {dtype}")
         if chunk_rows is not None and chunk_rows < 1:
             raise ValueError(f"chunk_rows must be positive; got {chunk_rows}")
+        if joint_spread < 0:
+            raise ValueError(f"joint_spread must be at least 0; got {joint_spread}")
         self.device = torch.device(device)
         self.dtype = self.row_dtype = dtype
-        self.chunk_rows = chunk_rows
+        self.chunk_rows, self.joint_spread = chunk_rows, joint_spread
         super().__init__(batch_size, num_slots, word_size, initial=initial, map_device=self.device)
         self._store = torch.empty(batch_size, 0, word_size, dtype=dtype, device=self.device)
         self._ids = torch.empty(batch_size, 0, dtype=torch.int64, device=self.device)
@@ -127,7 +137,7 @@ class ExactIndex(Index):
         low, high = min(self._rows), max(self._rows)
         if low == high:
             scores, rows = self._top_rows(self._store[:, :high], queries, k)
-        elif high - low > k:
+        elif high - low > self.joint_spread:
             # Far apart (a long stream whose batch rows fill at different rates): one search per
             # batch row over its own rows, since asking all for k + high - low candidates costs
             # O(rows (k + high - low)) and grew with every step.

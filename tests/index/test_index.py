@@ -14,6 +14,8 @@ B, N, W, R = 3, 61, 7, 3
 INDEXES = {
     "exact": {},
     "exact-chunked": {"chunk_rows": 5},
+    # batch rows with different row counts searched one by one (the joint search: "exact")
+    "exact-per-row": {"joint_spread": 0},
     # every list probed, so exact; a buffer of 8 rows merges, tombstones and rebuilds many times
     "ivf": {"buffer_rows": 8, "nprobe": 1024},
     # a buffer of 8 rows, so these tests merge into faiss and overwrite merged rows many times
@@ -151,8 +153,9 @@ def test_repeated_id_in_one_update_keeps_the_last_row(name):
 @pytest.mark.parametrize("name", INDEXES)
 @pytest.mark.parametrize("k", [1, 5])
 def test_batch_rows_far_apart_in_rows_written(name, k):
-    """Batch row 0 writes 40 slots, row 1 three, row 2 none: counts further apart than K (the exact
-    index then searches each batch row on its own), then nearer (one search over the fullest)."""
+    """Batch row 0 writes 40 slots, row 1 three, row 2 none: counts further apart than K, then
+    nearer (exact-per-row searches each batch row on its own, exact all in one search over the
+    fullest's rows)."""
     g = torch.Generator().manual_seed(4)
     index, memory = build(name), DenseMirror()
     for written in ([40, 3, 0], [43, 41, 40]):
