@@ -93,9 +93,9 @@ class ExactIndex(Index):
             # Rows no batch row had reached hold what torch.empty left (maybe NaN): zeros in the batch
             # rows that do not write them now, so a search up to the fullest batch row's count reads
             # only finite rows (a preload, all counts equal, zeroes nothing).
-            for b, total in enumerate(totals):
-                if total < top:
-                    self._store[b, max(total, self._clean) : top] = 0
+            positions = torch.arange(self._clean, top, device=self.device)
+            unwritten = positions >= torch.tensor(totals, device=self.device).unsqueeze(-1)  # [B, top - clean]
+            self._store[:, self._clean : top].masked_fill_(unwritten.unsqueeze(-1), 0)
             self._clean = top
         self._store[batch, rows] = words
         self._ids[batch, rows] = slots
