@@ -4,7 +4,7 @@ Each composes the dense ops (usage_update, allocation_weights, content_weights, 
 memory_read) with the products that mix their results. At the sizes the DNC trains at a step's
 time is the cost of calling ops, not their arithmetic; two calls and two autograd nodes replace
 six calls and a dozen products. The cpp kernel (csrc/cpu/dnc.cpp) composes the dense ops' cpp
-kernels; elsewhere the reference runs.
+kernels, the triton one (kernels/dnc.py) their Triton kernels.
 """
 
 import torch
@@ -35,7 +35,7 @@ _dnc_write = define_op(
     _dnc_write_fake,
     differentiable=tuple(range(11)),
     stem="dnc",
-    kernels=("cpp",),
+    kernels=("cpp", "triton"),
 )
 
 
@@ -90,7 +90,7 @@ _dnc_read = define_op(
     _dnc_read_fake,
     differentiable=tuple(range(6)),
     stem="dnc",
-    kernels=("cpp",),
+    kernels=("cpp", "triton"),
 )
 
 
