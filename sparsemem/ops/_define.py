@@ -216,10 +216,27 @@ def define_op(
         {"forward": staticmethod(eager_forward), "backward": staticmethod(run_backward)},
     )
 
+    direct = _differentiated_in_cpp(name)
+
     def call(*inputs):
-        return op(*inputs) if torch.compiler.is_compiling() else eager.apply(*inputs)
+        if torch.compiler.is_compiling():
+            return op(*inputs)
+        if direct is not None and _backends.backend_for(name, _device(inputs)) == "cpp" and not _empty_batch(inputs):
+            return direct(*inputs)
+        return eager.apply(*inputs)
 
     return call
+
+
+def _differentiated_in_cpp(name: str) -> Callable | None:
+    """torch.ops.sparsemem.ext_<name> when the extension registers its autograd in C++ as well
+    (csrc/cpu/dnc.cpp), else None. Eager calls on the cpp backend go straight to it: one C++ node
+    and no Python in its backward, where the autograd.Function below costs ~100 us a call more."""
+    if _backends.extension() is None or not hasattr(torch.ops.sparsemem, f"ext_{name}"):
+        return None
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsemem::ext_{name}", "Autograd"):
+        return None
+    return getattr(torch.ops.sparsemem, f"ext_{name}").default
 
 
 def _empty_batch(inputs: Sequence[object]) -> bool:
