@@ -7,12 +7,12 @@
 // around a kernel of a few. Two ops per step instead of six kernels and a dozen products between
 // them leave two autograd nodes to run backwards.
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <tuple>
 #include <vector>
 
+#include "autograd.h"
 #include "content.h"
 #include "dense.h"
 
@@ -123,50 +123,33 @@ std::vector<at::Tensor> ext_dnc_read_backward(const at::Tensor& grad_reads, cons
 
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The ops' autograd in C++: sparsemem/ops/dnc.py calls ext_dnc_write / ext_dnc_read directly on
-// the CPU, and this records one node whose backward is the kernel above, with no Python between.
-// Through the Python autograd.Function of ops/_define.py a call cost ~100 us more (saving and
-// unpacking 16 tensors, two Python frames, the backward's dispatch), more than the kernels at
-// the sizes a DNC trains at (B = 32, N = 16: 30 us forward, 80 us backward).
-struct DncWrite : public torch::autograd::Function<DncWrite> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& memory, const at::Tensor& usage,
-                               const at::Tensor& write_w, const at::Tensor& read_w, const at::Tensor& free_gates,
-                               const at::Tensor& write_key, const at::Tensor& write_strength,
-                               const at::Tensor& allocation_gate, const at::Tensor& write_gate, const at::Tensor& erase,
-                               const at::Tensor& add) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [new_memory, new_usage, new_write_w, allocation, write_content] =
-        ext_dnc_write(memory, usage, write_w, read_w, free_gates, write_key, write_strength, allocation_gate,
-                      write_gate, erase, add);
-    ctx->save_for_backward({memory, usage, write_w, read_w, free_gates, write_key, write_strength, allocation_gate,
-                            write_gate, erase, add, new_memory, new_usage, new_write_w, allocation, write_content});
-    return {new_memory, new_usage, new_write_w, allocation, write_content};
+struct DncWrite {
+  static constexpr bool kSavesOutputs = true;
+  static variable_list forward(const at::Tensor& memory, const at::Tensor& usage, const at::Tensor& write_w,
+                               const at::Tensor& read_w, const at::Tensor& free_gates, const at::Tensor& write_key,
+                               const at::Tensor& write_strength, const at::Tensor& allocation_gate,
+                               const at::Tensor& write_gate, const at::Tensor& erase, const at::Tensor& add) {
+    auto [a, b, c, d, e] = ext_dnc_write(memory, usage, write_w, read_w, free_gates, write_key, write_strength,
+                                         allocation_gate, write_gate, erase, add);
+    return {a, b, c, d, e};
   }
-
-  static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
-    const auto s = ctx->get_saved_variables();
-    return ext_dnc_write_backward(grads[0], grads[1], grads[2], grads[3], grads[4], s[0], s[1], s[2], s[3], s[4],
-                                  s[5], s[6], s[7], s[8], s[9], s[10], s[11], s[12], s[13], s[14], s[15]);
+  static variable_list backward(const variable_list& g, const variable_list& s) {
+    return ext_dnc_write_backward(g[0], g[1], g[2], g[3], g[4], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8],
+                                  s[9], s[10], s[11], s[12], s[13], s[14], s[15]);
   }
 };
 
-struct DncRead : public torch::autograd::Function<DncRead> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& memory, const at::Tensor& read_keys,
-                               const at::Tensor& read_strengths, const at::Tensor& read_modes,
-                               const at::Tensor& backward, const at::Tensor& forward) {
-    at::AutoDispatchBelowADInplaceOrView guard;
+struct DncRead {
+  static constexpr bool kSavesOutputs = true;
+  static variable_list forward(const at::Tensor& memory, const at::Tensor& read_keys, const at::Tensor& read_strengths,
+                               const at::Tensor& read_modes, const at::Tensor& backward, const at::Tensor& forward) {
     auto [reads, read_w, read_content] = ext_dnc_read(memory, read_keys, read_strengths, read_modes, backward, forward);
-    ctx->save_for_backward({memory, read_keys, read_strengths, read_modes, backward, forward, reads, read_w,
-                            read_content});
     return {reads, read_w, read_content};
   }
-
-  static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
-    const auto s = ctx->get_saved_variables();
-    return ext_dnc_read_backward(grads[0], grads[1], grads[2], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8]);
+  static variable_list backward(const variable_list& g, const variable_list& s) {
+    return ext_dnc_read_backward(g[0], g[1], g[2], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8]);
   }
 };
 
@@ -174,8 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dnc_write
     const at::Tensor& memory, const at::Tensor& usage, const at::Tensor& write_w, const at::Tensor& read_w,
     const at::Tensor& free_gates, const at::Tensor& write_key, const at::Tensor& write_strength,
     const at::Tensor& allocation_gate, const at::Tensor& write_gate, const at::Tensor& erase, const at::Tensor& add) {
-  const auto out = DncWrite::apply(memory, usage, write_w, read_w, free_gates, write_key, write_strength,
-                                   allocation_gate, write_gate, erase, add);
+  const auto out = Differentiated<DncWrite>::apply(memory, usage, write_w, read_w, free_gates, write_key,
+                                                   write_strength, allocation_gate, write_gate, erase, add);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
@@ -183,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dnc_read_autograd(const at::Tenso
                                                                  const at::Tensor& read_strengths,
                                                                  const at::Tensor& read_modes,
                                                                  const at::Tensor& backward, const at::Tensor& forward) {
-  const auto out = DncRead::apply(memory, read_keys, read_strengths, read_modes, backward, forward);
+  const auto out = Differentiated<DncRead>::apply(memory, read_keys, read_strengths, read_modes, backward, forward);
   return {out[0], out[1], out[2]};
 }
 

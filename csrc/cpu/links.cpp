@@ -25,6 +25,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "autograd.h"
 #include "vector_math.h"
 
 namespace sparsemem {
@@ -682,6 +683,34 @@ std::vector<at::Tensor> ext_link_update_reads_backward(
   return {d_link, d_precedence, d_write_w, d_read_w};
 }
 
+namespace {
+
+// The backward reads the inputs only: the outputs are not kept (the next step holds the new link).
+struct LinkUpdateReads {
+  static constexpr bool kSavesOutputs = false;
+  static torch::autograd::variable_list forward(const at::Tensor& link, const at::Tensor& precedence,
+                                                const at::Tensor& write_w, const at::Tensor& read_w) {
+    auto [new_link, new_precedence, forward, backward] = ext_link_update_reads(link, precedence, write_w, read_w);
+    return {new_link, new_precedence, forward, backward};
+  }
+  static torch::autograd::variable_list backward(const torch::autograd::variable_list& g,
+                                                 const torch::autograd::variable_list& s) {
+    const at::Tensor unused;
+    return ext_link_update_reads_backward(g[0], g[1], g[2], g[3], s[0], s[1], s[2], s[3], unused, unused, unused,
+                                          unused);
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> link_update_reads_autograd(const at::Tensor& link,
+                                                                                      const at::Tensor& precedence,
+                                                                                      const at::Tensor& write_w,
+                                                                                      const at::Tensor& read_w) {
+  const auto out = Differentiated<LinkUpdateReads>::apply(link, precedence, write_w, read_w);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(sparsemem, m) {
   m.def("ext_link_update(Tensor link, Tensor precedence, Tensor write_w) -> (Tensor, Tensor)");
   m.def(
@@ -708,5 +737,7 @@ TORCH_LIBRARY_IMPL(sparsemem, CPU, m) {
   m.impl("ext_link_update_reads", &ext_link_update_reads);
   m.impl("ext_link_update_reads_backward", &ext_link_update_reads_backward);
 }
+
+TORCH_LIBRARY_IMPL(sparsemem, Autograd, m) { m.impl("ext_link_update_reads", &link_update_reads_autograd); }
 
 }  // namespace sparsemem
