@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "autograd.h"
 #include "content.h"
 #include "vector_math.h"
 
@@ -171,6 +172,30 @@ std::vector<at::Tensor> ext_ntm_address_backward(const at::Tensor& grad_w_in, co
   return {content_grads[0], content_grads[1], content_grads[2], grad_gate, grad_shift, grad_sharpen, grad_prev};
 }
 
+namespace {
+
+struct NtmAddress {
+  static constexpr bool kSavesOutputs = true;
+  static torch::autograd::variable_list forward(const at::Tensor& memory, const at::Tensor& key,
+                                                const at::Tensor& strength, const at::Tensor& gate,
+                                                const at::Tensor& shift, const at::Tensor& sharpen,
+                                                const at::Tensor& prev_w) {
+    return {ext_ntm_address(memory, key, strength, gate, shift, sharpen, prev_w)};
+  }
+  static torch::autograd::variable_list backward(const torch::autograd::variable_list& g,
+                                                 const torch::autograd::variable_list& s) {
+    return ext_ntm_address_backward(g[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]);
+  }
+};
+
+at::Tensor ntm_address_autograd(const at::Tensor& memory, const at::Tensor& key, const at::Tensor& strength,
+                                const at::Tensor& gate, const at::Tensor& shift, const at::Tensor& sharpen,
+                                const at::Tensor& prev_w) {
+  return Differentiated<NtmAddress>::apply(memory, key, strength, gate, shift, sharpen, prev_w)[0];
+}
+
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(sparsemem, m) {
   m.def(
       "ext_ntm_address(Tensor memory, Tensor key, Tensor strength, Tensor gate, Tensor shift, Tensor sharpen, "
@@ -184,5 +209,7 @@ TORCH_LIBRARY_IMPL(sparsemem, CPU, m) {
   m.impl("ext_ntm_address", &ext_ntm_address);
   m.impl("ext_ntm_address_backward", &ext_ntm_address_backward);
 }
+
+TORCH_LIBRARY_IMPL(sparsemem, Autograd, m) { m.impl("ext_ntm_address", &ntm_address_autograd); }
 
 }  // namespace sparsemem

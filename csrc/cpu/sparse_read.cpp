@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../sparse_checks.h"
+#include "autograd.h"
 #include "vector_math.h"
 
 namespace sparsemem {
@@ -169,6 +170,31 @@ std::vector<at::Tensor> ext_sparse_read_backward(const at::Tensor& grad_weights_
   return {grad_memory, grad_keys, grad_strengths};
 }
 
+namespace {
+
+// indices (int64 slot positions) take no gradient.
+struct SparseRead {
+  static constexpr bool kSavesOutputs = true;
+  static torch::autograd::variable_list forward(const at::Tensor& memory, const at::Tensor& indices,
+                                                const at::Tensor& keys, const at::Tensor& strengths) {
+    auto [weights, reads] = ext_sparse_read(memory, indices, keys, strengths);
+    return {weights, reads};
+  }
+  static torch::autograd::variable_list backward(const torch::autograd::variable_list& g,
+                                                 const torch::autograd::variable_list& s) {
+    const auto d = ext_sparse_read_backward(g[0], g[1], s[0], s[1], s[2], s[3], s[4], s[5]);
+    return {d[0], at::Tensor(), d[1], d[2]};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> sparse_read_autograd(const at::Tensor& memory, const at::Tensor& indices,
+                                                        const at::Tensor& keys, const at::Tensor& strengths) {
+  const auto out = Differentiated<SparseRead>::apply(memory, indices, keys, strengths);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(sparsemem, m) {
   m.def("ext_sparse_read(Tensor memory, Tensor indices, Tensor keys, Tensor strengths) -> (Tensor, Tensor)");
   m.def(
@@ -180,5 +206,7 @@ TORCH_LIBRARY_IMPL(sparsemem, CPU, m) {
   m.impl("ext_sparse_read", &ext_sparse_read);
   m.impl("ext_sparse_read_backward", &ext_sparse_read_backward);
 }
+
+TORCH_LIBRARY_IMPL(sparsemem, Autograd, m) { m.impl("ext_sparse_read", &sparse_read_autograd); }
 
 }  // namespace sparsemem

@@ -230,7 +230,7 @@ def define_op(
 
 def _differentiated_in_cpp(name: str) -> Callable | None:
     """torch.ops.sparsemem.ext_<name> when the extension registers its autograd in C++ as well
-    (csrc/cpu/dnc.cpp), else None. Eager calls on the cpp backend go straight to it: one C++ node
+    (csrc/cpu/autograd.h), else None. Eager calls on the cpp backend go straight to it: one C++ node
     and no Python in its backward, where the autograd.Function below costs ~100 us a call more."""
     if _backends.extension() is None or not hasattr(torch.ops.sparsemem, f"ext_{name}"):
         return None

@@ -89,3 +89,42 @@ def test_bfloat16_close_to_float64(op, backend, use_backend):
     for got, want in zip(_as_tuple(getattr(sm.ops, op)(*args16)), _as_tuple(getattr(sm.ops, op)(*args64)), strict=True):
         assert got.dtype == (torch.bfloat16 if want.is_floating_point() else want.dtype)
         torch.testing.assert_close(got.double(), want.double(), **tolerance(torch.bfloat16))
+
+
+DIFFERENTIATED_IN_CPP = ("dnc_write", "dnc_read", "link_update_reads", "sparse_read", "ntm_address")
+"""The ops whose cpp kernels register their autograd in C++ (csrc/cpu/autograd.h)."""
+
+
+@pytest.mark.parametrize("op", DIFFERENTIATED_IN_CPP)
+def test_the_cpp_backend_records_one_cpp_node(op, use_backend):
+    """An eager call on the cpp backend goes straight to the ext op and its C++ node; elsewhere
+    ops/_define.py's autograd.Function records the node."""
+    if "cpp" not in cpu_backends(op):
+        pytest.skip("no cpp kernel here")
+
+    def node() -> str:
+        leaves = _differentiable(op_inputs(op, torch.float64))
+        return _as_tuple(getattr(sm.ops, op)(*leaves))[0].grad_fn.name()
+
+    use_backend("cpp")
+    assert node().startswith("torch::autograd::CppNode"), node()
+    use_backend("torch")
+    assert node() == f"sparsemem_{op}Backward"
+
+
+@pytest.mark.parametrize("op", DIFFERENTIATED_IN_CPP)
+def test_cpp_and_python_autograd_give_the_same_gradients(op, use_backend):
+    """The C++ node and the custom op (its autograd.Function, what torch.compile and opcheck use)
+    around the same cpp kernel agree bit for bit."""
+    if "cpp" not in cpu_backends(op):
+        pytest.skip("no cpp kernel here")
+    use_backend("cpp")
+    args = op_inputs(op, torch.float32, B=3, N=9, W=5, R=2)
+    grads = []
+    for call in (getattr(sm.ops, op), getattr(torch.ops.sparsemem, op)):
+        leaves = _differentiable(args)
+        outputs = [o for o in _as_tuple(call(*leaves)) if o.is_floating_point()]
+        seeds = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outputs)]
+        grads.append(torch.autograd.grad(outputs, [a for a in leaves if a.requires_grad], seeds, allow_unused=True))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
