@@ -1,13 +1,16 @@
 """dnc_write and dnc_read on the GPU: the dense ops' Triton kernels composed, as csrc/cpu/dnc.cpp
 composes their C++ kernels (reference/dnc.py: dnc_write_ref, dnc_read_ref).
 
-usage_update has no Triton kernel (O(B N R) pointwise work): its forward and backward are written
-out here in torch, the backward with prefix and suffix products as csrc/cpu/usage.cpp's (a
-retention factor may be 0, so no division).
+usage_update has no Triton kernel (O(B N R) pointwise work): its forward is the reference's, its
+backward is written out here in torch, with prefix and suffix products as csrc/cpu/usage.cpp's (a
+retention factor may be 0, so no division; torch.func.vjp of the reference cannot run inside the
+dispatch modes around a custom op's body).
 """
 
 import torch
 from torch import Tensor
+
+from sparsemem.reference import usage_update_ref
 
 from .allocation import allocation_weights_backward, allocation_weights_forward
 from .content import content_weights_backward, content_weights_forward
@@ -17,11 +20,6 @@ from .memory_rw import (
     memory_write_backward,
     memory_write_forward,
 )
-
-
-def _usage_update(usage: Tensor, write_w: Tensor, read_w: Tensor, free_gates: Tensor) -> Tensor:
-    retention = torch.prod(1 - free_gates.unsqueeze(-1) * read_w, dim=1)
-    return (usage + write_w - usage * write_w) * retention
 
 
 def _usage_update_backward(
@@ -58,7 +56,7 @@ def dnc_write_forward(
     erase: Tensor,
     add: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    new_usage = _usage_update(usage, write_w, read_w, free_gates)
+    new_usage = usage_update_ref(usage, write_w, read_w, free_gates)
     allocation = allocation_weights_forward(new_usage)
     write_content = content_weights_forward(memory, write_key, write_strength)
     new_write_w = write_gate * torch.lerp(write_content[:, 0], allocation, allocation_gate)

@@ -86,7 +86,8 @@ class ExactIndex(Index):
         first_new = torch.cumsum(added, 0) - added
         rank = torch.arange(new_batch.numel(), device=self.device) - first_new[new_batch]
         rows[new] = counts[new_batch] + rank
-        totals = (counts + added).tolist()
+        new_counts = counts + added
+        totals = new_counts.tolist()
         self._reserve(max(totals))
         top = max(totals)
         if top > self._clean:
@@ -94,7 +95,7 @@ class ExactIndex(Index):
             # rows that do not write them now, so a search up to the fullest batch row's count reads
             # only finite rows (a preload, all counts equal, zeroes nothing).
             positions = torch.arange(self._clean, top, device=self.device)
-            unwritten = positions >= torch.tensor(totals, device=self.device).unsqueeze(-1)  # [B, top - clean]
+            unwritten = positions >= new_counts.unsqueeze(-1)  # [B, top - clean]
             self._store[:, self._clean : top].masked_fill_(unwritten.unsqueeze(-1), 0)
             self._clean = top
         self._store[batch, rows] = words

@@ -114,7 +114,7 @@ def triton_kernel(stem: str, name: str, differentiable: Sequence[int] | None = N
 def _register_extension(name: str, schema: str, differentiable: Sequence[int], kernels: Sequence[str]) -> None:
     """Registers the compiled kernels of `name` (of the backends in `kernels`) for the devices the
     extension built them for."""
-    if _backends.extension() is None or not hasattr(torch.ops.sparsemem, f"ext_{name}"):
+    if not _has_extension_op(name):
         return
     kernel = extension_kernel(name, schema, differentiable)
     for backend, dispatch_key in (("cpp", "CPU"), ("cuda", "CUDA")):
@@ -122,6 +122,11 @@ def _register_extension(name: str, schema: str, differentiable: Sequence[int], k
             f"sparsemem::ext_{name}", dispatch_key
         ):
             _backends.register(name, backend, kernel)
+
+
+def _has_extension_op(name: str) -> bool:
+    """Whether the extension is built and defines torch.ops.sparsemem.ext_<name>."""
+    return _backends.extension() is not None and hasattr(torch.ops.sparsemem, f"ext_{name}")
 
 
 def schema_inputs(schema: str) -> tuple[str, ...]:
@@ -232,7 +237,7 @@ def _differentiated_in_cpp(name: str) -> Callable | None:
     """torch.ops.sparsemem.ext_<name> when the extension registers its autograd in C++ as well
     (csrc/cpu/autograd.h), else None. Eager calls on the cpp backend go straight to it: one C++ node
     and no Python in its backward, where the autograd.Function below costs ~100 us a call more."""
-    if _backends.extension() is None or not hasattr(torch.ops.sparsemem, f"ext_{name}"):
+    if not _has_extension_op(name):
         return None
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsemem::ext_{name}", "Autograd"):
         return None
