@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsemem import _checks
 from sparsemem.index import ExactIndex
+from sparsemem.index import base as index_base
 from sparsemem.memory import SAMMemory, SDNCMemory
 from sparsemem.memory.lru import TimestampLRU
 from sparsemem.memory.sam import capture_step
@@ -95,13 +96,22 @@ def run(memory, parts, preloaded=None, reset_at=None):
 
 @pytest.mark.parametrize("memory_cls", [SAMMemory, SDNCMemory])
 @pytest.mark.parametrize("preload", [False, True])
-def test_device_path_computes_what_the_host_path_computes(monkeypatch, memory_cls, preload):
+@pytest.mark.parametrize("path", ["device", "dense index"])
+def test_device_path_computes_what_the_host_path_computes(monkeypatch, memory_cls, preload, path):
+    """The whole step on the device path, or (a small memory's default on the CPU, DENSE_VALUES)
+    only its ExactIndex on it, against the host path throughout."""
     memory = memory_cls(N, W, R, k=K).double()
     parts = interface_tensor(memory, T)
     preloaded = torch.randn(B, N, W, dtype=torch.float64, requires_grad=True) if preload else None
-    host = run(memory, [p.clone() for p in parts], preloaded, reset_at=3)
-    monkeypatch.setattr(_checks, "on_host", lambda device: False)
+    with monkeypatch.context() as host_path:
+        host_path.setattr(index_base, "DENSE_VALUES", 0)
+        host = run(memory, [p.clone() for p in parts], preloaded, reset_at=3)
+    assert host[1].memory.store.index.on_host and host[1].memory.store.on_host
+    if path == "device":
+        monkeypatch.setattr(_checks, "on_host", lambda device: False)
     device = run(memory, [p.clone() for p in parts], preloaded, reset_at=3)
+    assert not device[1].memory.store.index.on_host
+    assert device[1].memory.store.on_host == (path == "dense index")
     torch.testing.assert_close(device[0], host[0], **tolerance(torch.float64))
     if preload:
         # Distinct rows, no ties. From a fresh memory equal rows arise (unwritten slots read with
