@@ -108,15 +108,22 @@ void memory_write_backward(const at::Tensor& grad, const at::Tensor& memory, con
       for (int64_t n = first; n < last; ++n) {
         const int64_t slot = b * N + n;
         const acc_t weight = acc_t(w[slot]);
+        // restrict: the stores through gm and the partial sums alias nothing read here, so the
+        // loop vectorises (without it 2-3x slower: B = 32, N = 16, W = 16 to B = 8, N = 1024, W = 64)
+        const scalar_t* __restrict__ g_n = g + slot * W;
+        const scalar_t* __restrict__ m_n = m + slot * W;
+        scalar_t* __restrict__ gm_n = gm + slot * W;
+        acc_t* __restrict__ to_erase = part_erase;
+        acc_t* __restrict__ to_add = part_add;
         acc_t to_weight = 0;
         // Lets the compiler vectorise the sum, which it may not otherwise reorder.
 #pragma omp simd reduction(+ : to_weight)
         for (int64_t i = 0; i < W; ++i) {
-          const acc_t gi = acc_t(g[slot * W + i]), mi = acc_t(m[slot * W + i]), ei = acc_t(eb[i]);
-          gm[slot * W + i] = scalar_t(gi * (1 - weight * ei));
+          const acc_t gi = acc_t(g_n[i]), mi = acc_t(m_n[i]), ei = acc_t(eb[i]);
+          gm_n[i] = scalar_t(gi * (1 - weight * ei));
           to_weight += gi * (acc_t(vb[i]) - mi * ei);
-          part_erase[i] -= gi * mi * weight;
-          part_add[i] += gi * weight;
+          to_erase[i] -= gi * mi * weight;
+          to_add[i] += gi * weight;
         }
         gw[slot] = scalar_t(to_weight);
       }
@@ -163,11 +170,56 @@ at::Tensor ext_memory_read(const at::Tensor& memory, const at::Tensor& read_w) {
   return at::bmm(read_w, memory);
 }
 
-// grad M = w^T g  ([B, N, R] x [B, R, W]),  grad w = g M^T  ([B, R, W] x [B, W, N]).
-std::vector<at::Tensor> ext_memory_read_backward(const at::Tensor& grad_reads, const at::Tensor& memory,
-                                                 const at::Tensor& read_w, const at::Tensor& /*reads*/) {
-  check_read_inputs(memory, read_w);
-  return {at::bmm(read_w.transpose(1, 2), grad_reads), at::bmm(grad_reads, memory.transpose(1, 2))};
+namespace {
+
+// grad M[n, :] = sum_r w[r, n] g[r, :],  grad w[r, n] = g[r, :] . M[n, :]: one pass over memory,
+// slot by slot, with the R gradient rows of the batch row in cache. Two bmm's (w^T g and g M^T)
+// read memory R times more and cost 28 us at B = 32, N = 16, W = 16, R = 1, mostly per-matrix overhead.
+template <typename scalar_t>
+void memory_read_backward(const at::Tensor& grad_reads, const at::Tensor& memory, const at::Tensor& read_w,
+                          at::Tensor& grad_memory, at::Tensor& grad_read_w) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = memory.size(0), N = memory.size(1), W = memory.size(2), R = read_w.size(1);
+  const scalar_t* m = memory.data_ptr<scalar_t>();
+  const scalar_t* w = read_w.data_ptr<scalar_t>();
+  const scalar_t* g = grad_reads.data_ptr<scalar_t>();
+  scalar_t* gm = grad_memory.data_ptr<scalar_t>();
+  scalar_t* gw = grad_read_w.data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, R * W));
+  at::parallel_for(0, B * N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(W);
+    for (int64_t slot = begin; slot < end; ++slot) {
+      const int64_t b = slot / N, n = slot % N;
+      const scalar_t* word = m + slot * W;
+      std::fill(row.begin(), row.end(), acc_t(0));
+      for (int64_t r = 0; r < R; ++r) {
+        const scalar_t* g_r = g + (b * R + r) * W;
+        const acc_t weight = acc_t(w[(b * R + r) * N + n]);
+        acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < W; ++i) {
+          dot += acc_t(g_r[i]) * acc_t(word[i]);
+          row[i] += weight * acc_t(g_r[i]);
+        }
+        gw[(b * R + r) * N + n] = scalar_t(dot);
+      }
+      for (int64_t i = 0; i < W; ++i) gm[slot * W + i] = scalar_t(row[i]);
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> ext_memory_read_backward(const at::Tensor& grad_reads_in, const at::Tensor& memory_in,
+                                                 const at::Tensor& read_w_in, const at::Tensor& /*reads*/) {
+  check_read_inputs(memory_in, read_w_in);
+  const auto memory = memory_in.contiguous(), read_w = read_w_in.contiguous();
+  const auto grad_reads = grad_reads_in.contiguous();
+  auto grad_memory = at::empty_like(memory), grad_read_w = at::empty_like(read_w);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "ext_memory_read_backward", [&] {
+    memory_read_backward<scalar_t>(grad_reads, memory, read_w, grad_memory, grad_read_w);
+  });
+  return {grad_memory, grad_read_w};
 }
 
 TORCH_LIBRARY_FRAGMENT(sparsemem, m) {

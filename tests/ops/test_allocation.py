@@ -12,8 +12,8 @@ CPP_UNAVAILABLE = sm.backends_for("allocation_weights", "cpu").unavailable.get("
 pytestmark = pytest.mark.skipif(CPP_UNAVAILABLE is not None, reason=str(CPP_UNAVAILABLE))
 
 
-def _usage_with_edges(dtype: torch.dtype) -> torch.Tensor:
-    """Rows with exact 0s, exact 1s and ties, in scrambled slot order."""
+def _usage_with_edges(dtype: torch.dtype, repeats: int = 1) -> torch.Tensor:
+    """Rows with exact 0s, exact 1s and ties, in scrambled slot order, 9 slots repeated `repeats` times."""
     return torch.tensor(
         [
             [0.5, 0.0, 1.0, 0.25, 0.0, 0.75, 1.0, 0.5, 0.0],  # ties at 0, 1 and 0.5
@@ -22,12 +22,14 @@ def _usage_with_edges(dtype: torch.dtype) -> torch.Tensor:
             [0.9, 0.3, 0.3, 1.0, 0.0, 0.6, 0.3, 0.2, 0.7],
         ],
         dtype=dtype,
-    )
+    ).repeat(1, repeats)
 
 
+@pytest.mark.parametrize("repeats", [1, 9], ids=["insertion-sorted", "radix-sorted"])  # N = 9, 81
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_allocation_at_zero_one_and_ties(dtype, nan_poisoned):
-    usage = _usage_with_edges(dtype)
+def test_allocation_at_zero_one_and_ties(dtype, repeats, nan_poisoned):
+    """Both of the kernel's sorts: insertion up to 64 slots, radix above."""
+    usage = _usage_with_edges(dtype, repeats)
     allocation = torch.ops.sparsemem.ext_allocation_weights(usage)
     seed = torch.randn(usage.shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
     (grad,) = torch.ops.sparsemem.ext_allocation_weights_backward(seed, usage, allocation)
@@ -36,7 +38,7 @@ def test_allocation_at_zero_one_and_ties(dtype, nan_poisoned):
     torch.testing.assert_close(allocation.double(), want_allocation, **tolerance(dtype))
     torch.testing.assert_close(grad.double(), want_grad, **tolerance(dtype))
     # ties go to the lowest index: in row 2 (all free) slot 0 gets the whole allocation
-    assert allocation[2].tolist() == [1.0] + [0.0] * 8
+    assert allocation[2].tolist() == [1.0] + [0.0] * (9 * repeats - 1)
 
 
 def test_allocation_gradcheck_at_zero_and_one():
