@@ -23,6 +23,11 @@ from sparsemem.memory.lru import LRU, make_lru
 from sparsemem.memory.row_store import RowStore
 from sparsemem.memory.versions import Timeline, VersionRef
 
+PAIRWISE_COMPARISONS = 4096
+"""Up to this many entry pairs (B E^2) group_sum compares every pair, in three small ops and no
+sort: 17 us against numpy's 31 at B = 32, E = 5 (SAM's write on train's copy task), even at
+B = 8, E = 33, three times slower at E = 65."""
+
 
 def group_sum(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     """Sum values over equal indices along the last dimension.
@@ -30,10 +35,13 @@ def group_sum(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     indices [..., E] int64, values [..., E] -> (total [..., E]: each entry's group sum,
     first [..., E] bool: one entry per group, its first occurrence). Differentiable in values.
     """
+    width = indices.shape[-1]
+    if indices.numel() * width <= PAIRWISE_COMPARISONS:
+        same = indices.unsqueeze(-1) == indices.unsqueeze(-2)  # [..., E, E]
+        return (values.unsqueeze(-2) * same).sum(-1), ~same.tril(-1).any(-1)
     if _checks.on_host(indices.device):
         # A step's few dozen entries per batch row: the groups found in numpy (one unique over
         # all rows, each row's indices offset into a range of its own), the sums in one index_add.
-        width = indices.shape[-1]
         keys = indices.reshape(-1, width).numpy() + (np.arange(indices.numel() // max(width, 1)) << 32)[:, None]
         _, first_at, inverse = np.unique(keys.ravel(), return_index=True, return_inverse=True)
         first = np.zeros(indices.numel(), dtype=bool)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sparsemem.memory import SAMInterface, SAMMemory
+from sparsemem import _checks
+from sparsemem.memory import SAMInterface, SAMMemory, sam
 from sparsemem.memory.journal import Journal
 from sparsemem.memory.lru import TimestampLRU
 from sparsemem.reference import content_read_ref
@@ -259,3 +260,24 @@ def test_a_preload_fills_in_chunks_and_indexes_with_one_load(monkeypatch, index)
     assert stats.rows == batch * num_slots and stats.buffered == 0 and stats.merges == 0
     _, top = store.index.search(words[:, :5], 1)
     assert torch.equal(top[..., 0], torch.arange(5).expand(batch, -1))
+
+
+@pytest.mark.parametrize("path", ["pairwise", "host", "device"])
+def test_group_sum_agrees_with_a_loop_on_each_path(path, monkeypatch):
+    """Small inputs compare every pair of entries, larger ones take numpy on the host and a sort on
+    a device: each gives a loop's group sums and first occurrences, and gradcheck's gradients."""
+    if path != "pairwise":
+        monkeypatch.setattr(sam, "PAIRWISE_COMPARISONS", 0)
+    if path == "device":
+        monkeypatch.setattr(_checks, "on_host", lambda device: False)
+    g = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, 6, (3, 2, 9), generator=g)  # 9 entries over 6 slots: repeats in every row
+    values = torch.rand(3, 2, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    total, first = sam.group_sum(indices, values)
+    rows = zip(indices.view(-1, 9).tolist(), values.detach().view(-1, 9), strict=True)
+    for row, (ids, row_values) in enumerate(rows):
+        for e, slot in enumerate(ids):
+            same = [j for j, other in enumerate(ids) if other == slot]
+            assert total.view(-1, 9)[row, e].item() == pytest.approx(row_values[same].sum().item())
+            assert first.view(-1, 9)[row, e].item() == (same[0] == e)
+    assert torch.autograd.gradcheck(lambda v: sam.group_sum(indices, v)[0], (values,))
