@@ -1,8 +1,9 @@
 // DNC allocation on the CPU: with phi = argsort(u) ascending (ties by slot index) and s = u[phi],
 //   a[phi_j] = (1 - s_j) P_j,   P_j = prod_{i<j} s_i   (exclusive cumulative product),
 // parallel over the B batch rows; each row is sorted with an LSD radix sort on the order-preserving
-// bit pattern of its usages: O(N), and stable (a short row by insertion), so equal usages keep their index order (the
-// reference's torch.sort(stable=True)). -0.0 is folded into +0.0 so it ties with 0 like torch's compare.
+// bit pattern of its usages (a short row by insertion): O(N), and stable, so equal usages keep their
+// index order (the reference's torch.sort(stable=True)). -0.0 is folded into +0.0 so it ties with 0
+// like torch's compare.
 //
 // Backward in O(N) without dividing by usage (so usages of exactly 0 and 1 are fine): with
 // c_m = g_m (1 - s_m), g_m = grad[phi_m],
