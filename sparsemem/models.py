@@ -186,13 +186,13 @@ class MemoryModel(nn.Module):
         length: the first call compiles it (about 40 s on a CPU core); the first step of a fresh
         state (reads without a gradient yet), a padded batch's steps with rows ended and each new
         batch size compile one more. It pays where a step is many small ops (torch fuses the
-        pointwise ones around the memory's kernels): at
-        the NTM paper's sizes (B = 16, N = 128, W = 20, hidden 100, one read head) a DNC training
-        step took 1.4-1.6x less time on this project's 2-core CPU, an NTM's 1.1x (train's DNC
-        copy at its default sizes: 2,332 sequences/s against 1,699 eager); results agree
-        with the eager step within float rounding. Not for SAM and SDNC: their step reads its
-        nearest-neighbour index on the host, with data-dependent shapes, which breaks the graph
-        into pieces that recompile (minutes, then slower than eager)."""
+        pointwise ones around the memory's kernels): an NTM's training step took 1.1x less time on
+        this project's 2-core CPU. A DNC's step no longer gains: its three fused ops with their
+        autograd in C++ leave little to fuse (eager 6.44 against 7.35 ms a training step on
+        train's DNC copy, 12.1 against 12.5 ms at the NTM paper's sizes; it was 1.4-1.6x faster
+        before them). Results agree with the eager step within float rounding. Not for SAM and
+        SDNC: their step reads its nearest-neighbour index on the host, with data-dependent
+        shapes, which breaks the graph into pieces that recompile (minutes, then slower than eager)."""
         if isinstance(self.memory, SAMMemory):
             raise ValueError(
                 f"compile_step is for dense memories (DNC, NTM); a {type(self).__name__}'s step searches its index "

@@ -209,8 +209,8 @@ class Config:
     threads: int = _option(1, "torch's CPU threads (small models run fastest on one)")
     compile: bool = _option(
         False,
-        "dnc, ntm: torch.compile the model's time step (MemoryModel.compile_step): a faster step after a "
-        "compile of about 40 s",
+        "dnc, ntm: torch.compile the model's time step (MemoryModel.compile_step), after a compile of about "
+        "40 s: an NTM's step 1.1x faster, a DNC's no faster than eager",
     )
     time_budget: float | None = _option(
         None,
