@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "dense.h"
+#include "vector_math.h"
 
 namespace sparsemem {
 
@@ -188,8 +189,7 @@ void memory_read_backward(const at::Tensor& grad_reads, const at::Tensor& memory
   const scalar_t* g = grad_reads.data_ptr<scalar_t>();
   scalar_t* gm = grad_memory.data_ptr<scalar_t>();
   scalar_t* gw = grad_read_w.data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, R * W));
-  at::parallel_for(0, B * N, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * N, grain(2 * R * W), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer(W);
     acc_t* __restrict__ row = buffer.data();
     for (int64_t slot = begin; slot < end; ++slot) {
