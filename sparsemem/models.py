@@ -21,12 +21,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsemem import _checks
 from sparsemem._profiling import region
 from sparsemem.memory import DNCMemory, Memory, NTMMemory, SAMMemory, SDNCMemory
 from sparsemem.memory.base import check_mask
+from sparsemem.ops import dnc_sequence
 
 _CELLS = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 
@@ -162,21 +164,34 @@ class MemoryModel(nn.Module):
         # Before the shortest row ends every row is active: those steps take the unpadded path
         # (no where per state field, forward and backward; a length-bucketed batch is mostly such
         # steps). One host read of the minimum per forward.
-        every_row_until = x.shape[time_dim] if lengths is None else int(lengths.min())
-        outputs = []
-        # x was checked above and the state's values come from checked steps: the steps' ops
-        # skip their value checks (a sync each, per op per step) unless SPARSEMEM_DEBUG=1
+        steps = x.shape[time_dim]
+        every_row_until = steps if lengths is None else int(lengths.min())
         # Time-major and contiguous: every x_t has strides (input_size, 1) whatever T is, so a
         # compiled step (compile_step) serves every length without recompiling for x_t's strides.
-        steps = x.movedim(time_dim, 0).contiguous().unbind(0)
+        x = x.movedim(time_dim, 0).contiguous()
+        hiddens, reads, start = [], [], 0
+        if self._runs_as_one_op(x, state):
+            every_hidden, every_reads, state = self._dnc_steps(x[:every_row_until], state)
+            hiddens, reads, start = [every_hidden], [every_reads], every_row_until
+        # x was checked above and the state's values come from checked steps: the steps' ops
+        # skip their value checks (a sync each, per op per step) unless SPARSEMEM_DEBUG=1
         # the compiled step trains; without gradients (validation, scoring) the eager one runs, as
         # a no-grad graph would be one more compile for a pass that takes seconds
         step = self._compiled_step if self._compiled_step is not None and torch.is_grad_enabled() else self._step
         with _checks.inputs_checked():
-            for t, x_t in enumerate(steps):
-                y_t, state = step(x_t, state, None if t < every_row_until else t < lengths)
-                outputs.append(y_t)
-        return torch.stack(outputs, dim=time_dim), state
+            for t in range(start, steps):
+                hidden, reads_t, state = step(x[t], state, None if t < every_row_until else t < lengths)
+                hiddens.append(hidden.unsqueeze(0))
+                reads.append(reads_t.unsqueeze(0))
+        # The output layer reads each step's h_t and r_t but feeds nothing back: one product over
+        # all T steps instead of one per step
+        with region("controller"):
+            hidden, reads = torch.cat(hiddens), torch.cat(reads)
+            y = self.output(torch.cat([self.bypass(hidden), reads.flatten(2)], dim=-1))
+        if every_row_until < steps:  # padded steps output zeros
+            active = torch.arange(steps, device=x.device).unsqueeze(1) < lengths
+            y = torch.where(active.unsqueeze(-1), y, 0)
+        return y.movedim(0, time_dim).contiguous(), state
 
     def compile_step(self, **options: Any) -> "MemoryModel":
         """Compile the model's time step with torch.compile (options go to it; default
@@ -190,9 +205,11 @@ class MemoryModel(nn.Module):
         this project's 2-core CPU. A DNC's step no longer gains: its three fused ops with their
         autograd in C++ leave little to fuse (eager 6.44 against 7.35 ms a training step on
         train's DNC copy, 12.1 against 12.5 ms at the NTM paper's sizes; it was 1.4-1.6x faster
-        before them). Results agree with the eager step within float rounding. Not for SAM and
-        SDNC: their step reads its nearest-neighbour index on the host, with data-dependent
-        shapes, which breaks the graph into pieces that recompile (minutes, then slower than eager)."""
+        before them), and where the eager forward runs a DNC's steps as one op (dnc_sequence: an
+        LSTMCell controller, small links) it is faster still; a compiled step runs the step loop.
+        Results agree with the eager step within float rounding. Not for SAM and SDNC: their step
+        reads its nearest-neighbour index on the host, with data-dependent shapes, which breaks the
+        graph into pieces that recompile (minutes, then slower than eager)."""
         if isinstance(self.memory, SAMMemory):
             raise ValueError(
                 f"compile_step is for dense memories (DNC, NTM); a {type(self).__name__}'s step searches its index "
@@ -201,7 +218,9 @@ class MemoryModel(nn.Module):
         self._compiled_step = torch.compile(self._step, **({"dynamic": False} | options))
         return self
 
-    def _step(self, x: Tensor, state: ModelState, active: Tensor | None = None) -> tuple[Tensor, ModelState]:
+    def _step(self, x: Tensor, state: ModelState, active: Tensor | None = None) -> tuple[Tensor, Tensor, ModelState]:
+        """One time step -> (h_t [B, hidden_size], r_t [B, R, W], state): forward's output layer
+        turns every step's h_t and r_t into y at once."""
         with region("controller"):
             controller_in = torch.cat([x, state.reads.flatten(1)], dim=-1)
             hidden, controller_state = self._controller_step(controller_in, state.controller)
@@ -209,17 +228,57 @@ class MemoryModel(nn.Module):
         # a memory written before padded batches takes (state, interface): pass active only when set
         step_args = (state.access, interface) if active is None else (state.access, interface, active)
         reads, access = self.memory.step(*step_args)
-        with region("controller"):
-            y = self.output(torch.cat([self.bypass(hidden), reads.flatten(1)], dim=-1))
         if active is None:
-            return y, ModelState(controller_state, access, reads)
+            return hidden, reads, ModelState(controller_state, access, reads)
 
         def kept(new: Tensor, old: Tensor) -> Tensor:
             return torch.where(active.view(-1, *([1] * (new.dim() - 1))), new, old)
 
         controller_state = tuple(kept(new, old) for new, old in zip(controller_state, state.controller, strict=True))
-        y = torch.where(active.unsqueeze(-1), y, 0)
-        return y, ModelState(controller_state, access, kept(reads, state.reads))
+        return hidden, reads, ModelState(controller_state, access, kept(reads, state.reads))
+
+    def _runs_as_one_op(self, x: Tensor, state: ModelState) -> bool:
+        """Whether forward runs its unpadded steps as one dnc_sequence op: a DNCMemory (not a
+        subclass, whose step may differ) under an nn.LSTMCell, in float32 or float64, where the op
+        has its C++ kernel, with links small enough to keep one a step (DNCMemory's
+        link_checkpoint_bytes), and no compiled step or model (torch.compile traces the step loop)."""
+        memory = self.memory
+        return (
+            not torch.compiler.is_compiling()
+            and type(memory) is DNCMemory
+            and type(self.controller) is nn.LSTMCell
+            and self._compiled_step is None
+            and x.dtype in (torch.float32, torch.float64)
+            and dnc_sequence.runs_in_cpp(x.device)
+            and memory._checkpoint_every(state.access) is None
+        )
+
+    def _dnc_steps(self, x: Tensor, state: ModelState) -> tuple[Tensor, Tensor, ModelState]:
+        """x [T, B, input_size] through T steps of dnc_sequence -> (h [T, B, H], r [T, B, R, W], state).
+        The input's part of the cell's gates (and both its biases) is one product over all T steps."""
+        cell, X = self.controller, self.input_size
+        bias = None if cell.bias_ih is None else cell.bias_ih + cell.bias_hh
+        gates_x = F.linear(x, cell.weight_ih[:, :X], bias)
+        weight_rh = torch.cat([cell.weight_ih[:, X:], cell.weight_hh], dim=1)
+        access, (hidden, cell_state) = state.access, state.controller
+        every_hidden, every_reads, cell_state, *memory_state = dnc_sequence.dnc_sequence(
+            gates_x,
+            hidden,
+            cell_state,
+            state.reads,
+            access.memory,
+            access.usage,
+            access.link,
+            access.precedence,
+            access.read_weights,
+            access.write_weights,
+            weight_rh,
+            self.interface.weight,
+            self.interface.bias,
+        )
+        fields = ("memory", "usage", "link", "precedence", "read_weights", "write_weights")
+        access = dataclasses.replace(access, **dict(zip(fields, memory_state, strict=True)))
+        return every_hidden, every_reads, ModelState((every_hidden[-1], cell_state), access, every_reads[-1])
 
     def _check_lengths(self, lengths: object, batch: int, steps: int, device: torch.device) -> None:
         if lengths is None:

@@ -1,7 +1,7 @@
 """Valid inputs for every registered op, at any size and dtype, for tests and benchmarks.
 
 op_inputs(op, dtype, B, N, W, R) -> positional arguments of sparsemem.ops.<op> (for the internal
-journaled_write, of sparsemem.ops.journaled_write.journaled_write). The tables of ops below come
+journaled_write and dnc_sequence, of sparsemem.ops.<op>.<op>). The tables of ops below come
 from the backend registry.
 Values are in the ranges the ops expect (weights are distributions, gates in [0, 1],
 sharpening >= 1) and usages are distinct so sorts have no ties.
@@ -102,6 +102,27 @@ def op_inputs(op: str, dtype: torch.dtype = torch.float64, B=3, N=7, W=5, R=3, s
         return randn(B, J, W), distribution(B, J), randn(B, W), erase
     if op in ("sparse_link_update", "sparse_temporal_reads"):
         return _sparse_link_inputs(op, B, N, R, g, rand, distribution)
+    if op == "dnc_sequence":
+        # T = 4 steps of an LSTM cell of H = 5 from a memory mid-episode: links off the diagonal,
+        # weights that are distributions
+        T, H, I = 4, 5, R * W + 3 * W + 5 * R + 3
+        usage, write_w, read_w, _ = op_inputs("usage_update", dtype, B, N, W, R, seed + 1)
+        link, precedence, _ = op_inputs("link_update", dtype, B, N, W, R, seed + 2)
+        return (
+            randn(T, B, 4 * H),
+            randn(B, H) * 0.5,
+            randn(B, H) * 0.5,
+            randn(B, R, W) * 0.5,
+            memory,
+            usage,
+            link,
+            precedence,
+            read_w,
+            write_w,
+            randn(4 * H, R * W + H) * 0.5,
+            randn(I, H) * 0.5,
+            randn(I) * 0.5,
+        )
     if op == "journaled_write":
         # sparse_write's arguments in place on a store of B*N flat rows, half of them written;
         # keys b*N + slot, distinct per batch row

@@ -15,6 +15,7 @@
 #include "autograd.h"
 #include "content.h"
 #include "dense.h"
+#include "dnc.h"
 
 namespace sparsemem {
 

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "autograd.h"
+#include "dnc.h"
 #include "vector_math.h"
 
 namespace sparsemem {

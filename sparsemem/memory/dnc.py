@@ -13,6 +13,7 @@ from torch import Tensor
 
 from sparsemem import ops
 from sparsemem.memory.base import DenseState, Memory
+from sparsemem.reference import split_interface_ref
 
 
 def oneplus(x: Tensor) -> Tensor:
@@ -98,22 +99,7 @@ class DNCMemory(Memory):
         return R * W + 3 * W + 5 * R + 3
 
     def split_interface(self, interface: Tensor) -> DNCInterface:
-        B, R, W = interface.shape[0], self.num_reads, self.word_size
-        parts = interface.split([R * W, R, W, 1, W, W, R, 1, 1, 3 * R], dim=-1)
-        read_keys, read_strengths, write_key, write_strength, erase, write_vector = parts[:6]
-        free_gates, allocation_gate, write_gate, read_modes = parts[6:]
-        return DNCInterface(
-            read_keys=read_keys.view(B, R, W),
-            read_strengths=oneplus(read_strengths),
-            write_key=write_key.view(B, 1, W),
-            write_strength=oneplus(write_strength),
-            erase=torch.sigmoid(erase),
-            write_vector=write_vector,
-            free_gates=torch.sigmoid(free_gates),
-            allocation_gate=torch.sigmoid(allocation_gate),
-            write_gate=torch.sigmoid(write_gate),
-            read_modes=torch.softmax(read_modes.view(B, R, 3), dim=-1),
-        )
+        return DNCInterface(*split_interface_ref(interface, self.num_reads, self.word_size))
 
     def init_interface_bias(self, bias: Tensor) -> None:
         """Set the bias of the controller's interface layer (bias [interface_size], in place) so

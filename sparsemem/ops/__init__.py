@@ -2,7 +2,8 @@
 
 One module per op family (its file stem in every layer: kernels/, csrc/, tests/ops/); the backend
 registry (sparsemem._backends, sparsemem.backends_for) lists them all. journaled_write, the sparse
-memory's in-place write, is registered too but internal: sparsemem.ops.journaled_write.
+memory's in-place write, and dnc_sequence, a DNC model's steps in one call, are registered too but
+internal: sparsemem.ops.journaled_write, sparsemem.ops.dnc_sequence.
 """
 
 from sparsemem.ops.allocation import allocation_weights
@@ -18,8 +19,9 @@ from sparsemem.ops.topk_content import topk_content
 from sparsemem.ops.usage import usage_update
 
 # isort: split
-# the internal op, registered after the public ones (its backward composes sparse_write's kernels)
-from sparsemem.ops import journaled_write  # noqa: F401
+# the internal ops, registered after the public ones (journaled_write's backward composes
+# sparse_write's kernels; dnc_sequence runs a DNC model's steps)
+from sparsemem.ops import dnc_sequence, journaled_write  # noqa: F401
 
 __all__ = [
     "allocation_weights",

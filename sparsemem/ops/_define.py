@@ -158,6 +158,7 @@ def define_op(
     *,
     stem: str,
     kernels: Sequence[str] = ("cpp", "cuda", "triton"),
+    public: bool = True,
 ):
     """Register torch.ops.sparsemem.<name>: its declaration and every backend's kernel, in one call.
 
@@ -165,6 +166,7 @@ def define_op(
     stem: the op family's file stem (ops/<stem>.py, kernels/<stem>.py, csrc/*/<stem>.*); kernels:
     the backends with kernel sources besides torch (the reference, differentiated by vjp): triton's
     <name>_forward / <name>_backward in kernels/<stem>.py, cpp and cuda's ext_<name> in csrc/.
+    public: False for an op that sparsemem's modules call but sparsemem.ops does not export.
     Every tensor input has B first; with B = 0 the op returns fake's (empty) outputs and zero
     (empty) gradients without running a backend, so every backend agrees on an empty batch.
     Returns a function of the op's inputs: inside torch.compile it calls the registered custom op
@@ -172,7 +174,7 @@ def define_op(
     and backward through a plain torch.autograd.Function, skipping the custom op's dispatch, which
     costs more than the whole kernel at the sizes of a sparse step (~100 us a call on 2 cores).
     """
-    declare_op(name, stem, schema, differentiable, kernels)
+    declare_op(name, stem, schema, differentiable, kernels, public)
     _backends.register(name, "torch", torch_kernel(reference, differentiable))
     _register_extension(name, schema, differentiable, kernels)
     if "triton" in kernels:

@@ -6,6 +6,7 @@ W word size, R read heads. Clarity over speed: no in-place tricks, no fusion.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 EPS = 1e-6
@@ -165,3 +166,87 @@ def dnc_read_ref(
     modes = read_modes.unsqueeze(-1)
     read_w = modes[:, :, 0] * backward + modes[:, :, 1] * read_content + modes[:, :, 2] * forward
     return memory_read_ref(memory, read_w), read_w, read_content
+
+
+def split_interface_ref(interface: Tensor, R: int, W: int) -> tuple[Tensor, ...]:
+    """One step's interface vector xi_t [B, R*W + 3W + 5R + 3], split and squashed as in the DNC paper.
+
+    -> (read_keys [B, R, W], read_strengths [B, R] = oneplus, write_key [B, 1, W], write_strength
+    [B, 1] = oneplus, erase [B, W] = sigmoid, write_vector [B, W], free_gates [B, R] = sigmoid,
+    allocation_gate [B, 1] = sigmoid, write_gate [B, 1] = sigmoid, read_modes [B, R, 3] = softmax
+    over (backward, content, forward)); oneplus(x) = 1 + softplus(x).
+    """
+    B = interface.shape[0]
+    parts = interface.split([R * W, R, W, 1, W, W, R, 1, 1, 3 * R], dim=-1)
+    read_keys, read_strengths, write_key, write_strength, erase, write_vector = parts[:6]
+    free_gates, allocation_gate, write_gate, read_modes = parts[6:]
+    return (
+        read_keys.view(B, R, W),
+        1 + F.softplus(read_strengths),
+        write_key.view(B, 1, W),
+        1 + F.softplus(write_strength),
+        torch.sigmoid(erase),
+        write_vector,
+        torch.sigmoid(free_gates),
+        torch.sigmoid(allocation_gate),
+        torch.sigmoid(write_gate),
+        torch.softmax(read_modes.view(B, R, 3), dim=-1),
+    )
+
+
+def dnc_sequence_ref(
+    gates_x: Tensor,
+    hidden: Tensor,
+    cell: Tensor,
+    reads: Tensor,
+    memory: Tensor,
+    usage: Tensor,
+    link: Tensor,
+    precedence: Tensor,
+    read_w: Tensor,
+    write_w: Tensor,
+    weight_rh: Tensor,
+    weight_if: Tensor,
+    bias_if: Tensor,
+) -> tuple[Tensor, ...]:
+    """T steps of a DNC whose controller is an LSTM cell: what sparsemem.models.DNC runs each step.
+
+    Per step t: gates = gates_x[t] + [r_{t-1} ; h_{t-1}] weight_rh^T (the cell's input and hidden
+    products; gates_x holds the input's part and both biases); i, f, g, o = sigmoid, sigmoid, tanh,
+    sigmoid of its four quarters; c_t = f c_{t-1} + i g; h_t = o tanh(c_t); xi_t = h_t weight_if^T +
+    bias_if, split (split_interface_ref); then dnc_write, link_update_reads and dnc_read.
+    gates_x [T, B, 4H], hidden and cell [B, H], reads [B, R, W] (the last step's), memory [B, N, W],
+    usage [B, N], link [B, N, N], precedence [B, N], read_w [B, R, N], write_w [B, N] (the memory's
+    state), weight_rh [4H, R*W + H], weight_if [I, H], bias_if [I] (I = R*W + 3W + 5R + 3)
+    -> (hidden [T, B, H], reads [T, B, R, W] (every step's), cell [B, H], memory, usage, link,
+    precedence, read_w, write_w (the memory's state after step T)).
+    """
+    R, W = reads.shape[1], reads.shape[2]
+    hiddens, every_reads = [], []
+    for gates_t in gates_x.unbind(0):
+        gates = gates_t + torch.cat([reads.flatten(1), hidden], dim=-1) @ weight_rh.T
+        i, f, g, o = gates.chunk(4, dim=-1)
+        cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
+        hidden = torch.sigmoid(o) * torch.tanh(cell)
+        interface = split_interface_ref(hidden @ weight_if.T + bias_if, R, W)
+        read_keys, read_strengths, write_key, write_strength, erase, write_vector = interface[:6]
+        free_gates, allocation_gate, write_gate, read_modes = interface[6:]
+        memory, usage, new_write_w, _, _ = dnc_write_ref(
+            memory,
+            usage,
+            write_w,
+            read_w,
+            free_gates,
+            write_key,
+            write_strength,
+            allocation_gate,
+            write_gate,
+            erase,
+            write_vector,
+        )
+        link, precedence, forward, backward = link_update_reads_ref(link, precedence, new_write_w, read_w)
+        reads, read_w, _ = dnc_read_ref(memory, read_keys, read_strengths, read_modes, backward, forward)
+        write_w = new_write_w
+        hiddens.append(hidden)
+        every_reads.append(reads)
+    return torch.stack(hiddens), torch.stack(every_reads), cell, memory, usage, link, precedence, read_w, write_w

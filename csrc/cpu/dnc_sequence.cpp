@@ -1,0 +1,485 @@
+// T steps of a DNC whose controller is an LSTM cell, forward and backward through time, in one op
+// (reference/dnc.py: dnc_sequence_ref).
+//
+// Why: at the sizes a DNC trains at (B = 32, N = 16-64, hidden 128) a step's arithmetic is two
+// small matrix products and a few microseconds of memory kernels, while the step run from Python
+// (LSTMCell, the interface Linear and its split, three memory ops, their autograd nodes) costs
+// about ten times that in calls. Here each step is two addmm's, one loop for the cell's gates,
+// one for the interface's squashing, and the step's three kernels (dnc.cpp, links.cpp); the
+// backward walks the steps in reverse calling their backward kernels, and the weights' gradients
+// are one matrix product each over all T steps.
+//
+// What the backward reads (the tape): every step's controller input [r_{t-1} ; h_{t-1}], gates,
+// cell, interface before and after squashing, and the memory kernels' outputs. It keeps T
+// link matrices, so models/ call this op only for links small enough to keep (DNCMemory's
+// link_checkpoint_bytes).
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <vector>
+
+#include "dnc.h"
+
+namespace sparsemem {
+
+namespace {
+
+// The interface's ten parts in order (DNCMemory.split_interface): read keys R*W, read strengths R,
+// write key W, write strength 1, erase W, write vector W, free gates R, allocation gate 1, write
+// gate 1, read modes 3R.
+enum Part { kReadKeys, kReadStrengths, kWriteKey, kWriteStrength, kErase, kAdd, kFreeGates, kAllocationGate,
+            kWriteGate, kReadModes, kParts };
+enum Squash { kIdentity, kOneplus, kSigmoid, kSoftmax3 };
+constexpr std::array<Squash, kParts> kSquash = {kIdentity, kOneplus, kIdentity, kOneplus, kSigmoid,
+                                                kIdentity, kSigmoid, kSigmoid, kSigmoid, kSoftmax3};
+
+struct Layout {
+  int64_t B, R, W, size[kParts], offset[kParts], total;
+
+  Layout(int64_t B, int64_t R, int64_t W) : B(B), R(R), W(W) {
+    const int64_t sizes[kParts] = {R * W, R, W, 1, W, W, R, 1, 1, 3 * R};
+    total = 0;
+    for (int p = 0; p < kParts; ++p) {
+      size[p] = sizes[p];
+      offset[p] = total;
+      total += sizes[p];
+    }
+  }
+
+  // Part p of a squashed interface stored part after part ([B, size] each, contiguous), in the
+  // shape the memory kernels take.
+  at::Tensor part(const at::Tensor& squashed, int p) const {
+    const auto flat = squashed.narrow(0, B * offset[p], B * size[p]);
+    switch (p) {
+      case kReadKeys: return flat.view({B, R, W});
+      case kWriteKey: return flat.view({B, 1, W});
+      case kReadModes: return flat.view({B, R, 3});
+      default: return flat.view({B, size[p]});
+    }
+  }
+};
+
+template <typename scalar_t>
+scalar_t sigmoid(scalar_t x) {
+  return scalar_t(1) / (scalar_t(1) + std::exp(-x));
+}
+
+// torch's softplus (threshold 20: the identity above it), plus one.
+template <typename scalar_t>
+scalar_t oneplus(scalar_t x) {
+  return x > scalar_t(20) ? scalar_t(1) + x : scalar_t(1) + std::log1p(std::exp(x));
+}
+
+// interface [B, I] and its sigmoid (torch's, vectorised) -> squashed [B * I], part after part.
+template <typename scalar_t>
+void squash_forward(const Layout& l, const scalar_t* interface, const scalar_t* sigmoid_of, scalar_t* squashed) {
+  const int64_t I = l.total;
+  for (int p = 0; p < kParts; ++p) {
+    const int64_t size = l.size[p], offset = l.offset[p];
+    for (int64_t b = 0; b < l.B; ++b) {
+      const scalar_t* x = interface + b * I + offset;
+      const scalar_t* sx = sigmoid_of + b * I + offset;
+      scalar_t* y = squashed + l.B * offset + b * size;
+      switch (kSquash[p]) {
+        case kIdentity:
+          for (int64_t j = 0; j < size; ++j) y[j] = x[j];
+          break;
+        case kOneplus:
+          for (int64_t j = 0; j < size; ++j) y[j] = oneplus(x[j]);
+          break;
+        case kSigmoid:
+          for (int64_t j = 0; j < size; ++j) y[j] = sx[j];
+          break;
+        case kSoftmax3:
+          for (int64_t j = 0; j < size; j += 3) {
+            const scalar_t top = std::max(x[j], std::max(x[j + 1], x[j + 2]));
+            const scalar_t e0 = std::exp(x[j] - top), e1 = std::exp(x[j + 1] - top), e2 = std::exp(x[j + 2] - top);
+            const scalar_t sum = e0 + e1 + e2;
+            y[j] = e0 / sum;
+            y[j + 1] = e1 / sum;
+            y[j + 2] = e2 / sum;
+          }
+          break;
+      }
+    }
+  }
+}
+
+// The gradient of the interface [B, I] from the parts' gradients (grads[p]: [B, size] contiguous).
+template <typename scalar_t>
+void squash_backward(const Layout& l, const scalar_t* interface, const scalar_t* squashed,
+                     const std::array<const scalar_t*, kParts>& grads, scalar_t* grad_interface) {
+  const int64_t I = l.total;
+  for (int p = 0; p < kParts; ++p) {
+    const int64_t size = l.size[p], offset = l.offset[p];
+    for (int64_t b = 0; b < l.B; ++b) {
+      const scalar_t* x = interface + b * I + offset;
+      const scalar_t* y = squashed + l.B * offset + b * size;
+      const scalar_t* g = grads[p] + b * size;
+      scalar_t* dx = grad_interface + b * I + offset;
+      switch (kSquash[p]) {
+        case kIdentity:
+          for (int64_t j = 0; j < size; ++j) dx[j] = g[j];
+          break;
+        case kOneplus:  // d softplus / dx = sigmoid(x), 1 above the threshold
+          for (int64_t j = 0; j < size; ++j) dx[j] = x[j] > scalar_t(20) ? g[j] : g[j] * sigmoid(x[j]);
+          break;
+        case kSigmoid:
+          for (int64_t j = 0; j < size; ++j) dx[j] = g[j] * y[j] * (scalar_t(1) - y[j]);
+          break;
+        case kSoftmax3:  // dx = y (g - sum y g)
+          for (int64_t j = 0; j < size; j += 3) {
+            const scalar_t dot = y[j] * g[j] + y[j + 1] * g[j + 1] + y[j + 2] * g[j + 2];
+            for (int64_t k = j; k < j + 3; ++k) dx[k] = y[k] * (g[k] - dot);
+          }
+          break;
+      }
+    }
+  }
+}
+
+// The cell's transcendentals run as torch's vectorised sigmoid and tanh: a scalar std::exp per
+// element took most of a step's forward (B H = 4096 of each five a step at B = 32, H = 128).
+// gates [B, 4H] (i, f, g, o) -> act [B, 4H] = (sigmoid, sigmoid, tanh, sigmoid) of them.
+void squash_gates(const at::Tensor& gates, at::Tensor& act) {
+  const auto H = gates.size(1) / 4;
+  at::sigmoid_out(act, gates);
+  auto cell_gate = act.narrow(1, 2 * H, H);
+  at::tanh_out(cell_gate, gates.narrow(1, 2 * H, H));
+}
+
+// c = f c_prev + i g.
+template <typename scalar_t>
+void cell_forward(int64_t B, int64_t H, const scalar_t* act, const scalar_t* c_prev, scalar_t* c) {
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t* a = act + b * 4 * H;
+    for (int64_t j = 0; j < H; ++j) c[b * H + j] = a[H + j] * c_prev[b * H + j] + a[j] * a[2 * H + j];
+  }
+}
+
+// grad_h [B, H] (all of h_t = o tanh(c_t)'s gradient), grad_c [B, H] (c_t's from the step after;
+// becomes c_{t-1}'s) -> grad_gates [B, 4H].
+template <typename scalar_t>
+void cell_backward(int64_t B, int64_t H, const scalar_t* act, const scalar_t* c_prev, const scalar_t* tanh_c,
+                   const scalar_t* grad_h, scalar_t* grad_c, scalar_t* grad_gates) {
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t* a = act + b * 4 * H;
+    scalar_t* d = grad_gates + b * 4 * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const scalar_t i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
+      const scalar_t tc = tanh_c[b * H + j], dh = grad_h[b * H + j];
+      const scalar_t dc = grad_c[b * H + j] + dh * o * (scalar_t(1) - tc * tc);
+      d[j] = dc * g * i * (scalar_t(1) - i);
+      d[H + j] = dc * c_prev[b * H + j] * f * (scalar_t(1) - f);
+      d[2 * H + j] = dc * i * (scalar_t(1) - g * g);
+      d[3 * H + j] = dh * tc * o * (scalar_t(1) - o);
+      grad_c[b * H + j] = dc * f;
+    }
+  }
+}
+
+// The op's inputs, in schema order.
+struct Inputs {
+  at::Tensor gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w, weight_rh, weight_if,
+      bias_if;
+};
+
+Inputs checked(const at::Tensor& gates_x, const at::Tensor& hidden, const at::Tensor& cell, const at::Tensor& reads,
+               const at::Tensor& memory, const at::Tensor& usage, const at::Tensor& link,
+               const at::Tensor& precedence, const at::Tensor& read_w, const at::Tensor& write_w,
+               const at::Tensor& weight_rh, const at::Tensor& weight_if, const at::Tensor& bias_if) {
+  TORCH_CHECK(gates_x.dim() == 3 && gates_x.size(0) >= 1 && gates_x.size(2) % 4 == 0,
+              "gates_x must be [T, B, 4H] with T >= 1; got ", gates_x.sizes());
+  TORCH_CHECK(reads.dim() == 3 && memory.dim() == 3, "reads must be [B, R, W] and memory [B, N, W]");
+  const auto B = gates_x.size(1), H = gates_x.size(2) / 4, R = reads.size(1), W = reads.size(2);
+  const auto N = memory.size(1), I = Layout(B, R, W).total;
+  const auto expect = [](const at::Tensor& x, const char* name, at::IntArrayRef shape) {
+    TORCH_CHECK(x.sizes() == shape, name, " must be ", shape, "; got ", x.sizes());
+  };
+  expect(hidden, "hidden", {B, H});
+  expect(cell, "cell", {B, H});
+  expect(reads, "reads", {B, R, W});
+  expect(memory, "memory", {B, N, W});
+  expect(usage, "usage", {B, N});
+  expect(link, "link", {B, N, N});
+  expect(precedence, "precedence", {B, N});
+  expect(read_w, "read_w", {B, R, N});
+  expect(write_w, "write_w", {B, N});
+  expect(weight_rh, "weight_rh", {4 * H, R * W + H});
+  expect(weight_if, "weight_if", {I, H});
+  expect(bias_if, "bias_if", {I});
+  Inputs in{gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w, weight_rh, weight_if,
+            bias_if};
+  for (auto* x : {&in.gates_x, &in.hidden, &in.cell, &in.reads, &in.memory, &in.usage, &in.link, &in.precedence,
+                  &in.read_w, &in.write_w, &in.weight_rh, &in.weight_if, &in.bias_if}) {
+    TORCH_CHECK(x->scalar_type() == gates_x.scalar_type(), "every input of dnc_sequence must share one dtype");
+    TORCH_CHECK(x->scalar_type() == at::kFloat || x->scalar_type() == at::kDouble,
+                "dnc_sequence runs float32 and float64; got ", x->scalar_type());
+    *x = x->contiguous();
+  }
+  return in;
+}
+
+// What the backward reads. Per step: the controller input [r_{t-1} ; h_{t-1}], the squashed gates,
+// the cell and its tanh, the interface before and after squashing (all stacked over T), and the
+// memory kernels' outputs (kPerStep a step: dnc_write's five, link_update_reads' four, dnc_read's three).
+constexpr int64_t kPerStep = 12;
+enum StepOutput { kMemory, kUsage, kWriteW, kAllocation, kWriteContent, kLink, kPrecedence, kForward, kBackward,
+                  kReads, kReadW, kReadContent };
+
+struct Tape {
+  at::Tensor inputs, act, cells, tanh_cells, interface, squashed;  // [T, B, ...]
+  std::vector<at::Tensor> steps;                       // T * kPerStep
+};
+
+// -> (hidden [T, B, H], reads [T, B, R, W], cell, memory, usage, link, precedence, read_w, write_w).
+std::vector<at::Tensor> run_forward(const Inputs& in, Tape& tape) {
+  const auto T = in.gates_x.size(0), B = in.gates_x.size(1), H = in.gates_x.size(2) / 4;
+  const auto R = in.reads.size(1), W = in.reads.size(2);
+  const Layout l(B, R, W);
+  const auto opts = in.gates_x.options();
+  tape.inputs = at::empty({T, B, R * W + H}, opts);
+  tape.act = at::empty({T, B, 4 * H}, opts);
+  tape.cells = at::empty({T, B, H}, opts);
+  tape.tanh_cells = at::empty({T, B, H}, opts);
+  tape.interface = at::empty({T, B, l.total}, opts);
+  tape.squashed = at::empty({T, B * l.total}, opts);
+  tape.steps.clear();
+  tape.steps.reserve(T * kPerStep);
+  auto hidden = at::empty({T, B, H}, opts), every_reads = at::empty({T, B, R, W}, opts);
+  const auto weight_rh_t = in.weight_rh.t(), weight_if_t = in.weight_if.t();
+  at::Tensor h = in.hidden, c = in.cell, reads = in.reads, memory = in.memory, usage = in.usage, link = in.link;
+  at::Tensor precedence = in.precedence, read_w = in.read_w, write_w = in.write_w;
+  for (int64_t t = 0; t < T; ++t) {
+    auto input = tape.inputs[t];
+    at::cat_out(input, {reads.view({B, R * W}), h}, 1);
+    const auto gates = at::addmm(in.gates_x[t], input, weight_rh_t);
+    auto act = tape.act[t], new_c = tape.cells[t], tanh_c = tape.tanh_cells[t];
+    squash_gates(gates, act);
+    AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "dnc_sequence_cell", [&] {
+      cell_forward<scalar_t>(B, H, act.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), new_c.data_ptr<scalar_t>());
+    });
+    at::tanh_out(tanh_c, new_c);
+    h = hidden[t];
+    at::mul_out(h, act.narrow(1, 3 * H, H), tanh_c);  // h = o tanh(c)
+    c = new_c;
+    auto interface = tape.interface[t];
+    at::addmm_out(interface, in.bias_if, h, weight_if_t);
+    const auto squashed = tape.squashed[t], sigmoid_of = at::sigmoid(interface);
+    AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "dnc_sequence_squash", [&] {
+      squash_forward<scalar_t>(l, interface.data_ptr<scalar_t>(), sigmoid_of.data_ptr<scalar_t>(),
+                               squashed.data_ptr<scalar_t>());
+    });
+    auto [new_memory, new_usage, new_write_w, allocation, write_content] =
+        ext_dnc_write(memory, usage, write_w, read_w, l.part(squashed, kFreeGates), l.part(squashed, kWriteKey),
+                      l.part(squashed, kWriteStrength), l.part(squashed, kAllocationGate),
+                      l.part(squashed, kWriteGate), l.part(squashed, kErase), l.part(squashed, kAdd));
+    auto [new_link, new_precedence, forward, backward] = ext_link_update_reads(link, precedence, new_write_w, read_w);
+    auto [new_reads, new_read_w, read_content] =
+        ext_dnc_read(new_memory, l.part(squashed, kReadKeys), l.part(squashed, kReadStrengths),
+                     l.part(squashed, kReadModes), backward, forward);
+    every_reads[t].copy_(new_reads);
+    tape.steps.insert(tape.steps.end(), {new_memory, new_usage, new_write_w, allocation, write_content, new_link,
+                                         new_precedence, forward, backward, new_reads, new_read_w, read_content});
+    memory = new_memory, usage = new_usage, write_w = new_write_w, link = new_link, precedence = new_precedence;
+    read_w = new_read_w, reads = new_reads;
+  }
+  return {hidden, every_reads, c.clone(), memory, usage, link, precedence, read_w, write_w};
+}
+
+// grads: one per output (defined); -> one grad per input.
+std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& grads, const Inputs& in, const Tape& tape,
+                                     const at::Tensor& hidden) {
+  const auto T = in.gates_x.size(0), B = in.gates_x.size(1), H = in.gates_x.size(2) / 4;
+  const auto R = in.reads.size(1), W = in.reads.size(2), N = in.memory.size(1);
+  const Layout l(B, R, W);
+  const auto opts = in.gates_x.options();
+  const auto grad_hidden = grads[0].contiguous(), grad_reads = grads[1].contiguous();
+  auto grad_c = grads[2].contiguous().clone();
+  at::Tensor grad_memory = grads[3], grad_usage = grads[4], grad_link = grads[5], grad_precedence = grads[6];
+  at::Tensor grad_read_w = grads[7], grad_write_w = grads[8];
+  auto grad_h = at::zeros({B, H}, opts), grad_r = at::zeros({B, R, W}, opts);
+  const auto no_grad_allocation = at::zeros({B, N}, opts), no_grad_write_content = at::zeros({B, 1, N}, opts);
+  const auto no_grad_read_content = at::zeros({B, R, N}, opts);
+  auto grad_gates_x = at::empty({T, B, 4 * H}, opts), grad_interface = at::empty({T, B, l.total}, opts);
+  const at::Tensor unused;
+  // the state a step read: the step before's outputs, or the op's inputs for step 0
+  const auto before = [&](int64_t t, StepOutput k, const at::Tensor& initial) -> const at::Tensor& {
+    return t == 0 ? initial : tape.steps[(t - 1) * kPerStep + k];
+  };
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const auto* out = &tape.steps[t * kPerStep];
+    const auto squashed = tape.squashed[t];
+    const auto memory = before(t, kMemory, in.memory), usage = before(t, kUsage, in.usage);
+    const auto write_w = before(t, kWriteW, in.write_w), read_w = before(t, kReadW, in.read_w);
+    const auto link = before(t, kLink, in.link), precedence = before(t, kPrecedence, in.precedence);
+    const auto read = ext_dnc_read_backward(
+        grad_reads[t] + grad_r, grad_read_w, no_grad_read_content, out[kMemory], l.part(squashed, kReadKeys),
+        l.part(squashed, kReadStrengths), l.part(squashed, kReadModes), out[kBackward], out[kForward], out[kReads],
+        out[kReadW], out[kReadContent]);
+    // read: memory, read keys, read strengths, read modes, backward, forward
+    const auto linked = ext_link_update_reads_backward(grad_link, grad_precedence, read[5], read[4], link, precedence,
+                                                       out[kWriteW], read_w, unused, unused, unused, unused);
+    // linked: link, precedence, write_w (this step's), read_w (the step before's)
+    const auto written = ext_dnc_write_backward(
+        grad_memory + read[0], grad_usage, grad_write_w + linked[2], no_grad_allocation, no_grad_write_content,
+        memory, usage, write_w, read_w, l.part(squashed, kFreeGates), l.part(squashed, kWriteKey),
+        l.part(squashed, kWriteStrength), l.part(squashed, kAllocationGate), l.part(squashed, kWriteGate),
+        l.part(squashed, kErase), l.part(squashed, kAdd), out[kMemory], out[kUsage], out[kWriteW],
+        out[kAllocation], out[kWriteContent]);
+    // written: memory, usage, write_w, read_w, free gates, write key, write strength, allocation
+    // gate, write gate, erase, add
+    grad_memory = written[0], grad_usage = written[1], grad_write_w = written[2];
+    grad_read_w = written[3] + linked[3], grad_link = linked[0], grad_precedence = linked[1];
+    std::array<at::Tensor, kParts> part_grads = {read[1], read[2], written[5], written[6], written[9],
+                                                 written[10], written[4], written[7], written[8], read[3]};
+    for (auto& g : part_grads) g = g.contiguous();
+    auto grad_interface_t = grad_interface[t];
+    AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "dnc_sequence_squash_backward", [&] {
+      std::array<const scalar_t*, kParts> g;
+      for (int p = 0; p < kParts; ++p) g[p] = part_grads[p].data_ptr<scalar_t>();
+      squash_backward<scalar_t>(l, tape.interface[t].data_ptr<scalar_t>(), squashed.data_ptr<scalar_t>(), g,
+                                grad_interface_t.data_ptr<scalar_t>());
+    });
+    const auto grad_h_t = at::addmm(grad_hidden[t] + grad_h, grad_interface_t, in.weight_if);
+    const auto c_prev = t == 0 ? in.cell : tape.cells[t - 1];
+    auto grad_gates = grad_gates_x[t];
+    AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "dnc_sequence_cell_backward", [&] {
+      cell_backward<scalar_t>(B, H, tape.act[t].data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(),
+                              tape.tanh_cells[t].data_ptr<scalar_t>(), grad_h_t.data_ptr<scalar_t>(),
+                              grad_c.data_ptr<scalar_t>(), grad_gates.data_ptr<scalar_t>());
+    });
+    const auto grad_input = at::mm(grad_gates, in.weight_rh);  // [B, R*W + H]: [r_{t-1} ; h_{t-1}]
+    grad_r = grad_input.narrow(1, 0, R * W).reshape({B, R, W});
+    grad_h = grad_input.narrow(1, R * W, H).contiguous();
+  }
+  const auto every_gates = grad_gates_x.view({T * B, 4 * H}), every_interface = grad_interface.view({T * B, l.total});
+  return {grad_gates_x,
+          grad_h,
+          grad_c,
+          grad_r,
+          grad_memory,
+          grad_usage,
+          grad_link,
+          grad_precedence,
+          grad_read_w,
+          grad_write_w,
+          every_gates.t().mm(tape.inputs.view({T * B, R * W + H})),
+          every_interface.t().mm(hidden.view({T * B, H})),
+          every_interface.sum(0)};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+ext_dnc_sequence(const at::Tensor& gates_x, const at::Tensor& hidden, const at::Tensor& cell, const at::Tensor& reads,
+                 const at::Tensor& memory, const at::Tensor& usage, const at::Tensor& link,
+                 const at::Tensor& precedence, const at::Tensor& read_w, const at::Tensor& write_w,
+                 const at::Tensor& weight_rh, const at::Tensor& weight_if, const at::Tensor& bias_if) {
+  Tape tape;
+  const auto out = run_forward(checked(gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w,
+                                       weight_rh, weight_if, bias_if),
+                               tape);
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
+}
+
+// The backward of the registered custom op (torch.compile, opcheck, ops/_define.py's convention:
+// grads, inputs, outputs): it runs the forward again for its tape. Eager calls take the C++ node
+// below, which keeps the tape from its forward.
+std::vector<at::Tensor> ext_dnc_sequence_backward(
+    const at::Tensor& grad_hidden, const at::Tensor& grad_reads, const at::Tensor& grad_cell,
+    const at::Tensor& grad_memory, const at::Tensor& grad_usage, const at::Tensor& grad_link,
+    const at::Tensor& grad_precedence, const at::Tensor& grad_read_w, const at::Tensor& grad_write_w,
+    const at::Tensor& gates_x, const at::Tensor& hidden, const at::Tensor& cell, const at::Tensor& reads,
+    const at::Tensor& memory, const at::Tensor& usage, const at::Tensor& link, const at::Tensor& precedence,
+    const at::Tensor& read_w, const at::Tensor& write_w, const at::Tensor& weight_rh, const at::Tensor& weight_if,
+    const at::Tensor& bias_if, const at::Tensor& /*every_hidden*/, const at::Tensor& /*every_reads*/,
+    const at::Tensor& /*new_cell*/, const at::Tensor& /*new_memory*/, const at::Tensor& /*new_usage*/,
+    const at::Tensor& /*new_link*/, const at::Tensor& /*new_precedence*/, const at::Tensor& /*new_read_w*/,
+    const at::Tensor& /*new_write_w*/) {
+  const auto in = checked(gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w, weight_rh,
+                          weight_if, bias_if);
+  Tape tape;
+  const auto out = run_forward(in, tape);
+  return run_backward({grad_hidden, grad_reads, grad_cell, grad_memory, grad_usage, grad_link, grad_precedence,
+                       grad_read_w, grad_write_w},
+                      in, tape, out[0]);
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kInputs = 13, kOutputs = 9, kTapeStacks = 6;
+
+// One C++ node for the whole sequence. Saved: the inputs, the outputs, the tape's stacks and its
+// per-step tensors (the final state's are outputs, so autograd sees an in-place change to them).
+struct DncSequence : public torch::autograd::Function<DncSequence> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& gates_x, const at::Tensor& hidden,
+                               const at::Tensor& cell, const at::Tensor& reads, const at::Tensor& memory,
+                               const at::Tensor& usage, const at::Tensor& link, const at::Tensor& precedence,
+                               const at::Tensor& read_w, const at::Tensor& write_w, const at::Tensor& weight_rh,
+                               const at::Tensor& weight_if, const at::Tensor& bias_if) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const auto in = checked(gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w,
+                            weight_rh, weight_if, bias_if);
+    Tape tape;
+    auto out = run_forward(in, tape);
+    variable_list saved{in.gates_x, in.hidden,  in.cell,    in.reads,     in.memory,    in.usage,    in.link,
+                        in.precedence, in.read_w, in.write_w, in.weight_rh, in.weight_if, in.bias_if};
+    saved.insert(saved.end(), out.begin(), out.end());
+    saved.insert(saved.end(), {tape.inputs, tape.act, tape.cells, tape.tanh_cells, tape.interface, tape.squashed});
+    saved.insert(saved.end(), tape.steps.begin(), tape.steps.end());
+    ctx->save_for_backward(saved);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
+    const auto s = ctx->get_saved_variables();
+    const Inputs in{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10], s[11], s[12]};
+    const auto* stacks = &s[kInputs + kOutputs];
+    Tape tape{stacks[0], stacks[1], stacks[2], stacks[3], stacks[4], stacks[5],
+              std::vector<at::Tensor>(s.begin() + kInputs + kOutputs + kTapeStacks, s.end())};
+    return run_backward(grads, in, tape, s[kInputs]);
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+dnc_sequence_autograd(const at::Tensor& gates_x, const at::Tensor& hidden, const at::Tensor& cell,
+                      const at::Tensor& reads, const at::Tensor& memory, const at::Tensor& usage,
+                      const at::Tensor& link, const at::Tensor& precedence, const at::Tensor& read_w,
+                      const at::Tensor& write_w, const at::Tensor& weight_rh, const at::Tensor& weight_if,
+                      const at::Tensor& bias_if) {
+  const auto o = DncSequence::apply(gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w,
+                                    weight_rh, weight_if, bias_if);
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sparsemem, m) {
+  m.def(
+      "ext_dnc_sequence(Tensor gates_x, Tensor hidden, Tensor cell, Tensor reads, Tensor memory, Tensor usage, "
+      "Tensor link, Tensor precedence, Tensor read_w, Tensor write_w, Tensor weight_rh, Tensor weight_if, "
+      "Tensor bias_if) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ext_dnc_sequence_backward(Tensor grad_hidden, Tensor grad_reads, Tensor grad_cell, Tensor grad_memory, "
+      "Tensor grad_usage, Tensor grad_link, Tensor grad_precedence, Tensor grad_read_w, Tensor grad_write_w, "
+      "Tensor gates_x, Tensor hidden, Tensor cell, Tensor reads, Tensor memory, Tensor usage, Tensor link, "
+      "Tensor precedence, Tensor read_w, Tensor write_w, Tensor weight_rh, Tensor weight_if, Tensor bias_if, "
+      "Tensor every_hidden, Tensor every_reads, Tensor new_cell, Tensor new_memory, Tensor new_usage, "
+      "Tensor new_link, Tensor new_precedence, Tensor new_read_w, Tensor new_write_w) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(sparsemem, CPU, m) {
+  m.impl("ext_dnc_sequence", &ext_dnc_sequence);
+  m.impl("ext_dnc_sequence_backward", &ext_dnc_sequence_backward);
+}
+
+TORCH_LIBRARY_IMPL(sparsemem, Autograd, m) { m.impl("ext_dnc_sequence", &dnc_sequence_autograd); }
+
+}  // namespace sparsemem
