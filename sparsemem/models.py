@@ -163,16 +163,17 @@ class MemoryModel(nn.Module):
             state = self.init_state(batch)
         # Before the shortest row ends every row is active: those steps take the unpadded path
         # (no where per state field, forward and backward; a length-bucketed batch is mostly such
-        # steps). One host read of the minimum per forward.
+        # steps). One host read of the minimum per forward. active [T, B]: the padded batch's steps.
         steps = x.shape[time_dim]
         every_row_until = steps if lengths is None else int(lengths.min())
+        active = None if every_row_until == steps else torch.arange(steps, device=x.device).unsqueeze(1) < lengths
         # Time-major and contiguous: every x_t has strides (input_size, 1) whatever T is, so a
         # compiled step (compile_step) serves every length without recompiling for x_t's strides.
         x = x.movedim(time_dim, 0).contiguous()
         hiddens, reads, start = [], [], 0
         if self._runs_as_one_op(x, state):
-            every_hidden, every_reads, state = self._dnc_steps(x[:every_row_until], state)
-            hiddens, reads, start = [every_hidden], [every_reads], every_row_until
+            every_hidden, every_reads, state = self._dnc_steps(x, state, active)
+            hiddens, reads, start = [every_hidden], [every_reads], steps
         # x was checked above and the state's values come from checked steps: the steps' ops
         # skip their value checks (a sync each, per op per step) unless SPARSEMEM_DEBUG=1
         # the compiled step trains; without gradients (validation, scoring) the eager one runs, as
@@ -188,8 +189,7 @@ class MemoryModel(nn.Module):
         with region("controller"):
             hidden, reads = torch.cat(hiddens), torch.cat(reads)
             y = self.output(torch.cat([self.bypass(hidden), reads.flatten(2)], dim=-1))
-        if every_row_until < steps:  # padded steps output zeros
-            active = torch.arange(steps, device=x.device).unsqueeze(1) < lengths
+        if active is not None:  # padded steps output zeros
             y = torch.where(active.unsqueeze(-1), y, 0)
         return y.movedim(0, time_dim).contiguous(), state
 
@@ -238,7 +238,7 @@ class MemoryModel(nn.Module):
         return hidden, reads, ModelState(controller_state, access, kept(reads, state.reads))
 
     def _runs_as_one_op(self, x: Tensor, state: ModelState) -> bool:
-        """Whether forward runs its unpadded steps as one dnc_sequence op: a DNCMemory (not a
+        """Whether forward runs all its steps as one dnc_sequence op: a DNCMemory (not a
         subclass, whose step may differ) under an nn.LSTMCell, in float32 or float64, where the op
         has its C++ kernel, with links small enough to keep one a step (DNCMemory's
         link_checkpoint_bytes), and no compiled step or model (torch.compile traces the step loop)."""
@@ -253,9 +253,10 @@ class MemoryModel(nn.Module):
             and memory._checkpoint_every(state.access) is None
         )
 
-    def _dnc_steps(self, x: Tensor, state: ModelState) -> tuple[Tensor, Tensor, ModelState]:
-        """x [T, B, input_size] through T steps of dnc_sequence -> (h [T, B, H], r [T, B, R, W], state).
-        The input's part of the cell's gates (and both its biases) is one product over all T steps."""
+    def _dnc_steps(self, x: Tensor, state: ModelState, active: Tensor | None) -> tuple[Tensor, Tensor, ModelState]:
+        """x [T, B, input_size] through T steps of dnc_sequence (active [T, B] bool: a padded batch's
+        steps, None: every row runs every step) -> (h [T, B, H], r [T, B, R, W], state). The input's
+        part of the cell's gates (and both its biases) is one product over all T steps."""
         cell, X = self.controller, self.input_size
         bias = None if cell.bias_ih is None else cell.bias_ih + cell.bias_hh
         gates_x = F.linear(x, cell.weight_ih[:, :X], bias)
@@ -275,6 +276,7 @@ class MemoryModel(nn.Module):
             weight_rh,
             self.interface.weight,
             self.interface.bias,
+            x.new_ones(x.shape[:2], dtype=torch.bool) if active is None else active,
         )
         fields = ("memory", "usage", "link", "precedence", "read_weights", "write_weights")
         access = dataclasses.replace(access, **dict(zip(fields, memory_state, strict=True)))

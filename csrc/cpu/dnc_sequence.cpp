@@ -17,6 +17,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <vector>
@@ -184,13 +185,14 @@ void cell_backward(int64_t B, int64_t H, const scalar_t* act, const scalar_t* c_
 // The op's inputs, in schema order.
 struct Inputs {
   at::Tensor gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w, weight_rh, weight_if,
-      bias_if;
+      bias_if, active;
 };
 
 Inputs checked(const at::Tensor& gates_x, const at::Tensor& hidden, const at::Tensor& cell, const at::Tensor& reads,
                const at::Tensor& memory, const at::Tensor& usage, const at::Tensor& link,
                const at::Tensor& precedence, const at::Tensor& read_w, const at::Tensor& write_w,
-               const at::Tensor& weight_rh, const at::Tensor& weight_if, const at::Tensor& bias_if) {
+               const at::Tensor& weight_rh, const at::Tensor& weight_if, const at::Tensor& bias_if,
+               const at::Tensor& active) {
   TORCH_CHECK(gates_x.dim() == 3 && gates_x.size(0) >= 1 && gates_x.size(2) % 4 == 0,
               "gates_x must be [T, B, 4H] with T >= 1; got ", gates_x.sizes());
   TORCH_CHECK(reads.dim() == 3 && memory.dim() == 3, "reads must be [B, R, W] and memory [B, N, W]");
@@ -211,8 +213,10 @@ Inputs checked(const at::Tensor& gates_x, const at::Tensor& hidden, const at::Te
   expect(weight_rh, "weight_rh", {4 * H, R * W + H});
   expect(weight_if, "weight_if", {I, H});
   expect(bias_if, "bias_if", {I});
+  expect(active, "active", {gates_x.size(0), B});
+  TORCH_CHECK(active.scalar_type() == at::kBool, "active must be bool; got ", active.scalar_type());
   Inputs in{gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w, weight_rh, weight_if,
-            bias_if};
+            bias_if, active.contiguous()};
   for (auto* x : {&in.gates_x, &in.hidden, &in.cell, &in.reads, &in.memory, &in.usage, &in.link, &in.precedence,
                   &in.read_w, &in.write_w, &in.weight_rh, &in.weight_if, &in.bias_if}) {
     TORCH_CHECK(x->scalar_type() == gates_x.scalar_type(), "every input of dnc_sequence must share one dtype");
@@ -223,12 +227,37 @@ Inputs checked(const at::Tensor& gates_x, const at::Tensor& hidden, const at::Te
   return in;
 }
 
+// A padded step (some rows' active false) keeps those rows' state: where(active, new, old) over the
+// batch, which the backward splits into the gradient through the step (active rows) and the one
+// straight to the state before it (the others).
+bool every_row(const at::Tensor& active_t) {
+  const bool* a = active_t.data_ptr<bool>();
+  return std::all_of(a, a + active_t.numel(), [](bool x) { return x; });
+}
+
+// where(active, x, y) over the batch dimension; x or y may be a 0-dim zero.
+at::Tensor rows_where(const at::Tensor& active_t, const at::Tensor& x, const at::Tensor& y) {
+  std::vector<int64_t> shape(std::max(x.dim(), y.dim()), 1);
+  shape[0] = active_t.numel();
+  return at::where(active_t.view(shape), x, y);
+}
+
+// g -> (g where active, 0 elsewhere), and g's other rows returned.
+at::Tensor split_rows(const at::Tensor& active_t, at::Tensor& g) {
+  const auto zero = at::zeros({}, g.options());
+  auto direct = rows_where(active_t, zero, g);
+  g = rows_where(active_t, g, zero);
+  return direct;
+}
+
 // What the backward reads. Per step: the controller input [r_{t-1} ; h_{t-1}], the squashed gates,
-// the cell and its tanh, the interface before and after squashing (all stacked over T), and the
-// memory kernels' outputs (kPerStep a step: dnc_write's five, link_update_reads' four, dnc_read's three).
-constexpr int64_t kPerStep = 12;
+// the cell (kept: a padded row's is the step before's) and the new cell's tanh, the interface
+// before and after squashing (all stacked over T), the memory kernels' outputs (dnc_write's five,
+// link_update_reads' four, dnc_read's three) and the state the step leaves (the kernels' outputs
+// where every row is active).
+constexpr int64_t kPerStep = 16;
 enum StepOutput { kMemory, kUsage, kWriteW, kAllocation, kWriteContent, kLink, kPrecedence, kForward, kBackward,
-                  kReads, kReadW, kReadContent };
+                  kReads, kReadW, kReadContent, kKeptMemory, kKeptUsage, kKeptWriteW, kKeptReadW };
 
 struct Tape {
   at::Tensor inputs, act, cells, tanh_cells, interface, squashed;  // [T, B, ...]
@@ -254,20 +283,20 @@ std::vector<at::Tensor> run_forward(const Inputs& in, Tape& tape) {
   at::Tensor h = in.hidden, c = in.cell, reads = in.reads, memory = in.memory, usage = in.usage, link = in.link;
   at::Tensor precedence = in.precedence, read_w = in.read_w, write_w = in.write_w;
   for (int64_t t = 0; t < T; ++t) {
+    const auto active_t = in.active[t];
+    const bool every = every_row(active_t);
     auto input = tape.inputs[t];
     at::cat_out(input, {reads.view({B, R * W}), h}, 1);
     const auto gates = at::addmm(in.gates_x[t], input, weight_rh_t);
-    auto act = tape.act[t], new_c = tape.cells[t], tanh_c = tape.tanh_cells[t];
+    auto act = tape.act[t], new_c = tape.cells[t], tanh_c = tape.tanh_cells[t], new_h = hidden[t];
     squash_gates(gates, act);
     AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "dnc_sequence_cell", [&] {
       cell_forward<scalar_t>(B, H, act.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), new_c.data_ptr<scalar_t>());
     });
     at::tanh_out(tanh_c, new_c);
-    h = hidden[t];
-    at::mul_out(h, act.narrow(1, 3 * H, H), tanh_c);  // h = o tanh(c)
-    c = new_c;
+    at::mul_out(new_h, act.narrow(1, 3 * H, H), tanh_c);  // h = o tanh(c)
     auto interface = tape.interface[t];
-    at::addmm_out(interface, in.bias_if, h, weight_if_t);
+    at::addmm_out(interface, in.bias_if, new_h, weight_if_t);
     const auto squashed = tape.squashed[t], sigmoid_of = at::sigmoid(interface);
     AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "dnc_sequence_squash", [&] {
       squash_forward<scalar_t>(l, interface.data_ptr<scalar_t>(), sigmoid_of.data_ptr<scalar_t>(),
@@ -277,15 +306,26 @@ std::vector<at::Tensor> run_forward(const Inputs& in, Tape& tape) {
         ext_dnc_write(memory, usage, write_w, read_w, l.part(squashed, kFreeGates), l.part(squashed, kWriteKey),
                       l.part(squashed, kWriteStrength), l.part(squashed, kAllocationGate),
                       l.part(squashed, kWriteGate), l.part(squashed, kErase), l.part(squashed, kAdd));
-    auto [new_link, new_precedence, forward, backward] = ext_link_update_reads(link, precedence, new_write_w, read_w);
+    // A padded row writes nothing to the links: with w = 0 they stay as they were (DNCMemory.step)
+    const auto link_writes = every ? new_write_w : rows_where(active_t, new_write_w, at::zeros({}, opts));
+    auto [new_link, new_precedence, forward, backward] = ext_link_update_reads(link, precedence, link_writes, read_w);
     auto [new_reads, new_read_w, read_content] =
         ext_dnc_read(new_memory, l.part(squashed, kReadKeys), l.part(squashed, kReadStrengths),
                      l.part(squashed, kReadModes), backward, forward);
-    every_reads[t].copy_(new_reads);
     tape.steps.insert(tape.steps.end(), {new_memory, new_usage, new_write_w, allocation, write_content, new_link,
                                          new_precedence, forward, backward, new_reads, new_read_w, read_content});
-    memory = new_memory, usage = new_usage, write_w = new_write_w, link = new_link, precedence = new_precedence;
-    read_w = new_read_w, reads = new_reads;
+    if (every) {
+      every_reads[t].copy_(new_reads);
+      memory = new_memory, usage = new_usage, write_w = new_write_w, read_w = new_read_w;
+    } else {
+      every_reads[t].copy_(rows_where(active_t, new_reads, reads));
+      new_h.copy_(rows_where(active_t, new_h, h));
+      new_c.copy_(rows_where(active_t, new_c, c));
+      memory = rows_where(active_t, new_memory, memory), usage = rows_where(active_t, new_usage, usage);
+      write_w = rows_where(active_t, new_write_w, write_w), read_w = rows_where(active_t, new_read_w, read_w);
+    }
+    tape.steps.insert(tape.steps.end(), {memory, usage, write_w, read_w});
+    h = new_h, c = new_c, reads = every_reads[t], link = new_link, precedence = new_precedence;
   }
   return {hidden, every_reads, c.clone(), memory, usage, link, precedence, read_w, write_w};
 }
@@ -313,17 +353,30 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& grads, const
   for (int64_t t = T - 1; t >= 0; --t) {
     const auto* out = &tape.steps[t * kPerStep];
     const auto squashed = tape.squashed[t];
-    const auto memory = before(t, kMemory, in.memory), usage = before(t, kUsage, in.usage);
-    const auto write_w = before(t, kWriteW, in.write_w), read_w = before(t, kReadW, in.read_w);
+    const auto memory = before(t, kKeptMemory, in.memory), usage = before(t, kKeptUsage, in.usage);
+    const auto write_w = before(t, kKeptWriteW, in.write_w), read_w = before(t, kKeptReadW, in.read_w);
     const auto link = before(t, kLink, in.link), precedence = before(t, kPrecedence, in.precedence);
+    const auto active_t = in.active[t];
+    const bool every = every_row(active_t);
+    auto grad_reads_t = grad_reads[t] + grad_r, grad_h_t = grad_hidden[t] + grad_h;
+    // the direct gradients of a padded step's kept rows: to the state before it
+    std::vector<at::Tensor> direct;
+    if (!every) {
+      for (auto* g : {&grad_memory, &grad_usage, &grad_write_w, &grad_read_w, &grad_reads_t, &grad_h_t, &grad_c}) {
+        direct.push_back(split_rows(active_t, *g));
+      }
+    }
     const auto read = ext_dnc_read_backward(
-        grad_reads[t] + grad_r, grad_read_w, no_grad_read_content, out[kMemory], l.part(squashed, kReadKeys),
+        grad_reads_t, grad_read_w, no_grad_read_content, out[kMemory], l.part(squashed, kReadKeys),
         l.part(squashed, kReadStrengths), l.part(squashed, kReadModes), out[kBackward], out[kForward], out[kReads],
         out[kReadW], out[kReadContent]);
     // read: memory, read keys, read strengths, read modes, backward, forward
-    const auto linked = ext_link_update_reads_backward(grad_link, grad_precedence, read[5], read[4], link, precedence,
-                                                       out[kWriteW], read_w, unused, unused, unused, unused);
-    // linked: link, precedence, write_w (this step's), read_w (the step before's)
+    const auto no_grad = at::zeros({}, opts);
+    const auto link_writes = every ? out[kWriteW] : rows_where(active_t, out[kWriteW], no_grad);
+    auto linked = ext_link_update_reads_backward(grad_link, grad_precedence, read[5], read[4], link, precedence,
+                                                 link_writes, read_w, unused, unused, unused, unused);
+    // linked: link, precedence, link_writes (this step's), read_w (the step before's)
+    if (!every) linked[2] = rows_where(active_t, linked[2], no_grad);
     const auto written = ext_dnc_write_backward(
         grad_memory + read[0], grad_usage, grad_write_w + linked[2], no_grad_allocation, no_grad_write_content,
         memory, usage, write_w, read_w, l.part(squashed, kFreeGates), l.part(squashed, kWriteKey),
@@ -334,6 +387,10 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& grads, const
     // gate, write gate, erase, add
     grad_memory = written[0], grad_usage = written[1], grad_write_w = written[2];
     grad_read_w = written[3] + linked[3], grad_link = linked[0], grad_precedence = linked[1];
+    if (!every) {
+      grad_memory = grad_memory + direct[0], grad_usage = grad_usage + direct[1];
+      grad_write_w = grad_write_w + direct[2], grad_read_w = grad_read_w + direct[3];
+    }
     std::array<at::Tensor, kParts> part_grads = {read[1], read[2], written[5], written[6], written[9],
                                                  written[10], written[4], written[7], written[8], read[3]};
     for (auto& g : part_grads) g = g.contiguous();
@@ -344,7 +401,7 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& grads, const
       squash_backward<scalar_t>(l, tape.interface[t].data_ptr<scalar_t>(), squashed.data_ptr<scalar_t>(), g,
                                 grad_interface_t.data_ptr<scalar_t>());
     });
-    const auto grad_h_t = at::addmm(grad_hidden[t] + grad_h, grad_interface_t, in.weight_if);
+    grad_h_t = at::addmm(grad_h_t, grad_interface_t, in.weight_if);
     const auto c_prev = t == 0 ? in.cell : tape.cells[t - 1];
     auto grad_gates = grad_gates_x[t];
     AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "dnc_sequence_cell_backward", [&] {
@@ -355,6 +412,10 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& grads, const
     const auto grad_input = at::mm(grad_gates, in.weight_rh);  // [B, R*W + H]: [r_{t-1} ; h_{t-1}]
     grad_r = grad_input.narrow(1, 0, R * W).reshape({B, R, W});
     grad_h = grad_input.narrow(1, R * W, H).contiguous();
+    if (!every) {
+      grad_r = grad_r + direct[4], grad_h = grad_h + direct[5];
+      grad_c.add_(direct[6]);
+    }
   }
   const auto every_gates = grad_gates_x.view({T * B, 4 * H}), every_interface = grad_interface.view({T * B, l.total});
   return {grad_gates_x,
@@ -378,10 +439,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 ext_dnc_sequence(const at::Tensor& gates_x, const at::Tensor& hidden, const at::Tensor& cell, const at::Tensor& reads,
                  const at::Tensor& memory, const at::Tensor& usage, const at::Tensor& link,
                  const at::Tensor& precedence, const at::Tensor& read_w, const at::Tensor& write_w,
-                 const at::Tensor& weight_rh, const at::Tensor& weight_if, const at::Tensor& bias_if) {
+                 const at::Tensor& weight_rh, const at::Tensor& weight_if, const at::Tensor& bias_if,
+                 const at::Tensor& active) {
   Tape tape;
   const auto out = run_forward(checked(gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w,
-                                       weight_rh, weight_if, bias_if),
+                                       weight_rh, weight_if, bias_if, active),
                                tape);
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
 }
@@ -396,12 +458,13 @@ std::vector<at::Tensor> ext_dnc_sequence_backward(
     const at::Tensor& gates_x, const at::Tensor& hidden, const at::Tensor& cell, const at::Tensor& reads,
     const at::Tensor& memory, const at::Tensor& usage, const at::Tensor& link, const at::Tensor& precedence,
     const at::Tensor& read_w, const at::Tensor& write_w, const at::Tensor& weight_rh, const at::Tensor& weight_if,
-    const at::Tensor& bias_if, const at::Tensor& /*every_hidden*/, const at::Tensor& /*every_reads*/,
+    const at::Tensor& bias_if, const at::Tensor& active, const at::Tensor& /*every_hidden*/,
+    const at::Tensor& /*every_reads*/,
     const at::Tensor& /*new_cell*/, const at::Tensor& /*new_memory*/, const at::Tensor& /*new_usage*/,
     const at::Tensor& /*new_link*/, const at::Tensor& /*new_precedence*/, const at::Tensor& /*new_read_w*/,
     const at::Tensor& /*new_write_w*/) {
   const auto in = checked(gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w, weight_rh,
-                          weight_if, bias_if);
+                          weight_if, bias_if, active);
   Tape tape;
   const auto out = run_forward(in, tape);
   return run_backward({grad_hidden, grad_reads, grad_cell, grad_memory, grad_usage, grad_link, grad_precedence,
@@ -414,7 +477,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int64_t kInputs = 13, kOutputs = 9, kTapeStacks = 6;
+constexpr int64_t kInputs = 14, kOutputs = 9, kTapeStacks = 6;
 
 // One C++ node for the whole sequence. Saved: the inputs, the outputs, the tape's stacks and its
 // per-step tensors (the final state's are outputs, so autograd sees an in-place change to them).
@@ -423,14 +486,14 @@ struct DncSequence : public torch::autograd::Function<DncSequence> {
                                const at::Tensor& cell, const at::Tensor& reads, const at::Tensor& memory,
                                const at::Tensor& usage, const at::Tensor& link, const at::Tensor& precedence,
                                const at::Tensor& read_w, const at::Tensor& write_w, const at::Tensor& weight_rh,
-                               const at::Tensor& weight_if, const at::Tensor& bias_if) {
+                               const at::Tensor& weight_if, const at::Tensor& bias_if, const at::Tensor& active) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const auto in = checked(gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w,
-                            weight_rh, weight_if, bias_if);
+                            weight_rh, weight_if, bias_if, active);
     Tape tape;
     auto out = run_forward(in, tape);
     variable_list saved{in.gates_x, in.hidden,  in.cell,    in.reads,     in.memory,    in.usage,    in.link,
-                        in.precedence, in.read_w, in.write_w, in.weight_rh, in.weight_if, in.bias_if};
+                        in.precedence, in.read_w, in.write_w, in.weight_rh, in.weight_if, in.bias_if, in.active};
     saved.insert(saved.end(), out.begin(), out.end());
     saved.insert(saved.end(), {tape.inputs, tape.act, tape.cells, tape.tanh_cells, tape.interface, tape.squashed});
     saved.insert(saved.end(), tape.steps.begin(), tape.steps.end());
@@ -440,11 +503,13 @@ struct DncSequence : public torch::autograd::Function<DncSequence> {
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
     const auto s = ctx->get_saved_variables();
-    const Inputs in{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10], s[11], s[12]};
+    const Inputs in{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10], s[11], s[12], s[13]};
     const auto* stacks = &s[kInputs + kOutputs];
     Tape tape{stacks[0], stacks[1], stacks[2], stacks[3], stacks[4], stacks[5],
               std::vector<at::Tensor>(s.begin() + kInputs + kOutputs + kTapeStacks, s.end())};
-    return run_backward(grads, in, tape, s[kInputs]);
+    auto input_grads = run_backward(grads, in, tape, s[kInputs]);
+    input_grads.emplace_back();  // active: no gradient
+    return input_grads;
   }
 };
 
@@ -453,9 +518,9 @@ dnc_sequence_autograd(const at::Tensor& gates_x, const at::Tensor& hidden, const
                       const at::Tensor& reads, const at::Tensor& memory, const at::Tensor& usage,
                       const at::Tensor& link, const at::Tensor& precedence, const at::Tensor& read_w,
                       const at::Tensor& write_w, const at::Tensor& weight_rh, const at::Tensor& weight_if,
-                      const at::Tensor& bias_if) {
+                      const at::Tensor& bias_if, const at::Tensor& active) {
   const auto o = DncSequence::apply(gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w,
-                                    weight_rh, weight_if, bias_if);
+                                    weight_rh, weight_if, bias_if, active);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8]};
 }
 
@@ -465,13 +530,13 @@ TORCH_LIBRARY_FRAGMENT(sparsemem, m) {
   m.def(
       "ext_dnc_sequence(Tensor gates_x, Tensor hidden, Tensor cell, Tensor reads, Tensor memory, Tensor usage, "
       "Tensor link, Tensor precedence, Tensor read_w, Tensor write_w, Tensor weight_rh, Tensor weight_if, "
-      "Tensor bias_if) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor bias_if, Tensor active) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "ext_dnc_sequence_backward(Tensor grad_hidden, Tensor grad_reads, Tensor grad_cell, Tensor grad_memory, "
       "Tensor grad_usage, Tensor grad_link, Tensor grad_precedence, Tensor grad_read_w, Tensor grad_write_w, "
       "Tensor gates_x, Tensor hidden, Tensor cell, Tensor reads, Tensor memory, Tensor usage, Tensor link, "
       "Tensor precedence, Tensor read_w, Tensor write_w, Tensor weight_rh, Tensor weight_if, Tensor bias_if, "
-      "Tensor every_hidden, Tensor every_reads, Tensor new_cell, Tensor new_memory, Tensor new_usage, "
+      "Tensor active, Tensor every_hidden, Tensor every_reads, Tensor new_cell, Tensor new_memory, Tensor new_usage, "
       "Tensor new_link, Tensor new_precedence, Tensor new_read_w, Tensor new_write_w) -> Tensor[]");
 }
 

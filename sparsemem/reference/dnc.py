@@ -208,30 +208,38 @@ def dnc_sequence_ref(
     weight_rh: Tensor,
     weight_if: Tensor,
     bias_if: Tensor,
+    active: Tensor,
 ) -> tuple[Tensor, ...]:
     """T steps of a DNC whose controller is an LSTM cell: what sparsemem.models.DNC runs each step.
 
     Per step t: gates = gates_x[t] + [r_{t-1} ; h_{t-1}] weight_rh^T (the cell's input and hidden
     products; gates_x holds the input's part and both biases); i, f, g, o = sigmoid, sigmoid, tanh,
     sigmoid of its four quarters; c_t = f c_{t-1} + i g; h_t = o tanh(c_t); xi_t = h_t weight_if^T +
-    bias_if, split (split_interface_ref); then dnc_write, link_update_reads and dnc_read.
+    bias_if, split (split_interface_ref); then dnc_write, link_update_reads and dnc_read. A row whose
+    active[t] is False (padding) keeps its state (hidden, cell, reads and the memory's), and writes
+    nothing to the links (link_update_reads with its write weights 0), as DNCMemory.step does.
     gates_x [T, B, 4H], hidden and cell [B, H], reads [B, R, W] (the last step's), memory [B, N, W],
     usage [B, N], link [B, N, N], precedence [B, N], read_w [B, R, N], write_w [B, N] (the memory's
-    state), weight_rh [4H, R*W + H], weight_if [I, H], bias_if [I] (I = R*W + 3W + 5R + 3)
+    state), weight_rh [4H, R*W + H], weight_if [I, H], bias_if [I] (I = R*W + 3W + 5R + 3), active
+    [T, B] bool
     -> (hidden [T, B, H], reads [T, B, R, W] (every step's), cell [B, H], memory, usage, link,
     precedence, read_w, write_w (the memory's state after step T)).
     """
     R, W = reads.shape[1], reads.shape[2]
     hiddens, every_reads = [], []
-    for gates_t in gates_x.unbind(0):
+    for gates_t, active_t in zip(gates_x.unbind(0), active.unbind(0), strict=True):
+
+        def kept(new: Tensor, old: Tensor, rows: Tensor = active_t) -> Tensor:
+            return torch.where(rows.view(-1, *[1] * (new.dim() - 1)), new, old)
+
         gates = gates_t + torch.cat([reads.flatten(1), hidden], dim=-1) @ weight_rh.T
         i, f, g, o = gates.chunk(4, dim=-1)
-        cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
-        hidden = torch.sigmoid(o) * torch.tanh(cell)
-        interface = split_interface_ref(hidden @ weight_if.T + bias_if, R, W)
+        new_cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
+        new_hidden = torch.sigmoid(o) * torch.tanh(new_cell)
+        interface = split_interface_ref(new_hidden @ weight_if.T + bias_if, R, W)
         read_keys, read_strengths, write_key, write_strength, erase, write_vector = interface[:6]
         free_gates, allocation_gate, write_gate, read_modes = interface[6:]
-        memory, usage, new_write_w, _, _ = dnc_write_ref(
+        new_memory, new_usage, new_write_w, _, _ = dnc_write_ref(
             memory,
             usage,
             write_w,
@@ -244,9 +252,12 @@ def dnc_sequence_ref(
             erase,
             write_vector,
         )
-        link, precedence, forward, backward = link_update_reads_ref(link, precedence, new_write_w, read_w)
-        reads, read_w, _ = dnc_read_ref(memory, read_keys, read_strengths, read_modes, backward, forward)
-        write_w = new_write_w
+        link_writes = kept(new_write_w, torch.zeros_like(new_write_w))
+        link, precedence, forward, backward = link_update_reads_ref(link, precedence, link_writes, read_w)
+        new_reads, new_read_w, _ = dnc_read_ref(new_memory, read_keys, read_strengths, read_modes, backward, forward)
+        hidden, cell, reads = kept(new_hidden, hidden), kept(new_cell, cell), kept(new_reads, reads)
+        memory, usage = kept(new_memory, memory), kept(new_usage, usage)
+        write_w, read_w = kept(new_write_w, write_w), kept(new_read_w, read_w)
         hiddens.append(hidden)
         every_reads.append(reads)
     return torch.stack(hiddens), torch.stack(every_reads), cell, memory, usage, link, precedence, read_w, write_w

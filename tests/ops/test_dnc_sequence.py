@@ -17,7 +17,8 @@ SIZES = [dict(B=3, N=7, W=5, R=3), dict(B=1, N=33, W=3, R=1), dict(B=2, N=65, W=
 
 
 def leaves(args):
-    return [a.detach().clone().requires_grad_(True) for a in args]
+    """The float inputs as leaves that take gradients; active (bool) as it is."""
+    return [a.detach().clone().requires_grad_(True) if a.is_floating_point() else a for a in args]
 
 
 def outputs_and_grads(call, args):
@@ -26,7 +27,7 @@ def outputs_and_grads(call, args):
     seeds = [
         torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype) for i, o in enumerate(outputs)
     ]
-    return outputs, torch.autograd.grad(outputs, inputs, seeds)
+    return outputs, torch.autograd.grad(outputs, [x for x in inputs if x.requires_grad], seeds)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -95,12 +96,14 @@ def f64(*shape):
 @pytest.mark.parametrize(
     ("replaced", "message"),
     [
-        ({0: f64(0, 2, 20)}, "T, B >= 1"),
+        ({0: f64(0, 2, 20), 13: torch.ones(0, 2, dtype=torch.bool)}, "T, B >= 1"),
         ({0: f64(4, 2, 18)}, r"gates_x \[T, B, 4H\]"),
         ({3: f64(2, 6)}, r"reads must be \[B, R, W\]"),
         ({10: f64(20, 5)}, r"weight_rh \[4H, R\*W \+ H\]"),
         ({11: f64(30, 5), 12: f64(30)}, r"weight_if \[I, H\] with I = R\*W \+ 3W \+ 5R \+ 3 = 28"),
         ({12: f64(9)}, "bias_if must be"),
+        ({13: torch.ones(4, 3, dtype=torch.bool)}, r"active must be \[T, B\] with B=2"),
+        ({13: torch.ones(4, 2)}, "active must be a bool mask"),
         ({4: torch.zeros(2, 5, 3)}, "memory is torch.float32"),
     ],
 )
