@@ -241,7 +241,7 @@ class MemoryModel(nn.Module):
         """Whether forward runs all its steps as one dnc_sequence op: a DNCMemory (not a
         subclass, whose step may differ) under an nn.LSTMCell, in float32 or float64, where the op
         has its C++ kernel, with links small enough to keep one a step (DNCMemory's
-        link_checkpoint_bytes), and no compiled step or model (torch.compile traces the step loop)."""
+        sequence_link_bytes), and no compiled step or model (torch.compile traces the step loop)."""
         memory = self.memory
         return (
             not torch.compiler.is_compiling()
@@ -250,7 +250,7 @@ class MemoryModel(nn.Module):
             and self._compiled_step is None
             and x.dtype in (torch.float32, torch.float64)
             and dnc_sequence.runs_in_cpp(x.device)
-            and memory._checkpoint_every(state.access) is None
+            and memory.keeps_every_link(state.access, x.shape[0])
         )
 
     def _dnc_steps(self, x: Tensor, state: ModelState, active: Tensor | None) -> tuple[Tensor, Tensor, ModelState]:

@@ -148,6 +148,17 @@ class DNCMemory(Memory):
         )
         return state if initial is None else state.fresh()
 
+    sequence_link_bytes: int = 2**28
+    """sm.DNC runs a sequence's steps as one op (ops.dnc_sequence: much faster at small N), which keeps
+    every step's N x N link for its backward, when those T links take at most this many bytes (256
+    MiB; links under link_checkpoint_bytes are kept whatever T is); longer sequences of large links
+    run the step loop, whose backward keeps one link in link_checkpoint_every."""
+
+    def keeps_every_link(self, state: DNCState, steps: int) -> bool:
+        """Whether `steps` steps from `state` may keep every step's link (see sequence_link_bytes)."""
+        link_bytes = state.link.numel() * state.link.element_size()
+        return self._checkpoint_every(state) is None or steps * link_bytes <= self.sequence_link_bytes
+
     def _checkpoint_every(self, state: DNCState) -> int | None:
         small = state.link.numel() * state.link.element_size() < self.link_checkpoint_bytes
         return None if small else self.link_checkpoint_every

@@ -198,13 +198,17 @@ def test_dnc_model_gradients_do_not_depend_on_the_checkpoint_interval(every):
     model = sm.DNC(5, 16, num_slots=11, word_size=6, num_reads=3).double()
     x = torch.randn(3, 9, 5, dtype=torch.float64)
     model.memory.link_checkpoint_every, model.memory.link_checkpoint_bytes = None, 0
+    model.memory.sequence_link_bytes = 0  # the step loop, whose links the chain keeps
     y, _ = model(x)
     want = torch.autograd.grad(y.square().sum(), list(model.parameters()))
     model.memory.link_checkpoint_every = every
     y, _ = model(x)
     got = torch.autograd.grad(y.square().sum(), list(model.parameters()))
+    # The rebuilt links are the kept ones bit for bit, but the chain's nodes change the order in which
+    # autograd adds a step's two read gradients (the output layer's, over all steps at once, and the
+    # next step's): the sums differ in the last bit
     for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
+        torch.testing.assert_close(g, w, **tolerance(torch.float64))
 
 
 def test_checkpoint_every_must_be_a_positive_int():

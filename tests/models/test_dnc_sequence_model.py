@@ -91,7 +91,17 @@ def model_with(case: str) -> sm.DNC:
     model = make()
     if case == "links checkpointed":
         model.memory.link_checkpoint_bytes = 0  # every link size is "large": the chain keeps one in k
+        model.memory.sequence_link_bytes = T * B * N * N * 8 - 1  # and T of them too many to keep
     return model
+
+
+def test_large_links_run_as_one_op_while_t_of_them_fit_sequence_link_bytes(use_backend):
+    use_backend("cpp")
+    model = make()
+    model.memory.link_checkpoint_bytes = 0
+    model.memory.sequence_link_bytes = T * B * N * N * 8  # float64
+    _, state = model(torch.randn(B, T, I, dtype=torch.float64))
+    assert "DncSequence" in state.access.memory.grad_fn.name()
 
 
 @pytest.mark.parametrize("case", ["gru controller", "links checkpointed", "torch backend"])
