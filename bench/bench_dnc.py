@@ -3,6 +3,7 @@ against another one (e.g. a worktree of an older commit), side by side in one ru
 
     python -m bench.bench_dnc --baseline /path/to/older/worktree      # N = 2^10, 2^12
     python -m bench.bench_dnc --log2-slots 10                         # this checkout only
+    python -m bench.bench_dnc --baseline DIR --log2-slots 5 7 --threads 1 --out bench/results/dnc_step_small.json
 
 Config (issue 18): B = 8, X = 32, LSTM 128, W = 64, R = 4, T = 16, 2 threads; a fresh memory each
 sequence; forward under no_grad, forward+backward with loss = mean(y^2); 1 warm-up + 3 timed
@@ -25,7 +26,7 @@ CONFIG = dict(batch=8, input_size=32, hidden=128, word_size=64, num_reads=4, ste
 MODES = ("fwd", "fwd+bwd")
 
 
-def run_case(log2_slots: int, mode: str) -> dict:
+def run_case(log2_slots: int, mode: str, threads: int) -> dict:
     """One (N, mode) with the sparsemem first on sys.path: ms per step and peak memory."""
     import torch
 
@@ -33,7 +34,7 @@ def run_case(log2_slots: int, mode: str) -> dict:
     from bench.common import PeakMemory, measured_median
 
     c = CONFIG
-    torch.set_num_threads(c["threads"])
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     options = dict(num_slots=2**log2_slots, word_size=c["word_size"], num_reads=c["num_reads"])
     model = sm.DNC(c["input_size"], c["hidden"], **options)
@@ -71,11 +72,12 @@ def main() -> None:
     parser.add_argument("--log2-slots", type=int, nargs="+", default=[10, 12])
     parser.add_argument("--case", nargs=3, metavar=("ROOT", "LOG2_SLOTS", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "dnc_step.json")
+    parser.add_argument("--threads", type=int, default=CONFIG["threads"], help="torch's threads in each case")
     args = parser.parse_args()
     if args.case:
         root, log2_slots, mode = args.case
         sys.path.insert(0, root)  # before anything imports sparsemem: the case's checkout wins
-        print(json.dumps(run_case(int(log2_slots), mode)))
+        print(json.dumps(run_case(int(log2_slots), mode, args.threads)))
         return
 
     from bench.common import GIB, header, run_module, write_json
@@ -86,13 +88,15 @@ def main() -> None:
     for log2_slots in args.log2_slots:
         for mode in MODES:
             for name, root in roots.items():
-                result = run_module("bench.bench_dnc", ["--case", str(root), str(log2_slots), mode], dict(os.environ))
+                case = ["--case", str(root), str(log2_slots), mode, "--threads", str(args.threads)]
+                result = run_module("bench.bench_dnc", case, dict(os.environ))
                 result["checkout"] = name
                 cases.append(result)
                 if "step_ms" in result:
                     result = f"{result['step_ms']:.1f} ms/step, peak {result['peak_bytes'] / GIB:.2f} GiB"
                 print(f"{name:8s} N=2^{log2_slots} {mode:7s} {result}", flush=True)
-    summary = {"header": header(CONFIG) | {"roots": {k: str(v) for k, v in roots.items()}}, "cases": cases}
+    config = CONFIG | {"threads": args.threads}
+    summary = {"header": header(config) | {"roots": {k: str(v) for k, v in roots.items()}}, "cases": cases}
     if args.baseline:
         ratios = {}
         for log2_slots in args.log2_slots:

@@ -4,15 +4,13 @@
 // Why: at the sizes a DNC trains at (B = 32, N = 16-64, hidden 128) a step's arithmetic is two
 // small matrix products and a few microseconds of memory kernels, while the step run from Python
 // (LSTMCell, the interface Linear and its split, three memory ops, their autograd nodes) costs
-// about ten times that in calls. Here each step is two addmm's, one loop for the cell's gates,
-// one for the interface's squashing, and the step's three kernels (dnc.cpp, links.cpp); the
-// backward walks the steps in reverse calling their backward kernels, and the weights' gradients
-// are one matrix product each over all T steps.
+// several times that in calls. Here each step is two addmm's, the cell's and the interface's
+// squashing, and the step's three kernels (dnc.cpp, links.cpp); the backward walks the steps in
+// reverse calling their backward kernels, and the weights' gradients are one matrix product each
+// over all T steps.
 //
-// What the backward reads (the tape): every step's controller input [r_{t-1} ; h_{t-1}], gates,
-// cell, interface before and after squashing, and the memory kernels' outputs. It keeps T
-// link matrices, so models/ call this op only for links small enough to keep (DNCMemory's
-// link_checkpoint_bytes).
+// What the backward reads (the tape, below) includes every step's N x N link, so sparsemem.models
+// calls this op only while T links fit (DNCMemory.sequence_link_bytes).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
