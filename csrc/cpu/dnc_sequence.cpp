@@ -240,9 +240,8 @@ at::Tensor rows_where(const at::Tensor& active_t, const at::Tensor& x, const at:
   return at::where(active_t.view(shape), x, y);
 }
 
-// g -> (g where active, 0 elsewhere), and g's other rows returned.
-at::Tensor split_rows(const at::Tensor& active_t, at::Tensor& g) {
-  const auto zero = at::zeros({}, g.options());
+// g -> (g where active, 0 elsewhere), and g's other rows returned; zero: a 0-dim zero of g's dtype.
+at::Tensor split_rows(const at::Tensor& active_t, at::Tensor& g, const at::Tensor& zero) {
   auto direct = rows_where(active_t, zero, g);
   g = rows_where(active_t, g, zero);
   return direct;
@@ -280,6 +279,7 @@ std::vector<at::Tensor> run_forward(const Inputs& in, Tape& tape) {
   const auto weight_rh_t = in.weight_rh.t(), weight_if_t = in.weight_if.t();
   at::Tensor h = in.hidden, c = in.cell, reads = in.reads, memory = in.memory, usage = in.usage, link = in.link;
   at::Tensor precedence = in.precedence, read_w = in.read_w, write_w = in.write_w;
+  const auto zero = at::zeros({}, opts);
   for (int64_t t = 0; t < T; ++t) {
     const auto active_t = in.active[t];
     const bool every = every_row(active_t);
@@ -305,7 +305,7 @@ std::vector<at::Tensor> run_forward(const Inputs& in, Tape& tape) {
                       l.part(squashed, kWriteStrength), l.part(squashed, kAllocationGate),
                       l.part(squashed, kWriteGate), l.part(squashed, kErase), l.part(squashed, kAdd));
     // A padded row writes nothing to the links: with w = 0 they stay as they were (DNCMemory.step)
-    const auto link_writes = every ? new_write_w : rows_where(active_t, new_write_w, at::zeros({}, opts));
+    const auto link_writes = every ? new_write_w : rows_where(active_t, new_write_w, zero);
     auto [new_link, new_precedence, forward, backward] = ext_link_update_reads(link, precedence, link_writes, read_w);
     auto [new_reads, new_read_w, read_content] =
         ext_dnc_read(new_memory, l.part(squashed, kReadKeys), l.part(squashed, kReadStrengths),
@@ -341,7 +341,7 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& grads, const
   at::Tensor grad_read_w = grads[7], grad_write_w = grads[8];
   auto grad_h = at::zeros({B, H}, opts), grad_r = at::zeros({B, R, W}, opts);
   const auto no_grad_allocation = at::zeros({B, N}, opts), no_grad_write_content = at::zeros({B, 1, N}, opts);
-  const auto no_grad_read_content = at::zeros({B, R, N}, opts);
+  const auto no_grad_read_content = at::zeros({B, R, N}, opts), zero = at::zeros({}, opts);
   auto grad_gates_x = at::empty({T, B, 4 * H}, opts), grad_interface = at::empty({T, B, l.total}, opts);
   const at::Tensor unused;
   // the state a step read: the step before's outputs, or the op's inputs for step 0
@@ -361,7 +361,7 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& grads, const
     std::vector<at::Tensor> direct;
     if (!every) {
       for (auto* g : {&grad_memory, &grad_usage, &grad_write_w, &grad_read_w, &grad_reads_t, &grad_h_t, &grad_c}) {
-        direct.push_back(split_rows(active_t, *g));
+        direct.push_back(split_rows(active_t, *g, zero));
       }
     }
     const auto read = ext_dnc_read_backward(
@@ -369,12 +369,11 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& grads, const
         l.part(squashed, kReadStrengths), l.part(squashed, kReadModes), out[kBackward], out[kForward], out[kReads],
         out[kReadW], out[kReadContent]);
     // read: memory, read keys, read strengths, read modes, backward, forward
-    const auto no_grad = at::zeros({}, opts);
-    const auto link_writes = every ? out[kWriteW] : rows_where(active_t, out[kWriteW], no_grad);
+    const auto link_writes = every ? out[kWriteW] : rows_where(active_t, out[kWriteW], zero);
     auto linked = ext_link_update_reads_backward(grad_link, grad_precedence, read[5], read[4], link, precedence,
                                                  link_writes, read_w, unused, unused, unused, unused);
     // linked: link, precedence, link_writes (this step's), read_w (the step before's)
-    if (!every) linked[2] = rows_where(active_t, linked[2], no_grad);
+    if (!every) linked[2] = rows_where(active_t, linked[2], zero);
     const auto written = ext_dnc_write_backward(
         grad_memory + read[0], grad_usage, grad_write_w + linked[2], no_grad_allocation, no_grad_write_content,
         memory, usage, write_w, read_w, l.part(squashed, kFreeGates), l.part(squashed, kWriteKey),

@@ -5,6 +5,8 @@ Each function is plain, differentiable PyTorch that works in any float dtype
 W word size, R read heads. Clarity over speed: no in-place tricks, no fusion.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -194,6 +196,11 @@ def split_interface_ref(interface: Tensor, R: int, W: int) -> tuple[Tensor, ...]
     )
 
 
+def _rows_where(active: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """new in the batch rows where active [B] is True, old elsewhere."""
+    return torch.where(active.view(-1, *[1] * (new.dim() - 1)), new, old)
+
+
 def dnc_sequence_ref(
     gates_x: Tensor,
     hidden: Tensor,
@@ -228,10 +235,7 @@ def dnc_sequence_ref(
     R, W = reads.shape[1], reads.shape[2]
     hiddens, every_reads = [], []
     for gates_t, active_t in zip(gates_x.unbind(0), active.unbind(0), strict=True):
-
-        def kept(new: Tensor, old: Tensor, rows: Tensor = active_t) -> Tensor:
-            return torch.where(rows.view(-1, *[1] * (new.dim() - 1)), new, old)
-
+        kept = functools.partial(_rows_where, active_t)
         gates = gates_t + torch.cat([reads.flatten(1), hidden], dim=-1) @ weight_rh.T
         i, f, g, o = gates.chunk(4, dim=-1)
         new_cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
