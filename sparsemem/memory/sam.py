@@ -11,13 +11,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from sparsemem import _checks, ops
 from sparsemem._constants import DELTA
 from sparsemem._profiling import region
 from sparsemem.index import INDEXES
 from sparsemem.memory.base import Memory, check_mask
+from sparsemem.memory.dnc import oneplus
 from sparsemem.memory.journal import JournaledMemory
 from sparsemem.memory.lru import LRU, make_lru
 from sparsemem.memory.row_store import RowStore
@@ -170,10 +171,6 @@ def _cleared(weights: SparseWeights, mask: Tensor) -> SparseWeights:
     return SparseWeights(weights.indices.masked_fill(where, 0), weights.weights.masked_fill(where, 0))
 
 
-def _oneplus(x: Tensor) -> Tensor:
-    return 1 + nn.functional.softplus(x)
-
-
 class SAMMemory(Memory):
     """Sparse access memory: N slots of W, R read heads reading K slots each.
 
@@ -203,7 +200,7 @@ class SAMMemory(Memory):
         R, W = self.num_reads, self.word_size
         keys, strengths, add, gates = interface.split([R * W, R, W, 2], dim=-1)
         gates = torch.sigmoid(gates)
-        return SAMInterface(keys.view(-1, R, W), _oneplus(strengths), add, gates[:, 0], gates[:, 1])
+        return SAMInterface(keys.view(-1, R, W), oneplus(strengths), add, gates[:, 0], gates[:, 1])
 
     def state_sizes(self) -> dict[str, int]:
         return {**super().state_sizes(), "K": self.k}
