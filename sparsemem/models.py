@@ -171,7 +171,7 @@ class MemoryModel(nn.Module):
         # compiled step (compile_step) serves every length without recompiling for x_t's strides.
         x = x.movedim(time_dim, 0).contiguous()
         hiddens, reads, start = [], [], 0
-        if self._runs_as_one_op(x, state):
+        if self._runs_as_one_op(x):
             every_hidden, every_reads, state = self._dnc_steps(x, state, active)
             hiddens, reads, start = [every_hidden], [every_reads], steps
         # x was checked above and the state's values come from checked steps: the steps' ops
@@ -237,11 +237,10 @@ class MemoryModel(nn.Module):
         controller_state = tuple(kept(new, old) for new, old in zip(controller_state, state.controller, strict=True))
         return hidden, reads, ModelState(controller_state, access, kept(reads, state.reads))
 
-    def _runs_as_one_op(self, x: Tensor, state: ModelState) -> bool:
+    def _runs_as_one_op(self, x: Tensor) -> bool:
         """Whether forward runs all its steps as one dnc_sequence op: a DNCMemory (not a
         subclass, whose step may differ) under an nn.LSTMCell, in float32 or float64, where the op
-        has its C++ kernel, with links small enough to keep one a step (DNCMemory's
-        sequence_link_bytes), and no compiled step or model (torch.compile traces the step loop)."""
+        has its C++ kernel, and no compiled step or model (torch.compile traces the step loop)."""
         memory = self.memory
         return (
             not torch.compiler.is_compiling()
@@ -250,7 +249,6 @@ class MemoryModel(nn.Module):
             and self._compiled_step is None
             and x.dtype in (torch.float32, torch.float64)
             and dnc_sequence.runs_in_cpp(x.device)
-            and memory.keeps_every_link(state.access, x.shape[0])
         )
 
     def _dnc_steps(self, x: Tensor, state: ModelState, active: Tensor | None) -> tuple[Tensor, Tensor, ModelState]:
@@ -277,6 +275,7 @@ class MemoryModel(nn.Module):
             self.interface.weight,
             self.interface.bias,
             x.new_ones(x.shape[:2], dtype=torch.bool) if active is None else active,
+            self.memory.sequence_checkpoint_every(access, x.shape[0]),
         )
         fields = ("memory", "usage", "link", "precedence", "read_weights", "write_weights")
         access = dataclasses.replace(access, **dict(zip(fields, memory_state, strict=True)))

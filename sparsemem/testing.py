@@ -104,7 +104,8 @@ def op_inputs(op: str, dtype: torch.dtype = torch.float64, B=3, N=7, W=5, R=3, s
         return _sparse_link_inputs(op, B, N, R, g, rand, distribution)
     if op == "dnc_sequence":
         # T = 4 steps of an LSTM cell of H = 5 from a memory mid-episode (links off the diagonal,
-        # weights that are distributions), some rows padded after a few steps
+        # weights that are distributions), some rows padded after a few steps; the backward keeps
+        # the links before steps 0 and 2 and rebuilds the others (checkpoint_every = 2)
         T, H, I = 4, 5, R * W + 3 * W + 5 * R + 3
         usage, write_w, read_w, _ = op_inputs("usage_update", dtype, B, N, W, R, seed + 1)
         link, precedence, _ = op_inputs("link_update", dtype, B, N, W, R, seed + 2)
@@ -124,6 +125,7 @@ def op_inputs(op: str, dtype: torch.dtype = torch.float64, B=3, N=7, W=5, R=3, s
             randn(I) * 0.5,
             # active [T, B]: row b runs T - (b mod T) steps, then is padding (4, 3, 2, 1, 4, ...)
             torch.arange(T).unsqueeze(1) < torch.tensor([T - b % T for b in range(B)]),
+            2,
         )
     if op == "journaled_write":
         # sparse_write's arguments in place on a store of B*N flat rows, half of them written;

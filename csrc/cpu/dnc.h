@@ -1,5 +1,5 @@
-// A DNC step's kernels (dnc.cpp's write and read halves, links.cpp's link_update_reads), for the op
-// that runs many steps (dnc_sequence.cpp).
+// A DNC step's kernels (dnc.cpp's write and read halves, links.cpp's link_update and link_update_reads), for
+// the op that runs many steps (dnc_sequence.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -33,6 +33,8 @@ std::vector<at::Tensor> ext_dnc_read_backward(const at::Tensor& grad_reads, cons
                                               const at::Tensor& forward, const at::Tensor& reads,
                                               const at::Tensor& read_w, const at::Tensor& read_content);
 
+std::tuple<at::Tensor, at::Tensor> ext_link_update(const at::Tensor& link, const at::Tensor& precedence,
+                                                   const at::Tensor& write_w);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_link_update_reads(const at::Tensor& link,
                                                                                  const at::Tensor& precedence,
                                                                                  const at::Tensor& write_w,

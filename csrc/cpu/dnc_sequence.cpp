@@ -9,8 +9,11 @@
 // reverse calling their backward kernels, and the weights' gradients are one matrix product each
 // over all T steps.
 //
-// What the backward reads (the tape, below) includes every step's N x N link, so sparsemem.models
-// calls this op only while T links fit (DNCMemory.sequence_link_bytes).
+// The backward reads the N x N link before every step. The tape keeps the link before every
+// checkpoint_every-th step and the backward rebuilds the others from it, a segment at a time, with
+// link_update (bit for bit the links link_update_reads made) from the precedence and write weights
+// each step keeps: about T / k + k links instead of T, for k - 1 link updates more per k steps
+// (sparsemem.models picks k from DNCMemory.sequence_link_bytes; 1 keeps every link).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -184,13 +187,15 @@ void cell_backward(int64_t B, int64_t H, const scalar_t* act, const scalar_t* c_
 struct Inputs {
   at::Tensor gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w, weight_rh, weight_if,
       bias_if, active;
+  int64_t checkpoint_every;
 };
 
 Inputs checked(const at::Tensor& gates_x, const at::Tensor& hidden, const at::Tensor& cell, const at::Tensor& reads,
                const at::Tensor& memory, const at::Tensor& usage, const at::Tensor& link,
                const at::Tensor& precedence, const at::Tensor& read_w, const at::Tensor& write_w,
                const at::Tensor& weight_rh, const at::Tensor& weight_if, const at::Tensor& bias_if,
-               const at::Tensor& active) {
+               const at::Tensor& active, int64_t checkpoint_every) {
+  TORCH_CHECK(checkpoint_every >= 1, "checkpoint_every must be at least 1; got ", checkpoint_every);
   TORCH_CHECK(gates_x.dim() == 3 && gates_x.size(0) >= 1 && gates_x.size(2) % 4 == 0,
               "gates_x must be [T, B, 4H] with T >= 1; got ", gates_x.sizes());
   TORCH_CHECK(reads.dim() == 3 && memory.dim() == 3, "reads must be [B, R, W] and memory [B, N, W]");
@@ -213,8 +218,9 @@ Inputs checked(const at::Tensor& gates_x, const at::Tensor& hidden, const at::Te
   expect(bias_if, "bias_if", {I});
   expect(active, "active", {gates_x.size(0), B});
   TORCH_CHECK(active.scalar_type() == at::kBool, "active must be bool; got ", active.scalar_type());
-  Inputs in{gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w, weight_rh, weight_if,
-            bias_if, active.contiguous()};
+  Inputs in{gates_x,   hidden,    cell,    reads,   memory,
+            usage,     link,      precedence, read_w, write_w,
+            weight_rh, weight_if, bias_if, active.contiguous(), checkpoint_every};
   for (auto* x : {&in.gates_x, &in.hidden, &in.cell, &in.reads, &in.memory, &in.usage, &in.link, &in.precedence,
                   &in.read_w, &in.write_w, &in.weight_rh, &in.weight_if, &in.bias_if}) {
     TORCH_CHECK(x->scalar_type() == gates_x.scalar_type(), "every input of dnc_sequence must share one dtype");
@@ -252,7 +258,7 @@ at::Tensor split_rows(const at::Tensor& active_t, at::Tensor& g, const at::Tenso
 // before and after squashing (all stacked over T), the memory kernels' outputs (dnc_write's five,
 // link_update_reads' four, dnc_read's three) and the state the step leaves (the kernels' outputs
 // where every row is active).
-constexpr int64_t kPerStep = 16;
+constexpr int64_t kPerStep = 16;  // kLink: the link before the next step, where it is a checkpoint
 enum StepOutput { kMemory, kUsage, kWriteW, kAllocation, kWriteContent, kLink, kPrecedence, kForward, kBackward,
                   kReads, kReadW, kReadContent, kKeptMemory, kKeptUsage, kKeptWriteW, kKeptReadW };
 
@@ -262,7 +268,9 @@ struct Tape {
 };
 
 // -> (hidden [T, B, H], reads [T, B, R, W], cell, memory, usage, link, precedence, read_w, write_w).
-std::vector<at::Tensor> run_forward(const Inputs& in, Tape& tape) {
+// record: keep the per-step tensors for a backward (without one, a step's tensors are freed as the
+// next one runs: at 2^12 slots a tape of links and memories would double a no-grad forward's memory).
+std::vector<at::Tensor> run_forward(const Inputs& in, Tape& tape, bool record) {
   const auto T = in.gates_x.size(0), B = in.gates_x.size(1), H = in.gates_x.size(2) / 4;
   const auto R = in.reads.size(1), W = in.reads.size(2);
   const Layout l(B, R, W);
@@ -274,7 +282,7 @@ std::vector<at::Tensor> run_forward(const Inputs& in, Tape& tape) {
   tape.interface = at::empty({T, B, l.total}, opts);
   tape.squashed = at::empty({T, B * l.total}, opts);
   tape.steps.clear();
-  tape.steps.reserve(T * kPerStep);
+  tape.steps.reserve(record ? T * kPerStep : 0);
   auto hidden = at::empty({T, B, H}, opts), every_reads = at::empty({T, B, R, W}, opts);
   const auto weight_rh_t = in.weight_rh.t(), weight_if_t = in.weight_if.t();
   at::Tensor h = in.hidden, c = in.cell, reads = in.reads, memory = in.memory, usage = in.usage, link = in.link;
@@ -310,8 +318,12 @@ std::vector<at::Tensor> run_forward(const Inputs& in, Tape& tape) {
     auto [new_reads, new_read_w, read_content] =
         ext_dnc_read(new_memory, l.part(squashed, kReadKeys), l.part(squashed, kReadStrengths),
                      l.part(squashed, kReadModes), backward, forward);
-    tape.steps.insert(tape.steps.end(), {new_memory, new_usage, new_write_w, allocation, write_content, new_link,
-                                         new_precedence, forward, backward, new_reads, new_read_w, read_content});
+    // the link before step t + 1, kept when that step starts a segment (a checkpoint)
+    const auto kept_link = (t + 1) % in.checkpoint_every == 0 && t + 1 < T ? new_link : at::Tensor();
+    if (record) {
+      tape.steps.insert(tape.steps.end(), {new_memory, new_usage, new_write_w, allocation, write_content, kept_link,
+                                           new_precedence, forward, backward, new_reads, new_read_w, read_content});
+    }
     if (every) {
       every_reads[t].copy_(new_reads);
       memory = new_memory, usage = new_usage, write_w = new_write_w, read_w = new_read_w;
@@ -322,7 +334,7 @@ std::vector<at::Tensor> run_forward(const Inputs& in, Tape& tape) {
       memory = rows_where(active_t, new_memory, memory), usage = rows_where(active_t, new_usage, usage);
       write_w = rows_where(active_t, new_write_w, write_w), read_w = rows_where(active_t, new_read_w, read_w);
     }
-    tape.steps.insert(tape.steps.end(), {memory, usage, write_w, read_w});
+    if (record) tape.steps.insert(tape.steps.end(), {memory, usage, write_w, read_w});
     h = new_h, c = new_c, reads = every_reads[t], link = new_link, precedence = new_precedence;
   }
   return {hidden, every_reads, c.clone(), memory, usage, link, precedence, read_w, write_w};
@@ -348,12 +360,35 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& grads, const
   const auto before = [&](int64_t t, StepOutput k, const at::Tensor& initial) -> const at::Tensor& {
     return t == 0 ? initial : tape.steps[(t - 1) * kPerStep + k];
   };
+  // the write weights step t gave the links: none in its padded rows
+  const auto link_writes_of = [&](int64_t t) {
+    const auto& w = tape.steps[t * kPerStep + kWriteW];
+    return every_row(in.active[t]) ? w : rows_where(in.active[t], w, zero);
+  };
+  // The link before step t: its segment's checkpoint, or rebuilt from it. The steps run backwards,
+  // so the first one of a segment to ask rebuilds the links up to its own and the rest pop them.
+  std::vector<at::Tensor> rebuilt;
+  const auto link_before = [&](int64_t t) -> at::Tensor {
+    const int64_t first = t - t % in.checkpoint_every;
+    if (t == first) return before(t, kLink, in.link);
+    if (rebuilt.empty()) {
+      at::Tensor link = before(first, kLink, in.link);
+      for (int64_t u = first; u < t; ++u) {
+        link = std::get<0>(ext_link_update(link, before(u, kPrecedence, in.precedence), link_writes_of(u)));
+        rebuilt.push_back(link);
+      }
+    }
+    auto link = std::move(rebuilt.back());
+    rebuilt.pop_back();
+    return link;
+  };
   for (int64_t t = T - 1; t >= 0; --t) {
     const auto* out = &tape.steps[t * kPerStep];
     const auto squashed = tape.squashed[t];
     const auto memory = before(t, kKeptMemory, in.memory), usage = before(t, kKeptUsage, in.usage);
     const auto write_w = before(t, kKeptWriteW, in.write_w), read_w = before(t, kKeptReadW, in.read_w);
-    const auto link = before(t, kLink, in.link), precedence = before(t, kPrecedence, in.precedence);
+    const auto link = link_before(t);
+    const auto& precedence = before(t, kPrecedence, in.precedence);
     const auto active_t = in.active[t];
     const bool every = every_row(active_t);
     auto grad_reads_t = grad_reads[t] + grad_r, grad_h_t = grad_hidden[t] + grad_h;
@@ -369,7 +404,7 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& grads, const
         l.part(squashed, kReadStrengths), l.part(squashed, kReadModes), out[kBackward], out[kForward], out[kReads],
         out[kReadW], out[kReadContent]);
     // read: memory, read keys, read strengths, read modes, backward, forward
-    const auto link_writes = every ? out[kWriteW] : rows_where(active_t, out[kWriteW], zero);
+    const auto link_writes = link_writes_of(t);
     auto linked = ext_link_update_reads_backward(grad_link, grad_precedence, read[5], read[4], link, precedence,
                                                  link_writes, read_w, unused, unused, unused, unused);
     // linked: link, precedence, link_writes (this step's), read_w (the step before's)
@@ -437,11 +472,11 @@ ext_dnc_sequence(const at::Tensor& gates_x, const at::Tensor& hidden, const at::
                  const at::Tensor& memory, const at::Tensor& usage, const at::Tensor& link,
                  const at::Tensor& precedence, const at::Tensor& read_w, const at::Tensor& write_w,
                  const at::Tensor& weight_rh, const at::Tensor& weight_if, const at::Tensor& bias_if,
-                 const at::Tensor& active) {
+                 const at::Tensor& active, int64_t checkpoint_every) {
   Tape tape;
   const auto out = run_forward(checked(gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w,
-                                       weight_rh, weight_if, bias_if, active),
-                               tape);
+                                       weight_rh, weight_if, bias_if, active, checkpoint_every),
+                               tape, /*record=*/false);
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
 }
 
@@ -455,15 +490,15 @@ std::vector<at::Tensor> ext_dnc_sequence_backward(
     const at::Tensor& gates_x, const at::Tensor& hidden, const at::Tensor& cell, const at::Tensor& reads,
     const at::Tensor& memory, const at::Tensor& usage, const at::Tensor& link, const at::Tensor& precedence,
     const at::Tensor& read_w, const at::Tensor& write_w, const at::Tensor& weight_rh, const at::Tensor& weight_if,
-    const at::Tensor& bias_if, const at::Tensor& active, const at::Tensor& /*every_hidden*/,
+    const at::Tensor& bias_if, const at::Tensor& active, int64_t checkpoint_every, const at::Tensor& /*every_hidden*/,
     const at::Tensor& /*every_reads*/,
     const at::Tensor& /*new_cell*/, const at::Tensor& /*new_memory*/, const at::Tensor& /*new_usage*/,
     const at::Tensor& /*new_link*/, const at::Tensor& /*new_precedence*/, const at::Tensor& /*new_read_w*/,
     const at::Tensor& /*new_write_w*/) {
   const auto in = checked(gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w, weight_rh,
-                          weight_if, bias_if, active);
+                          weight_if, bias_if, active, checkpoint_every);
   Tape tape;
-  const auto out = run_forward(in, tape);
+  const auto out = run_forward(in, tape, /*record=*/true);
   return run_backward({grad_hidden, grad_reads, grad_cell, grad_memory, grad_usage, grad_link, grad_precedence,
                        grad_read_w, grad_write_w},
                       in, tape, out[0]);
@@ -483,12 +518,14 @@ struct DncSequence : public torch::autograd::Function<DncSequence> {
                                const at::Tensor& cell, const at::Tensor& reads, const at::Tensor& memory,
                                const at::Tensor& usage, const at::Tensor& link, const at::Tensor& precedence,
                                const at::Tensor& read_w, const at::Tensor& write_w, const at::Tensor& weight_rh,
-                               const at::Tensor& weight_if, const at::Tensor& bias_if, const at::Tensor& active) {
+                               const at::Tensor& weight_if, const at::Tensor& bias_if, const at::Tensor& active,
+                               int64_t checkpoint_every) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const auto in = checked(gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w,
-                            weight_rh, weight_if, bias_if, active);
+                            weight_rh, weight_if, bias_if, active, checkpoint_every);
+    ctx->saved_data["checkpoint_every"] = checkpoint_every;
     Tape tape;
-    auto out = run_forward(in, tape);
+    auto out = run_forward(in, tape, /*record=*/true);
     variable_list saved{in.gates_x, in.hidden,  in.cell,    in.reads,     in.memory,    in.usage,    in.link,
                         in.precedence, in.read_w, in.write_w, in.weight_rh, in.weight_if, in.bias_if, in.active};
     saved.insert(saved.end(), out.begin(), out.end());
@@ -500,12 +537,13 @@ struct DncSequence : public torch::autograd::Function<DncSequence> {
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
     const auto s = ctx->get_saved_variables();
-    const Inputs in{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10], s[11], s[12], s[13]};
+    const Inputs in{s[0], s[1],  s[2],  s[3],  s[4],  s[5],  s[6], s[7],
+                    s[8], s[9], s[10], s[11], s[12], s[13], ctx->saved_data["checkpoint_every"].toInt()};
     const auto* stacks = &s[kInputs + kOutputs];
     Tape tape{stacks[0], stacks[1], stacks[2], stacks[3], stacks[4], stacks[5],
               std::vector<at::Tensor>(s.begin() + kInputs + kOutputs + kTapeStacks, s.end())};
     auto input_grads = run_backward(grads, in, tape, s[kInputs]);
-    input_grads.emplace_back();  // active: no gradient
+    input_grads.resize(kInputs + 1);  // active and checkpoint_every: no gradient
     return input_grads;
   }
 };
@@ -515,9 +553,19 @@ dnc_sequence_autograd(const at::Tensor& gates_x, const at::Tensor& hidden, const
                       const at::Tensor& reads, const at::Tensor& memory, const at::Tensor& usage,
                       const at::Tensor& link, const at::Tensor& precedence, const at::Tensor& read_w,
                       const at::Tensor& write_w, const at::Tensor& weight_rh, const at::Tensor& weight_if,
-                      const at::Tensor& bias_if, const at::Tensor& active) {
+                      const at::Tensor& bias_if, const at::Tensor& active, int64_t checkpoint_every) {
+  const std::array<const at::Tensor*, 13> floats = {&gates_x, &hidden,  &cell,    &reads,     &memory,
+                                                    &usage,   &link,    &precedence, &read_w, &write_w,
+                                                    &weight_rh, &weight_if, &bias_if};
+  const auto takes_grad = [](const at::Tensor* x) { return x->requires_grad(); };
+  const bool needs_grad = at::GradMode::is_enabled() && std::any_of(floats.begin(), floats.end(), takes_grad);
+  if (!needs_grad) {  // no backward will come: the kernel alone, which keeps no tape
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ext_dnc_sequence(gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w, weight_rh,
+                            weight_if, bias_if, active, checkpoint_every);
+  }
   const auto o = DncSequence::apply(gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w,
-                                    weight_rh, weight_if, bias_if, active);
+                                    weight_rh, weight_if, bias_if, active, checkpoint_every);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8]};
 }
 
@@ -527,14 +575,16 @@ TORCH_LIBRARY_FRAGMENT(sparsemem, m) {
   m.def(
       "ext_dnc_sequence(Tensor gates_x, Tensor hidden, Tensor cell, Tensor reads, Tensor memory, Tensor usage, "
       "Tensor link, Tensor precedence, Tensor read_w, Tensor write_w, Tensor weight_rh, Tensor weight_if, "
-      "Tensor bias_if, Tensor active) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor bias_if, Tensor active, int checkpoint_every) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor)");
   m.def(
       "ext_dnc_sequence_backward(Tensor grad_hidden, Tensor grad_reads, Tensor grad_cell, Tensor grad_memory, "
       "Tensor grad_usage, Tensor grad_link, Tensor grad_precedence, Tensor grad_read_w, Tensor grad_write_w, "
       "Tensor gates_x, Tensor hidden, Tensor cell, Tensor reads, Tensor memory, Tensor usage, Tensor link, "
       "Tensor precedence, Tensor read_w, Tensor write_w, Tensor weight_rh, Tensor weight_if, Tensor bias_if, "
-      "Tensor active, Tensor every_hidden, Tensor every_reads, Tensor new_cell, Tensor new_memory, Tensor new_usage, "
-      "Tensor new_link, Tensor new_precedence, Tensor new_read_w, Tensor new_write_w) -> Tensor[]");
+      "Tensor active, int checkpoint_every, Tensor every_hidden, Tensor every_reads, Tensor new_cell, "
+      "Tensor new_memory, Tensor new_usage, Tensor new_link, Tensor new_precedence, Tensor new_read_w, "
+      "Tensor new_write_w) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(sparsemem, CPU, m) {

@@ -149,15 +149,27 @@ class DNCMemory(Memory):
         return state if initial is None else state.fresh()
 
     sequence_link_bytes: int = 2**28
-    """sm.DNC runs a sequence's steps as one op (ops.dnc_sequence: much faster at small N), which keeps
-    every step's N x N link for its backward, when those T links take at most this many bytes (256
-    MiB; links under link_checkpoint_bytes are kept whatever T is); longer sequences of large links
-    run the step loop, whose backward keeps one link in link_checkpoint_every."""
+    """sm.DNC runs a sequence's steps as one op (ops.dnc_sequence: much faster at small N), whose
+    backward keeps the N x N link of every step while those T links take at most this many bytes
+    (256 MiB; links under link_checkpoint_bytes are kept whatever T is), and of every k-th step
+    beyond that (see sequence_checkpoint_every)."""
 
-    def keeps_every_link(self, state: DNCState, steps: int) -> bool:
-        """Whether `steps` steps from `state` may keep every step's link (see sequence_link_bytes)."""
+    def sequence_checkpoint_every(self, state: DNCState, steps: int) -> int:
+        """How many steps apart ops.dnc_sequence keeps the link for its backward over `steps` steps
+        from `state` (it rebuilds the ones between): 1 (every link) where the links are small or
+        link_checkpoint_every is None, else the smallest k whose links held at once, the T/k kept
+        and k - 1 rebuilt, take at most sequence_link_bytes, or the k that holds the fewest (about
+        sqrt(T)) when none does."""
+        if self._checkpoint_every(state) is None:
+            return 1
         link_bytes = state.link.numel() * state.link.element_size()
-        return self._checkpoint_every(state) is None or steps * link_bytes <= self.sequence_link_bytes
+
+        def held(k: int) -> int:
+            return -(-steps // k) + k - 1
+
+        intervals = range(1, steps + 1)
+        fitting = (k for k in intervals if held(k) * link_bytes <= self.sequence_link_bytes)
+        return next(fitting, min(intervals, key=held))
 
     def _checkpoint_every(self, state: DNCState) -> int | None:
         small = state.link.numel() * state.link.element_size() < self.link_checkpoint_bytes

@@ -28,7 +28,7 @@ _dnc_sequence = define_op(
     "dnc_sequence",
     "(Tensor gates_x, Tensor hidden, Tensor cell, Tensor reads, Tensor memory, Tensor usage, Tensor link, "
     "Tensor precedence, Tensor read_w, Tensor write_w, Tensor weight_rh, Tensor weight_if, Tensor bias_if, "
-    "Tensor active) "
+    "Tensor active, int checkpoint_every) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     dnc_sequence_ref,
     _fake,
@@ -54,16 +54,23 @@ def dnc_sequence(
     weight_if: Tensor,
     bias_if: Tensor,
     active: Tensor,
+    checkpoint_every: int = 1,
 ) -> tuple[Tensor, ...]:
     """T steps of a DNC whose controller is an LSTM cell (reference/dnc.py: dnc_sequence_ref, which
     says what each argument holds; active [T, B] bool: False where a row is padding) -> (hidden
     [T, B, H], reads [T, B, R, W], cell [B, H], memory, usage, link, precedence, read_w, write_w).
+
+    checkpoint_every=k: the backward keeps the N x N link before every k-th step and rebuilds the
+    others from it (csrc/cpu/dnc_sequence.cpp): about T/k + k links instead of T, for k - 1 link
+    updates more per k steps; the values and gradients are those of k = 1, bit for bit.
     Value checks are the caller's (the model checks x)."""
     shapes = Shapes().check("gates_x", gates_x, "T B G").check("hidden", hidden, "B H").check("cell", cell, "B H")
     shapes.check("reads", reads, "B R W").check("memory", memory, "B N W").check("usage", usage, "B N")
     shapes.check("link", link, "B N N").check("precedence", precedence, "B N").check("read_w", read_w, "B R N")
     shapes.check("write_w", write_w, "B N").check("weight_if", weight_if, "I H").check("bias_if", bias_if, "I")
     shapes.check("active", active, "T B", kind="bool")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int; got {checkpoint_every!r}")
     T, B, G, H = (shapes.size(letter) for letter in "TBGH")
     R, W, I = shapes.size("R"), shapes.size("W"), shapes.size("I")
     if T < 1 or B < 1 or G != 4 * H or tuple(weight_rh.shape) != (4 * H, R * W + H):
@@ -92,6 +99,7 @@ def dnc_sequence(
         weight_if,
         bias_if,
         active,
+        checkpoint_every,
     )
 
 

@@ -216,6 +216,7 @@ def dnc_sequence_ref(
     weight_if: Tensor,
     bias_if: Tensor,
     active: Tensor,
+    checkpoint_every: int = 1,
 ) -> tuple[Tensor, ...]:
     """T steps of a DNC whose controller is an LSTM cell: what sparsemem.models.DNC runs each step.
 
@@ -231,6 +232,7 @@ def dnc_sequence_ref(
     [T, B] bool
     -> (hidden [T, B, H], reads [T, B, R, W] (every step's), cell [B, H], memory, usage, link,
     precedence, read_w, write_w (the memory's state after step T)).
+    checkpoint_every: how the fused kernel keeps the links for its backward; no value depends on it.
     """
     R, W = reads.shape[1], reads.shape[2]
     hiddens, every_reads = [], []

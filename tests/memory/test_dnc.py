@@ -7,6 +7,7 @@ import gc
 
 import pytest
 import torch
+from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import sparsemem as sm
@@ -195,10 +196,10 @@ def test_dnc_steps_match_the_float64_reference(backend, use_backend):
 @pytest.mark.parametrize("every", [None, 1, 3])
 def test_dnc_model_gradients_do_not_depend_on_the_checkpoint_interval(every):
     torch.manual_seed(0)
-    model = sm.DNC(5, 16, num_slots=11, word_size=6, num_reads=3).double()
+    # a GRU cell: the step loop, whose links the chain keeps (an LSTM cell's steps run as one op)
+    model = sm.DNC(5, 16, num_slots=11, word_size=6, num_reads=3, controller=nn.GRUCell(5 + 3 * 6, 16)).double()
     x = torch.randn(3, 9, 5, dtype=torch.float64)
     model.memory.link_checkpoint_every, model.memory.link_checkpoint_bytes = None, 0
-    model.memory.sequence_link_bytes = 0  # the step loop, whose links the chain keeps
     y, _ = model(x)
     want = torch.autograd.grad(y.square().sum(), list(model.parameters()))
     model.memory.link_checkpoint_every = every

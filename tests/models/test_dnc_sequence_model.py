@@ -1,6 +1,7 @@
 """sm.DNC's forward runs its steps as one dnc_sequence op on the cpp backend: the same
 outputs, final state and gradients (parameters and the state it started from) as the step loop,
-padded or not, carried across calls; and the step loop wherever the op does not apply."""
+padded or not, carried across calls, with every link kept or one in k; and the step loop wherever
+the op does not apply."""
 
 import dataclasses
 import os
@@ -60,13 +61,15 @@ def run(model: sm.DNC, backend: str, lengths: torch.Tensor | None):
 
 
 @pytest.mark.parametrize("lengths", [None, [7, 3, 5]])
-@pytest.mark.parametrize("options", [{}, {"controller": "no-bias"}])
-def test_one_op_gives_the_step_loops_outputs_state_and_gradients(lengths, options, monkeypatch):
+@pytest.mark.parametrize("case", ["", "no-bias controller", "links checkpointed"])
+def test_one_op_gives_the_step_loops_outputs_state_and_gradients(lengths, case, monkeypatch):
     """cpp (the one op) against the torch backend (the step loop over the reference ops), float64."""
     monkeypatch.setenv("SPARSEMEM_BACKEND", "cpp")
-    if options.get("controller") == "no-bias":
-        options = {"controller": nn.LSTMCell(I + R * W, H, bias=False)}
+    options = {"controller": nn.LSTMCell(I + R * W, H, bias=False)} if case == "no-bias controller" else {}
     model = make(**options)
+    if case == "links checkpointed":
+        model.memory.link_checkpoint_bytes = 0  # every link size is "large"
+        model.memory.sequence_link_bytes = 5 * B * N * N * 8  # room for 5 of T = 7 links: one in 2 kept
     lengths = None if lengths is None else torch.tensor(lengths)
     fused, fused_grads, end = run(model, "cpp", lengths)
     assert "DncSequence" in end.access.memory.grad_fn.name()
@@ -85,29 +88,34 @@ def test_a_padded_batch_runs_as_one_op(use_backend):
     assert y[1, 3:].eq(0).all() and y[2, 5:].eq(0).all()
 
 
-def model_with(case: str) -> sm.DNC:
-    if case == "gru controller":
-        return make(controller=nn.GRUCell(I + R * W, H))
-    model = make()
-    if case == "links checkpointed":
-        model.memory.link_checkpoint_bytes = 0  # every link size is "large": the chain keeps one in k
-        model.memory.sequence_link_bytes = T * B * N * N * 8 - 1  # and T of them too many to keep
-    return model
+@pytest.mark.parametrize(
+    ("budget", "every"),
+    [(16, 1), (9, 2), (8, 3), (1, 4), (0, 4)],  # in links of 2^20 bytes; held: ceil(16 / k) + k - 1
+)
+def test_the_op_keeps_one_link_in_the_smallest_k_that_fits_sequence_link_bytes(budget, every):
+    memory = sm.DNC(I, H, num_slots=256, word_size=W, num_reads=R).memory
+    state = memory.init_state(4)  # 4 x 256 x 256 float32: 2^20 bytes a link
+    memory.sequence_link_bytes = budget * 2**20
+    assert memory.sequence_checkpoint_every(state, 16) == every
+    memory.link_checkpoint_every = None  # the step loop keeps every link: the op too
+    assert memory.sequence_checkpoint_every(state, 16) == 1
+    small = sm.DNC(I, H, num_slots=N, word_size=W, num_reads=R).memory  # links under link_checkpoint_bytes
+    small.sequence_link_bytes = 0
+    assert small.sequence_checkpoint_every(small.init_state(4), 16) == 1
 
 
-def test_large_links_run_as_one_op_while_t_of_them_fit_sequence_link_bytes(use_backend):
+def test_large_links_run_as_one_op_whatever_t(use_backend):
     use_backend("cpp")
     model = make()
-    model.memory.link_checkpoint_bytes = 0
-    model.memory.sequence_link_bytes = T * B * N * N * 8  # float64
+    model.memory.link_checkpoint_bytes, model.memory.sequence_link_bytes = 0, 0
     _, state = model(torch.randn(B, T, I, dtype=torch.float64))
     assert "DncSequence" in state.access.memory.grad_fn.name()
 
 
-@pytest.mark.parametrize("case", ["gru controller", "links checkpointed", "torch backend"])
+@pytest.mark.parametrize("case", ["gru controller", "torch backend"])
 def test_the_step_loop_runs_where_the_op_does_not_apply(case, use_backend):
     use_backend("torch" if case == "torch backend" else "cpp")
-    model = model_with(case)
+    model = make(controller=nn.GRUCell(I + R * W, H)) if case == "gru controller" else make()
     _, state = model(torch.randn(B, T, I, dtype=torch.float64))
     assert "DncSequence" not in state.access.memory.grad_fn.name()
 

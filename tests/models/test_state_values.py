@@ -98,7 +98,7 @@ def test_a_forward_that_raises_leaves_its_state_as_it_was(model_cls, monkeypatch
     model = make(model_cls)
     state = warm_state(model)
     expected, _ = model(inputs(2), state)
-    one_op = model_cls is sm.DNC and model._runs_as_one_op(inputs(4).movedim(1, 0), state)
+    one_op = model_cls is sm.DNC and model._runs_as_one_op(inputs(4).movedim(1, 0))
     layer = model.output if one_op else model.interface
     calls = 0
     forward = layer.forward

@@ -1,6 +1,7 @@
 """dnc_sequence, T steps of an LSTM-controlled DNC in one op: every backend that runs here against
 the reference loop (outputs and gradients, odd sizes), gradcheck, opcheck, the C++ node against the
-custom op, NaN-poisoned outputs, input checks and a compile smoke test. The model that calls it
+custom op, every checkpoint interval against every link kept (bit for bit), NaN-poisoned outputs,
+input checks and a compile smoke test. The model that calls it
 (models.DNC's forward) against its step loop is tests/models/test_dnc_sequence_model.py."""
 
 import pytest
@@ -16,9 +17,13 @@ BACKENDS = cpu_backends("dnc_sequence")
 SIZES = [dict(B=3, N=7, W=5, R=3), dict(B=1, N=33, W=3, R=1), dict(B=2, N=65, W=9, R=2)]
 
 
+def takes_grad(a: object) -> bool:
+    return isinstance(a, torch.Tensor) and a.is_floating_point()
+
+
 def leaves(args):
-    """The float inputs as leaves that take gradients; active (bool) as it is."""
-    return [a.detach().clone().requires_grad_(True) if a.is_floating_point() else a for a in args]
+    """The float inputs as leaves that take gradients; active (bool) and checkpoint_every as they are."""
+    return [a.detach().clone().requires_grad_(True) if takes_grad(a) else a for a in args]
 
 
 def outputs_and_grads(call, args):
@@ -27,7 +32,7 @@ def outputs_and_grads(call, args):
     seeds = [
         torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype) for i, o in enumerate(outputs)
     ]
-    return outputs, torch.autograd.grad(outputs, [x for x in inputs if x.requires_grad], seeds)
+    return outputs, torch.autograd.grad(outputs, [x for x in inputs if takes_grad(x)], seeds)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -71,6 +76,24 @@ def test_the_cpp_node_and_the_custom_op_agree_bit_for_bit(use_backend):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_every_checkpoint_interval_gives_the_values_and_gradients_of_every_link_kept(padded, use_backend):
+    """The links the backward rebuilds are the forward's, bit for bit (link_update and
+    link_update_reads compute them alike), so no interval changes a value: 1 keeps every link,
+    T + 1 rebuilds all from the first."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("no cpp kernel here")
+    use_backend("cpp")
+    *args, _ = op_inputs("dnc_sequence", torch.float32, B=3, N=11, W=5, R=2)
+    if not padded:
+        args[13] = torch.ones_like(args[13])
+    want, want_grads = outputs_and_grads(dnc_sequence, [*args, 1])
+    for every in (2, 3, 4, 5):
+        got, got_grads = outputs_and_grads(dnc_sequence, [*args, every])
+        for a, b in zip((*got, *got_grads), (*want, *want_grads), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_writes_every_output_element(backend, use_backend, nan_poisoned):
     use_backend(backend)
@@ -105,6 +128,8 @@ def f64(*shape):
         ({13: torch.ones(4, 3, dtype=torch.bool)}, r"active must be \[T, B\] with B=2"),
         ({13: torch.ones(4, 2)}, "active must be a bool mask"),
         ({4: torch.zeros(2, 5, 3)}, "memory is torch.float32"),
+        ({14: 0}, "checkpoint_every must be a positive int; got 0"),
+        ({14: 2.0}, "checkpoint_every must be a positive int; got 2.0"),
     ],
 )
 def test_bad_inputs_are_value_errors(replaced, message):
