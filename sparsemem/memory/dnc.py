@@ -167,9 +167,11 @@ class DNCMemory(Memory):
         def held(k: int) -> int:
             return -(-steps // k) + k - 1
 
-        intervals = range(1, steps + 1)
-        fitting = (k for k in intervals if held(k) * link_bytes <= self.sequence_link_bytes)
-        return next(fitting, min(intervals, key=held))
+        intervals = range(1, max(steps, 1) + 1)
+        for k in intervals:
+            if held(k) * link_bytes <= self.sequence_link_bytes:
+                return k
+        return min(intervals, key=held)
 
     def _checkpoint_every(self, state: DNCState) -> int | None:
         small = state.link.numel() * state.link.element_size() < self.link_checkpoint_bytes
