@@ -85,9 +85,10 @@ class DNCMemory(Memory):
 
     state_type = DNCState
     link_checkpoint_every: int | None = 4
-    """The backward keeps the N x N link of every k-th step and rebuilds the others (see
+    """The step loop's backward keeps the N x N link of every k-th step and rebuilds the others (see
     ops.link_update_reads): about T/k + k links for T steps instead of T + 1, for k - 1 link
-    updates more per k steps. None keeps every link."""
+    updates more per k steps. None keeps every link, in the step loop and in sm.DNC's one op (whose
+    own interval otherwise follows sequence_link_bytes)."""
     link_checkpoint_bytes: int = 2**20
     """Links smaller than this (B N^2 values) are all kept, whatever link_checkpoint_every says: the
     memory saved is small and the chain's bookkeeping costs a small DNC 2-8% of a training step
