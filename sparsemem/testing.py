@@ -1,7 +1,7 @@
 """Valid inputs for every registered op, at any size and dtype, for tests and benchmarks.
 
 op_inputs(op, dtype, B, N, W, R) -> positional arguments of sparsemem.ops.<op> (for the internal
-journaled_write and dnc_sequence, of sparsemem.ops.<op>.<op>). The tables of ops below come
+journaled_write, dnc_sequence and sam_sequence, of sparsemem.ops.<op>.<op>). The tables of ops below come
 from the backend registry.
 Values are in the ranges the ops expect (weights are distributions, gates in [0, 1],
 sharpening >= 1) and usages are distinct so sorts have no ties.
@@ -126,6 +126,33 @@ def op_inputs(op: str, dtype: torch.dtype = torch.float64, B=3, N=7, W=5, R=3, s
             # active [T, B]: row b runs T - (b mod T) steps, then is padding (4, 3, 2, 1, 4, ...)
             torch.arange(T).unsqueeze(1) < torch.tensor([T - b % T for b in range(B)]),
             2,
+        )
+    if op == "sam_sequence":
+        # T = 4 steps of an LSTM cell of H = 5 from a memory mid-episode: about half its slots written
+        # (the others hold the zero word), distinct last-access steps, read weights that are
+        # distributions over K slots per head; some rows padded after a few steps (as dnc_sequence's)
+        T, H, I, k = 4, 5, R * W + R + W + 2, min(K, N)
+        written = torch.rand(B, N, generator=g) < 0.5
+        last_access = (torch.stack([torch.randperm(N, generator=g) for _ in range(B)]) + 1) * written
+        read_idx = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B * R)]).view(B, R, k)
+        write_idx = torch.cat([read_idx.flatten(1), torch.randint(0, N, (B, 1), generator=g)], dim=-1)
+        return (
+            randn(T, B, 4 * H),
+            randn(B, H) * 0.5,
+            randn(B, H) * 0.5,
+            randn(B, R, W) * 0.5,
+            memory * written.unsqueeze(-1),
+            last_access,
+            written,
+            read_idx,
+            distribution(B, R, k),
+            write_idx,
+            rand(B, R * k + 1) * 0.3,
+            randn(4 * H, R * W + H) * 0.5,
+            randn(I, H) * 0.5,
+            randn(I) * 0.5,
+            torch.arange(T).unsqueeze(1) < torch.tensor([T - b % T for b in range(B)]),
+            N + 1,
         )
     if op == "journaled_write":
         # sparse_write's arguments in place on a store of B*N flat rows, half of them written;

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "dnc.h"
+#include "lstm_cell.h"
 
 namespace sparsemem {
 
@@ -63,17 +64,6 @@ struct Layout {
     }
   }
 };
-
-template <typename scalar_t>
-scalar_t sigmoid(scalar_t x) {
-  return scalar_t(1) / (scalar_t(1) + std::exp(-x));
-}
-
-// torch's softplus (threshold 20: the identity above it), plus one.
-template <typename scalar_t>
-scalar_t oneplus(scalar_t x) {
-  return x > scalar_t(20) ? scalar_t(1) + x : scalar_t(1) + std::log1p(std::exp(x));
-}
 
 // interface [B, I] and its sigmoid (torch's, vectorised) -> squashed [B * I], part after part.
 template <typename scalar_t>
@@ -143,46 +133,6 @@ void squash_backward(const Layout& l, const scalar_t* interface, const scalar_t*
   }
 }
 
-// The cell's transcendentals run as torch's vectorised sigmoid and tanh: a scalar std::exp per
-// element took most of a step's forward (B H = 4096 of each five a step at B = 32, H = 128).
-// gates [B, 4H] (i, f, g, o) -> act [B, 4H] = (sigmoid, sigmoid, tanh, sigmoid) of them.
-void squash_gates(const at::Tensor& gates, at::Tensor& act) {
-  const auto H = gates.size(1) / 4;
-  at::sigmoid_out(act, gates);
-  auto cell_gate = act.narrow(1, 2 * H, H);
-  at::tanh_out(cell_gate, gates.narrow(1, 2 * H, H));
-}
-
-// c = f c_prev + i g.
-template <typename scalar_t>
-void cell_forward(int64_t B, int64_t H, const scalar_t* act, const scalar_t* c_prev, scalar_t* c) {
-  for (int64_t b = 0; b < B; ++b) {
-    const scalar_t* a = act + b * 4 * H;
-    for (int64_t j = 0; j < H; ++j) c[b * H + j] = a[H + j] * c_prev[b * H + j] + a[j] * a[2 * H + j];
-  }
-}
-
-// grad_h [B, H] (all of h_t = o tanh(c_t)'s gradient), grad_c [B, H] (c_t's from the step after;
-// becomes c_{t-1}'s) -> grad_gates [B, 4H].
-template <typename scalar_t>
-void cell_backward(int64_t B, int64_t H, const scalar_t* act, const scalar_t* c_prev, const scalar_t* tanh_c,
-                   const scalar_t* grad_h, scalar_t* grad_c, scalar_t* grad_gates) {
-  for (int64_t b = 0; b < B; ++b) {
-    const scalar_t* a = act + b * 4 * H;
-    scalar_t* d = grad_gates + b * 4 * H;
-    for (int64_t j = 0; j < H; ++j) {
-      const scalar_t i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
-      const scalar_t tc = tanh_c[b * H + j], dh = grad_h[b * H + j];
-      const scalar_t dc = grad_c[b * H + j] + dh * o * (scalar_t(1) - tc * tc);
-      d[j] = dc * g * i * (scalar_t(1) - i);
-      d[H + j] = dc * c_prev[b * H + j] * f * (scalar_t(1) - f);
-      d[2 * H + j] = dc * i * (scalar_t(1) - g * g);
-      d[3 * H + j] = dh * tc * o * (scalar_t(1) - o);
-      grad_c[b * H + j] = dc * f;
-    }
-  }
-}
-
 // The op's inputs, in schema order.
 struct Inputs {
   at::Tensor gates_x, hidden, cell, reads, memory, usage, link, precedence, read_w, write_w, weight_rh, weight_if,
@@ -229,28 +179,6 @@ Inputs checked(const at::Tensor& gates_x, const at::Tensor& hidden, const at::Te
     *x = x->contiguous();
   }
   return in;
-}
-
-// A padded step (some rows' active false) keeps those rows' state: where(active, new, old) over the
-// batch, which the backward splits into the gradient through the step (active rows) and the one
-// straight to the state before it (the others).
-bool every_row(const at::Tensor& active_t) {
-  const bool* a = active_t.data_ptr<bool>();
-  return std::all_of(a, a + active_t.numel(), [](bool x) { return x; });
-}
-
-// where(active, x, y) over the batch dimension; x or y may be a 0-dim zero.
-at::Tensor rows_where(const at::Tensor& active_t, const at::Tensor& x, const at::Tensor& y) {
-  std::vector<int64_t> shape(std::max(x.dim(), y.dim()), 1);
-  shape[0] = active_t.numel();
-  return at::where(active_t.view(shape), x, y);
-}
-
-// g -> (g where active, 0 elsewhere), and g's other rows returned; zero: a 0-dim zero of g's dtype.
-at::Tensor split_rows(const at::Tensor& active_t, at::Tensor& g, const at::Tensor& zero) {
-  auto direct = rows_where(active_t, zero, g);
-  g = rows_where(active_t, g, zero);
-  return direct;
 }
 
 // What the backward reads. Per step: the controller input [r_{t-1} ; h_{t-1}], the squashed gates,

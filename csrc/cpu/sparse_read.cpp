@@ -12,6 +12,7 @@
 
 #include "../sparse_checks.h"
 #include "autograd.h"
+#include "sparse_read.h"
 #include "vector_math.h"
 
 namespace sparsemem {
@@ -23,19 +24,6 @@ void check_slots(const at::Tensor& indices, int64_t N) {
   const int64_t* slots = indices.data_ptr<int64_t>();
   const bool in_range = std::all_of(slots, slots + indices.numel(), [N](int64_t s) { return 0 <= s && s < N; });
   TORCH_CHECK(in_range, "indices must be slot ids in [0, N=", N, ")");
-}
-
-// score_k = strength * D(key, M[idx_k]) for the K candidates of one head; returns ||key||_eps.
-template <typename scalar_t, typename acc_t>
-acc_t similarities(const scalar_t* memory_row0, const int64_t* slots, const scalar_t* key, int64_t K, int64_t W,
-                   acc_t* similarity) {
-  const acc_t key_norm = safe_norm<acc_t>(key, W);
-  for (int64_t j = 0; j < K; ++j) {
-    const scalar_t* word = memory_row0 + slots[j] * W;
-    const acc_t word_norm = safe_norm<acc_t>(word, W);
-    similarity[j] = dot<acc_t>(key, word, W) / (key_norm * word_norm);
-  }
-  return key_norm;
 }
 
 }  // namespace
@@ -62,33 +50,15 @@ std::tuple<at::Tensor, at::Tensor> ext_sparse_read(const at::Tensor& memory_in, 
     at::parallel_for(0, B * R, grain(4 * K * W), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> score(K), read(W);
       for (int64_t head = begin; head < end; ++head) {
-        const scalar_t* memory_row0 = m + (head / R) * N * W;
-        const int64_t* head_slots = slots + head * K;
-        similarities(memory_row0, head_slots, q + head * W, K, W, score.data());
-        // w = softmax_k(strength * D), shifted by the max for range.
-        const acc_t strength = beta[head];
-        acc_t top = -INFINITY, total = 0;
-        for (int64_t j = 0; j < K; ++j) top = std::max(top, score[j] *= strength);
-        for (int64_t j = 0; j < K; ++j) total += (score[j] = std::exp(score[j] - top));
-        std::fill(read.begin(), read.end(), acc_t(0));
-        for (int64_t j = 0; j < K; ++j) {
-          const acc_t weight = score[j] / total;
-          out_weights[head * K + j] = scalar_t(weight);
-          const scalar_t* word = memory_row0 + head_slots[j] * W;
-          for (int64_t i = 0; i < W; ++i) read[i] += weight * acc_t(word[i]);
-        }
-        for (int64_t i = 0; i < W; ++i) out_reads[head * W + i] = scalar_t(read[i]);
+        read_head<scalar_t, acc_t>(m + (head / R) * N * W, slots + head * K, q + head * W, acc_t(beta[head]), K, W,
+                                   score.data(), read.data(), out_weights + head * K, out_reads + head * W);
       }
     });
   });
   return {weights, reads};
 }
 
-// With x_k the K rows, s_k = D(key, x_k), w = softmax(b s), r = sum_k w_k x_k:
-//   u_k = gw_k + gr . x_k          (everything that reaches w_k)
-//   gz_k = w_k (u_k - sum_j w_j u_j),  grad_strength = sum_k gz_k s_k,  gs_k = b gz_k
-//   grad x_k = w_k gr + gs_k (key / (a m_k) - s_k x_k / m_k^2)
-//   grad key = sum_k gs_k (x_k / (a m_k) - s_k key / a^2)
+// The backward of read_head per head (sparse_read.h).
 // Tasks are batch rows: a slot read by several heads (or twice by one) accumulates its grads in
 // the task that owns the batch row, so no two threads touch a row of grad_memory. The task also
 // zeroes its batch row of grad_memory first (dense by the op's contract), while it is about to be
@@ -130,39 +100,10 @@ std::vector<at::Tensor> ext_sparse_read_backward(const at::Tensor& grad_weights_
         std::fill(grad_row0, grad_row0 + N * W, scalar_t(0));
         for (int64_t r = 0; r < R; ++r) {
           const int64_t head = b * R + r;
-          const int64_t* head_slots = slots + head * K;
-          const scalar_t* key = q + head * W;
-          const scalar_t* grad_read = gr + head * W;
-          const acc_t key_norm = similarities(memory_row0, head_slots, key, K, W, similarity.data());
-          acc_t expected = 0;  // sum_j w_j u_j
-          for (int64_t j = 0; j < K; ++j) {
-            upstream[j] = acc_t(gw[head * K + j]) + dot<acc_t>(grad_read, memory_row0 + head_slots[j] * W, W);
-            expected += acc_t(w[head * K + j]) * upstream[j];
-          }
-          const acc_t strength = beta[head];
-          acc_t grad_strength = 0, key_scale = 0;  // key_scale: sum_k gs_k s_k, the coefficient of -key / a^2
-          std::fill(grad_key.begin(), grad_key.end(), acc_t(0));
-          for (int64_t j = 0; j < K; ++j) {
-            const acc_t weight = w[head * K + j];
-            const acc_t grad_logit = weight * (upstream[j] - expected);
-            grad_strength += grad_logit * similarity[j];
-            const acc_t grad_similarity = strength * grad_logit;
-            key_scale += grad_similarity * similarity[j];
-            const scalar_t* word = memory_row0 + head_slots[j] * W;
-            const acc_t word_norm_sq = dot<acc_t>(word, word, W) + acc_t(kNormEps);
-            const acc_t cross = grad_similarity / (key_norm * std::sqrt(word_norm_sq));
-            const acc_t self = grad_similarity * similarity[j] / word_norm_sq;
-            scalar_t* grad_word = grad_row0 + head_slots[j] * W;
-            for (int64_t i = 0; i < W; ++i) {
-              const acc_t x = word[i];
-              grad_word[i] = scalar_t(acc_t(grad_word[i]) + weight * acc_t(grad_read[i]) + cross * acc_t(key[i]) -
-                                      self * x);
-              grad_key[i] += cross * x;
-            }
-          }
-          const acc_t self = key_scale / (key_norm * key_norm);
-          for (int64_t i = 0; i < W; ++i) gq[head * W + i] = scalar_t(grad_key[i] - self * acc_t(key[i]));
-          gb[head] = scalar_t(grad_strength);
+          read_head_backward<scalar_t, acc_t>(memory_row0, grad_row0, slots + head * K, q + head * W,
+                                              acc_t(beta[head]), w + head * K, gw + head * K, gr + head * W, K, W,
+                                              similarity.data(), upstream.data(), grad_key.data(), gq + head * W,
+                                              gb + head);
         }
       }
     });

@@ -25,6 +25,7 @@
 #include <optional>
 #include <vector>
 
+#include "topk.h"
 #include "vector_math.h"
 
 namespace sparsemem {
@@ -32,30 +33,6 @@ namespace sparsemem {
 namespace {
 
 constexpr int64_t kChunk = 8192;  // slots per task: large enough to amortise the merge
-
-template <typename acc_t>
-struct Candidate {
-  acc_t score;
-  int64_t slot;
-};
-
-template <typename acc_t>
-bool better(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
-  return a.score > b.score || (a.score == b.score && a.slot < b.slot);
-}
-
-// Inserts (score, slot) into best[0..count), sorted by `better`, holding at most k. Slots arrive in
-// ascending order, so an equal score never displaces an earlier slot: strict comparisons suffice.
-template <typename acc_t>
-void offer(Candidate<acc_t>* best, int64_t& count, int64_t k, acc_t score, int64_t slot) {
-  if (count == k && !(score > best[k - 1].score)) return;
-  int64_t position = count < k ? count++ : k - 1;
-  while (position > 0 && score > best[position - 1].score) {
-    best[position] = best[position - 1];
-    --position;
-  }
-  best[position] = {score, slot};
-}
 
 // Rows are prefetched this far ahead of the one being scored. The hardware prefetcher alone left
 // the scan waiting on DRAM (it stops at 4 KiB pages): measured at B = 8, N = 2^16, W = 64 on one
@@ -85,7 +62,8 @@ SPARSEMEM_VECTOR_CLONES void scan_chunk(const scalar_t* words, int64_t first, in
   }
 }
 
-// scan_chunk for heads [0, R), kHeadGroup at a time (one sweep over the chunk's words per group).
+}  // namespace
+
 template <typename scalar_t, typename acc_t>
 void scan_heads(const scalar_t* words, int64_t first, int64_t last, int64_t W, const acc_t* key,
                 const acc_t* key_norm, int64_t R, int64_t k, Candidate<acc_t>* best, int64_t* count) {
@@ -93,6 +71,13 @@ void scan_heads(const scalar_t* words, int64_t first, int64_t last, int64_t W, c
     scan_chunk<decltype(heads)::value>(words, first, last, W, key + r * W, key_norm + r, k, best + r * k, count + r);
   });
 }
+
+template void scan_heads<float, float>(const float*, int64_t, int64_t, int64_t, const float*, const float*, int64_t,
+                                       int64_t, Candidate<float>*, int64_t*);
+template void scan_heads<double, double>(const double*, int64_t, int64_t, int64_t, const double*, const double*,
+                                         int64_t, int64_t, Candidate<double>*, int64_t*);
+
+namespace {
 
 void check_inputs(const at::Tensor& memory, const at::Tensor& keys, int64_t k) {
   TORCH_CHECK(memory.dim() == 3 && keys.dim() == 3, "memory must be [B, N, W] and keys [B, R, W]");

@@ -20,6 +20,7 @@ from sparsemem.reference.ntm import ntm_address_ref
 from sparsemem.reference.sam import (
     access_update_ref,
     lru_ref,
+    sam_sequence_ref,
     sam_step_ref,
     sam_write_ref,
     sam_write_weights_ref,
@@ -50,6 +51,7 @@ __all__ = [
     "memory_read_ref",
     "memory_write_ref",
     "ntm_address_ref",
+    "sam_sequence_ref",
     "sam_step_ref",
     "sam_write_ref",
     "sam_write_weights_ref",

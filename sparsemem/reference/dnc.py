@@ -196,7 +196,22 @@ def split_interface_ref(interface: Tensor, R: int, W: int) -> tuple[Tensor, ...]
     )
 
 
-def _rows_where(active: Tensor, new: Tensor, old: Tensor) -> Tensor:
+def lstm_cell_ref(
+    gates_x: Tensor, reads: Tensor, hidden: Tensor, cell: Tensor, weight_rh: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One step of the sequence ops' LSTM-cell controller: gates = gates_x + [r_{t-1} ; h_{t-1}]
+    weight_rh^T (gates_x holds the input's part and both biases); i, f, g, o = sigmoid, sigmoid, tanh,
+    sigmoid of its four quarters; c_t = f c_{t-1} + i g; h_t = o tanh(c_t).
+
+    gates_x [B, 4H], reads [B, R, W], hidden and cell [B, H], weight_rh [4H, R*W + H] -> (h_t, c_t).
+    """
+    gates = gates_x + torch.cat([reads.flatten(1), hidden], dim=-1) @ weight_rh.T
+    i, f, g, o = gates.chunk(4, dim=-1)
+    new_cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(new_cell), new_cell
+
+
+def rows_where(active: Tensor, new: Tensor, old: Tensor) -> Tensor:
     """new in the batch rows where active [B] is True, old elsewhere."""
     return torch.where(active.view(-1, *[1] * (new.dim() - 1)), new, old)
 
@@ -220,9 +235,7 @@ def dnc_sequence_ref(
 ) -> tuple[Tensor, ...]:
     """T steps of a DNC whose controller is an LSTM cell: what sparsemem.models.DNC runs each step.
 
-    Per step t: gates = gates_x[t] + [r_{t-1} ; h_{t-1}] weight_rh^T (the cell's input and hidden
-    products; gates_x holds the input's part and both biases); i, f, g, o = sigmoid, sigmoid, tanh,
-    sigmoid of its four quarters; c_t = f c_{t-1} + i g; h_t = o tanh(c_t); xi_t = h_t weight_if^T +
+    Per step t: h_t, c_t = lstm_cell_ref(gates_x[t], r_{t-1}, h_{t-1}, c_{t-1}); xi_t = h_t weight_if^T +
     bias_if, split (split_interface_ref); then dnc_write, link_update_reads and dnc_read. A row whose
     active[t] is False (padding) keeps its state (hidden, cell, reads and the memory's), and writes
     nothing to the links (link_update_reads with its write weights 0), as DNCMemory.step does.
@@ -237,11 +250,8 @@ def dnc_sequence_ref(
     R, W = reads.shape[1], reads.shape[2]
     hiddens, every_reads = [], []
     for gates_t, active_t in zip(gates_x.unbind(0), active.unbind(0), strict=True):
-        kept = functools.partial(_rows_where, active_t)
-        gates = gates_t + torch.cat([reads.flatten(1), hidden], dim=-1) @ weight_rh.T
-        i, f, g, o = gates.chunk(4, dim=-1)
-        new_cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
-        new_hidden = torch.sigmoid(o) * torch.tanh(new_cell)
+        kept = functools.partial(rows_where, active_t)
+        new_hidden, new_cell = lstm_cell_ref(gates_t, reads, hidden, cell, weight_rh)
         interface = split_interface_ref(new_hidden @ weight_if.T + bias_if, R, W)
         read_keys, read_strengths, write_key, write_strength, erase, write_vector = interface[:6]
         free_gates, allocation_gate, write_gate, read_modes = interface[6:]

@@ -10,11 +10,14 @@ same step touching only O(R*K) rows. One step, in order:
 5. usage: a slot is accessed at step t when w^W(i) + sum_r w^R_r(i) > DELTA.
 """
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sparsemem._constants import DELTA
-from sparsemem.reference.dnc import cosine_similarity_ref
+from sparsemem.reference.dnc import cosine_similarity_ref, lstm_cell_ref, rows_where
 
 
 def lru_ref(last_access: Tensor) -> Tensor:
@@ -88,3 +91,78 @@ def sam_step_ref(
     read_w, reads = topk_read_ref(memory, keys, strengths, k)
     last_access = access_update_ref(last_access, write_w, read_w, step)
     return reads, read_w, write_w, memory, last_access
+
+
+def sam_sequence_ref(
+    gates_x: Tensor,
+    hidden: Tensor,
+    cell: Tensor,
+    reads: Tensor,
+    memory: Tensor,
+    last_access: Tensor,
+    written: Tensor,
+    read_idx: Tensor,
+    read_w: Tensor,
+    write_idx: Tensor,
+    write_w: Tensor,
+    weight_rh: Tensor,
+    weight_if: Tensor,
+    bias_if: Tensor,
+    active: Tensor,
+    clock: int,
+) -> tuple[Tensor, ...]:
+    """T steps of a SAM whose controller is an LSTM cell: what sparsemem.models.SAM runs each step,
+    on a dense memory, with the read and write weights as the sparse state keeps them.
+
+    Per step t: h_t, c_t = lstm_cell_ref(gates_x[t], r_{t-1}, h_{t-1}, c_{t-1}); the interface
+    h_t weight_if^T + bias_if split as SAMMemory.split_interface (keys, oneplus strengths, add,
+    sigmoid write and interpolation gates); then steps 1-5 of this module's docstring, with the
+    top K in a total order (score descending, then slot ascending) and the step's accesses stamped
+    clock + t + 1. A row whose active[t] is False (padding) writes nothing, stamps nothing and keeps
+    its state (hidden, cell, reads and the weights), as SAMMemory.step does.
+    gates_x [T, B, 4H], hidden and cell [B, H], reads [B, R, W], memory [B, N, W] (a slot never
+    written holds the zero word), last_access [B, N] int64 (0 = never accessed), written [B, N]
+    bool (the slots written so far), read_idx and read_w [B, R, K] (the last step's read weights on
+    their slots), write_idx and write_w [B, J] (J = R K + 1: the last step's write weights, one
+    entry per (head, k) and the LRU slot), weight_rh [4H, R*W + H], weight_if [I, H], bias_if [I]
+    (I = R*W + R + W + 2), active [T, B] bool, clock: the steps stamped before this call
+    -> (hidden [T, B, H], reads [T, B, R, W] (every step's), cell [B, H], memory, last_access,
+    read_idx, read_w, write_idx, write_w (the state after step T), written_now [B, N] bool: the
+    slots this call wrote). written takes no part in the values: the fused kernel scans only
+    written rows, every other one scoring D(key, 0) = 0.
+    """
+    B, N = memory.shape[:2]
+    R, W, K = reads.shape[1], reads.shape[2], read_idx.shape[2]
+    written_now = torch.zeros_like(written)
+    hiddens, every_reads = [], []
+    for t, (gates_t, active_t) in enumerate(zip(gates_x.unbind(0), active.unbind(0), strict=True)):
+        kept = functools.partial(rows_where, active_t)
+        new_hidden, new_cell = lstm_cell_ref(gates_t, reads, hidden, cell, weight_rh)
+        keys, strengths, add, gates = (new_hidden @ weight_if.T + bias_if).split([R * W, R, W, 2], dim=-1)
+        keys, strengths, gates = keys.view(B, R, W), 1 + F.softplus(strengths), torch.sigmoid(gates)
+        alpha, gamma = gates[:, 0], gates[:, 1]
+        lru = lru_ref(last_access)
+        previous = torch.zeros(B, R, N, dtype=read_w.dtype).scatter_add(-1, read_idx, read_w)
+        dense_write_w = sam_write_weights_ref(previous, lru, alpha, gamma)
+        memory = kept(sam_write_ref(memory, dense_write_w, lru, add), memory)
+        similarity = cosine_similarity_ref(memory, keys)
+        top = similarity.sort(dim=-1, descending=True, stable=True).indices[..., :K]
+        new_read_w = torch.softmax(strengths.unsqueeze(-1) * similarity.gather(-1, top), dim=-1)
+        rows = memory.gather(1, top.reshape(B, R * K, 1).expand(-1, -1, W)).view(B, R, K, W)
+        new_reads = (new_read_w.unsqueeze(-1) * rows).sum(2)
+        new_write_idx = torch.cat([read_idx.flatten(1), lru.unsqueeze(-1)], dim=-1)
+        new_write_w = torch.cat(
+            [(alpha * gamma).unsqueeze(-1) * read_w.flatten(1) / R, (alpha * (1 - gamma)).unsqueeze(-1)], dim=-1
+        )
+        read_total = torch.zeros(B, N, dtype=read_w.dtype).scatter_add(-1, top.flatten(1), new_read_w.flatten(1))
+        accessed = ((dense_write_w + read_total).detach() > DELTA) & active_t.unsqueeze(-1)
+        last_access = torch.where(accessed, clock + t + 1, last_access)
+        wrote = torch.zeros_like(written).scatter(-1, new_write_idx, True) & active_t.unsqueeze(-1)
+        written_now = written_now | wrote
+        hidden, cell, reads = kept(new_hidden, hidden), kept(new_cell, cell), kept(new_reads, reads)
+        read_idx, read_w = kept(top, read_idx), kept(new_read_w, read_w)
+        write_idx, write_w = kept(new_write_idx, write_idx), kept(new_write_w, write_w)
+        hiddens.append(hidden)
+        every_reads.append(reads)
+    outputs = (cell, memory, last_access, read_idx, read_w, write_idx, write_w, written_now)
+    return torch.stack(hiddens), torch.stack(every_reads), *outputs

@@ -11,28 +11,11 @@ from sparsemem.ops.dnc_sequence import dnc_sequence
 from sparsemem.reference import dnc_sequence_ref
 from sparsemem.testing import op_inputs
 from tests.conftest import cpu_backends
+from tests.ops.sequences import leaves, outputs_and_grads
 from tests.tolerances import tolerance
 
 BACKENDS = cpu_backends("dnc_sequence")
 SIZES = [dict(B=3, N=7, W=5, R=3), dict(B=1, N=33, W=3, R=1), dict(B=2, N=65, W=9, R=2)]
-
-
-def takes_grad(a: object) -> bool:
-    return isinstance(a, torch.Tensor) and a.is_floating_point()
-
-
-def leaves(args):
-    """The float inputs as leaves that take gradients; active (bool) and checkpoint_every as they are."""
-    return [a.detach().clone().requires_grad_(True) if takes_grad(a) else a for a in args]
-
-
-def outputs_and_grads(call, args):
-    inputs = leaves(args)
-    outputs = call(*inputs)
-    seeds = [
-        torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype) for i, o in enumerate(outputs)
-    ]
-    return outputs, torch.autograd.grad(outputs, [x for x in inputs if takes_grad(x)], seeds)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
