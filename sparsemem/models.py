@@ -28,7 +28,8 @@ from sparsemem import _checks
 from sparsemem._profiling import region
 from sparsemem.memory import DNCMemory, Memory, NTMMemory, SAMMemory, SDNCMemory
 from sparsemem.memory.base import check_mask
-from sparsemem.ops import dnc_sequence
+from sparsemem.memory.sam import SparseWeights
+from sparsemem.ops import dnc_sequence, sam_sequence
 
 _CELLS = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 
@@ -171,8 +172,9 @@ class MemoryModel(nn.Module):
         # compiled step (compile_step) serves every length without recompiling for x_t's strides.
         x = x.movedim(time_dim, 0).contiguous()
         hiddens, reads, start = [], [], 0
-        if self._runs_as_one_op(x):
-            every_hidden, every_reads, state = self._dnc_steps(x, state, active)
+        one_op = self._one_op(x)
+        if one_op is not None:
+            every_hidden, every_reads, state = one_op(x, state, active)
             hiddens, reads, start = [every_hidden], [every_reads], steps
         # x was checked above and the state's values come from checked steps: the steps' ops
         # skip their value checks (a sync each, per op per step) unless SPARSEMEM_DEBUG=1
@@ -237,28 +239,39 @@ class MemoryModel(nn.Module):
         controller_state = tuple(kept(new, old) for new, old in zip(controller_state, state.controller, strict=True))
         return hidden, reads, ModelState(controller_state, access, kept(reads, state.reads))
 
-    def _runs_as_one_op(self, x: Tensor) -> bool:
-        """Whether forward runs all its steps as one dnc_sequence op: a DNCMemory (not a
-        subclass, whose step may differ) under an nn.LSTMCell, in float32 or float64, where the op
-        has its C++ kernel, and no compiled step or model (torch.compile traces the step loop)."""
+    def _one_op(self, x: Tensor) -> Callable | None:
+        """The method that runs all of forward's steps as one op (_dnc_steps, _sam_steps), or None
+        for the step loop. Under an nn.LSTMCell, in float32 or float64, where the op has its C++
+        kernel, and with no compiled step or model (torch.compile traces the step loop): a
+        DNCMemory, or a SAMMemory of at most SAMMemory.sequence_max_slots slots (not a subclass,
+        whose step may differ)."""
+        if (
+            torch.compiler.is_compiling()
+            or type(self.controller) is not nn.LSTMCell
+            or self._compiled_step is not None
+            or x.dtype not in (torch.float32, torch.float64)
+        ):
+            return None
         memory = self.memory
-        return (
-            not torch.compiler.is_compiling()
-            and type(memory) is DNCMemory
-            and type(self.controller) is nn.LSTMCell
-            and self._compiled_step is None
-            and x.dtype in (torch.float32, torch.float64)
-            and dnc_sequence.runs_in_cpp(x.device)
-        )
+        if type(memory) is DNCMemory and dnc_sequence.runs_in_cpp(x.device):
+            return self._dnc_steps
+        if type(memory) is SAMMemory and memory.runs_as_one_op() and sam_sequence.runs_in_cpp(x.device):
+            return self._sam_steps
+        return None
+
+    def _lstm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The LSTM cell's parts for a sequence op: (gates_x [T, B, 4H], the input's part of the gates
+        and both biases, one product over all T steps; weight_rh [4H, R*W + H], the reads' and the
+        hidden state's weights side by side)."""
+        cell, X = self.controller, self.input_size
+        bias = None if cell.bias_ih is None else cell.bias_ih + cell.bias_hh
+        return F.linear(x, cell.weight_ih[:, :X], bias), torch.cat([cell.weight_ih[:, X:], cell.weight_hh], dim=1)
 
     def _dnc_steps(self, x: Tensor, state: ModelState, active: Tensor | None) -> tuple[Tensor, Tensor, ModelState]:
         """x [T, B, input_size] through T steps of dnc_sequence (active [T, B] bool: a padded batch's
         steps, None: every row runs every step) -> (h [T, B, H], r [T, B, R, W], state). The input's
         part of the cell's gates (and both its biases) is one product over all T steps."""
-        cell, X = self.controller, self.input_size
-        bias = None if cell.bias_ih is None else cell.bias_ih + cell.bias_hh
-        gates_x = F.linear(x, cell.weight_ih[:, :X], bias)
-        weight_rh = torch.cat([cell.weight_ih[:, X:], cell.weight_hh], dim=1)
+        gates_x, weight_rh = self._lstm_inputs(x)
         access, (hidden, cell_state) = state.access, state.controller
         every_hidden, every_reads, cell_state, *memory_state = dnc_sequence.dnc_sequence(
             gates_x,
@@ -279,6 +292,54 @@ class MemoryModel(nn.Module):
         )
         fields = ("memory", "usage", "link", "precedence", "read_weights", "write_weights")
         access = dataclasses.replace(access, **dict(zip(fields, memory_state, strict=True)))
+        return every_hidden, every_reads, ModelState((every_hidden[-1], cell_state), access, every_reads[-1])
+
+    def _sam_steps(self, x: Tensor, state: ModelState, active: Tensor | None) -> tuple[Tensor, Tensor, ModelState]:
+        """x [T, B, input_size] through T steps of sam_sequence (active [T, B] bool, None: every row
+        runs every step) -> (h [T, B, H], r [T, B, R, W], state). The op runs on a dense copy of the
+        memory (all N rows gathered through the state's journal, so gradients reach what wrote
+        them); the rows it wrote are stored back through the journal and its LRU stamps into the
+        LRU, both as one version of the memory's timeline (states stay values: memory/versions.py)."""
+        gates_x, weight_rh = self._lstm_inputs(x)
+        (hidden, cell_state), steps = state.controller, x.shape[0]
+        access = state.access.advanced()
+        rows, usage = access.memory, access.usage
+        store = rows.store
+        batch, num_slots, R, K = store.batch, store.num_slots, self.memory.num_reads, self.memory.k
+        slots = torch.arange(num_slots, device=x.device).expand(batch, -1)
+        read_w, write_w = access.read_weights, access.write_weights
+        if write_w.indices.shape[-1] != R * K + 1:  # a fresh state's placeholder: step 0 replaces it
+            write_w = SparseWeights(slots.new_zeros(batch, R * K + 1), x.new_zeros(batch, R * K + 1))
+        every_hidden, every_reads, cell_state, memory, stamps, *weights, written_now = sam_sequence.sam_sequence(
+            gates_x,
+            hidden,
+            cell_state,
+            state.reads,
+            rows.gather(slots),
+            usage.stamps(slots).long(),
+            store.written[: batch * num_slots].view(batch, num_slots).clone(),  # the store marks its writes
+            read_w.indices,
+            read_w.weights,
+            write_w.indices,
+            write_w.weights,
+            weight_rh,
+            self.interface.weight,
+            self.interface.bias,
+            x.new_ones(x.shape[:2], dtype=torch.bool) if active is None else active,
+            int(usage.clock),
+        )
+        # the rows written, each batch row's first (in slot order), its first one again as padding
+        written, order = written_now.sort(dim=-1, descending=True, stable=True)
+        count = int(written_now.sum(-1).max())
+        first = written[:, :count]
+        written_slots = torch.where(first, order[:, :count], order[:, :1])
+        words = memory.gather(1, written_slots.unsqueeze(-1).expand(-1, -1, store.word_size))
+        rows.scatter(written_slots, words, first)
+        usage.restamp(slots, stamps, steps)
+        read_weights, write_weights = SparseWeights(*weights[:2]), SparseWeights(*weights[2:])
+        access = dataclasses.replace(
+            access, read_weights=read_weights, write_weights=write_weights, step=access.step + steps
+        )
         return every_hidden, every_reads, ModelState((every_hidden[-1], cell_state), access, every_reads[-1])
 
     def _check_lengths(self, lengths: object, batch: int, steps: int, device: torch.device) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from sparsemem import train
 from sparsemem._provenance import source_commit
+from sparsemem.memory import SAMMemory
 from sparsemem.train import CHECKPOINT, METRICS, SUMMARY, Config, Trainer, TrainingDiverged, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -243,9 +244,12 @@ def test_interface_init_sets_the_interface_bias(model_name, interface_init):
     assert torch.equal(model.interface.bias, expected.interface.bias)
 
 
-def test_sam_trains_alike_with_a_memory_of_any_size_that_holds_its_episodes(tmp_path):
+@pytest.mark.parametrize("sequence_max_slots", [None, 2**13])
+def test_sam_trains_alike_with_a_memory_of_any_size_that_holds_its_episodes(tmp_path, monkeypatch, sequence_max_slots):
     # bench/results/learning/kv-scale: N = 2^20 followed N = 2^10 bit for bit (the LRU picks the same
-    # slots, the index finds the same rows); here N = 64 against N = 2^13, past the blocked LRU's 2^12
+    # slots, the index finds the same rows); here N = 64 against N = 2^13, past the blocked LRU's 2^12,
+    # both in the step loop and both as one op (sam_sequence, which scans only the written rows)
+    monkeypatch.setattr(SAMMemory, "sequence_max_slots", sequence_max_slots)
     weights = []
     for num_slots in (64, 2**13):
         config = tiny(tmp_path / str(num_slots), model="sam", task="key-value-recall", min_level=6, max_level=6)

@@ -103,6 +103,17 @@ class TimestampLRU:
         self.last_access.scatter_reduce_(-1, slots, stamps, reduce="amax")
         self._refresh(slots)
 
+    def restamp(self, slots: Tensor, stamps: Tensor, steps: int) -> None:
+        """`steps` steps' accesses at once (sparsemem.ops.sam_sequence's): slots [B, E] int64 get
+        stamps [B, E] (each at most the clock + steps; 0 where never accessed since a reset) and
+        the clock moves on by `steps`."""
+        if self.timeline is not None:
+            previous = self.last_access.gather(-1, slots)
+            self.timeline.record(_StampChange(self, slots, previous, self.clock.clone(), steps))
+        self.clock += steps
+        self.last_access.scatter_(-1, slots, stamps.to(STAMP))
+        self._refresh(slots)
+
     def _refresh(self, slots: Tensor) -> None:
         """The minima of the blocks holding slots [B, E], after their stamps changed."""
         if self.blocks == 1:
@@ -127,13 +138,13 @@ class TimestampLRU:
 
 
 class _StampChange:
-    """A step's accesses: undo puts back the stamps it replaced (a slot's duplicates all
-    read the same old stamp) and the clock; redo stamps again."""
+    """A step's accesses (or `steps` steps' at once): undo puts back the stamps it replaced (a slot's
+    duplicates all read the same old stamp) and the clock; redo stamps again."""
 
     rows = 0
 
-    def __init__(self, lru: TimestampLRU, slots: Tensor, previous: Tensor, clock: Tensor) -> None:
-        self.lru, self.slots, self.previous, self.clock = lru, slots, previous, clock
+    def __init__(self, lru: TimestampLRU, slots: Tensor, previous: Tensor, clock: Tensor, steps: int = 1) -> None:
+        self.lru, self.slots, self.previous, self.clock, self.steps = lru, slots, previous, clock, steps
         self.after: Tensor | None = None  # the stamps it wrote, kept by undo for redo
 
     def undo(self) -> None:
@@ -145,7 +156,7 @@ class _StampChange:
     def redo(self) -> None:
         self.lru.last_access.scatter_(-1, self.slots, self.after)
         self.lru._refresh(self.slots)
-        self.lru.clock.copy_(self.clock + 1)
+        self.lru.clock.copy_(self.clock + self.steps)
 
 
 class _Reset:

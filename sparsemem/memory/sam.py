@@ -181,6 +181,14 @@ class SAMMemory(Memory):
     state_type = SAMState
     read_width = 1
     """Entries per read head per K (SDNC reads 3K: backward, content, forward)."""
+    sequence_max_slots: int | None = 4096
+    """sm.SAM runs a sequence's steps as one op (ops.sam_sequence: a dense copy of the memory, the
+    recurrence and its backward in C++) up to this many slots; above it, or None, the step loop,
+    whose cost per step does not grow with N. The op's search is exact whatever the index (a scan
+    of the written rows among a few thousand costs less than an index search): an approximate
+    index gives the exact top K there. Measured on 2 cores (B 8, W 64, R 4, K 8, T 16, a fresh
+    memory), forward+backward ms a step, step loop against op: 2^10 3.1-3.3 / 0.9-1.1, 2^12
+    3.5-5.0 / 1.7-2.0, 2^14 4.1 / 9.6 (the op's O(N) copies a call)."""
 
     def __init__(self, num_slots: int, word_size: int, num_reads: int, k: int = 8, index: str = "exact") -> None:
         super().__init__(num_slots, word_size, num_reads)
@@ -204,6 +212,12 @@ class SAMMemory(Memory):
 
     def state_sizes(self) -> dict[str, int]:
         return {**super().state_sizes(), "K": self.k}
+
+    def runs_as_one_op(self) -> bool:
+        """Whether sm.SAM may run a sequence's steps as one ops.sam_sequence: at most
+        sequence_max_slots slots (it copies all N rows a call)."""
+        limit = self.sequence_max_slots
+        return limit is not None and self.num_slots <= limit
 
     def sizes_of(self, state: SAMState) -> dict[str, int]:
         store, (heads, width) = state.memory.store, state.read_weights.indices.shape[1:]

@@ -1,0 +1,127 @@
+"""sm.SAM's forward runs its steps as one sam_sequence op on the cpp backend (at most
+SAMMemory.sequence_max_slots slots): the same outputs, final state and gradients (parameters, a
+preloaded memory and the state it started from) as the step loop, padded or not, carried across
+calls; and the step loop wherever the op does not apply."""
+
+import pytest
+import torch
+from torch import nn
+
+import sparsemem as sm
+from sparsemem.memory import SAMMemory
+from tests.conftest import cpu_backends
+from tests.tolerances import tolerance
+
+B, T, I, H, N, W, R, K, O = 3, 7, 4, 9, 13, 5, 2, 3, 3
+
+pytestmark = pytest.mark.skipif("cpp" not in cpu_backends("sam_sequence"), reason="no cpp kernel here")
+
+
+def make(**options) -> sm.SAM:
+    torch.manual_seed(0)
+    return sm.SAM(I, H, num_slots=N, word_size=W, num_reads=R, k=K, output_size=O, **options).double()
+
+
+def uses_the_op(y: torch.Tensor) -> bool:
+    """Whether y's graph holds a sam_sequence node."""
+    seen, stack = set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if "SamSequence" in node.name():
+            return True
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def run(model: sm.SAM, lengths: torch.Tensor | None, preloaded: bool):
+    """A state some steps in (from a preloaded memory that takes a gradient, or a fresh one), then two
+    calls carrying it: outputs, the final state (dense memory, LRU stamps, weights, controller,
+    reads), and the gradients of a loss on all of it for the parameters and the preloaded memory."""
+    g = torch.Generator().manual_seed(1)
+    memory = torch.randn(B, N, W, dtype=torch.float64, generator=g).requires_grad_(True)
+    state = model.init_state(B, memory=memory if preloaded else None)
+    _, state = model(torch.randn(B, 3, I, dtype=torch.float64, generator=g), state)
+    x = torch.randn(B, T, I, dtype=torch.float64, generator=g)
+    y1, middle = model(x, state, lengths=lengths)
+    y2, end = model(x.flip(1), middle, lengths=lengths)
+    access = end.access
+    dense = access.memory.store.dense()
+    values = [y1, y2, dense, end.reads, *end.controller, access.read_weights.weights, access.write_weights.weights]
+    scale = torch.randn(B, T, O, dtype=torch.float64, generator=g)
+    loss = (y1 * scale).sum() + (y2 * scale.flip(0)).sum() + sum(v.sin().sum() for v in values[2:])
+    leaves = [*model.parameters(), *([memory] if preloaded else [])]
+    grads = torch.autograd.grad(loss, leaves)
+    slots = torch.arange(N).expand(B, -1)
+    indices = [access.read_weights.indices, access.write_weights.indices, access.usage.stamps(slots)]
+    return values, indices, grads, y2
+
+
+@pytest.mark.parametrize("preloaded", [False, True])
+@pytest.mark.parametrize("lengths", [None, [7, 3, 5]])
+def test_one_op_gives_the_step_loops_outputs_state_and_gradients(lengths, preloaded, use_backend, monkeypatch):
+    """The op against the step loop on the same (cpp) backends, float64."""
+    use_backend("cpp")
+    lengths = None if lengths is None else torch.tensor(lengths)
+    fused, fused_indices, fused_grads, y = run(make(), lengths, preloaded)
+    assert uses_the_op(y)
+    monkeypatch.setattr(SAMMemory, "sequence_max_slots", None)
+    stepped, stepped_indices, stepped_grads, y = run(make(), lengths, preloaded)
+    assert not uses_the_op(y)
+    for got, want in zip((*fused, *fused_grads), (*stepped, *stepped_grads), strict=True):
+        torch.testing.assert_close(got, want, **tolerance(torch.float64))
+    for got, want in zip(fused_indices, stepped_indices, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_a_padded_batch_runs_as_one_op(use_backend):
+    use_backend("cpp")
+    y, state = make()(torch.randn(B, T, I, dtype=torch.float64), lengths=torch.tensor([7, 3, 5]))
+    assert uses_the_op(y)
+    assert y[1, 3:].eq(0).all() and y[2, 5:].eq(0).all()
+    assert state.access.step == T
+
+
+@pytest.mark.parametrize("index", ["ivf", "faiss-ivf"])
+def test_an_approximate_index_runs_the_op_with_an_exact_search(index, use_backend):
+    """At this N the op's scan is exact whatever the index; the index holds the rows it wrote, so
+    the step loop carries on from them (here past sequence_max_slots)."""
+    if index.startswith("faiss"):
+        pytest.importorskip("faiss")
+    use_backend("cpp")
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    exact_y, _ = make()(x)
+    y, state = make(index=index)(x)
+    assert uses_the_op(y)
+    torch.testing.assert_close(y, exact_y, rtol=0, atol=0)
+    # the index holds what the op wrote: each batch row's most recent write is its own nearest row
+    store = state.access.memory.store
+    slots = state.access.write_weights.indices[:, -1]  # the LRU slot of the last step, written wholly
+    words = store.dense()[torch.arange(B), slots]
+    assert torch.equal(store.search(words.unsqueeze(1), 1).view(B), slots)
+
+
+@pytest.mark.parametrize("case", ["gru controller", "torch backend", "over sequence_max_slots", "sdnc"])
+def test_the_step_loop_runs_where_the_op_does_not_apply(case, use_backend, monkeypatch):
+    use_backend("torch" if case == "torch backend" else "cpp")
+    if case == "over sequence_max_slots":
+        monkeypatch.setattr(SAMMemory, "sequence_max_slots", N - 1)
+    if case == "sdnc":
+        torch.manual_seed(0)
+        model = sm.SDNC(I, H, num_slots=N, word_size=W, num_reads=R, k=K, output_size=O).double()
+    else:
+        model = make(controller=nn.GRUCell(I + R * W, H)) if case == "gru controller" else make()
+    y, _ = model(torch.randn(B, T, I, dtype=torch.float64))
+    assert not uses_the_op(y)
+
+
+def test_no_grad_runs_the_op_and_keeps_no_graph(use_backend):
+    use_backend("cpp")
+    model = make()
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    with torch.no_grad():
+        y, state = model(x)
+    assert not y.requires_grad and state.access.read_weights.weights.grad_fn is None
+    torch.testing.assert_close(y, model(x)[0].detach(), rtol=0, atol=0)
