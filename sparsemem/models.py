@@ -467,7 +467,9 @@ class NTM(MemoryModel):
 class SAM(MemoryModel):
     """Sparse Access Memory (Rae et al. 2016): MemoryModel with a SAMMemory of N slots of W,
     R read heads reading K slots each, found by `index` ("exact", "ivf", "faiss-hnsw", "faiss-ivf").
-    Cost per step grows with K and the index, not N; backward keeps O(T K W) extra memory.
+    Cost per step grows with K and the index, not N; backward keeps O(T K W) extra memory. On the
+    CPU, up to SAMMemory.sequence_max_slots slots (4096) under the default LSTMCell, forward runs
+    its T steps as one op (ops.sam_sequence) whose search is exact whatever the index.
 
     shard_group: a torch.distributed ProcessGroup over which the N slots are split (each of its
     P ranks holds N/P of them, the first N mod P ranks one more, with that shard's index and LRU;
