@@ -186,9 +186,11 @@ class SAMMemory(Memory):
     recurrence and its backward in C++) up to this many slots; above it, or None, the step loop,
     whose cost per step does not grow with N. The op's search is exact whatever the index (a scan
     of the written rows among a few thousand costs less than an index search): an approximate
-    index gives the exact top K there. Measured on 2 cores (B 8, W 64, R 4, K 8, T 16, a fresh
-    memory), forward+backward ms a step, step loop against op: 2^10 3.1-3.3 / 0.9-1.1, 2^12
-    3.5-5.0 / 1.7-2.0, 2^14 4.1 / 9.6 (the op's O(N) copies a call)."""
+    index gives the exact top K there. Measured on 2 cores (B 8, W 64, R 4, K 8, T 16, exact index,
+    keep_freed_memory), forward+backward ms a step, step loop against op: a fresh memory 2^10
+    3.1-3.3 / 0.9-1.1, 2^12 3.1-4.4 / 1.4-1.7, 2^13 3.1-3.2 / 2.5-3.0, 2^14 3.1-3.2 / 4.8-5.5 (the
+    op's O(N) copies and scan a call); every slot written (preloaded) 2^10 2.8-2.9 / 1.0-1.1, 2^12
+    3.3-3.5 / 2.0-2.1."""
 
     def __init__(self, num_slots: int, word_size: int, num_reads: int, k: int = 8, index: str = "exact") -> None:
         super().__init__(num_slots, word_size, num_reads)
