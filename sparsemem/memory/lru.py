@@ -8,6 +8,7 @@ it was, at a cost of O(accesses undone) at every N.
 """
 
 import math
+import weakref
 
 import torch
 from torch import Tensor
@@ -144,7 +145,8 @@ class _StampChange:
     rows = 0
 
     def __init__(self, lru: TimestampLRU, slots: Tensor, previous: Tensor, clock: Tensor, steps: int = 1) -> None:
-        self.lru, self.slots, self.previous, self.clock, self.steps = lru, slots, previous, clock, steps
+        self.lru = weakref.proxy(lru)  # versions.py: no cycle
+        self.slots, self.previous, self.clock, self.steps = slots, previous, clock, steps
         self.after: Tensor | None = None  # the stamps it wrote, kept by undo for redo
 
     def undo(self) -> None:
@@ -166,7 +168,7 @@ class _Reset:
     rows = 0
 
     def __init__(self, lru: TimestampLRU, mask: Tensor) -> None:
-        self.lru, self.mask = lru, mask
+        self.lru, self.mask = weakref.proxy(lru), mask  # versions.py: no cycle
         self.reset_at, self.block_min = lru.reset_at.clone(), lru.block_min.clone()
 
     def undo(self) -> None:

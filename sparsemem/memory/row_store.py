@@ -10,6 +10,7 @@ RowStore is the memory's rows plus the index that searches them; SDNC's LinkStor
 (memory/sdnc.py) keeps its link rows on the same LazyRows.
 """
 
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -154,7 +155,7 @@ class _Rewrite:
     (the buffer's own contents, so a row hidden by a reset comes back with the reset's undo)."""
 
     def __init__(self, store: LazyRows, row_ids: Tensor, rows: Tensor | None) -> None:
-        self.store, self.row_ids, self.new_rows = store, row_ids, rows
+        self.store, self.row_ids, self.new_rows = weakref.proxy(store), row_ids, rows  # versions.py: no cycle
         self.old_rows, self.old_written = store.rows.index_select(0, row_ids), store.written.index_select(0, row_ids)
         self.rows = row_ids.numel()
 
@@ -170,7 +171,7 @@ class _Forget:
     O(rows written) on the host (on a device, the reset rows' written mask is kept whole)."""
 
     def __init__(self, store: LazyRows, mask: Tensor) -> None:
-        self.store, self.mask = store, mask
+        self.store, self.mask = weakref.proxy(store), mask  # versions.py: no cycle
         self.row_ids: Tensor | None = None
         if store.on_host:
             batch_rows = mask.nonzero().flatten().tolist()

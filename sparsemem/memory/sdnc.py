@@ -18,6 +18,7 @@ however many slots were written before. Forward and backward reads, cut to their
 join the content read's K slots: a read head's weighting has 3K entries.
 """
 
+import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -91,7 +92,7 @@ class _Reindex:
     rows = 0
 
     def __init__(self, store: LinkStore, row_ids: Tensor, indices: Tensor) -> None:
-        self.store, self.row_ids, self.new = store, row_ids, indices
+        self.store, self.row_ids, self.new = weakref.proxy(store), row_ids, indices  # versions.py: no cycle
         self.old = store.indices.index_select(0, row_ids)
 
     def undo(self) -> None:

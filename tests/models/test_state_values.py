@@ -2,6 +2,9 @@
 cloned like nn.LSTM's (h, c), although its memory is changed in place; a forward that raises
 leaves its input state as it was; what is kept for going back stays bounded in a stream."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -255,3 +258,22 @@ def test_a_nan_input_is_reported_as_the_input_and_changes_nothing(model_cls):
         model(x, state)
     again, _ = model(inputs(2), state)
     assert torch.equal(again, expected)
+
+
+@pytest.mark.parametrize("model_cls", SPARSE)
+def test_a_dropped_state_frees_its_storage_at_once(model_cls):
+    """No reference cycle holds a sparse memory's storage (rows, index, LRU, links) once its last
+    state is gone: it is freed then, not at the cyclic GC's next pass (a fresh memory of 2^20 slots
+    reserves GiBs of address space, and a GPU frees its memory only then). The changes a timeline
+    records reach their storage through weak references."""
+    model = make(model_cls)
+    gc.disable()
+    try:
+        y, state = model(inputs(2), warm_state(model, grad=True))
+        y.square().sum().backward()
+        y, state = model(inputs(3), state.reset(torch.tensor([True, False, True])))
+        store, usage = weakref.ref(state.access.memory.store), weakref.ref(state.access.usage)
+        del state, y  # y's graph holds the store until then (its journal)
+        assert store() is None and usage() is None
+    finally:
+        gc.enable()
