@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "dnc.h"
@@ -219,16 +220,8 @@ std::vector<at::Tensor> run_forward(const Inputs& in, Tape& tape, bool record) {
   for (int64_t t = 0; t < T; ++t) {
     const auto active_t = in.active[t];
     const bool every = every_row(active_t);
-    auto input = tape.inputs[t];
-    at::cat_out(input, {reads.view({B, R * W}), h}, 1);
-    const auto gates = at::addmm(in.gates_x[t], input, weight_rh_t);
-    auto act = tape.act[t], new_c = tape.cells[t], tanh_c = tape.tanh_cells[t], new_h = hidden[t];
-    squash_gates(gates, act);
-    AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "dnc_sequence_cell", [&] {
-      cell_forward<scalar_t>(B, H, act.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), new_c.data_ptr<scalar_t>());
-    });
-    at::tanh_out(tanh_c, new_c);
-    at::mul_out(new_h, act.narrow(1, 3 * H, H), tanh_c);  // h = o tanh(c)
+    auto new_c = tape.cells[t], new_h = hidden[t];
+    cell_step(in.gates_x[t], reads, h, c, weight_rh_t, tape.inputs[t], tape.act[t], new_c, tape.tanh_cells[t], new_h);
     auto interface = tape.interface[t];
     at::addmm_out(interface, in.bias_if, new_h, weight_if_t);
     const auto squashed = tape.squashed[t], sigmoid_of = at::sigmoid(interface);
@@ -363,15 +356,8 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& grads, const
     });
     grad_h_t = at::addmm(grad_h_t, grad_interface_t, in.weight_if);
     const auto c_prev = t == 0 ? in.cell : tape.cells[t - 1];
-    auto grad_gates = grad_gates_x[t];
-    AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "dnc_sequence_cell_backward", [&] {
-      cell_backward<scalar_t>(B, H, tape.act[t].data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(),
-                              tape.tanh_cells[t].data_ptr<scalar_t>(), grad_h_t.data_ptr<scalar_t>(),
-                              grad_c.data_ptr<scalar_t>(), grad_gates.data_ptr<scalar_t>());
-    });
-    const auto grad_input = at::mm(grad_gates, in.weight_rh);  // [B, R*W + H]: [r_{t-1} ; h_{t-1}]
-    grad_r = grad_input.narrow(1, 0, R * W).reshape({B, R, W});
-    grad_h = grad_input.narrow(1, R * W, H).contiguous();
+    std::tie(grad_r, grad_h) = cell_step_backward(tape.act[t], c_prev, tape.tanh_cells[t], grad_h_t, grad_c,
+                                                  grad_gates_x[t], in.weight_rh, R, W);
     if (!every) {
       grad_r = grad_r + direct[4], grad_h = grad_h + direct[5];
       grad_c.add_(direct[6]);

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace sparsemem {
@@ -61,6 +62,38 @@ void cell_backward(int64_t B, int64_t H, const scalar_t* act, const scalar_t* c_
       grad_c[b * H + j] = dc * f;
     }
   }
+}
+
+// One step of the cell in a sequence op: input = [r_{t-1} ; h_{t-1}] (reads [B, R, W], h [B, H]),
+// gates = gates_x + input weight_rh^T, their squashing act, the new cell new_c = f c + i g, its
+// tanh, and new_h = o tanh(new_c), each written into the given [B, ...] slice of the op's tape.
+inline void cell_step(const at::Tensor& gates_x, const at::Tensor& reads, const at::Tensor& h, const at::Tensor& c,
+                      const at::Tensor& weight_rh_t, at::Tensor input, at::Tensor act, at::Tensor new_c,
+                      at::Tensor tanh_c, at::Tensor new_h) {
+  const auto B = h.size(0), H = h.size(1);
+  at::cat_out(input, {reads.view({B, -1}), h}, 1);
+  squash_gates(at::addmm(gates_x, input, weight_rh_t), act);
+  AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "cell_step", [&] {
+    cell_forward<scalar_t>(B, H, act.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), new_c.data_ptr<scalar_t>());
+  });
+  at::tanh_out(tanh_c, new_c);
+  at::mul_out(new_h, act.narrow(1, 3 * H, H), tanh_c);  // h = o tanh(c)
+}
+
+// cell_step's backward: grad_h [B, H] (all of h_t's gradient), grad_c [B, H] (c_t's; becomes
+// c_{t-1}'s) -> grad_gates [B, 4H] (written) and the gradients of r_{t-1} [B, R, W] and h_{t-1}.
+inline std::pair<at::Tensor, at::Tensor> cell_step_backward(const at::Tensor& act, const at::Tensor& c_prev,
+                                                            const at::Tensor& tanh_c, const at::Tensor& grad_h,
+                                                            at::Tensor& grad_c, at::Tensor grad_gates,
+                                                            const at::Tensor& weight_rh, int64_t R, int64_t W) {
+  const auto B = grad_h.size(0), H = grad_h.size(1);
+  AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "cell_step_backward", [&] {
+    cell_backward<scalar_t>(B, H, act.data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(),
+                            tanh_c.data_ptr<scalar_t>(), grad_h.data_ptr<scalar_t>(), grad_c.data_ptr<scalar_t>(),
+                            grad_gates.data_ptr<scalar_t>());
+  });
+  const auto grad_input = at::mm(grad_gates, weight_rh);  // [B, R*W + H]: [r_{t-1} ; h_{t-1}]
+  return {grad_input.narrow(1, 0, R * W).reshape({B, R, W}), grad_input.narrow(1, R * W, H).contiguous()};
 }
 
 // A padded step (some rows' active false) keeps those rows' state: where(active, new, old) over the
