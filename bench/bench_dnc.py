@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 CONFIG = dict(batch=8, input_size=32, hidden=128, word_size=64, num_reads=4, steps=16, threads=2, warmup=1, repeats=3)
@@ -31,7 +30,7 @@ def run_case(log2_slots: int, mode: str, threads: int) -> dict:
     import torch
 
     import sparsemem as sm
-    from bench.common import PeakMemory, measured_median
+    from bench.common import measured_median, time_sequences
 
     c = CONFIG
     torch.set_num_threads(threads)
@@ -40,29 +39,14 @@ def run_case(log2_slots: int, mode: str, threads: int) -> dict:
     model = sm.DNC(c["input_size"], c["hidden"], **options)
     x = torch.randn(c["batch"], c["steps"], c["input_size"])
 
-    def sequence() -> None:
-        with torch.set_grad_enabled(mode == "fwd+bwd"):
-            y, _ = model(x)
-            if mode == "fwd+bwd":
-                y.square().mean().backward()
-                model.zero_grad(set_to_none=True)
-
-    for _ in range(c["warmup"]):
-        sequence()
-    peak = PeakMemory(torch.device("cpu"))
-    peak.reset_peak()
-    seconds = []
-    for _ in range(c["repeats"]):
-        started = time.perf_counter()
-        sequence()
-        seconds.append(time.perf_counter() - started)
+    seconds, peak = time_sequences(model, lambda: model(x)[0], mode == "fwd+bwd", c["warmup"], c["repeats"])
     return {
         "sparsemem": str(Path(sm.__file__).resolve().parent.parent),
         "log2_slots": log2_slots,
         "mode": mode,
         "sequence_seconds": seconds,
         "step_ms": measured_median(seconds) / c["steps"] * 1e3,
-        "peak_bytes": peak.peak(),
+        "peak_bytes": peak,
     }
 
 

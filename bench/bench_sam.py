@@ -18,7 +18,6 @@ Writes bench/results/sam_one_op.json.
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 CONFIG = dict(batch=8, input_size=32, hidden=128, word_size=64, num_reads=4, k=8, steps=16, threads=2)
@@ -33,7 +32,7 @@ def run_case(path: str, log2_slots: int, regime: str, mode: str, threads: int) -
     import torch
 
     import sparsemem as sm
-    from bench.common import PeakMemory, measured_median
+    from bench.common import measured_median, time_sequences
 
     c, num_slots = CONFIG, 2**log2_slots
     torch.set_num_threads(threads)
@@ -45,23 +44,10 @@ def run_case(path: str, log2_slots: int, regime: str, mode: str, threads: int) -
     x = torch.randn(c["batch"], c["steps"], c["input_size"])
     words = torch.nn.functional.normalize(torch.randn(c["batch"], num_slots, c["word_size"]), dim=-1)
 
-    def sequence() -> None:
-        state = model.init_state(c["batch"], memory=words if regime == "full" else None)
-        with torch.set_grad_enabled(mode == "fwd+bwd"):
-            y, _ = model(x, state)
-            if mode == "fwd+bwd":
-                y.square().mean().backward()
-                model.zero_grad(set_to_none=True)
+    def forward() -> torch.Tensor:
+        return model(x, model.init_state(c["batch"], memory=words if regime == "full" else None))[0]
 
-    for _ in range(c["warmup"]):
-        sequence()
-    peak = PeakMemory(torch.device("cpu"))
-    peak.reset_peak()
-    seconds = []
-    for _ in range(c["repeats"]):
-        started = time.perf_counter()
-        sequence()
-        seconds.append(time.perf_counter() - started)
+    seconds, peak = time_sequences(model, forward, mode == "fwd+bwd", c["warmup"], c["repeats"])
     return {
         "path": path,
         "log2_slots": log2_slots,
@@ -69,7 +55,7 @@ def run_case(path: str, log2_slots: int, regime: str, mode: str, threads: int) -
         "mode": mode,
         "sequence_seconds": seconds,
         "step_ms": measured_median(seconds) / c["steps"] * 1e3,
-        "peak_bytes": peak.peak(),
+        "peak_bytes": peak,
     }
 
 

@@ -193,6 +193,32 @@ class PeakMemory:
         return proc_status("VmHWM") if self.kind == "rss" else peak_rss_bytes()
 
 
+def time_sequences(
+    model: torch.nn.Module, forward: Callable[[], Tensor], backward: bool, warmup: int, repeats: int
+) -> tuple[list[float], int]:
+    """A model's sequence timed: y = forward() (under no_grad unless backward), then with backward
+    mean(y^2).backward() and the gradients dropped; `warmup` untimed, then `repeats` timed ->
+    (their seconds, the peak resident memory over them)."""
+
+    def sequence() -> None:
+        with torch.set_grad_enabled(backward):
+            y = forward()
+            if backward:
+                y.square().mean().backward()
+                model.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        sequence()
+    peak = PeakMemory(torch.device("cpu"))
+    peak.reset_peak()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        sequence()
+        seconds.append(time.perf_counter() - started)
+    return seconds, peak.peak()
+
+
 def available_bytes(device: str) -> int:
     """What the machine has now: MemAvailable on the CPU, free memory on the GPU."""
     if device.startswith("cuda"):
