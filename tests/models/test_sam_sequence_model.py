@@ -125,3 +125,32 @@ def test_no_grad_runs_the_op_and_keeps_no_graph(use_backend):
         y, state = model(x)
     assert not y.requires_grad and state.access.read_weights.weights.grad_fn is None
     torch.testing.assert_close(y, model(x)[0].detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("batch", "steps", "num_slots", "heads", "k", "word", "lengths"),
+    [(1, 1, 1, 1, 1, 1, None), (2, 5, 3, 3, 3, 4, [5, 2]), (3, 2, 5, 2, 1, 2, [2, 1, 2]), (1, 5, 9, 1, 9, 4, None)],
+)
+def test_corner_sizes_match_the_step_loop(batch, steps, num_slots, heads, k, word, lengths, use_backend):
+    """One slot, K = N (every slot read), one step, rows of length 1 in a padded batch. Where two rows
+    are equal (a fresh memory's first writes can make them so) the op reads the lower slot (the
+    reference's order) and the exact index the one written first: the values read agree, the slots
+    and so the LRU's stamps may not. These sizes and seeds draw no such tie."""
+    use_backend("cpp")
+
+    def run(one_op: bool):
+        torch.manual_seed(1)
+        model = sm.SAM(3, 4, num_slots=num_slots, word_size=word, num_reads=heads, k=k, output_size=3).double()
+        model.memory.sequence_max_slots = num_slots if one_op else None
+        x = torch.randn(batch, steps, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        y, state = model(x, lengths=None if lengths is None else torch.tensor(lengths))
+        y2, state = model(x.flip(1), state)
+        grads = torch.autograd.grad(y.sum() + y2.square().sum(), list(model.parameters()))
+        access = state.access
+        return [y, y2, access.memory.store.dense(), access.read_weights.weights, *grads], access.read_weights.indices
+
+    fused, fused_slots = run(True)
+    stepped, stepped_slots = run(False)
+    for got, want in zip(fused, stepped, strict=True):
+        torch.testing.assert_close(got, want, **tolerance(torch.float64))
+    assert torch.equal(fused_slots, stepped_slots)
