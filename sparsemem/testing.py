@@ -34,6 +34,18 @@ def op_inputs(op: str, dtype: torch.dtype = torch.float64, B=3, N=7, W=5, R=3, s
     def distribution(*shape):
         return _distribution(*shape, generator=g, dtype=dtype)
 
+    # The sequence ops' (dnc_sequence, sam_sequence) LSTM cell of H = 5 over T = 4 steps: gates_x, hidden,
+    # cell and the last reads; its recurrent and interface weights (I interface values); and which
+    # rows run each step: row b runs T - (b mod T) steps, then is padding (4, 3, 2, 1, 4, ...).
+    T, H = 4, 5
+
+    def cell_state():
+        return randn(T, B, 4 * H), randn(B, H) * 0.5, randn(B, H) * 0.5, randn(B, R, W) * 0.5
+
+    def cell_weights(I):
+        return randn(4 * H, R * W + H) * 0.5, randn(I, H) * 0.5, randn(I) * 0.5
+
+    active = torch.arange(T).unsqueeze(1) < torch.tensor([T - b % T for b in range(B)])
     memory = randn(B, N, W)
     if op in ("content_weights", "content_read"):
         return memory, randn(B, R, W), rand(B, R) * 5
@@ -103,57 +115,28 @@ def op_inputs(op: str, dtype: torch.dtype = torch.float64, B=3, N=7, W=5, R=3, s
     if op in ("sparse_link_update", "sparse_temporal_reads"):
         return _sparse_link_inputs(op, B, N, R, g, rand, distribution)
     if op == "dnc_sequence":
-        # T = 4 steps of an LSTM cell of H = 5 from a memory mid-episode (links off the diagonal,
-        # weights that are distributions), some rows padded after a few steps; the backward keeps
-        # the links before steps 0 and 2 and rebuilds the others (checkpoint_every = 2)
-        T, H, I = 4, 5, R * W + 3 * W + 5 * R + 3
+        # from a memory mid-episode (links off the diagonal, weights that are distributions), some rows
+        # padded after a few steps; the backward keeps the links before steps 0 and 2 and rebuilds
+        # the others (checkpoint_every = 2)
         usage, write_w, read_w, _ = op_inputs("usage_update", dtype, B, N, W, R, seed + 1)
         link, precedence, _ = op_inputs("link_update", dtype, B, N, W, R, seed + 2)
-        return (
-            randn(T, B, 4 * H),
-            randn(B, H) * 0.5,
-            randn(B, H) * 0.5,
-            randn(B, R, W) * 0.5,
-            memory,
-            usage,
-            link,
-            precedence,
-            read_w,
-            write_w,
-            randn(4 * H, R * W + H) * 0.5,
-            randn(I, H) * 0.5,
-            randn(I) * 0.5,
-            # active [T, B]: row b runs T - (b mod T) steps, then is padding (4, 3, 2, 1, 4, ...)
-            torch.arange(T).unsqueeze(1) < torch.tensor([T - b % T for b in range(B)]),
-            2,
-        )
+        controller = cell_state()
+        memory_state = (memory, usage, link, precedence, read_w, write_w)
+        return *controller, *memory_state, *cell_weights(R * W + 3 * W + 5 * R + 3), active, 2
     if op == "sam_sequence":
-        # T = 4 steps of an LSTM cell of H = 5 from a memory mid-episode: about half its slots written
-        # (the others hold the zero word), distinct last-access steps, read weights that are
-        # distributions over K slots per head; some rows padded after a few steps (as dnc_sequence's)
-        T, H, I, k = 4, 5, R * W + R + W + 2, min(K, N)
+        # from a memory mid-episode: about half its slots written (the others hold the zero word),
+        # distinct last-access steps, read weights that are distributions over K slots per head; some
+        # rows padded after a few steps
+        k = min(K, N)
         written = torch.rand(B, N, generator=g) < 0.5
         last_access = (torch.stack([torch.randperm(N, generator=g) for _ in range(B)]) + 1) * written
         read_idx = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B * R)]).view(B, R, k)
         write_idx = torch.cat([read_idx.flatten(1), torch.randint(0, N, (B, 1), generator=g)], dim=-1)
-        return (
-            randn(T, B, 4 * H),
-            randn(B, H) * 0.5,
-            randn(B, H) * 0.5,
-            randn(B, R, W) * 0.5,
-            memory * written.unsqueeze(-1),
-            last_access,
-            written,
-            read_idx,
-            distribution(B, R, k),
-            write_idx,
-            rand(B, R * k + 1) * 0.3,
-            randn(4 * H, R * W + H) * 0.5,
-            randn(I, H) * 0.5,
-            randn(I) * 0.5,
-            torch.arange(T).unsqueeze(1) < torch.tensor([T - b % T for b in range(B)]),
-            N + 1,
-        )
+        controller = cell_state()
+        read_w = distribution(B, R, k)
+        memory_state = (memory * written.unsqueeze(-1), last_access, written, read_idx, read_w, write_idx)
+        memory_state += (rand(B, R * k + 1) * 0.3,)
+        return *controller, *memory_state, *cell_weights(R * W + R + W + 2), active, N + 1
     if op == "journaled_write":
         # sparse_write's arguments in place on a store of B*N flat rows, half of them written;
         # keys b*N + slot, distinct per batch row

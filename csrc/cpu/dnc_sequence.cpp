@@ -117,8 +117,8 @@ void squash_backward(const Layout& l, const scalar_t* interface, const scalar_t*
         case kIdentity:
           for (int64_t j = 0; j < size; ++j) dx[j] = g[j];
           break;
-        case kOneplus:  // d softplus / dx = sigmoid(x), 1 above the threshold
-          for (int64_t j = 0; j < size; ++j) dx[j] = x[j] > scalar_t(20) ? g[j] : g[j] * sigmoid(x[j]);
+        case kOneplus:
+          for (int64_t j = 0; j < size; ++j) dx[j] = oneplus_backward(x[j], g[j]);
           break;
         case kSigmoid:
           for (int64_t j = 0; j < size; ++j) dx[j] = g[j] * y[j] * (scalar_t(1) - y[j]);

@@ -24,6 +24,12 @@ scalar_t oneplus(scalar_t x) {
   return x > scalar_t(20) ? scalar_t(1) + x : scalar_t(1) + std::log1p(std::exp(x));
 }
 
+// oneplus' backward: g sigmoid(x), g itself above the threshold.
+template <typename scalar_t>
+scalar_t oneplus_backward(scalar_t x, scalar_t g) {
+  return x > scalar_t(20) ? g : g * sigmoid(x);
+}
+
 // The cell's transcendentals run as torch's vectorised sigmoid and tanh: a scalar std::exp per
 // element took most of a step's forward (B H = 4096 of each five a step at B = 32, H = 128).
 // gates [B, 4H] (i, f, g, o) -> act [B, 4H] = (sigmoid, sigmoid, tanh, sigmoid) of them.

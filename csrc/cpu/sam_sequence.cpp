@@ -301,15 +301,15 @@ void write_backward(const Layout& l, const scalar_t* squashed, const int64_t* wr
     for (int64_t i = 0; i < W; ++i) grad_add[i] += acc_t(totals[j]) * acc_t(grad_row[i]);
     if (write_idx[j] == lru) std::fill_n(grad_row, W, scalar_t(0));  // erased: the old row reached nothing
   }
-  acc_t grad_alpha_gamma = 0, grad_alpha = 0, grad_gamma = 0;
+  acc_t grad_alpha_gamma = 0;
   for (int64_t j = 0; j < RK; ++j) {  // w_j = alpha gamma w^R_{t-1, j} / R
     const acc_t grad_w = grad_total[j] + acc_t(grad_write_w[j]);
     grad_alpha_gamma += grad_w * acc_t(previous_w[j]) / acc_t(R);
     grad_previous_w[j] += scalar_t(grad_w * alpha * gamma / acc_t(R));
   }
   const acc_t grad_lru_w = grad_total[RK] + acc_t(grad_write_w[RK]);  // alpha (1 - gamma)
-  grad_alpha = grad_alpha_gamma * gamma + grad_lru_w * (acc_t(1) - gamma);
-  grad_gamma = grad_alpha_gamma * alpha - grad_lru_w * alpha;
+  const acc_t grad_alpha = grad_alpha_gamma * gamma + grad_lru_w * (acc_t(1) - gamma);
+  const acc_t grad_gamma = grad_alpha_gamma * alpha - grad_lru_w * alpha;
   for (int64_t i = 0; i < W; ++i) grad_interface[l.add + i] = scalar_t(grad_add[i]);
   grad_interface[l.gates] = scalar_t(grad_alpha);
   grad_interface[l.gates + 1] = scalar_t(grad_gamma);
@@ -383,9 +383,7 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& grads, const
                                                 g_read_w + head * K, g_reads + head * W, K, W, similarity.data(),
                                                 upstream.data(), grad_key.data(), grad_if + r * W,
                                                 grad_if + l.strengths + r);
-            // oneplus' derivative: sigmoid(x), 1 above torch's softplus threshold
-            const scalar_t x = interface_t[b * I + l.strengths + r];
-            if (!(x > scalar_t(20))) grad_if[l.strengths + r] *= sigmoid(x);
+            grad_if[l.strengths + r] = oneplus_backward(interface_t[b * I + l.strengths + r], grad_if[l.strengths + r]);
           }
           write_backward<scalar_t>(l, squashed, write_slots + b * J, totals + b * J, previous_w + b * RK,
                                    g_write_w + b * J, grad_row0, g_previous_w + b * RK, grad_if);
@@ -400,8 +398,11 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& grads, const
       });
     });
     grad_read_w = grad_previous_w.view({B, R, K});
-    grad_write_w = every ? at::zeros_like(grad_write_w) : direct[1];
-    if (!every) grad_read_w = grad_read_w + direct[0];
+    if (every) {
+      grad_write_w.zero_();  // the step's write weights replaced the ones before it in every row
+    } else {
+      grad_write_w = direct[1], grad_read_w = grad_read_w + direct[0];
+    }
     grad_h_t = at::addmm(grad_h_t, grad_interface_t, in.weight_if);
     const auto c_prev = t == 0 ? in.cell : tape.cells[t - 1];
     std::tie(grad_r, grad_h) = cell_step_backward(tape.act[t], c_prev, tape.tanh_cells[t], grad_h_t, grad_c,

@@ -96,8 +96,7 @@ class TimestampLRU:
 
     def touch(self, slots: Tensor, accessed: Tensor) -> None:
         """One step's accesses: slots [B, E] int64 where accessed [B, E] bool (duplicates allowed)."""
-        if self.timeline is not None:
-            self.timeline.record(_StampChange(self, slots, self.last_access.gather(-1, slots), self.clock.clone()))
+        self._record_stamps(slots, 1)
         self.clock += 1
         # amax: a duplicated slot is stamped if any of its entries was accessed; 0 never lowers a stamp
         stamps = torch.where(accessed, self.clock, 0)
@@ -108,12 +107,16 @@ class TimestampLRU:
         """`steps` steps' accesses at once (sparsemem.ops.sam_sequence's): slots [B, E] int64 get
         stamps [B, E] (each at most the clock + steps; 0 where never accessed since a reset) and
         the clock moves on by `steps`."""
-        if self.timeline is not None:
-            previous = self.last_access.gather(-1, slots)
-            self.timeline.record(_StampChange(self, slots, previous, self.clock.clone(), steps))
+        self._record_stamps(slots, steps)
         self.clock += steps
         self.last_access.scatter_(-1, slots, stamps.to(STAMP))
         self._refresh(slots)
+
+    def _record_stamps(self, slots: Tensor, steps: int) -> None:
+        """Record on the timeline the stamps of slots [B, E] and the clock, before `steps` steps change them."""
+        if self.timeline is not None:
+            previous = self.last_access.gather(-1, slots)
+            self.timeline.record(_StampChange(self, slots, previous, self.clock.clone(), steps))
 
     def _refresh(self, slots: Tensor) -> None:
         """The minima of the blocks holding slots [B, E], after their stamps changed."""
