@@ -1,8 +1,9 @@
-"""SAM's steps as one op (ops.sam_sequence) against its step loop: ms per step, forward and
-forward+backward, and peak memory, side by side in one run.
+"""SAM's (or SDNC's) steps as one op (ops.sam_sequence, sdnc_sequence) against its step loop: ms per
+step, forward and forward+backward, and peak memory, side by side in one run.
 
-    python -m bench.bench_sam                          # N = 2^10, 2^12, 2^13; fresh and full
+    python -m bench.bench_sam                          # SAM, N = 2^10, 2^12, 2^13; fresh and full
     python -m bench.bench_sam --log2-slots 10 --regimes fresh
+    python -m bench.bench_sam --model sdnc             # SDNC (K_L = 8)
 
 Config (issue 18's): B = 8, X = 32, LSTM 128, W = 64, R = 4, K = 8, T = 16, 2 threads, the exact
 index, `sm.keep_freed_memory()` as training runs; fresh: a new memory each sequence, full: every
@@ -12,7 +13,7 @@ loop is the same model with `SAMMemory.sequence_max_slots = None`. Every (path, 
 runs in a fresh process (its peak resident memory its own: VmHWM after the warm-up, reset), the
 two paths alternating so a change in the machine's load hits both.
 
-Writes bench/results/sam_one_op.json.
+Writes bench/results/sam_one_op.json (sdnc_one_op.json).
 """
 
 import argparse
@@ -20,15 +21,15 @@ import json
 import os
 from pathlib import Path
 
-CONFIG = dict(batch=8, input_size=32, hidden=128, word_size=64, num_reads=4, k=8, steps=16, threads=2)
+CONFIG = dict(batch=8, input_size=32, hidden=128, word_size=64, num_reads=4, k=8, link_k=8, steps=16, threads=2)
 CONFIG |= dict(warmup=1, repeats=5)
 MODES = ("fwd", "fwd+bwd")
 PATHS = ("step loop", "one op")
 REGIMES = ("fresh", "full")
 
 
-def run_case(path: str, log2_slots: int, regime: str, mode: str, threads: int) -> dict:
-    """One (path, N, regime, mode) in this process: ms per step and peak memory."""
+def run_case(model_name: str, path: str, log2_slots: int, regime: str, mode: str, threads: int) -> dict:
+    """One (model, path, N, regime, mode) in this process: ms per step and peak memory."""
     import torch
 
     import sparsemem as sm
@@ -37,9 +38,11 @@ def run_case(path: str, log2_slots: int, regime: str, mode: str, threads: int) -
     c, num_slots = CONFIG, 2**log2_slots
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = sm.SAM(
-        c["input_size"], c["hidden"], num_slots=num_slots, word_size=c["word_size"], num_reads=c["num_reads"], k=c["k"]
-    )
+    sizes = dict(num_slots=num_slots, word_size=c["word_size"], num_reads=c["num_reads"], k=c["k"])
+    if model_name == "sdnc":
+        model = sm.SDNC(c["input_size"], c["hidden"], **sizes, link_k=c["link_k"])
+    else:
+        model = sm.SAM(c["input_size"], c["hidden"], **sizes)
     model.memory.sequence_max_slots = num_slots if path == "one op" else None
     x = torch.randn(c["batch"], c["steps"], c["input_size"])
     words = torch.nn.functional.normalize(torch.randn(c["batch"], num_slots, c["word_size"]), dim=-1)
@@ -49,6 +52,7 @@ def run_case(path: str, log2_slots: int, regime: str, mode: str, threads: int) -
 
     seconds, peak = time_sequences(model, forward, mode == "fwd+bwd", c["warmup"], c["repeats"])
     return {
+        "model": model_name,
         "path": path,
         "log2_slots": log2_slots,
         "regime": regime,
@@ -84,8 +88,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--log2-slots", type=int, nargs="+", default=[10, 12, 13])
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
+    parser.add_argument("--model", default="sam", choices=("sam", "sdnc"))
     parser.add_argument("--case", nargs=4, metavar=("PATH", "LOG2_SLOTS", "REGIME", "MODE"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "sam_one_op.json")
+    parser.add_argument("--out", type=Path, help="default: bench/results/<model>_one_op.json")
     parser.add_argument("--threads", type=int, default=CONFIG["threads"], help="torch's threads in each case")
     args = parser.parse_args()
     if args.case:
@@ -93,7 +98,7 @@ def main() -> None:
 
         sm.keep_freed_memory()  # as training runs: large tensors reuse freed pages
         path, log2_slots, regime, mode = args.case
-        print(json.dumps(run_case(path, int(log2_slots), regime, mode, args.threads)))
+        print(json.dumps(run_case(args.model, path, int(log2_slots), regime, mode, args.threads)))
         return
 
     from bench.common import header, run_module, write_json
@@ -103,14 +108,17 @@ def main() -> None:
         for regime in args.regimes:
             for mode in MODES:
                 for path in PATHS:
-                    case = ["--case", path, str(log2_slots), regime, mode, "--threads", str(args.threads)]
+                    case = ["--model", args.model, "--case", path, str(log2_slots), regime, mode]
+                    case += ["--threads", str(args.threads)]
                     result = run_module("bench.bench_sam", case, dict(os.environ))
                     cases.append(result)
                     shown = f"{result['step_ms']:.2f} ms/step" if "step_ms" in result else result
                     print(f"2^{log2_slots} {regime:5s} {mode:7s} {path:9s} {shown}", flush=True)
     table = markdown(cases)
     print(table)
-    write_json(args.out, {"header": header(CONFIG | {"threads": args.threads}), "cases": cases, "table": table})
+    out = args.out or Path(__file__).resolve().parent / "results" / f"{args.model}_one_op.json"
+    config = CONFIG | {"threads": args.threads, "model": args.model}
+    write_json(out, {"header": header(config), "cases": cases, "table": table})
 
 
 if __name__ == "__main__":

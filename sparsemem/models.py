@@ -255,7 +255,8 @@ class MemoryModel(nn.Module):
         memory = self.memory
         if type(memory) is DNCMemory and dnc_sequence.runs_in_cpp(x.device):
             return self._dnc_steps
-        if type(memory) is SAMMemory and memory.runs_as_one_op() and sam_sequence.runs_in_cpp(x.device):
+        op = {SAMMemory: "sam_sequence", SDNCMemory: "sdnc_sequence"}.get(type(memory))
+        if op is not None and memory.runs_as_one_op() and sam_sequence.runs_in_cpp(op, x.device):
             return self._sam_steps
         return None
 
@@ -295,39 +296,35 @@ class MemoryModel(nn.Module):
         return every_hidden, every_reads, ModelState((every_hidden[-1], cell_state), access, every_reads[-1])
 
     def _sam_steps(self, x: Tensor, state: ModelState, active: Tensor | None) -> tuple[Tensor, Tensor, ModelState]:
-        """x [T, B, input_size] through T steps of sam_sequence (active [T, B] bool, None: every row
-        runs every step) -> (h [T, B, H], r [T, B, R, W], state). The op runs on a dense copy of the
-        memory (all N rows gathered through the state's journal, so gradients reach what wrote
-        them); the rows it wrote are stored back through the journal and its LRU stamps into the
-        LRU, both as one version of the memory's timeline (states stay values: memory/versions.py)."""
+        """x [T, B, input_size] through T steps of sam_sequence, or an SDNC's sdnc_sequence (active
+        [T, B] bool, None: every row runs every step) -> (h [T, B, H], r [T, B, R, W], state). The op
+        runs on a dense copy of the memory (all N rows gathered through the state's journal, so
+        gradients reach what wrote them) and of an SDNC's link store (all 2N rows, likewise); the
+        rows it wrote are stored back through the journals and its LRU stamps into the LRU, all as
+        one version of the memory's timeline (states stay values: memory/versions.py)."""
         gates_x, weight_rh = self._lstm_inputs(x)
         (hidden, cell_state), steps = state.controller, x.shape[0]
         access = state.access.advanced()
-        rows, usage = access.memory, access.usage
+        rows, usage, links = access.memory, access.usage, getattr(access, "links", None)
         store = rows.store
         batch, num_slots, R, K = store.batch, store.num_slots, self.memory.num_reads, self.memory.k
+        J = R * self.memory.read_width * K + 1
         slots = torch.arange(num_slots, device=x.device).expand(batch, -1)
         read_w, write_w = access.read_weights, access.write_weights
-        if write_w.indices.shape[-1] != R * K + 1:  # a fresh state's placeholder: step 0 replaces it
-            write_w = SparseWeights(slots.new_zeros(batch, R * K + 1), x.new_zeros(batch, R * K + 1))
-        every_hidden, every_reads, cell_state, memory, stamps, *weights, written_now = sam_sequence.sam_sequence(
-            gates_x,
-            hidden,
-            cell_state,
-            state.reads,
-            rows.gather(slots),
-            usage.stamps(slots).long(),
-            store.written[: batch * num_slots].view(batch, num_slots).clone(),  # the store marks its writes
-            read_w.indices,
-            read_w.weights,
-            write_w.indices,
-            write_w.weights,
-            weight_rh,
-            self.interface.weight,
-            self.interface.bias,
-            x.new_ones(x.shape[:2], dtype=torch.bool) if active is None else active,
-            int(usage.clock),
-        )
+        if write_w.indices.shape[-1] != J:  # a fresh state's placeholder: step 0 replaces it
+            write_w = SparseWeights(slots.new_zeros(batch, J), x.new_zeros(batch, J))
+        sam_args = (gates_x, hidden, cell_state, state.reads, rows.gather(slots), usage.stamps(slots).long())
+        sam_args += (store.written[: batch * num_slots].view(batch, num_slots).clone(),)  # the store marks its writes
+        sam_args += (read_w.indices, read_w.weights, write_w.indices, write_w.weights)
+        rest = (weight_rh, self.interface.weight, self.interface.bias)
+        rest += (x.new_ones(x.shape[:2], dtype=torch.bool) if active is None else active, int(usage.clock))
+        if links is None:
+            out = sam_sequence.sam_sequence(*sam_args, *rest)
+        else:
+            link_ids = torch.arange(2 * num_slots, device=x.device).expand(batch, -1)
+            link_args = (*links.gather(link_ids), links.precedence_indices, links.precedence_values)
+            out = sam_sequence.sdnc_sequence(*sam_args, *link_args, *rest)
+        every_hidden, every_reads, cell_state, memory, stamps, *weights, written_now = out[:10]
         # the rows written, each batch row's first (in slot order), its first one again as padding
         written, order = written_now.sort(dim=-1, descending=True, stable=True)
         count = int(written_now.sum(-1).max())
@@ -340,6 +337,16 @@ class MemoryModel(nn.Module):
         access = dataclasses.replace(
             access, read_weights=read_weights, write_weights=write_weights, step=access.step + steps
         )
+        if links is not None:
+            link_idx, link_w, precedence_idx, precedence_w, linked_now = out[10:]
+            # the link rows the updates could change, each batch row's first, then -1 (dropped)
+            linked, order = linked_now.sort(dim=-1, descending=True, stable=True)
+            count = max(1, int(linked_now.sum(-1).max()))
+            ids = torch.where(linked[:, :count], order[:, :count], -1)
+            places = ids.clamp(min=0).unsqueeze(-1).expand(-1, -1, link_idx.shape[-1])
+            links.scatter(ids, link_idx.gather(1, places), link_w.gather(1, places))
+            links = dataclasses.replace(links, precedence_indices=precedence_idx, precedence_values=precedence_w)
+            access = dataclasses.replace(access, links=links)
         return every_hidden, every_reads, ModelState((every_hidden[-1], cell_state), access, every_reads[-1])
 
     def _check_lengths(self, lengths: object, batch: int, steps: int, device: torch.device) -> None:

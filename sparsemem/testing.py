@@ -137,6 +137,29 @@ def op_inputs(op: str, dtype: torch.dtype = torch.float64, B=3, N=7, W=5, R=3, s
         memory_state = (memory * written.unsqueeze(-1), last_access, written, read_idx, read_w, write_idx)
         memory_state += (rand(B, R * k + 1) * 0.3,)
         return *controller, *memory_state, *cell_weights(R * W + R + W + 2), active, N + 1
+    if op == "sdnc_sequence":
+        # sam_sequence's memory mid-episode with 3K read places per head (backward, content, forward
+        # thirds), a link matrix cut like SDNC's, stored both ways (rows of L, then rows of L^T), and
+        # a precedence with an empty place
+        k, link_k = min(K, N), min(LINK_K, N)
+        written = torch.rand(B, N, generator=g) < 0.5
+        last_access = (torch.stack([torch.randperm(N, generator=g) for _ in range(B)]) + 1) * written
+        read_idx = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(3 * B * R)]).view(B, R, 3 * k)
+        write_idx = torch.cat([read_idx.flatten(1), torch.randint(0, N, (B, 1), generator=g)], dim=-1)
+        link = rand(B, N, N) * (rand(B, N, N) < 0.5) / N
+        link, _ = sdnc_link_update_ref(link, link.new_zeros(B, N), link.new_zeros(B, N), link_k)
+        slots = torch.arange(N).expand(B, N)
+        (forward_idx, forward_w), (backward_idx, backward_w) = (
+            link_rows(matrix, slots, link_k) for matrix in (link, link.transpose(1, 2))
+        )
+        precedence = torch.stack([torch.randperm(N, generator=g)[:link_k] for _ in range(B)])
+        precedence[:, -1] = -1
+        controller = cell_state()
+        memory_state = (memory * written.unsqueeze(-1), last_access, written, read_idx, distribution(B, R, 3 * k))
+        memory_state += (write_idx, rand(B, 3 * R * k + 1) * 0.3)
+        links = (torch.cat([forward_idx, backward_idx], 1), torch.cat([forward_w, backward_w], 1), precedence)
+        links += (distribution(B, link_k) * 0.5 * (precedence >= 0),)
+        return *controller, *memory_state, *links, *cell_weights(R * W + R + W + 2 + 3 * R), active, N + 1
     if op == "journaled_write":
         # sparse_write's arguments in place on a store of B*N flat rows, half of them written;
         # keys b*N + slot, distinct per batch row

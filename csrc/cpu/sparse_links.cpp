@@ -24,6 +24,7 @@
 #include <optional>
 #include <vector>
 
+#include "sparse_links.h"
 #include "vector_math.h"
 
 namespace sparsemem {

@@ -280,7 +280,9 @@ class JournaledMemory:
     def gather(self, slots: Tensor, row_ids: Tensor | None = None) -> Tensor:
         """slots [B, Q] -> rows [B, Q, W]; row_ids: the store's row ids of slots, if known."""
         row_ids = self.store.row_ids(slots) if row_ids is None else row_ids
-        if torch.is_grad_enabled():
+        # nothing recorded in this segment and no initial memory taking a gradient: what the rows hold
+        # came from before the segment, so their gradient reaches nothing (a fresh or detached state)
+        if torch.is_grad_enabled() and (self._token is not None or self._initial is not None):
             rows, token = _Gather.apply(self.journal, self.token(), row_ids)
             self._chain(token)
         else:

@@ -28,6 +28,7 @@ from sparsemem.reference.sam import (
 )
 from sparsemem.reference.sdnc import (
     sdnc_link_update_ref,
+    sdnc_sequence_ref,
     sdnc_step_ref,
     sdnc_temporal_reads_ref,
     sparse_link_update_ref,
@@ -56,6 +57,7 @@ __all__ = [
     "sam_write_ref",
     "sam_write_weights_ref",
     "sdnc_link_update_ref",
+    "sdnc_sequence_ref",
     "sdnc_step_ref",
     "sdnc_temporal_reads_ref",
     "sparse_link_update_ref",

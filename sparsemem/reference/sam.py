@@ -11,6 +11,7 @@ same step touching only O(R*K) rows. One step, in order:
 """
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,85 @@ def sam_step_ref(
     return reads, read_w, write_w, memory, last_access
 
 
+def sequence_ref(
+    gates_x: Tensor,
+    hidden: Tensor,
+    cell: Tensor,
+    reads: Tensor,
+    weight_rh: Tensor,
+    weight_if: Tensor,
+    bias_if: Tensor,
+    active: Tensor,
+    state: tuple[Tensor, ...],
+    memory_step: Callable[[Tensor, tuple[Tensor, ...], int], tuple[Tensor, tuple[Tensor, ...]]],
+) -> tuple[Tensor, ...]:
+    """The recurrence of sam_sequence_ref and reference/sdnc.py's sdnc_sequence_ref: per step t,
+    h_t, c_t = lstm_cell_ref(gates_x[t], r_{t-1}, h_{t-1}, c_{t-1}), then
+    memory_step(h_t weight_if^T + bias_if, state, t) -> (r_t, state); a row whose active[t] is False
+    (padding) keeps all of it (hidden, cell, reads and every part of the memory's state).
+    -> (hidden [T, B, H], reads [T, B, R, W] (every step's), cell [B, H], *state after step T).
+    """
+    hiddens, every_reads = [], []
+    for t, (gates_t, active_t) in enumerate(zip(gates_x.unbind(0), active.unbind(0), strict=True)):
+        kept = functools.partial(rows_where, active_t)
+        new_hidden, new_cell = lstm_cell_ref(gates_t, reads, hidden, cell, weight_rh)
+        new_reads, new_state = memory_step(new_hidden @ weight_if.T + bias_if, state, t)
+        hidden, cell, reads = kept(new_hidden, hidden), kept(new_cell, cell), kept(new_reads, reads)
+        state = tuple(kept(new, old) for new, old in zip(new_state, state, strict=True))
+        hiddens.append(hidden)
+        every_reads.append(reads)
+    return torch.stack(hiddens), torch.stack(every_reads), cell, *state
+
+
+def sequence_write_ref(
+    memory: Tensor, last_access: Tensor, read_idx: Tensor, read_w: Tensor, add: Tensor, alpha: Tensor, gamma: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Steps 1-3 on a dense memory from the last step's sparse read weights read_idx, read_w [B, R, Q]
+    -> (memory, the write weights dense [B, N] and as J = R Q + 1 entries (slots, weights [B, J]):
+    one per (head, place) and the LRU slot)."""
+    B, R, N = memory.shape[0], read_idx.shape[1], memory.shape[1]
+    lru = lru_ref(last_access)
+    previous = torch.zeros(B, R, N, dtype=read_w.dtype).scatter_add(-1, read_idx, read_w)
+    dense_write_w = sam_write_weights_ref(previous, lru, alpha, gamma)
+    write_idx = torch.cat([read_idx.flatten(1), lru.unsqueeze(-1)], dim=-1)
+    write_w = torch.cat(
+        [(alpha * gamma).unsqueeze(-1) * read_w.flatten(1) / R, (alpha * (1 - gamma)).unsqueeze(-1)], dim=-1
+    )
+    return sam_write_ref(memory, dense_write_w, lru, add), dense_write_w, write_idx, write_w
+
+
+def sequence_content_ref(memory: Tensor, keys: Tensor, strengths: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Step 4 with the top K in a total order (score descending, then slot ascending)
+    -> (slots, weights [B, R, K])."""
+    similarity = cosine_similarity_ref(memory, keys)
+    top = similarity.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    return top, torch.softmax(strengths.unsqueeze(-1) * similarity.gather(-1, top), dim=-1)
+
+
+def sequence_read_ref(memory: Tensor, read_idx: Tensor, read_w: Tensor) -> Tensor:
+    """r = sum_q w_q M[slot_q] per head: read_idx, read_w [B, R, Q] -> [B, R, W]."""
+    B, R, Q = read_idx.shape
+    rows = memory.gather(1, read_idx.reshape(B, R * Q, 1).expand(-1, -1, memory.shape[2])).view(B, R, Q, -1)
+    return (read_w.unsqueeze(-1) * rows).sum(2)
+
+
+def sequence_stamps_ref(
+    last_access: Tensor,
+    written_now: Tensor,
+    dense_write_w: Tensor,
+    read_idx: Tensor,
+    read_w: Tensor,
+    write_idx: Tensor,
+    step: int,
+) -> tuple[Tensor, Tensor]:
+    """Step 5, and the slots written so far in a call: -> (last_access, written_now)."""
+    B, N = last_access.shape
+    read_total = torch.zeros(B, N, dtype=read_w.dtype).scatter_add(-1, read_idx.flatten(1), read_w.flatten(1))
+    accessed = (dense_write_w + read_total).detach() > DELTA
+    wrote = torch.zeros_like(written_now).scatter(-1, write_idx, True)
+    return torch.where(accessed, step, last_access), written_now | wrote
+
+
 def sam_sequence_ref(
     gates_x: Tensor,
     hidden: Tensor,
@@ -114,9 +194,9 @@ def sam_sequence_ref(
     """T steps of a SAM whose controller is an LSTM cell: what sparsemem.models.SAM runs each step,
     on a dense memory, with the read and write weights as the sparse state keeps them.
 
-    Per step t: h_t, c_t = lstm_cell_ref(gates_x[t], r_{t-1}, h_{t-1}, c_{t-1}); the interface
-    h_t weight_if^T + bias_if split as SAMMemory.split_interface (keys, oneplus strengths, add,
-    sigmoid write and interpolation gates); then steps 1-5 of this module's docstring, with the
+    Per step t (sequence_ref): h_t, c_t = lstm_cell_ref(gates_x[t], r_{t-1}, h_{t-1}, c_{t-1}); the
+    interface h_t weight_if^T + bias_if split as SAMMemory.split_interface (keys, oneplus strengths,
+    add, sigmoid write and interpolation gates); then steps 1-5 of this module's docstring, with the
     top K in a total order (score descending, then slot ascending) and the step's accesses stamped
     clock + t + 1. A row whose active[t] is False (padding) writes nothing, stamps nothing and keeps
     its state (hidden, cell, reads and the weights), as SAMMemory.step does.
@@ -131,38 +211,21 @@ def sam_sequence_ref(
     slots this call wrote). written takes no part in the values: the fused kernel scans only
     written rows, every other one scoring D(key, 0) = 0.
     """
-    B, N = memory.shape[:2]
-    R, W, K = reads.shape[1], reads.shape[2], read_idx.shape[2]
-    written_now = torch.zeros_like(written)
-    hiddens, every_reads = [], []
-    for t, (gates_t, active_t) in enumerate(zip(gates_x.unbind(0), active.unbind(0), strict=True)):
-        kept = functools.partial(rows_where, active_t)
-        new_hidden, new_cell = lstm_cell_ref(gates_t, reads, hidden, cell, weight_rh)
-        keys, strengths, add, gates = (new_hidden @ weight_if.T + bias_if).split([R * W, R, W, 2], dim=-1)
+    B, R, W, K = reads.shape[0], reads.shape[1], reads.shape[2], read_idx.shape[2]
+
+    def memory_step(interface: Tensor, state: tuple[Tensor, ...], t: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+        memory, last_access, read_idx, read_w, _, _, written_now = state
+        keys, strengths, add, gates = interface.split([R * W, R, W, 2], dim=-1)
         keys, strengths, gates = keys.view(B, R, W), 1 + F.softplus(strengths), torch.sigmoid(gates)
-        alpha, gamma = gates[:, 0], gates[:, 1]
-        lru = lru_ref(last_access)
-        previous = torch.zeros(B, R, N, dtype=read_w.dtype).scatter_add(-1, read_idx, read_w)
-        dense_write_w = sam_write_weights_ref(previous, lru, alpha, gamma)
-        memory = kept(sam_write_ref(memory, dense_write_w, lru, add), memory)
-        similarity = cosine_similarity_ref(memory, keys)
-        top = similarity.sort(dim=-1, descending=True, stable=True).indices[..., :K]
-        new_read_w = torch.softmax(strengths.unsqueeze(-1) * similarity.gather(-1, top), dim=-1)
-        rows = memory.gather(1, top.reshape(B, R * K, 1).expand(-1, -1, W)).view(B, R, K, W)
-        new_reads = (new_read_w.unsqueeze(-1) * rows).sum(2)
-        new_write_idx = torch.cat([read_idx.flatten(1), lru.unsqueeze(-1)], dim=-1)
-        new_write_w = torch.cat(
-            [(alpha * gamma).unsqueeze(-1) * read_w.flatten(1) / R, (alpha * (1 - gamma)).unsqueeze(-1)], dim=-1
+        memory, dense_write_w, write_idx, write_w = sequence_write_ref(
+            memory, last_access, read_idx, read_w, add, gates[:, 0], gates[:, 1]
         )
-        read_total = torch.zeros(B, N, dtype=read_w.dtype).scatter_add(-1, top.flatten(1), new_read_w.flatten(1))
-        accessed = ((dense_write_w + read_total).detach() > DELTA) & active_t.unsqueeze(-1)
-        last_access = torch.where(accessed, clock + t + 1, last_access)
-        wrote = torch.zeros_like(written).scatter(-1, new_write_idx, True) & active_t.unsqueeze(-1)
-        written_now = written_now | wrote
-        hidden, cell, reads = kept(new_hidden, hidden), kept(new_cell, cell), kept(new_reads, reads)
-        read_idx, read_w = kept(top, read_idx), kept(new_read_w, read_w)
-        write_idx, write_w = kept(new_write_idx, write_idx), kept(new_write_w, write_w)
-        hiddens.append(hidden)
-        every_reads.append(reads)
-    outputs = (cell, memory, last_access, read_idx, read_w, write_idx, write_w, written_now)
-    return torch.stack(hiddens), torch.stack(every_reads), *outputs
+        read_idx, read_w = sequence_content_ref(memory, keys, strengths, K)
+        last_access, written_now = sequence_stamps_ref(
+            last_access, written_now, dense_write_w, read_idx, read_w, write_idx, clock + t + 1
+        )
+        state = (memory, last_access, read_idx, read_w, write_idx, write_w, written_now)
+        return sequence_read_ref(memory, read_idx, read_w), state
+
+    state = (memory, last_access, read_idx, read_w, write_idx, write_w, torch.zeros_like(written))
+    return sequence_ref(gates_x, hidden, cell, reads, weight_rh, weight_if, bias_if, active, state, memory_step)

@@ -34,9 +34,21 @@ One step, in order:
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from sparsemem.reference.sam import access_update_ref, lru_ref, sam_write_ref, sam_write_weights_ref, topk_read_ref
+from sparsemem.reference.sam import (
+    access_update_ref,
+    lru_ref,
+    sam_write_ref,
+    sam_write_weights_ref,
+    sequence_content_ref,
+    sequence_read_ref,
+    sequence_ref,
+    sequence_stamps_ref,
+    sequence_write_ref,
+    topk_read_ref,
+)
 
 
 def _topk_mask(x: Tensor, k: int) -> Tensor:
@@ -265,3 +277,109 @@ def sdnc_step_ref(
     reads = read_w @ memory
     last_access = access_update_ref(last_access, write_w, read_w, step)
     return reads, read_w, write_w, memory, last_access, link, precedence
+
+
+def _entries(link_idx: Tensor, slots: Tensor) -> Tensor:
+    """The stored entries' slots of the link rows at slots [B, S] (-1: none) of link_idx [B, 2N, K_L]
+    -> [B, S * K_L] (-1 where the row is -1 or the place empty)."""
+    rows = link_idx.gather(1, slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, link_idx.shape[2]))
+    return rows.masked_fill((slots < 0).unsqueeze(-1), -1).flatten(1)
+
+
+def linkable_rows_ref(link_idx: Tensor, precedence_idx: Tensor, write_idx: Tensor) -> Tensor:
+    """The rows a link update from w^W on write_idx [B, J] can change (sparse_link_update's contract):
+    forward rows (ids s < N) at the written slots W and the entries of the backward rows of W and of the
+    precedence slots P; backward rows (ids N + s) at W, P and the entries of the forward rows of W.
+    link_idx [B, 2N, K_L], precedence_idx [B, K_L] (-1: none) -> [B, 2N] bool."""
+    B, N = link_idx.shape[0], link_idx.shape[1] // 2
+
+    def mask(slots: Tensor) -> Tensor:  # slot -1 lands in the extra column, cut
+        return torch.zeros(B, N + 1, dtype=torch.bool).scatter(-1, slots % (N + 1), True)[:, :N]
+
+    written_or_precedent = torch.cat([write_idx, precedence_idx], -1)
+    forward = mask(
+        torch.cat(
+            [write_idx, _entries(link_idx, torch.where(written_or_precedent >= 0, written_or_precedent + N, -1))], -1
+        )
+    )
+    backward = mask(torch.cat([written_or_precedent, _entries(link_idx, write_idx)], -1))
+    return torch.cat([forward, backward], -1)
+
+
+def sdnc_sequence_ref(
+    gates_x: Tensor,
+    hidden: Tensor,
+    cell: Tensor,
+    reads: Tensor,
+    memory: Tensor,
+    last_access: Tensor,
+    written: Tensor,
+    read_idx: Tensor,
+    read_w: Tensor,
+    write_idx: Tensor,
+    write_w: Tensor,
+    link_idx: Tensor,
+    link_w: Tensor,
+    precedence_idx: Tensor,
+    precedence_w: Tensor,
+    weight_rh: Tensor,
+    weight_if: Tensor,
+    bias_if: Tensor,
+    active: Tensor,
+    clock: int,
+) -> tuple[Tensor, ...]:
+    """T steps of an SDNC whose controller is an LSTM cell: what sparsemem.models.SDNC runs each step,
+    on a dense memory, with the weights and the links as the sparse state keeps them.
+
+    As reference/sam.py's sam_sequence_ref (its arguments and outputs first), with the interface split
+    as SDNCMemory.split_interface (SAM's parts, then read modes: a softmax over 3 per head) and steps
+    1-6 of this module's docstring: the links updated on every row by sparse_link_update_ref, the
+    temporal reads by sparse_temporal_reads_ref through the rows at the last step's read slots (empty
+    places: slot 0, weight 0), the read weights (backward, content, forward) on 3K places per head.
+    read_idx, read_w [B, R, 3K]; write_idx, write_w [B, J] with J = 3 R K + 1; link_idx, link_w
+    [B, 2N, K_L]: rows s < N are rows of L (the forward store), rows N + s rows of L^T (the backward
+    store), K_L (slot, value) pairs each ordered by (value desc, slot asc), slot -1 (value 0) for an
+    empty place; precedence_idx, precedence_w [B, K_L] likewise; I = R*W + R + W + 2 + 3R.
+    -> (hidden, reads, cell, memory, last_access, read_idx, read_w, write_idx, write_w, written_now,
+    link_idx, link_w, precedence_idx, precedence_w, linked_now [B, 2N] bool: the rows that the
+    call's updates could change, linkable_rows_ref; only those can differ from the input's).
+    """
+    B, N = memory.shape[:2]
+    R, W, K = reads.shape[1], reads.shape[2], read_idx.shape[2] // 3
+    slots = torch.arange(N).expand(B, N)
+
+    def memory_step(interface: Tensor, state: tuple[Tensor, ...], t: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+        memory, last_access, read_idx, read_w, _, _, written_now, link_idx, link_w, *precedence, linked_now = state
+        keys, strengths, add, gates, modes = interface.split([R * W, R, W, 2, 3 * R], dim=-1)
+        keys, strengths, gates = keys.view(B, R, W), 1 + F.softplus(strengths), torch.sigmoid(gates)
+        modes = torch.softmax(modes.view(B, R, 3), dim=-1)
+        memory, dense_write_w, write_idx, write_w = sequence_write_ref(
+            memory, last_access, read_idx, read_w, add, gates[:, 0], gates[:, 1]
+        )
+        linked_now = linked_now | linkable_rows_ref(link_idx, precedence[0], write_idx)
+        forward_store, backward_store = (link_idx[:, :N], link_w[:, :N]), (link_idx[:, N:], link_w[:, N:])
+        fv, fi, gv, gi, precedence_w, precedence_idx = sparse_link_update_ref(
+            slots, *forward_store, slots, *backward_store, *precedence, write_idx, write_w
+        )
+        link_idx, link_w = torch.cat([fi, gi], 1), torch.cat([fv, gv], 1)
+
+        def rows(store: Tensor, offset: int) -> Tensor:  # the link rows at the last step's read slots
+            places = (read_idx.flatten(1) + offset).unsqueeze(-1).expand(-1, -1, store.shape[2])
+            return store.gather(1, places).view(*read_idx.shape, -1)
+
+        forward_w, forward_idx, backward_w, backward_idx = sparse_temporal_reads_ref(
+            read_w, rows(link_idx, 0), rows(link_w, 0), rows(link_idx, N), rows(link_w, N), K
+        )
+        content_idx, content_w = sequence_content_ref(memory, keys, strengths, K)
+        read_idx = torch.cat([backward_idx.clamp(min=0), content_idx, forward_idx.clamp(min=0)], -1)
+        read_w = torch.cat([modes[..., :1] * backward_w, modes[..., 1:2] * content_w, modes[..., 2:] * forward_w], -1)
+        last_access, written_now = sequence_stamps_ref(
+            last_access, written_now, dense_write_w, read_idx, read_w, write_idx, clock + t + 1
+        )
+        links = (link_idx, link_w, precedence_idx, precedence_w, linked_now)
+        state = (memory, last_access, read_idx, read_w, write_idx, write_w, written_now, *links)
+        return sequence_read_ref(memory, read_idx, read_w), state
+
+    links = (link_idx, link_w, precedence_idx, precedence_w, torch.zeros(B, 2 * N, dtype=torch.bool))
+    state = (memory, last_access, read_idx, read_w, write_idx, write_w, torch.zeros_like(written), *links)
+    return sequence_ref(gates_x, hidden, cell, reads, weight_rh, weight_if, bias_if, active, state, memory_step)

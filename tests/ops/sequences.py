@@ -1,5 +1,5 @@
-"""Helpers for the sequence ops' tests (dnc_sequence, sam_sequence): leaves that take gradients, and
-outputs with the gradients of seeded random cotangents on their float outputs."""
+"""Helpers for the sequence ops' tests (dnc_sequence, sam_sequence, sdnc_sequence): leaves that take
+gradients, and outputs with the gradients of seeded random cotangents on their float outputs."""
 
 import torch
 
