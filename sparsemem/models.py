@@ -243,8 +243,8 @@ class MemoryModel(nn.Module):
         """The method that runs all of forward's steps as one op (_dnc_steps, _sam_steps), or None
         for the step loop. Under an nn.LSTMCell, in float32 or float64, where the op has its C++
         kernel, and with no compiled step or model (torch.compile traces the step loop): a
-        DNCMemory, or a SAMMemory of at most SAMMemory.sequence_max_slots slots (not a subclass,
-        whose step may differ)."""
+        DNCMemory, or a SAMMemory or SDNCMemory of at most sequence_max_slots slots (not a
+        subclass, such as the sharded memories, whose step may differ)."""
         if (
             torch.compiler.is_compiling()
             or type(self.controller) is not nn.LSTMCell

@@ -187,13 +187,40 @@ void squash_row(const Layout& l, const scalar_t* x, scalar_t* y) {
   }
 }
 
+// Per-slot scratch over a batch row's N slots for a step's entries (the J write entries, then the
+// read entries): each slot's first entry and the sum of its entries' weights in entry order, which
+// a scan of every entry for each one added up in O(entries^2) (J = 97 for an SDNC at R = 4, K = 8).
+// add() fills it, clear() leaves it all clear again for the next row.
+template <typename scalar_t>
+struct SlotScratch {
+  std::vector<scalar_t> sums;
+  std::vector<int64_t> first;
+
+  explicit SlotScratch(int64_t N) : sums(N, scalar_t(0)), first(N, -1) {}
+
+  template <typename Slot, typename Weight>
+  void add(int64_t E, const Slot& slot_of, const Weight& weight_of) {
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t slot = slot_of(e);
+      if (first[slot] < 0) first[slot] = e;
+      sums[slot] += weight_of(e);
+    }
+  }
+
+  template <typename Slot>
+  void clear(int64_t E, const Slot& slot_of) {
+    for (int64_t e = 0; e < E; ++e) sums[slot_of(e)] = scalar_t(0), first[slot_of(e)] = -1;
+  }
+};
+
 // One step's write for one batch row's memory, in place (memory [N, W], stamps [N], written [N]): the
 // LRU slot, the write weights' J entries (into write_idx / write_w / totals) and, where active, the
 // rows written (the overwritten ones into old_rows).
 template <typename scalar_t>
 void write_step(const Layout& l, int64_t N, bool active, const scalar_t* squashed, const int64_t* previous_idx,
                 const scalar_t* previous_w, scalar_t* memory, const int64_t* stamps, bool* written, bool* written_now,
-                int64_t* write_idx, scalar_t* write_w, scalar_t* totals, scalar_t* old_rows) {
+                int64_t* write_idx, scalar_t* write_w, scalar_t* totals, scalar_t* old_rows,
+                SlotScratch<scalar_t>& scratch) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t R = l.R, W = l.W, J = l.J, RQ = R * l.Q;
   const scalar_t* add = squashed + l.add;
@@ -206,19 +233,19 @@ void write_step(const Layout& l, int64_t N, bool active, const scalar_t* squashe
   }
   write_idx[RQ] = lru;
   write_w[RQ] = alpha * (scalar_t(1) - gamma);
-  for (int64_t j = 0; j < J; ++j) {
-    scalar_t total = 0;
-    for (int64_t i = 0; i < J; ++i) total += write_idx[i] == write_idx[j] ? write_w[i] : scalar_t(0);
-    totals[j] = total;
+  const auto slot_of = [&](int64_t j) { return write_idx[j]; };
+  scratch.add(J, slot_of, [&](int64_t j) { return write_w[j]; });
+  for (int64_t j = 0; j < J; ++j) totals[j] = scratch.sums[write_idx[j]];
+  if (active) {
+    for (int64_t j = 0; j < J; ++j) std::copy_n(memory + write_idx[j] * W, W, old_rows + j * W);
+    for (int64_t j = 0; j < J; ++j) {
+      if (scratch.first[write_idx[j]] != j) continue;  // stored by its slot's first entry
+      scalar_t* row = memory + write_idx[j] * W;
+      write_row<scalar_t, acc_t>(row, acc_t(totals[j]), add, write_idx[j] == lru, row, W);
+      written[write_idx[j]] = written_now[write_idx[j]] = true;
+    }
   }
-  if (!active) return;
-  for (int64_t j = 0; j < J; ++j) std::copy_n(memory + write_idx[j] * W, W, old_rows + j * W);
-  for (int64_t j = 0; j < J; ++j) {
-    if (std::find(write_idx, write_idx + j, write_idx[j]) != write_idx + j) continue;  // stored by its first
-    scalar_t* row = memory + write_idx[j] * W;
-    write_row<scalar_t, acc_t>(row, acc_t(totals[j]), add, write_idx[j] == lru, row, W);
-    written[write_idx[j]] = written_now[write_idx[j]] = true;
-  }
+  scratch.clear(J, slot_of);
 }
 
 // The content read of one batch row: the top K per head over the written rows (an unwritten slot
@@ -291,19 +318,15 @@ void mix_step(const Layout& l, const scalar_t* squashed, const scalar_t* memory,
 // A slot is accessed when its write plus read weight exceeds DELTA (over all its entries): stamped now.
 template <typename scalar_t>
 void stamp_step(const Layout& l, int64_t now, const int64_t* write_idx, const scalar_t* write_w,
-                const int64_t* read_idx, const scalar_t* read_w, int64_t* stamps) {
+                const int64_t* read_idx, const scalar_t* read_w, int64_t* stamps, SlotScratch<scalar_t>& scratch) {
   const int64_t J = l.J, E = J + l.R * l.Q;
   const auto slot_of = [&](int64_t e) { return e < J ? write_idx[e] : read_idx[e - J]; };
-  const auto weight_of = [&](int64_t e) { return e < J ? write_w[e] : read_w[e - J]; };
+  scratch.add(E, slot_of, [&](int64_t e) { return e < J ? write_w[e] : read_w[e - J]; });
   for (int64_t e = 0; e < E; ++e) {
     const int64_t slot = slot_of(e);
-    bool first = true;
-    for (int64_t i = 0; i < e && first; ++i) first = slot_of(i) != slot;
-    if (!first) continue;
-    scalar_t total = 0;
-    for (int64_t i = e; i < E; ++i) total += slot_of(i) == slot ? weight_of(i) : scalar_t(0);
-    if (total > scalar_t(kDelta)) stamps[slot] = now;
+    if (scratch.first[slot] == e && scratch.sums[slot] > scalar_t(kDelta)) stamps[slot] = now;
   }
+  scratch.clear(E, slot_of);
 }
 
 // The rows of store [B, 2N, K_L] (a dense link store: rows of L, then of L^T) at slots [B, S] (+ offset:
@@ -499,12 +522,13 @@ std::vector<at::Tensor> run_forward(const Inputs& in, Tape& tape) {
       scalar_t* write_weights = tape.write_w[t].data_ptr<scalar_t>();
       scalar_t* totals = tape.totals[t].data_ptr<scalar_t>();
       scalar_t* old_rows = tape.old_rows[t].data_ptr<scalar_t>();
-      at::parallel_for(0, B, grain(N + J * (J + W)), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, B, grain(N + J * W), [&](int64_t begin, int64_t end) {
+        SlotScratch<scalar_t> scratch(N);
         for (int64_t b = begin; b < end; ++b) {
           squash_row<scalar_t>(l, x + b * I, y + b * I);
           write_step<scalar_t>(l, N, is_active[b], y + b * I, previous_idx + b * RQ, previous_w + b * RQ,
                                m + b * N * W, stamp + b * N, mark + b * N, mark_now + b * N, write_slots + b * J,
-                               write_weights + b * J, totals + b * J, old_rows + b * J * W);
+                               write_weights + b * J, totals + b * J, old_rows + b * J * W, scratch);
         }
       });
     });
@@ -529,6 +553,7 @@ std::vector<at::Tensor> run_forward(const Inputs& in, Tape& tape) {
       scalar_t* content_weights = l.links() ? tape.content_w[t].data_ptr<scalar_t>() : read_weights;
       scalar_t* r_out = new_reads.data_ptr<scalar_t>();
       at::parallel_for(0, B, grain((R + 1) * N * W), [&](int64_t begin, int64_t end) {
+        SlotScratch<scalar_t> scratch(N);
         for (int64_t b = begin; b < end; ++b) {
           const scalar_t* memory_b = m + b * N * W;
           content_step<scalar_t>(l, N, y + b * I, memory_b, mark + b * N, content_slots + b * RK,
@@ -543,7 +568,7 @@ std::vector<at::Tensor> run_forward(const Inputs& in, Tape& tape) {
           }
           if (is_active[b]) {
             stamp_step<scalar_t>(l, in.clock + t + 1, write_slots + b * J, write_weights + b * J,
-                                 read_slots + b * RQ, read_weights + b * RQ, stamp + b * N);
+                                 read_slots + b * RQ, read_weights + b * RQ, stamp + b * N, scratch);
           }
         }
       });
@@ -578,15 +603,17 @@ std::vector<at::Tensor> run_forward(const Inputs& in, Tape& tape) {
 template <typename scalar_t>
 void write_backward(const Layout& l, const scalar_t* squashed, const int64_t* write_idx, const scalar_t* totals,
                     const scalar_t* previous_w, const scalar_t* grad_write_w, scalar_t* grad_memory,
-                    scalar_t* grad_previous_w, scalar_t* grad_interface) {
+                    scalar_t* grad_previous_w, scalar_t* grad_interface, SlotScratch<scalar_t>& scratch) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t R = l.R, W = l.W, J = l.J, RQ = R * l.Q;
   const scalar_t* add = squashed + l.add;
   const acc_t alpha = squashed[l.gates], gamma = squashed[l.gates + 1];
   const int64_t lru = write_idx[RQ];
   std::vector<acc_t> grad_total(J, acc_t(0)), grad_add(W, acc_t(0));
+  const auto slot_of = [&](int64_t j) { return write_idx[j]; };
+  scratch.add(J, slot_of, [](int64_t) { return scalar_t(0); });
   for (int64_t j = 0; j < J; ++j) {
-    const int64_t first = std::find(write_idx, write_idx + j, write_idx[j]) - write_idx;
+    const int64_t first = scratch.first[write_idx[j]];
     if (first < j) {
       grad_total[j] = grad_total[first];
       continue;
@@ -608,6 +635,7 @@ void write_backward(const Layout& l, const scalar_t* squashed, const int64_t* wr
   for (int64_t i = 0; i < W; ++i) grad_interface[l.add + i] = scalar_t(grad_add[i]);
   grad_interface[l.gates] = scalar_t(grad_alpha);
   grad_interface[l.gates + 1] = scalar_t(grad_gamma);
+  scratch.clear(J, slot_of);
 }
 
 // The backward of one batch row's SDNC read (mix_step after content_step), on the memory after the
@@ -786,13 +814,14 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& grads, const
       scalar_t* g_m = grad_memory.data_ptr<scalar_t>();
       scalar_t* g_previous_w = grad_previous_w.data_ptr<scalar_t>();
       scalar_t* g_interface = grad_interface_t.data_ptr<scalar_t>();
-      at::parallel_for(0, B, grain(J * (J + 2 * W)), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, B, grain(J * 2 * W), [&](int64_t begin, int64_t end) {
+        SlotScratch<scalar_t> scratch(N);
         for (int64_t b = begin; b < end; ++b) {
           if (!is_active[b]) continue;
           const scalar_t* squashed = squashed_t + b * I;
           scalar_t* grad_if = g_interface + b * I;
           write_backward<scalar_t>(l, squashed, write_slots + b * J, totals + b * J, previous_w + b * RQ,
-                                   g_write_w + b * J, g_m + b * N * W, g_previous_w + b * RQ, grad_if);
+                                   g_write_w + b * J, g_m + b * N * W, g_previous_w + b * RQ, grad_if, scratch);
           for (const int64_t gate : {l.gates, l.gates + 1}) {
             grad_if[gate] *= squashed[gate] * (scalar_t(1) - squashed[gate]);
           }

@@ -2,9 +2,9 @@
 
 One module per op family (its file stem in every layer: kernels/, csrc/, tests/ops/); the backend
 registry (sparsemem._backends, sparsemem.backends_for) lists them all. journaled_write, the sparse
-memory's in-place write, and dnc_sequence and sam_sequence, a DNC's and a SAM's steps in one call,
-are registered too but internal: sparsemem.ops.journaled_write, sparsemem.ops.dnc_sequence,
-sparsemem.ops.sam_sequence.
+memory's in-place write, and dnc_sequence, sam_sequence and sdnc_sequence, a DNC's, a SAM's and an
+SDNC's steps in one call, are registered too but internal: sparsemem.ops.journaled_write,
+sparsemem.ops.dnc_sequence, sparsemem.ops.sam_sequence (both sam_sequence and sdnc_sequence).
 """
 
 from sparsemem.ops.allocation import allocation_weights
@@ -21,7 +21,7 @@ from sparsemem.ops.usage import usage_update
 
 # isort: split
 # the internal ops, registered after the public ones (journaled_write's backward composes
-# sparse_write's kernels; dnc_sequence and sam_sequence run a DNC's and a SAM's steps)
+# sparse_write's kernels; dnc_sequence and sam_sequence run a DNC's and a SAM's or SDNC's steps)
 from sparsemem.ops import dnc_sequence, journaled_write, sam_sequence  # noqa: F401
 
 __all__ = [

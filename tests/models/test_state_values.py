@@ -17,10 +17,11 @@ MODELS = [sm.NTM, sm.DNC, sm.SAM, sm.SDNC]
 SPARSE = [sm.SAM, sm.SDNC]
 
 
-@pytest.fixture(autouse=True, params=["sam-one-op", "sam-step-loop"])
-def sam_path(request, monkeypatch):
-    """Every test twice: with sm.SAM's steps as one op (sam_sequence, at this N) and in its step loop."""
-    if request.param == "sam-step-loop":
+@pytest.fixture(autouse=True, params=["one-op", "step-loop"])
+def sparse_path(request, monkeypatch):
+    """Every test twice: with sm.SAM's and sm.SDNC's steps as one op (sam_sequence, sdnc_sequence, at
+    this N) and in their step loops."""
+    if request.param == "step-loop":
         monkeypatch.setattr(SAMMemory, "sequence_max_slots", None)
     return request.param
 
@@ -105,8 +106,8 @@ class Fails(RuntimeError):
 
 @pytest.mark.parametrize("model_cls", MODELS)
 def test_a_forward_that_raises_leaves_its_state_as_it_was(model_cls, monkeypatch):
-    """It raises at t = 3 of the step loop; on the cpp backend the DNC and the SAM run their steps as
-    one op (dnc_sequence, sam_sequence) and raise after it, in the output layer."""
+    """It raises at t = 3 of the step loop; on the cpp backend the DNC, SAM and SDNC run their steps
+    as one op (dnc_sequence, sam_sequence, sdnc_sequence) and raise after it, in the output layer."""
     model = make(model_cls)
     state = warm_state(model)
     expected, _ = model(inputs(2), state)
