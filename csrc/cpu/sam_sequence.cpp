@@ -23,6 +23,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -884,10 +885,95 @@ Tape tape_of(const at::Tensor* s, const at::Tensor* end) {
   return tape;
 }
 
+// Batch rows never meet in the recurrence (the cell's matrix products act row by row; only the
+// weights are shared), so the op splits them into one chunk per thread, each running all T steps:
+// one parallel region a call, where a single step's work per row (tens of microseconds) is too
+// small to split (vector_math.h: grain). The weights' gradients add up over the chunks.
+int64_t chunk_count(int64_t B) { return std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads())); }
+
+std::pair<int64_t, int64_t> chunk_rows(int64_t B, int64_t chunks, int64_t c) {
+  return {B * c / chunks, B * (c + 1) / chunks};
+}
+
+// Batch rows [begin, end) of the inputs: those rows' controller and memory, the same weights.
+Inputs rows_of(const Inputs& in, int64_t begin, int64_t end) {
+  Inputs part = in;
+  for (auto* x : part.tensors()) {
+    if (x == &part.weight_rh || x == &part.weight_if || x == &part.bias_if) continue;
+    const int64_t dim = x == &part.gates_x || x == &part.active ? 1 : 0;  // [T, B, ...]
+    *x = x->narrow(dim, begin, end - begin).contiguous();
+  }
+  return part;
+}
+
+// Batch rows [begin, end) of the outputs, or of their gradients (undefined ones stay so).
+std::vector<at::Tensor> rows_of(const std::vector<at::Tensor>& outputs, int64_t begin, int64_t end) {
+  std::vector<at::Tensor> part;
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    const int64_t dim = i < 2 ? 1 : 0;  // every step's hidden and reads: [T, B, ...]
+    part.push_back(outputs[i].defined() ? outputs[i].narrow(dim, begin, end - begin).contiguous() : at::Tensor());
+  }
+  return part;
+}
+
+// run_forward on chunks of batch rows in parallel -> the outputs (tapes: one per chunk).
+std::vector<at::Tensor> forward_rows(const Inputs& in, std::vector<Tape>& tapes) {
+  const int64_t B = in.gates_x.size(1), chunks = chunk_count(B);
+  tapes.assign(chunks, Tape{});
+  if (chunks == 1) return run_forward(in, tapes[0]);
+  std::vector<std::vector<at::Tensor>> parts(chunks);
+  const at::ThreadLocalState caller;  // the caller's dispatch keys and grad mode, on every thread
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller);
+    for (int64_t c = begin; c < end; ++c) {
+      const auto [first, last] = chunk_rows(B, chunks, c);
+      parts[c] = run_forward(rows_of(in, first, last), tapes[c]);
+    }
+  });
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < parts[0].size(); ++i) {
+    std::vector<at::Tensor> pieces;
+    for (const auto& part : parts) pieces.push_back(part[i]);
+    out.push_back(at::cat(pieces, i < 2 ? 1 : 0));
+  }
+  return out;
+}
+
+// run_backward on the chunks of forward_rows -> one grad per input but active.
+std::vector<at::Tensor> backward_rows(const std::vector<at::Tensor>& grads, const Inputs& in,
+                                      const std::vector<Tape>& tapes, const std::vector<at::Tensor>& out) {
+  const int64_t B = in.gates_x.size(1), chunks = int64_t(tapes.size());
+  if (chunks == 1) return run_backward(grads, in, tapes[0], out);
+  std::vector<std::vector<at::Tensor>> parts(chunks);
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller);
+    for (int64_t c = begin; c < end; ++c) {
+      const auto [first, last] = chunk_rows(B, chunks, c);
+      parts[c] = run_backward(rows_of(grads, first, last), rows_of(in, first, last), tapes[c],
+                              rows_of(out, first, last));
+    }
+  });
+  std::vector<at::Tensor> input_grads;
+  const size_t weights = parts[0].size() - 3;  // weight_rh, weight_if, bias_if: summed over the chunks
+  for (size_t i = 0; i < parts[0].size(); ++i) {
+    std::vector<at::Tensor> pieces;
+    for (const auto& part : parts) pieces.push_back(part[i]);
+    if (!pieces[0].defined()) {
+      input_grads.emplace_back();
+    } else if (i >= weights) {
+      input_grads.push_back(at::stack(pieces).sum(0));
+    } else {
+      input_grads.push_back(at::cat(pieces, i == 0 ? 1 : 0));  // gates_x: [T, B, 4H]
+    }
+  }
+  return input_grads;
+}
+
 // The op's forward (no autograd): args in schema order.
 std::vector<at::Tensor> forward(at::TensorList args, int64_t clock) {
-  Tape tape;
-  return run_forward(checked(args, clock), tape);
+  std::vector<Tape> tapes;
+  return forward_rows(checked(args, clock), tapes);
 }
 
 // The registered ops' backward (torch.compile, opcheck, ops/_define.py's convention): it runs the
@@ -895,9 +981,9 @@ std::vector<at::Tensor> forward(at::TensorList args, int64_t clock) {
 // node below, which keeps the tape from its forward.
 std::vector<at::Tensor> backward(const std::vector<at::Tensor>& grads, at::TensorList args, int64_t clock) {
   const auto in = checked(args, clock);
-  Tape tape;
-  const auto out = run_forward(in, tape);
-  const auto all = run_backward(grads, in, tape, out);
+  std::vector<Tape> tapes;
+  const auto out = forward_rows(in, tapes);
+  const auto all = backward_rows(grads, in, tapes, out);
   std::vector<at::Tensor> input_grads;
   for (const auto& g : all) {
     if (g.defined()) input_grads.push_back(g);
@@ -917,17 +1003,20 @@ struct Sequence : public torch::autograd::Function<Op> {
     auto in = checked(args, clock);
     ctx->saved_data["clock"] = clock;
     ctx->saved_data["inputs"] = int64_t(args.size());
-    Tape tape;
-    auto out = run_forward(in, tape);
+    std::vector<Tape> tapes;
+    auto out = forward_rows(in, tapes);
     ctx->saved_data["outputs"] = int64_t(out.size());
+    ctx->saved_data["chunks"] = int64_t(tapes.size());
     std::vector<at::Tensor> integral{out[4], out[5], out[7], out[9]};
     if (in.links()) integral.insert(integral.end(), {out[10], out[12], out[14]});
     ctx->mark_non_differentiable(integral);
     variable_list saved;
     for (auto* x : in.tensors()) saved.push_back(*x);
     saved.insert(saved.end(), out.begin(), out.end());
-    const auto taped = tape_tensors(tape);
-    saved.insert(saved.end(), taped.begin(), taped.end());
+    for (const auto& tape : tapes) {
+      const auto taped = tape_tensors(tape);
+      saved.insert(saved.end(), taped.begin(), taped.end());
+    }
     ctx->save_for_backward(saved);
     return out;
   }
@@ -937,7 +1026,14 @@ struct Sequence : public torch::autograd::Function<Op> {
     const auto inputs = ctx->saved_data["inputs"].toInt(), outputs = ctx->saved_data["outputs"].toInt();
     const auto in = inputs_of(at::TensorList(s).slice(0, inputs), ctx->saved_data["clock"].toInt());
     const std::vector<at::Tensor> out(s.begin() + inputs, s.begin() + inputs + outputs);
-    auto input_grads = run_backward(grads, in, tape_of(s.data() + inputs + outputs, s.data() + s.size()), out);
+    const auto chunks = ctx->saved_data["chunks"].toInt();
+    const auto per_chunk = (int64_t(s.size()) - inputs - outputs) / chunks;  // each chunk's tape, alike
+    std::vector<Tape> tapes;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const at::Tensor* first = s.data() + inputs + outputs + c * per_chunk;
+      tapes.push_back(tape_of(first, first + per_chunk));
+    }
+    auto input_grads = backward_rows(grads, in, tapes, out);
     input_grads.resize(inputs + 1);  // active and clock: no gradient
     return input_grads;
   }
