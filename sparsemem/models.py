@@ -510,7 +510,9 @@ class SAM(MemoryModel):
 
 class SDNC(MemoryModel):
     """Sparse DNC (Rae et al. 2016): SAM's memory plus temporal links with K_L = link_k
-    entries per row (SDNCMemory). shard_group: as SAM's (the link rows are replicated)."""
+    entries per row (SDNCMemory). On the CPU, up to SDNCMemory.sequence_max_slots slots (16384)
+    under the default LSTMCell, forward runs its T steps as one op (ops.sdnc_sequence), its search
+    exact whatever the index. shard_group: as SAM's (the link rows are replicated)."""
 
     def __init__(
         self,

@@ -3,6 +3,7 @@ import torch
 
 import sparsemem as sm
 from sparsemem import reference
+from sparsemem.memory import SAMMemory, SDNCMemory
 
 
 def pytest_collection_modifyitems(config, items):
@@ -17,6 +18,13 @@ def pytest_collection_modifyitems(config, items):
 def cpu_backends(op: str) -> list[str]:
     """Backends that implement `op` and can run it on CPU tensors here."""
     return list(sm.backends_for(op, "cpu").runnable)
+
+
+def sparse_step_loops(monkeypatch, max_slots: int | None = None) -> None:
+    """sm.SAM and sm.SDNC run their step loops, not their one op, above max_slots slots (None: at
+    any N): each memory class holds its own sequence_max_slots."""
+    for memory in (SAMMemory, SDNCMemory):
+        monkeypatch.setattr(memory, "sequence_max_slots", max_slots)
 
 
 def run_backward(outputs, leaves):

@@ -8,14 +8,14 @@ import sys
 import pytest
 
 from bench.bench_breakdown import CATEGORIES, markdown, parse_case, profile_case, profile_markdown, run_case
-from sparsemem.memory import SAMMemory
+from tests.conftest import sparse_step_loops
 
 
 @pytest.mark.parametrize("name", ["sam", "sdnc"])
 def test_breakdown_finds_every_region_of_a_step(name, one_thread, monkeypatch):
     monkeypatch.delenv("SPARSEMEM_BACKEND", raising=False)  # the default backends' row
-    # the step loop's regions: at this N (the bench's own start at 2^16) sm.SAM runs one op
-    monkeypatch.setattr(SAMMemory, "sequence_max_slots", None)
+    # the step loop's regions: at this N (the bench's own start at 2^16) sm.SAM and sm.SDNC run one op
+    sparse_step_loops(monkeypatch)
     result = run_case(name, 8, "exact", repeats=1)
     shares = result["shares"]
     assert set(shares) == set(CATEGORIES)

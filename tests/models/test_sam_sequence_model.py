@@ -1,5 +1,5 @@
 """sm.SAM's and sm.SDNC's forward runs its steps as one op on the cpp backend (sam_sequence,
-sdnc_sequence; at most SAMMemory.sequence_max_slots slots): the same outputs, final state (an
+sdnc_sequence; at most the memory class's sequence_max_slots slots): the same outputs, final state (an
 SDNC's links too) and gradients (parameters, a preloaded memory and the state it started from) as
 the step loop, padded or not, carried across calls; and the step loop wherever the op does not
 apply."""
@@ -10,8 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 import sparsemem as sm
-from sparsemem.memory import SAMMemory
-from tests.conftest import cpu_backends
+from tests.conftest import cpu_backends, sparse_step_loops
 from tests.tolerances import tolerance
 
 B, T, I, H, N, W, R, K, O = 3, 7, 4, 9, 13, 5, 2, 3, 3
@@ -90,7 +89,7 @@ def test_one_op_gives_the_step_loops_outputs_state_and_gradients(
     lengths = None if lengths is None else torch.tensor(lengths)
     fused, fused_indices, fused_grads, y = run(make(model_cls), lengths, preloaded)
     assert uses_the_op(y, model_cls)
-    monkeypatch.setattr(SAMMemory, "sequence_max_slots", None)
+    sparse_step_loops(monkeypatch)
     stepped, stepped_indices, stepped_grads, y = run(make(model_cls), lengths, preloaded)
     assert not uses_the_op(y, model_cls)
     for got, want in zip((*fused, *fused_grads), (*stepped, *stepped_grads), strict=True):
@@ -141,7 +140,7 @@ def one_rank_group():
 def test_the_step_loop_runs_where_the_op_does_not_apply(case, model_cls, use_backend, monkeypatch, request):
     use_backend("torch" if case == "torch backend" else "cpp")
     if case == "over sequence_max_slots":
-        monkeypatch.setattr(SAMMemory, "sequence_max_slots", N - 1)
+        sparse_step_loops(monkeypatch, N - 1)
     options = {}
     if case == "gru controller":
         options["controller"] = nn.GRUCell(I + R * W, H)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import sparsemem as sm
-from sparsemem.memory import SAMMemory
 from sparsemem.memory.versions import COMPACT_EVERY
+from tests.conftest import sparse_step_loops
 
 B, T, I, H, N, W, R, K, O = 3, 5, 4, 10, 23, 5, 2, 3, 6
 MODELS = [sm.NTM, sm.DNC, sm.SAM, sm.SDNC]
@@ -22,7 +22,7 @@ def sparse_path(request, monkeypatch):
     """Every test twice: with sm.SAM's and sm.SDNC's steps as one op (sam_sequence, sdnc_sequence, at
     this N) and in their step loops."""
     if request.param == "step-loop":
-        monkeypatch.setattr(SAMMemory, "sequence_max_slots", None)
+        sparse_step_loops(monkeypatch)
     return request.param
 
 
