@@ -475,7 +475,7 @@ class SAM(MemoryModel):
     """Sparse Access Memory (Rae et al. 2016): MemoryModel with a SAMMemory of N slots of W,
     R read heads reading K slots each, found by `index` ("exact", "ivf", "faiss-hnsw", "faiss-ivf").
     Cost per step grows with K and the index, not N; backward keeps O(T K W) extra memory. On the
-    CPU, up to SAMMemory.sequence_max_slots slots (4096) under the default LSTMCell, forward runs
+    CPU, up to SAMMemory.sequence_max_slots slots (16384) under the default LSTMCell, forward runs
     its T steps as one op (ops.sam_sequence) whose search is exact whatever the index.
 
     shard_group: a torch.distributed ProcessGroup over which the N slots are split (each of its
@@ -510,7 +510,7 @@ class SAM(MemoryModel):
 
 class SDNC(MemoryModel):
     """Sparse DNC (Rae et al. 2016): SAM's memory plus temporal links with K_L = link_k
-    entries per row (SDNCMemory). On the CPU, up to SDNCMemory.sequence_max_slots slots (16384)
+    entries per row (SDNCMemory). On the CPU, up to SAMMemory.sequence_max_slots slots (16384)
     under the default LSTMCell, forward runs its T steps as one op (ops.sdnc_sequence), its search
     exact whatever the index. shard_group: as SAM's (the link rows are replicated)."""
 

@@ -181,16 +181,18 @@ class SAMMemory(Memory):
     state_type = SAMState
     read_width = 1
     """Entries per read head per K (SDNC reads 3K: backward, content, forward)."""
-    sequence_max_slots: int | None = 4096
-    """sm.SAM runs a sequence's steps as one op (ops.sam_sequence: a dense copy of the memory, the
-    recurrence and its backward in C++) up to this many slots; above it, or None, the step loop,
+    sequence_max_slots: int | None = 16384
+    """sm.SAM and sm.SDNC run a sequence's steps as one op (ops.sam_sequence, sdnc_sequence: a dense
+    copy of the memory, and of an SDNC's link store; the recurrence and its backward in C++, the
+    batch rows split over the threads) up to this many slots; above it, or None, the step loop,
     whose cost per step does not grow with N. The op's search is exact whatever the index (a scan
     of the written rows among a few thousand costs less than an index search): an approximate
-    index gives the exact top K there. Measured on 2 cores (B 8, W 64, R 4, K 8, T 16, exact index,
-    keep_freed_memory), forward+backward ms a step, step loop against op: a fresh memory 2^10
-    3.1-3.3 / 0.9-1.1, 2^12 3.1-4.4 / 1.4-1.7, 2^13 3.1-3.2 / 2.5-3.0, 2^14 3.1-3.2 / 4.8-5.5 (the
-    op's O(N) copies and scan a call); every slot written (preloaded) 2^10 2.8-2.9 / 1.0-1.1, 2^12
-    3.3-3.5 / 2.0-2.1."""
+    index gives the exact top K there. Measured on 2 cores (bench_sam: B 8, W 64, R 4, K 8, K_L 8,
+    T 16, exact index, keep_freed_memory), forward+backward ms a step, step loop against op, SAM:
+    a fresh memory 2^10 4.0 / 0.7, 2^13 3.9 / 1.5, 2^14 4.3 / 3.4, 2^15 4.1 / 5.5 (the op's O(N)
+    copies and scan a call); every slot written (preloaded) 2^14 8.4 / 6.6, 2^15 12.5 / 12.0.
+    SDNC: fresh 2^10 8.7 / 1.4, 2^13 9.9 / 3.7, 2^14 9.4 / 6.3, 2^15 8.8 / 10.2; written 2^14
+    14.6 / 10.3, 2^15 19.5 / 16.9."""
 
     def __init__(self, num_slots: int, word_size: int, num_reads: int, k: int = 8, index: str = "exact") -> None:
         super().__init__(num_slots, word_size, num_reads)

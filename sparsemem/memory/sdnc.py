@@ -278,13 +278,6 @@ class SDNCMemory(SAMMemory):
 
     state_type = SDNCState
     read_width = 3
-    sequence_max_slots: int | None = 16384
-    """As SAMMemory's, for sm.SDNC (ops.sdnc_sequence, whose dense copies add the link store's 2N
-    rows): an SDNC's step loop costs more than SAM's (the link update and temporal reads), so its
-    op leads to larger N. Measured on 2 cores (bench_sam --model sdnc: B 8, W 64, R 4, K 8, K_L 8,
-    T 16, exact index, keep_freed_memory), forward+backward ms a step, step loop against op: a
-    fresh memory 2^13 9.5 / 3.6, 2^14 8.4 / 6.0, 2^15 8.8 / 10.2; every slot written 2^14 15.2 /
-    10.2, 2^15 19.5 / 16.9."""
 
     def __init__(
         self, num_slots: int, word_size: int, num_reads: int, k: int = 8, index: str = "exact", link_k: int = 8
