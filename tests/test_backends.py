@@ -51,7 +51,7 @@ def test_backends_for_an_unknown_op_lists_the_ops():
 
 def test_every_public_op_is_declared_once():
     assert sorted(_backends.ops(public=True)) == sorted(sm.ops.__all__)
-    assert _backends.ops(public=False) == ("dnc_sequence", "journaled_write", "sam_sequence")
+    assert _backends.ops(public=False) == ("dnc_sequence", "journaled_write", "sam_sequence", "sdnc_sequence")
 
 
 def test_forced_backend(monkeypatch):
