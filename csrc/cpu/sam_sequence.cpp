@@ -28,7 +28,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -82,11 +81,11 @@ constexpr size_t kSamInputs = 15, kSdncInputs = 19;
 
 // args: the op's tensors in schema order, 15 for a SAM, 19 for an SDNC.
 Inputs inputs_of(at::TensorList args, int64_t clock) {
+  TORCH_CHECK(args.size() == kSamInputs || args.size() == kSdncInputs, "sam_sequence: ", args.size(), " tensors");
   Inputs in;
   in.clock = clock;
   if (args.size() == kSdncInputs) in.link_w = args[12];  // in.tensors() lists the links' places
-  auto places = in.tensors();
-  TORCH_CHECK(places.size() == args.size(), "sam_sequence: ", args.size(), " tensors");
+  const auto places = in.tensors();
   for (size_t i = 0; i < args.size(); ++i) *places[i] = args[i];
   return in;
 }
