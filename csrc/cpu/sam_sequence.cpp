@@ -915,19 +915,29 @@ std::vector<at::Tensor> rows_of(const std::vector<at::Tensor>& outputs, int64_t 
   return part;
 }
 
+// run(c, first, last) for each chunk c of rows [first, last), the chunks in parallel, each thread with
+// the caller's dispatch keys and grad mode -> run's results, by chunk.
+template <typename Run>
+std::vector<std::vector<at::Tensor>> per_chunk(int64_t B, int64_t chunks, const Run& run) {
+  std::vector<std::vector<at::Tensor>> parts(chunks);
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller);
+    for (int64_t c = begin; c < end; ++c) {
+      const auto [first, last] = chunk_rows(B, chunks, c);
+      parts[c] = run(c, first, last);
+    }
+  });
+  return parts;
+}
+
 // run_forward on chunks of batch rows in parallel -> the outputs (tapes: one per chunk).
 std::vector<at::Tensor> forward_rows(const Inputs& in, std::vector<Tape>& tapes) {
   const int64_t B = in.gates_x.size(1), chunks = chunk_count(B);
   tapes.assign(chunks, Tape{});
   if (chunks == 1) return run_forward(in, tapes[0]);
-  std::vector<std::vector<at::Tensor>> parts(chunks);
-  const at::ThreadLocalState caller;  // the caller's dispatch keys and grad mode, on every thread
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard guard(caller);
-    for (int64_t c = begin; c < end; ++c) {
-      const auto [first, last] = chunk_rows(B, chunks, c);
-      parts[c] = run_forward(rows_of(in, first, last), tapes[c]);
-    }
+  const auto parts = per_chunk(B, chunks, [&](int64_t c, int64_t first, int64_t last) {
+    return run_forward(rows_of(in, first, last), tapes[c]);
   });
   std::vector<at::Tensor> out;
   for (size_t i = 0; i < parts[0].size(); ++i) {
@@ -943,15 +953,8 @@ std::vector<at::Tensor> backward_rows(const std::vector<at::Tensor>& grads, cons
                                       const std::vector<Tape>& tapes, const std::vector<at::Tensor>& out) {
   const int64_t B = in.gates_x.size(1), chunks = int64_t(tapes.size());
   if (chunks == 1) return run_backward(grads, in, tapes[0], out);
-  std::vector<std::vector<at::Tensor>> parts(chunks);
-  const at::ThreadLocalState caller;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard guard(caller);
-    for (int64_t c = begin; c < end; ++c) {
-      const auto [first, last] = chunk_rows(B, chunks, c);
-      parts[c] = run_backward(rows_of(grads, first, last), rows_of(in, first, last), tapes[c],
-                              rows_of(out, first, last));
-    }
+  const auto parts = per_chunk(B, chunks, [&](int64_t c, int64_t first, int64_t last) {
+    return run_backward(rows_of(grads, first, last), rows_of(in, first, last), tapes[c], rows_of(out, first, last));
   });
   std::vector<at::Tensor> input_grads;
   const size_t weights = parts[0].size() - 3;  // weight_rh, weight_if, bias_if: summed over the chunks

@@ -60,28 +60,12 @@ _sdnc_sequence = define_op(
 )
 
 
-def _check(
-    op: str,
-    gates_x: Tensor,
-    hidden: Tensor,
-    cell: Tensor,
-    reads: Tensor,
-    memory: Tensor,
-    last_access: Tensor,
-    written: Tensor,
-    read_idx: Tensor,
-    read_w: Tensor,
-    write_idx: Tensor,
-    write_w: Tensor,
-    weight_rh: Tensor,
-    weight_if: Tensor,
-    bias_if: Tensor,
-    active: Tensor,
-    clock: int,
-    shapes: Shapes,
-) -> None:
-    """The checks both ops share: SAM's shapes on shapes, with R Q read places per head (Q = K for
-    sam_sequence, 3K for sdnc_sequence), J = R Q + 1 and the interface's width I."""
+def _check(op: str, args: tuple, shapes: Shapes) -> None:
+    """The checks both ops share, on sam_sequence's arguments (args, in its order): SAM's shapes on
+    shapes, with R Q read places per head (Q = K for sam_sequence, 3K for sdnc_sequence), J = R Q + 1
+    and the interface's width I."""
+    gates_x, hidden, cell, reads, memory, last_access, written, read_idx, read_w, write_idx, write_w = args[:11]
+    weight_rh, weight_if, bias_if, active, clock = args[11:]
     shapes.check("gates_x", gates_x, "T B G").check("hidden", hidden, "B H").check("cell", cell, "B H")
     shapes.check("reads", reads, "B R W").check("memory", memory, "B N W")
     shapes.check("last_access", last_access, "B N", kind="index").check("written", written, "B N", kind="bool")
@@ -135,7 +119,7 @@ def sam_sequence(
     Value checks are the caller's (the model checks x)."""
     args = (gates_x, hidden, cell, reads, memory, last_access, written, read_idx, read_w, write_idx, write_w)
     args += (weight_rh, weight_if, bias_if, active, clock)
-    _check("sam_sequence", *args, Shapes())
+    _check("sam_sequence", args, Shapes())
     return _sam_sequence(*args)
 
 
@@ -168,7 +152,7 @@ def sdnc_sequence(
     sam_args = (gates_x, hidden, cell, reads, memory, last_access, written, read_idx, read_w, write_idx, write_w)
     shapes = Shapes().check("link_idx", link_idx, "B S L", kind="index").check("link_w", link_w, "B S L")
     shapes.check("precedence_idx", precedence_idx, "B L", kind="index").check("precedence_w", precedence_w, "B L")
-    _check("sdnc_sequence", *sam_args, weight_rh, weight_if, bias_if, active, clock, shapes)
+    _check("sdnc_sequence", (*sam_args, weight_rh, weight_if, bias_if, active, clock), shapes)
     if shapes.size("S") != 2 * shapes.size("N") or shapes.size("L") < 1:
         raise ValueError(
             f"sdnc_sequence needs link rows [B, 2N, K_L] with K_L >= 1 (N={shapes.size('N')}); got link_w "
