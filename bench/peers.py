@@ -380,9 +380,12 @@ def markdown(rows: list[dict], run_header: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> Path:
+    """One panel per model measured; where the peer's series ends in a failure (out of memory), an x
+    at that N on the last time it had, labelled with the failure."""
     plt = pyplot()
-    figure, axes = plt.subplots(1, len(MODELS), figsize=(4.2 * len(MODELS), 3.6), squeeze=False)
-    for axis, name in zip(axes[0], MODELS, strict=True):
+    models = [name for name in MODELS if any(row["model"] == name for row in rows)]
+    figure, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
+    for axis, name in zip(axes[0], models, strict=True):
         mine = [row for row in rows if row["model"] == name]
         for side, style in (("peer", "s--"), ("sparsemem", "o-")):
             for mode, alpha in (("fwd", 0.5), ("fwd+bwd", 1.0)):
@@ -390,6 +393,17 @@ def plot(rows: list[dict], path: Path) -> Path:
                 if points:
                     label = f"{'pytorch-dnc' if side == 'peer' else side} {mode}"
                     axis.plot(*zip(*points, strict=True), style, alpha=alpha, label=label)
+        failed = [r for r in mine if r["peer_fwd+bwd_failure"] not in (None, "not run")]
+        measured = [r["peer_fwd+bwd_ms"] for r in mine if r["peer_fwd+bwd_ms"]]
+        if failed and measured:
+            first = failed[0]
+            axis.plot(
+                2 ** first["log2_slots"],
+                measured[-1],
+                "kx",
+                markersize=9,
+                label=f"pytorch-dnc: {first['peer_fwd+bwd_failure']}",
+            )
         log_axes(axis, title=NAMES[name])
         axis.set_ylabel("ms per step")
         axis.legend(fontsize=7)

@@ -56,3 +56,28 @@ def test_a_tiny_run_writes_the_table_for_every_model_and_side(tmp_path):
         assert f"| {name}, 2^8 |" in table
     assert "patched at run time" in table
     assert (tmp_path / "peers.png").stat().st_size > 0
+
+
+def test_the_plot_has_a_panel_per_model_measured_and_marks_where_the_peer_failed(tmp_path, monkeypatch):
+    cases = [
+        {"side": "peer", "model": "sam", "log2_slots": 14, "fwd": {"step_ms": 5.0}, "fwd+bwd": {"step_ms": 15.0}},
+        {"side": "sparsemem", "model": "sam", "log2_slots": 14, "fwd": {"step_ms": 2.0}, "fwd+bwd": {"step_ms": 3.0}},
+        {"side": "peer", "model": "sam", "log2_slots": 16, "failure": "out of memory"},
+        {"side": "sparsemem", "model": "sam", "log2_slots": 16, "fwd": {"step_ms": 2.2}, "fwd+bwd": {"step_ms": 3.5}},
+    ]
+    drawn = {}
+    saved = peers.save_figure
+
+    def keep(figure, path, **options):
+        drawn["axes"] = figure.axes
+        return saved(figure, path, **options)
+
+    monkeypatch.setattr(peers, "save_figure", keep)
+    path = peers.plot(peers.table_rows(cases), tmp_path / "peers.png")
+    assert path.stat().st_size > 0
+    (axis,) = drawn["axes"]  # SAM only: no empty SDNC or DNC panel
+    assert axis.get_title() == "SAM"
+    labels = [line.get_label() for line in axis.get_lines()]
+    assert "pytorch-dnc: out of memory" in labels
+    (cross,) = [line for line in axis.get_lines() if line.get_label() == "pytorch-dnc: out of memory"]
+    assert list(cross.get_xdata()) == [2**16] and list(cross.get_ydata()) == [15.0]
