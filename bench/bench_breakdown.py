@@ -435,6 +435,7 @@ def main() -> None:
     args.threads = args.threads or 1
     torch.set_num_threads(args.threads)
     if args.one:
+        sm.keep_freed_memory()  # as training runs: large tensors reuse freed pages
         name, log2_slots, index = args.one
         print(json.dumps(run_case(name, int(log2_slots), index, args.repeats)))
         return
@@ -464,6 +465,7 @@ def profile_main(args: argparse.Namespace) -> None:
     torch.set_num_threads(threads)
     os.environ["SPARSEMEM_THREADS"] = str(threads)  # faiss's threads too (load_faiss reads it)
     if args.profile_one:
+        sm.keep_freed_memory()  # as training runs: large tensors reuse freed pages
         print(json.dumps(profile_case(*parse_case(args.profile_one), args.repeats)))
         return
     results = []

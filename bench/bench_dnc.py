@@ -7,7 +7,8 @@ against another one (e.g. a worktree of an older commit), side by side in one ru
 
 Config (issue 18): B = 8, X = 32, LSTM 128, W = 64, R = 4, T = 16, 2 threads; a fresh memory each
 sequence; forward under no_grad, forward+backward with loss = mean(y^2); 1 warm-up + 3 timed
-sequences, the median / T. Every (checkout, N, mode) runs in a fresh `python -m bench.bench_dnc
+sequences, the median / T; large tensors reuse freed pages (`sm.keep_freed_memory()`, as training
+runs, on both sides). Every (checkout, N, mode) runs in a fresh `python -m bench.bench_dnc
 --case` process that imports sparsemem from that checkout (its compiled extension built there),
 so its peak resident memory (VmHWM after the warm-up, reset) is its own; the cases alternate
 between the checkouts so a change in the machine's load hits both.
@@ -30,8 +31,9 @@ def run_case(log2_slots: int, mode: str, threads: int) -> dict:
     import torch
 
     import sparsemem as sm
-    from bench.common import measured_median, time_sequences
+    from bench.common import keep_freed_memory, measured_median, time_sequences
 
+    keep_freed_memory()  # as training runs: the 32 MiB links reuse freed pages
     c = CONFIG
     torch.set_num_threads(threads)
     torch.manual_seed(0)
