@@ -150,10 +150,10 @@ def sdnc_sequence(
     last_access, read_idx, read_w, write_idx, write_w, written_now [B, N], link_idx, link_w,
     precedence_idx, precedence_w, linked_now [B, 2N]). Value checks are the caller's."""
     sam_args = (gates_x, hidden, cell, reads, memory, last_access, written, read_idx, read_w, write_idx, write_w)
-    shapes = Shapes().check("link_idx", link_idx, "B S K_L", kind="index").check("link_w", link_w, "B S K_L")
+    shapes = Shapes().check("link_idx", link_idx, "B 2N K_L", kind="index").check("link_w", link_w, "B 2N K_L")
     shapes.check("precedence_idx", precedence_idx, "B K_L", kind="index").check("precedence_w", precedence_w, "B K_L")
     _check("sdnc_sequence", (*sam_args, weight_rh, weight_if, bias_if, active, clock), shapes)
-    if shapes.size("S") != 2 * shapes.size("N"):  # S: the link rows, of L then of L^T
+    if shapes.size("2N") != 2 * shapes.size("N"):  # the link rows: of L, then of L^T
         raise ValueError(
             f"sdnc_sequence needs link rows [B, 2N, K_L] (N={shapes.size('N')}); got link_w {list(link_w.shape)}"
         )

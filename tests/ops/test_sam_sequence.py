@@ -219,11 +219,11 @@ BAD_INPUTS = {  # (replaced arguments, message) at Op.inputs' sizes
         (dict(weight_if=f64(30, 5), bias_if=f64(30)), r"I = R\*W \+ R \+ W \+ 2 \+ 3R = 19"),
         # 4 read places per head are no three thirds, though J = R*4 + 1 fits them
         (dict(read_idx=i64(2, 2, 4), read_w=f64(2, 2, 4), write_idx=i64(2, 9), write_w=f64(2, 9)), r"3K=4\)"),
-        (dict(link_w=f64(2, 6, 3)), r"link_w must be \[B, S, K_L\] with S=12"),
+        (dict(link_w=f64(2, 6, 3)), r"link_w must be \[B, 2N, K_L\] with 2N=12"),
         (dict(link_idx=i64(2, 6, 3), link_w=f64(2, 6, 3)), r"link rows \[B, 2N, K_L\] \(N=6\)"),
         (
             dict(link_idx=i64(2, 12, 0), link_w=f64(2, 12, 0), precedence_idx=i64(2, 0), precedence_w=f64(2, 0)),
-            r"link_idx must be \[B, S, K_L\] with K_L >= 1; got \[2, 12, 0\]",
+            r"link_idx must be \[B, 2N, K_L\] with K_L >= 1; got \[2, 12, 0\]",
         ),
         (dict(precedence_idx=f64(2, 3)), "precedence_idx must be int64"),
     ],
