@@ -166,7 +166,10 @@ def test_gradcheck_through_sam_steps(backend, use_backend):
         return torch.stack(reads)
 
     args = (memory.requires_grad_(True), interfaces.double().requires_grad_(True))
-    assert torch.autograd.gradcheck(run, args)
+    # Triton's kernels run through the interpreter here (0.2 s a 3-step forward, 80 s for the full
+    # Jacobian): fast mode checks it along random directions; the full check runs on the other
+    # backends, and test_registered_ops gradchecks every Triton kernel in full.
+    assert torch.autograd.gradcheck(run, args, fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
