@@ -5,7 +5,6 @@ machine has), processes (a case in its own process, so its peak memory is its ow
 (log-log slopes) and log-log plots.
 """
 
-import importlib.util
 import itertools
 import json
 import math
@@ -133,18 +132,6 @@ def measured_median(values: list[float]) -> float:
 # ---------------------------------------------------------------------------------------------
 # Memory
 # ---------------------------------------------------------------------------------------------
-
-
-def keep_freed_memory() -> bool:
-    """sparsemem.keep_freed_memory() (large tensors reuse freed pages, as the training CLI has them),
-    run from this checkout's sparsemem/_malloc.py: a case that imports another checkout's sparsemem
-    (bench_dnc --baseline, which may predate the function) gets the same allocator settings, so both
-    sides are measured alike. -> whether it applied."""
-    path = Path(__file__).resolve().parents[1] / "sparsemem" / "_malloc.py"
-    spec = importlib.util.spec_from_file_location("bench_malloc", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.keep_freed_memory()
 
 
 def proc_status(field: str) -> int:
