@@ -77,6 +77,7 @@ from sparsemem.tasks.babi import (
     TASK_NUMBERS,
     BabiScore,
     EncodedStory,
+    MissingTrainingFile,
     Vocabulary,
     answer_loss,
     bucket_batches,
@@ -945,7 +946,10 @@ class BabiTrainer(TrainingRun):
 
     def __init__(self, config: Config, vocabulary: Vocabulary | None = None) -> None:
         tasks = babi_task_numbers(config.babi_tasks)
-        self.data = load_babi(config.data_dir, tasks, config.babi_set, config.babi_fallback_1k)
+        try:
+            self.data = load_babi(config.data_dir, tasks, config.babi_set, config.babi_fallback_1k)
+        except MissingTrainingFile as error:  # named as this CLI's users ask for the fallback
+            raise MissingTrainingFile(error.task, error.where, error.spare, "--babi-fallback-1k") from None
         for task in self.data.fallback if World.current().writes else ():
             print(
                 f"warning: {config.babi_set} has no training file for task {task}: it trains on en/'s "

@@ -164,6 +164,17 @@ _Catalogue = dict[tuple[int, str], list[_File]]
 """The files of one folder by (task, "train" | "test")."""
 
 
+class MissingTrainingFile(FileNotFoundError):
+    """A task has no training file in the set read. `spare`: the en/ folder that has one, which
+    fallback_1k=True would read (None when it was read already, or there is none), so a caller
+    can say how its own users ask for the fallback (train's --babi-fallback-1k)."""
+
+    def __init__(self, task: int, where: str, spare: str | None, fallback_option: str = "fallback_1k=True") -> None:
+        self.task, self.where, self.spare = task, where, spare
+        hint = f"; {fallback_option} reads {spare}'s" if spare else ""
+        super().__init__(f"no training file for task {task} (qa{task}_*_train.txt) in {where}{hint}")
+
+
 @dataclasses.dataclass
 class BabiData:
     """Stories by task number. `fallback`: the tasks whose training stories come from en/
@@ -183,7 +194,8 @@ def load_babi(
     - a folder of qa{n}_*_train.txt and qa{n}_*_test.txt files: reads it (`babi_set` unused);
     - the release archive (.tar.gz, .tgz, .tar): reads the members in folders named `babi_set`.
 
-    A missing training or test file is a FileNotFoundError. fallback_1k=True instead reads a
+    A missing test file is a FileNotFoundError, a missing training file a MissingTrainingFile
+    (a FileNotFoundError). fallback_1k=True instead reads a
     missing training file from the en/ folder beside the one read (in the archive: a folder
     named en) and lists its task in `BabiData.fallback`.
     """
@@ -205,10 +217,9 @@ def load_babi(
             train_file = _pick(spare, task, "train", spare_where)
             fallback.append(task)
         if train_file is None:
-            hint = ""
-            if spare_where:
-                hint = f" nor in {spare_where}" if fallback_1k else f"; fallback_1k=True reads {spare_where}'s"
-            raise FileNotFoundError(f"no training file for task {task} (qa{task}_*_train.txt) in {where}{hint}")
+            if fallback_1k and spare_where:
+                raise MissingTrainingFile(task, f"{where} nor in {spare_where}", None)
+            raise MissingTrainingFile(task, where, spare_where or None)
         train[task] = _parse_file(train_file, task)
         test[task] = _parse_file(test_file, task)
     return BabiData(train, test, fallback)

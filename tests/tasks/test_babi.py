@@ -16,6 +16,7 @@ from sparsemem.tasks.babi import (
     UNKNOWN_ID,
     BabiFormatError,
     BabiScore,
+    MissingTrainingFile,
     Question,
     Statement,
     Story,
@@ -92,11 +93,19 @@ def test_reads_a_release_root_and_falls_back_to_1k_only_when_asked(tmp_path):
     root = release(tmp_path / "tasks_1-20_v1-2")
     assert len(load_babi(root, tasks=[1], babi_set="en").train[1]) == 2
     assert len(load_babi(root, tasks=[1]).train[1]) == 4  # en-10k by default
-    with pytest.raises(FileNotFoundError, match=r"task 8 \(qa8_\*_train\.txt\) in .*en-10k.*fallback_1k=True"):
+    missing_8 = r"task 8 \(qa8_\*_train\.txt\) in .*en-10k.*fallback_1k=True"
+    with pytest.raises(MissingTrainingFile, match=missing_8) as missing:
         load_babi(root, tasks=[1, 8])
+    assert isinstance(missing.value, FileNotFoundError) and missing.value.task == 8
+    assert missing.value.spare.endswith(f"{root / 'en'}") and str(missing.value).endswith(f"reads {root / 'en'}'s")
     data = load_babi(root, tasks=[1, 8], fallback_1k=True)
     assert data.fallback == [8] and data.train[8][0].source.startswith(str(root / "en" / "qa8"))
     assert len(data.train[1]) == 4 and data.test[8][0].source.startswith(str(root / "en-10k"))
+    # With en/'s file gone too, the fallback has nothing to read: the error names both folders.
+    (root / "en" / "qa8_lists-sets_train.txt").unlink()
+    with pytest.raises(MissingTrainingFile, match=r"task 8 .* in .*en-10k nor in .*en$") as missing:
+        load_babi(root, tasks=[1, 8], fallback_1k=True)
+    assert missing.value.spare is None
 
 
 def test_reads_the_archive_without_unpacking(tmp_path):
