@@ -32,7 +32,8 @@ MEMORY = dict(num_slots=32, word_size=32, num_reads=2, k=4, link_k=4)
 
 
 def words_per_ms(models: dict[str, BabiModel], batch: int, words: int, vocabulary: int, repeats: int) -> dict:
-    """{model: {"forward_ms", "backward_ms"}}: the median ms a word of each, timed in turns."""
+    """{model: {"forward_ms", "backward_ms"}}: the median ms a word of each, timed in turns, and
+    every batch's ("forward_ms_each", "backward_ms_each")."""
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocabulary, (batch, words), generator=generator)
     lengths = torch.full((batch,), words, dtype=torch.int64)
@@ -48,18 +49,20 @@ def words_per_ms(models: dict[str, BabiModel], batch: int, words: int, vocabular
             if repeat:
                 times[name]["forward"].append((middle - start) / words * 1e3)
                 times[name]["backward"].append((end - middle) / words * 1e3)
-    return {
-        name: {f"{phase}_ms": measured_median(values) for phase, values in phases.items()}
-        for name, phases in times.items()
-    }
+    results = {}
+    for name, phases in times.items():
+        results[name] = {f"{phase}_ms": measured_median(values) for phase, values in phases.items()}
+        results[name] |= {f"{phase}_ms_each": values for phase, values in phases.items()}
+    return results
 
 
 def table(results: dict) -> str:
-    rows = ["| model | forward ms a word | backward ms a word | both |", "|---|---:|---:|---:|"]
+    """Medians, with the fastest and slowest batch in brackets."""
+    rows = ["| model | forward ms a word | backward ms a word | both (medians) |", "|---|---:|---:|---:|"]
     for name, r in results.items():
-        rows.append(
-            f"| {name} | {r['forward_ms']:.3f} | {r['backward_ms']:.3f} | {r['forward_ms'] + r['backward_ms']:.3f} |"
-        )
+        cells = [f"{r[f'{phase}_ms']:.3f} [{min(r[f'{phase}_ms_each']):.3f}-{max(r[f'{phase}_ms_each']):.3f}]"
+                 for phase in ("forward", "backward")]  # fmt: skip
+        rows.append(f"| {name} | {cells[0]} | {cells[1]} | {r['forward_ms'] + r['backward_ms']:.3f} |")
     return "\n".join(rows)
 
 

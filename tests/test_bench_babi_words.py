@@ -17,6 +17,7 @@ def test_each_model_is_timed_and_the_table_written(tmp_path):
     assert list(summary["results"]) == ["dnc", "sam", "lstm"]
     for times in summary["results"].values():
         assert times["forward_ms"] > 0 and times["backward_ms"] > 0
+        assert times["forward_ms"] in times["forward_ms_each"] and len(times["backward_ms_each"]) == 1
     assert json.loads(out.read_text())["results"] == summary["results"]
     assert summary["header"]["config"]["k"] == 4  # SAM's K fits the 4 slots
     assert "| lstm |" in out.with_suffix(".md").read_text()
