@@ -6,8 +6,9 @@
 # by default), one per stage, with summary.txt (each stage's command, exit status and seconds) and
 # results.tar.gz (the bench/results files the benchmarks wrote).
 #
-#   bash bench/gpu_check.sh                                  # every stage, about 9 minutes
-#   STAGES="device build test" bash bench/gpu_check.sh       # some of them (a second call: "ops sparse scaling")
+#   bash bench/gpu_check.sh                                  # every stage (their limits add up to 17.5 minutes)
+#   STAGES="device build test" bash bench/gpu_check.sh       # a device call runs at most 10 minutes: this first,
+#   STAGES="ops sparse scaling" bash bench/gpu_check.sh      # then this on the warm machine (its build is kept)
 #   PYTHON=.venv/bin/python STAGES=device bash bench/gpu_check.sh   # the plumbing, on any machine
 #
 # faiss (the faiss-* indexes only) is optional: a cp312 faiss-cpu wheel in .whl/ is installed first
