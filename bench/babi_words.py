@@ -31,7 +31,7 @@ SIZES = dict(batch=32, words=164, vocabulary=161, hidden_size=128, embedding_siz
 MEMORY = dict(num_slots=32, word_size=32, num_reads=2, k=4, link_k=4)
 
 
-def words_per_ms(models: dict[str, BabiModel], batch: int, words: int, vocabulary: int, repeats: int) -> dict:
+def ms_a_word(models: dict[str, BabiModel], batch: int, words: int, vocabulary: int, repeats: int) -> dict:
     """{model: {"forward_ms", "backward_ms"}}: the median ms a word of each, timed in turns, and
     every batch's ("forward_ms_each", "backward_ms_each")."""
     generator = torch.Generator().manual_seed(0)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.models:
         own = {} if name == "lstm" else memory
         models[name] = BabiModel(Config(model=name, task="babi", **sizes, **own), args.vocabulary)
-    results = words_per_ms(models, args.batch, args.words, args.vocabulary, args.repeats)
+    results = ms_a_word(models, args.batch, args.words, args.vocabulary, args.repeats)
 
     config = {"models": args.models, "batch": args.batch, "words": args.words, "vocabulary": args.vocabulary,
               **sizes, **memory, "repeats": args.repeats, "threads": args.threads}  # fmt: skip

@@ -18,8 +18,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 PYTHON=${PYTHON:-python3}
-STAGES=${STAGES:-"device build test ops sparse scaling"}
 KNOWN="device build test ops sparse scaling"
+STAGES=${STAGES:-$KNOWN}
 for name in $STAGES; do
   case " $KNOWN " in *" $name "*) ;; *) echo "gpu_check: unknown stage '$name' (stages: $KNOWN)" >&2; exit 2 ;; esac
 done
