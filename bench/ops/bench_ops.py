@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default=None, help="default bench/results/ops.json (ops_cuda.json on the GPU)")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():  # as bench.scaling says it
+        parser.error("--device cuda: torch here has no CUDA device")
     if args.threads is not None:
         # at::parallel_for in the extension shares torch's thread pool, so this sets both
         torch.set_num_threads(args.threads)

@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default=None, help="default bench/results/sparse_ops.json (_cuda.json on the GPU)")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():  # as bench.scaling says it
+        parser.error("--device cuda: torch here has no CUDA device")
     device = args.device
     torch.set_num_threads(args.threads)
     if args.child:
